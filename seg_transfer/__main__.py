@@ -1,0 +1,5 @@
+import sys
+
+from seg_transfer.cli import main
+
+sys.exit(main())

@@ -1,0 +1,112 @@
+"""``seg-transfer`` command line: thin wrappers over library functions."""
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Transfer learning for medical image segmentation.")
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    """Exceptions whose message is meant for the user: printed as one line, exit code 2."""
+    from seg_transfer.config import ConfigError
+    from seg_transfer.data.cases import DatasetError
+    from seg_transfer.models.factory import ModelConfigError
+    from seg_transfer.models.weights import WeightsError
+    from seg_transfer.training.checkpoint import CheckpointError
+    from seg_transfer.training.trainer import RunDirError
+
+    return ConfigError, DatasetError, ModelConfigError, WeightsError, CheckpointError, RunDirError
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    for noisy in ("PIL", "matplotlib", "h5py", "urllib3", "httpx", "httpcore"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+@app.command()
+def train(
+    config: Annotated[Path, typer.Option("--config", "-c", help="YAML run config.")],
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a config key: key.path=value (repeatable).")] = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Run directory (default: output_dir/name).")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in the output folder from its last checkpoint.")] = False,
+    skip_bad_cases: Annotated[bool, typer.Option("--skip-bad-cases", help="Train on the good cases; record the bad ones.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Train a segmentation model (staged fine-tuning as the config says)."""
+    _setup_logging(verbose)
+    from seg_transfer.config import load_config
+    from seg_transfer.training.trainer import train as run_training
+
+    run_config = load_config(config, set_ or [])
+    result = run_training(run_config, output, resume=resume, skip_bad_cases=skip_bad_cases)
+    per_class = ", ".join(f"{name} {value:.4f}" for name, value in result.best_per_class.items())
+    typer.echo(f"best validation Dice {result.best_dice:.4f} ({per_class}) at epoch {result.best_epoch}; run: {result.run_dir}")
+
+
+@app.command()
+def quickstart(
+    output: Annotated[Path, typer.Option("--output", "-o", help="Folder for the phantom data and both runs.")] = Path("seg_transfer_quickstart"),
+    epochs_scale: Annotated[float, typer.Option(help="Multiply every stage's epochs (tests use < 1).")] = 1.0,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Phantom data → ImageNet-pretrained staged fine-tuning and a scratch control; prints both Dice scores."""
+    _setup_logging(verbose)
+    from seg_transfer.quickstart import run_quickstart
+
+    report = run_quickstart(output, epochs_scale=epochs_scale)
+    typer.echo(report)
+
+
+@app.command()
+def encoders(
+    all_: Annotated[bool, typer.Option("--all", help="Also list every encoder name smp and timm know.")] = False,
+) -> None:
+    """Encoders whose ImageNet weights are available on this machine now, and where each comes from."""
+    from seg_transfer.models.weights import available_imagenet_encoders, weights_dir
+
+    found = available_imagenet_encoders()
+    typer.echo(f"ImageNet weights available offline ({len(found)}); local weights dir: {weights_dir()}")
+    for encoder, source, path in found:
+        typer.echo(f"  {encoder:32s} {source:45s} {path}")
+    if all_:
+        import segmentation_models_pytorch as smp
+        import timm
+
+        typer.echo("smp encoders: " + ", ".join(smp.encoders.get_encoder_names()))
+        typer.echo(f"timm encoders (as tu-<name>): {len(timm.list_models())}, e.g. " + ", ".join(timm.list_models()[:20]))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point: user errors become one line on stderr and exit code 2."""
+    errors = _user_errors()
+    try:
+        app(args=argv, standalone_mode=False)
+    except errors as exc:
+        typer.echo(f"error: {exc}", err=True)
+        return 2
+    except typer.Exit as exc:
+        return exc.exit_code
+    except typer.Abort:
+        typer.echo("aborted", err=True)
+        return 130
+    except Exception as exc:  # click usage errors
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            return exc.exit_code
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

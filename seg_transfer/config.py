@@ -1,0 +1,309 @@
+"""Run configuration: pydantic models (``extra="forbid"``), YAML loading and ``--set`` overrides.
+
+Everything a run does is config data. Pretrained and from-scratch runs differ only in
+``model.encoder_weights`` (and, for the control, a single ``all`` stage).
+"""
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration problem, reported in one line before any work starts."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SplitConfig(_Strict):
+    """Case-level split: a fixed test share, then a validation share or k folds."""
+
+    val_fraction: float = Field(0.2, ge=0.0, lt=1.0)
+    test_fraction: float = Field(0.0, ge=0.0, lt=1.0)
+    folds: int | None = Field(None, ge=2)
+    fold: int = Field(0, ge=0)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _fold_in_range(self) -> SplitConfig:
+        if self.folds is not None and self.fold >= self.folds:
+            raise ValueError(f"fold {self.fold} is out of range for folds={self.folds}")
+        return self
+
+
+class AugmentConfig(_Strict):
+    """2D augmentation (albumentations), applied identically to image and mask; training only."""
+
+    enabled: bool = True
+    affine_probability: float = Field(0.5, ge=0, le=1)
+    rotate_degrees: float = 15.0
+    scale: tuple[float, float] = (0.85, 1.15)
+    translate_fraction: float = 0.05
+    elastic_probability: float = Field(0.1, ge=0, le=1)
+    intensity_probability: float = Field(0.3, ge=0, le=1)
+    gamma_probability: float = Field(0.3, ge=0, le=1)
+    gamma_range: tuple[float, float] = (0.7, 1.5)
+    flip_axes: list[Literal[0, 1]] = Field(default_factory=list)
+
+
+class DataConfig(_Strict):
+    """Where the cases are and how volumes become 2.5D training samples."""
+
+    root: Path | None = None
+    csv: Path | None = None
+    images_dir: Path | None = None
+    labels_dir: Path | None = None
+    labels: dict[int, str] | None = None
+    modality: Literal["mri", "ct"] = "mri"
+    ct_window: tuple[float, float] = (-1000.0, 1000.0)
+    mri_percentiles: tuple[float, float] = (0.5, 99.5)
+    spacing: tuple[float, float, float] | None = None
+    crop_foreground: bool = False
+    slice_axis: Literal[0, 1, 2] = 2
+    context_slices: int = Field(1, ge=0)
+    foreground_fraction: float | None = Field(None, ge=0, le=1)
+    slices_per_epoch: int | None = Field(None, ge=1)
+    cache: Literal["memory", "disk", "none"] = "memory"
+    cache_dir: Path | None = None
+    num_workers: int = Field(0, ge=0)
+    split: SplitConfig = Field(default_factory=SplitConfig)
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DataConfig:
+        sources = [self.root is not None, self.csv is not None, self.images_dir is not None]
+        if sum(sources) != 1:
+            raise ValueError("give exactly one of data.root (MSD layout), data.csv, or data.images_dir + data.labels_dir")
+        if (self.images_dir is None) != (self.labels_dir is None):
+            raise ValueError("data.images_dir and data.labels_dir go together")
+        return self
+
+    @property
+    def in_channels(self) -> int:
+        """Channels of one 2.5D sample: the slice and ``context_slices`` neighbours on each side."""
+        return 2 * self.context_slices + 1
+
+
+class ModelConfig(_Strict):
+    """A segmentation-models-pytorch architecture with an smp or timm (``tu-``) encoder."""
+
+    arch: str = "Unet"
+    encoder: str = "tu-tf_efficientnet_lite0"
+    encoder_weights: str = "imagenet"
+    decoder_channels: list[int] | None = None
+    frozen_bn: Literal["eval", "train"] = "eval"
+
+    @field_validator("encoder_weights")
+    @classmethod
+    def _normalise_weights(cls, value: str) -> str:
+        lowered = value.strip().lower()
+        return lowered if lowered in {"imagenet", "none"} else value
+
+    @property
+    def pretrained(self) -> bool:
+        return self.encoder_weights != "none"
+
+
+class EncoderTop(_Strict):
+    """Unfreeze the deepest ``encoder_top`` encoder stages (plus the decoder and head)."""
+
+    encoder_top: int = Field(ge=1)
+
+
+class EarlyStopping(_Strict):
+    patience: int = Field(ge=1)
+    min_delta: float = Field(0.0, ge=0)
+
+
+class StageConfig(_Strict):
+    """One fine-tuning stage: what trains, for how long, at which learning rates."""
+
+    name: str | None = None
+    train: Literal["decoder", "all"] | EncoderTop = "all"
+    epochs: int = Field(1, ge=1)
+    max_steps: int | None = Field(None, ge=1)
+    max_seconds: float | None = Field(None, gt=0)
+    lr: float = Field(1e-3, gt=0)
+    encoder_lr_mult: float = Field(1.0, ge=0)
+    layer_decay: float | None = Field(None, gt=0, le=1)
+    warmup_epochs: float = Field(0.0, ge=0)
+    schedule: Literal["cosine", "onecycle", "constant"] = "cosine"
+    weight_decay: float = Field(1e-4, ge=0)
+    early_stopping: EarlyStopping | None = None
+
+    def label(self, index: int) -> str:
+        return self.name or f"stage{index}"
+
+
+class LossConfig(_Strict):
+    """Dice + cross-entropy (MONAI ``DiceCELoss``)."""
+
+    dice_weight: float = Field(1.0, ge=0)
+    ce_weight: float = Field(1.0, ge=0)
+    class_weights: list[float] | None = None
+
+
+class TrainingConfig(_Strict):
+    batch_size: int = Field(16, ge=1)
+    val_batch_size: int = Field(64, ge=1)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    stages: list[StageConfig] = Field(min_length=1)
+    grad_clip: float | None = Field(None, gt=0)
+    num_threads: int | None = Field(None, ge=1)
+    device: str = "auto"
+    val_every: int = Field(1, ge=1)
+
+
+class RunConfig(_Strict):
+    """A whole training run."""
+
+    name: str = "run"
+    seed: int = 0
+    output_dir: Path = Path("runs")
+    data: DataConfig
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    training: TrainingConfig
+
+    @model_validator(mode="after")
+    def _class_weights_match(self) -> RunConfig:
+        weights = self.training.loss.class_weights
+        if weights is not None and self.data.labels is not None and len(weights) != len(self.data.labels):
+            raise ValueError(
+                f"training.loss.class_weights has {len(weights)} values but data.labels has {len(self.data.labels)} classes"
+            )
+        return self
+
+    def resolve_paths(self, base: Path) -> RunConfig:
+        """Return a copy with relative data paths made absolute against ``base`` (the config file's folder)."""
+        data = self.data.model_copy()
+        for field in ("root", "csv", "images_dir", "labels_dir", "cache_dir"):
+            value = getattr(data, field)
+            if value is not None and not Path(value).is_absolute():
+                setattr(data, field, (base / value).resolve())
+        return self.model_copy(update={"data": data})
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """Load a YAML run config, apply ``key.path=value`` overrides, validate, resolve data paths.
+
+    Relative data paths are resolved against the current working directory, as users type them.
+    Raises :class:`ConfigError` with a one-line message naming the file and the offending key.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({_first_line(exc)})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    return config_from_dict(raw, overrides, source=str(path))
+
+
+def config_from_dict(raw: dict[str, Any], overrides: list[str] | None = None, source: str = "config") -> RunConfig:
+    """Validate a config mapping (after ``--set`` overrides) into a :class:`RunConfig`."""
+    raw = _apply_overrides(raw, overrides or [], source)
+    try:
+        config = RunConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(f"{source}: {_describe_validation_error(exc)}") from None
+    config = config.resolve_paths(Path.cwd())
+    _check_paths_exist(config, source)
+    return config
+
+
+def dump_config(config: RunConfig) -> dict[str, Any]:
+    """JSON/YAML-safe dict of the resolved config (what checkpoints and run folders carry)."""
+    return config.model_dump(mode="json")
+
+
+def _apply_overrides(raw: dict[str, Any], overrides: list[str], source: str) -> dict[str, Any]:
+    raw = yaml.safe_load(yaml.safe_dump(raw))  # deep copy of plain data
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"{source}: --set expects key.path=value, got {item!r}")
+        key, value = item.split("=", 1)
+        node = raw
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            part_key = _index_or_key(node, part)
+            if isinstance(node, list):
+                node = node[part_key]
+            else:
+                node = node.setdefault(part_key, {})
+        last = _index_or_key(node, parts[-1])
+        node[last] = yaml.safe_load(value)
+    return raw
+
+
+def _index_or_key(node: Any, part: str) -> Any:
+    if isinstance(node, list):
+        if not part.isdigit() or int(part) >= len(node):
+            raise ConfigError(f"--set: {part!r} is not an index of a list of length {len(node)}")
+        return int(part)
+    return part
+
+
+def _describe_validation_error(exc: ValidationError) -> str:
+    error = exc.errors()[0]
+    location = ".".join(str(part) for part in error["loc"] if not str(part).startswith(("function-", "literal[")))
+    if error["type"] == "extra_forbidden":
+        hint = _closest_key(error["loc"])
+        return f"unknown key '{location}'" + (f" (did you mean '{hint}'?)" if hint else "")
+    more = f" (+{exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+    where = f"'{location}': " if location else ""
+    return f"{where}{error['msg']}{more}"
+
+
+def _closest_key(loc: tuple[Any, ...]) -> str | None:
+    """Closest valid key for an unknown key at ``loc``, as a dotted path."""
+    model: type[BaseModel] = RunConfig
+    prefix: list[str] = []
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            prefix.append(str(part))
+            continue
+        field = model.model_fields.get(str(part))
+        if field is None:
+            return None
+        prefix.append(str(part))
+        nested = _nested_model(field.annotation)
+        if nested is None:
+            return None
+        model = nested
+    match = difflib.get_close_matches(str(loc[-1]), list(model.model_fields), n=1, cutoff=0.5)
+    return ".".join([*prefix, match[0]]) if match else None
+
+
+def _nested_model(annotation: Any) -> type[BaseModel] | None:
+    candidates = [annotation, *getattr(annotation, "__args__", ())]
+    for candidate in candidates:
+        for inner in [candidate, *getattr(candidate, "__args__", ())]:
+            if isinstance(inner, type) and issubclass(inner, BaseModel):
+                return inner
+    return None
+
+
+def _check_paths_exist(config: RunConfig, source: str) -> None:
+    data = config.data
+    for key in ("root", "csv", "images_dir", "labels_dir"):
+        value = getattr(data, key)
+        if value is not None and not Path(value).exists():
+            raise ConfigError(f"{source}: 'data.{key}' path does not exist: {value}")
+    weights = config.model.encoder_weights
+    if weights not in {"imagenet", "none"} and not Path(weights).is_file():
+        raise ConfigError(f"{source}: 'model.encoder_weights' is neither imagenet, none, nor an existing file: {weights}")
+
+
+def _first_line(exc: Exception) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

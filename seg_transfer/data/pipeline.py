@@ -1,0 +1,113 @@
+"""From a data config to checked, split, cached volumes and 2.5D loaders."""
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from monai.data import CacheDataset, Dataset, PersistentDataset, pad_list_data_collate
+from torch.utils.data import DataLoader
+
+from seg_transfer.config import DataConfig
+from seg_transfer.data.augment import SliceAugmenter
+from seg_transfer.data.cases import Case, DatasetError, cases_from_csv, cases_from_folders, cases_from_msd
+from seg_transfer.data.checks import BadCase, find_bad_cases, format_bad_cases
+from seg_transfer.data.slices import SliceDataset
+from seg_transfer.data.splits import load_splits, make_splits, save_splits
+from seg_transfer.data.transforms import Preprocessing, preprocessing_transforms
+
+log = logging.getLogger(__name__)
+
+
+class BadDataError(DatasetError):
+    """Bad cases were found before training; the message lists all of them."""
+
+
+@dataclass
+class PreparedData:
+    """Checked cases split by case, with their label map; volumes are loaded lazily by :func:`volume_dataset`."""
+
+    cases: dict[str, Case]
+    labels: dict[int, str]
+    splits: dict[str, list[str]]
+    skipped: list[BadCase] = field(default_factory=list)
+
+    def subset(self, part: str) -> list[Case]:
+        return [self.cases[name] for name in self.splits[part]]
+
+
+def discover_cases(data: DataConfig) -> tuple[list[Case], dict[int, str] | None]:
+    """Labelled training cases and the dataset's own label map (None where the layout has none)."""
+    if data.root is not None:
+        training, _test, labels = cases_from_msd(data.root)
+        return training, labels
+    cases = cases_from_csv(data.csv) if data.csv is not None else cases_from_folders(data.images_dir, data.labels_dir)
+    return cases, None
+
+
+def prepare_data(data: DataConfig, run_dir: Path, skip_bad_cases: bool = False) -> PreparedData:
+    """Discover and check cases, then split them by case (reusing ``run_dir/splits.json`` if present).
+
+    Raises :class:`BadDataError` listing every bad case unless ``skip_bad_cases``; skipped cases are
+    returned so the run records them.
+    """
+    cases, dataset_labels = discover_cases(data)
+    labels = data.labels or dataset_labels
+    if not labels:
+        raise DatasetError("no label map: set data.labels (e.g. {0: background, 1: organ}) for CSV/folder datasets")
+    unlabelled = [case.name for case in cases if case.label is None]
+    if unlabelled:
+        raise DatasetError(f"training cases without a label file: {', '.join(unlabelled[:5])}")
+    bad = find_bad_cases(cases, set(labels))
+    if bad and not skip_bad_cases:
+        raise BadDataError(f"{len({b.name for b in bad})} bad case(s) found before training (use --skip-bad-cases to train on the rest):\n{format_bad_cases(bad)}")
+    bad_names = {b.name for b in bad}
+    good = [case for case in cases if case.name not in bad_names]
+    if len(good) < 2:
+        raise DatasetError(f"{len(good)} usable case(s): at least 2 are needed (train and validation)")
+    splits_path = run_dir / "splits.json"
+    if splits_path.is_file():
+        splits = load_splits(splits_path)
+    else:
+        split = data.split
+        splits = make_splits(
+            [case.name for case in good],
+            val_fraction=split.val_fraction,
+            test_fraction=split.test_fraction,
+            seed=split.seed,
+            folds=split.folds,
+            fold=split.fold,
+        )
+        save_splits(splits, splits_path)
+    return PreparedData({case.name: case for case in good}, dict(sorted(labels.items())), splits, bad)
+
+
+def volume_dataset(cases: Sequence[Case], prep: Preprocessing, data: DataConfig, with_label: bool = True):
+    """Preprocessed volumes, decoded once: in memory (CacheDataset), on disk (PersistentDataset) or not cached."""
+    items = [{"image": str(c.image), **({"label": str(c.label)} if with_label else {}), "name": c.name} for c in cases]
+    transform = preprocessing_transforms(prep, with_label=with_label)
+    if data.cache == "memory":
+        return CacheDataset(items, transform, num_workers=max(1, data.num_workers), progress=False, copy_cache=False)
+    if data.cache == "disk":
+        cache_dir = data.cache_dir or Path.home() / ".cache" / "seg_transfer" / "volumes"
+        return PersistentDataset(items, transform, cache_dir=cache_dir)
+    return Dataset(items, transform)
+
+
+def slice_loader(
+    volumes, data: DataConfig, batch_size: int, multiple: int, train: bool, seed: int = 0
+) -> tuple[SliceDataset, DataLoader]:
+    """2.5D samples and their loader; augmentation only for training."""
+    augment = SliceAugmenter(data.augment) if (train and data.augment.enabled) else None
+    dataset = SliceDataset(volumes, data.slice_axis, data.context_slices, multiple, augment)
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,  # the epoch order is set by SliceDataset.set_epoch (seeded, resumable)
+        num_workers=data.num_workers,
+        collate_fn=pad_list_data_collate,
+        persistent_workers=False,
+        drop_last=train and len(dataset) > batch_size,
+    )
+    return dataset, loader

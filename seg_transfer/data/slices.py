@@ -1,0 +1,130 @@
+"""2.5D samples: a slice with ``k`` neighbours on each side stacked as channels.
+
+At the volume's edges the missing neighbours repeat the edge slice (replicate), so every sample
+has ``2k + 1`` channels. In-plane sizes are padded to a multiple of the encoder's output stride.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+
+def context_indices(index: int, depth: int, context: int) -> np.ndarray:
+    """Slice indices ``index-k .. index+k`` clipped to ``[0, depth-1]`` (edge slices repeat)."""
+    return np.clip(np.arange(index - context, index + context + 1), 0, depth - 1)
+
+
+def slab(volume: torch.Tensor | np.ndarray, axis: int, index: int, context: int) -> np.ndarray:
+    """The 2.5D input at ``index`` along spatial ``axis`` of a channel-first volume ``(1, X, Y, Z)``.
+
+    Returns ``(2k+1, H, W)``, with H, W the two remaining spatial axes in order.
+    """
+    array = _numpy(volume)[0]
+    picked = np.take(array, context_indices(index, array.shape[axis], context), axis=axis)
+    return np.moveaxis(picked, axis, 0)
+
+
+def label_slice(label: torch.Tensor | np.ndarray, axis: int, index: int) -> np.ndarray:
+    """The ``(H, W)`` label slice at ``index`` along spatial ``axis`` of ``(1, X, Y, Z)``."""
+    return np.take(_numpy(label)[0], index, axis=axis)
+
+
+def pad_to_multiple(array: np.ndarray, multiple: int, value: float = 0.0) -> np.ndarray:
+    """Pad the last two axes at the end to a multiple of ``multiple`` (cropping back is ``[..., :H, :W]``)."""
+    height, width = array.shape[-2:]
+    pad_h, pad_w = (-height) % multiple, (-width) % multiple
+    if not pad_h and not pad_w:
+        return array
+    widths = [(0, 0)] * (array.ndim - 2) + [(0, pad_h), (0, pad_w)]
+    return np.pad(array, widths, mode="constant", constant_values=value)
+
+
+def foreground_slices(label: torch.Tensor | np.ndarray, axis: int) -> np.ndarray:
+    """Indices of slices along ``axis`` that contain any label > 0."""
+    array = _numpy(label)[0]
+    other = tuple(a for a in range(3) if a != axis)
+    return np.flatnonzero(array.any(axis=other))
+
+
+def _numpy(volume: torch.Tensor | np.ndarray) -> np.ndarray:
+    return volume.detach().cpu().numpy() if isinstance(volume, torch.Tensor) else np.asarray(volume)
+
+
+class SliceIndex:
+    """All (case, slice) pairs of a set of volumes, with their foreground slices."""
+
+    def __init__(self, depths: Sequence[int], foreground: Sequence[np.ndarray]):
+        self.pairs = np.array([(c, s) for c, depth in enumerate(depths) for s in range(depth)], dtype=np.int64)
+        fg = {(c, int(s)) for c, slices in enumerate(foreground) for s in slices}
+        mask = np.array([(int(c), int(s)) in fg for c, s in self.pairs], dtype=bool)
+        self.foreground = np.flatnonzero(mask)
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def epoch_order(self, seed: int, epoch: int, size: int | None, foreground_fraction: float | None) -> np.ndarray:
+        """Indices into ``pairs`` for one epoch, deterministic in (seed, epoch).
+
+        ``foreground_fraction=None``: every slice once, shuffled. Otherwise ``size`` samples (default:
+        all slices) of which that share is drawn from slices with labels, the rest from all slices.
+        """
+        rng = np.random.default_rng([seed, epoch])
+        total = len(self.pairs)
+        if foreground_fraction is None:
+            order = rng.permutation(total)
+            return order[:size] if size else order
+        size = size or total
+        n_fg = int(round(foreground_fraction * size)) if len(self.foreground) else 0
+        picks = np.concatenate([
+            rng.choice(self.foreground, size=n_fg, replace=n_fg > len(self.foreground)) if n_fg else np.empty(0, np.int64),
+            rng.choice(total, size=size - n_fg, replace=size - n_fg > total),
+        ])
+        return rng.permutation(picks)
+
+
+class SliceDataset(Dataset):
+    """2.5D training samples from cached, preprocessed volumes.
+
+    ``volumes[i]`` must return ``{"image": (1,X,Y,Z), "label": (1,X,Y,Z)}``. Items are
+    ``{"image": float32 (2k+1,H,W), "label": int64 (H,W)}`` padded to ``multiple``; ``augment``
+    (if given) maps (image CHW, label HW, seed) to augmented arrays; the seed depends only on the
+    epoch and the sample's position, so results do not depend on worker count or resumption.
+    """
+
+    def __init__(
+        self,
+        volumes: Sequence[dict],
+        axis: int,
+        context: int,
+        multiple: int = 32,
+        augment: Callable[[np.ndarray, np.ndarray, int], tuple[np.ndarray, np.ndarray]] | None = None,
+    ):
+        self.volumes, self.axis, self.context, self.multiple, self.augment = volumes, axis, context, multiple, augment
+        self.epoch_seed = 0
+        depths, foreground = [], []
+        for item in volumes:
+            depths.append(item["image"].shape[1 + axis])
+            foreground.append(foreground_slices(item["label"], axis))
+        self.index = SliceIndex(depths, foreground)
+        self.order = np.arange(len(self.index))
+
+    def set_epoch(self, seed: int, epoch: int, size: int | None, foreground_fraction: float | None) -> None:
+        self.order = self.index.epoch_order(seed, epoch, size, foreground_fraction)
+        self.epoch_seed = int(np.random.default_rng([seed, epoch, 1]).integers(2**31))
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def __getitem__(self, position: int) -> dict[str, torch.Tensor]:
+        case, index = self.index.pairs[self.order[position]]
+        item = self.volumes[int(case)]
+        image = slab(item["image"], self.axis, int(index), self.context).astype(np.float32, copy=False)
+        label = label_slice(item["label"], self.axis, int(index))
+        if self.augment is not None:
+            image, label = self.augment(image, label, (self.epoch_seed + position) % 2**32)
+        image = pad_to_multiple(image, self.multiple, value=float(image.min()))
+        label = pad_to_multiple(label, self.multiple)
+        return {"image": torch.from_numpy(np.ascontiguousarray(image)), "label": torch.from_numpy(label.astype(np.int64))}

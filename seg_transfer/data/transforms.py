@@ -1,0 +1,87 @@
+"""MONAI dictionary transforms that turn a case's files into a normalised, RAS-oriented volume.
+
+The same :class:`Preprocessing` parameters are stored in every checkpoint, so inference applies
+exactly what training applied.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+import numpy as np
+from monai import transforms as mt
+
+from seg_transfer.config import DataConfig
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """Everything needed to reproduce the model's input from a raw volume."""
+
+    modality: Literal["mri", "ct"]
+    orientation: str = "RAS"
+    spacing: tuple[float, float, float] | None = None
+    ct_window: tuple[float, float] = (-1000.0, 1000.0)
+    mri_percentiles: tuple[float, float] = (0.5, 99.5)
+    crop_foreground: bool = False
+    slice_axis: int = 2
+    context_slices: int = 1
+
+    @classmethod
+    def from_config(cls, data: DataConfig) -> Preprocessing:
+        return cls(
+            modality=data.modality,
+            spacing=tuple(data.spacing) if data.spacing else None,
+            ct_window=tuple(data.ct_window),
+            mri_percentiles=tuple(data.mri_percentiles),
+            crop_foreground=data.crop_foreground,
+            slice_axis=data.slice_axis,
+            context_slices=data.context_slices,
+        )
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> Preprocessing:
+        values = dict(values)
+        for key in ("spacing", "ct_window", "mri_percentiles"):
+            if values.get(key) is not None:
+                values[key] = tuple(values[key])
+        return cls(**values)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
+
+
+def is_body(image) -> Any:
+    """Foreground for cropping: voxels above the volume's minimum (the background after normalisation)."""
+    return image > image.min()
+
+
+def intensity_transforms(prep: Preprocessing, key: str = "image") -> list[mt.MapTransform]:
+    """CT: clip to the window and scale to [-1, 1]. MRI: clip to percentiles, then z-score."""
+    if prep.modality == "ct":
+        low, high = prep.ct_window
+        return [mt.ScaleIntensityRanged(keys=key, a_min=low, a_max=high, b_min=-1.0, b_max=1.0, clip=True)]
+    low, high = prep.mri_percentiles
+    return [
+        mt.ClipIntensityPercentilesd(keys=key, lower=low, upper=high),
+        mt.NormalizeIntensityd(keys=key),
+    ]
+
+
+def preprocessing_transforms(prep: Preprocessing, with_label: bool = True) -> mt.Compose:
+    """Load → channel-first → orientation → optional spacing → intensity → optional foreground crop."""
+    keys = ["image", "label"] if with_label else ["image"]
+    steps: list[Any] = [
+        mt.LoadImaged(keys=keys, image_only=True, ensure_channel_first=True),
+        mt.EnsureTyped(keys="image", dtype=np.float32, track_meta=True),
+        mt.Orientationd(keys=keys, axcodes=prep.orientation),
+    ]
+    if prep.spacing:
+        modes = ("bilinear", "nearest") if with_label else ("bilinear",)
+        steps.append(mt.Spacingd(keys=keys, pixdim=prep.spacing, mode=modes))
+    steps += intensity_transforms(prep)
+    if prep.crop_foreground:
+        steps.append(mt.CropForegroundd(keys=keys, source_key="image", select_fn=is_body, allow_smaller=True))
+    if with_label:
+        steps.append(mt.EnsureTyped(keys="label", dtype=np.uint8, track_meta=True))
+    return mt.Compose(steps)

@@ -1,0 +1,155 @@
+"""Build any segmentation-models-pytorch architecture with any smp or timm (``tu-``) encoder from config."""
+from __future__ import annotations
+
+import difflib
+import logging
+from collections import OrderedDict
+
+import segmentation_models_pytorch as smp
+import timm
+import torch
+from torch import nn
+
+from seg_transfer.config import ModelConfig
+from seg_transfer.models.weights import (
+    WeightsError,
+    WeightsProvenance,
+    imagenet_weight_source,
+    map_state_dict,
+    no_weights_message,
+    read_state_dict,
+    sha256_file,
+    timm_name,
+)
+
+log = logging.getLogger(__name__)
+
+CLASSIFIER_PREFIXES = ("fc.", "classifier.", "last_linear.", "head.", "_fc.")
+
+
+class ModelConfigError(ValueError):
+    """Unknown architecture or encoder name (message lists the valid ones)."""
+
+
+def architecture_names() -> list[str]:
+    return sorted(smp.MODEL_ARCHITECTURES_MAPPING)
+
+
+def validate_names(config: ModelConfig) -> None:
+    """Raise :class:`ModelConfigError` for an unknown arch or encoder, listing the valid ones."""
+    if config.arch.lower() not in smp.MODEL_ARCHITECTURES_MAPPING:
+        raise ModelConfigError(f"unknown model.arch '{config.arch}'; valid: {', '.join(architecture_names())}")
+    encoder = config.encoder
+    if encoder.startswith("tu-"):
+        if not timm.is_model(timm_name(encoder)):
+            close = difflib.get_close_matches(timm_name(encoder), timm.list_models(), n=5)
+            raise ModelConfigError(
+                f"unknown timm encoder '{encoder}'; closest: {', '.join('tu-' + c for c in close) or 'none'} "
+                f"({len(timm.list_models())} timm models, see timm.list_models())"
+            )
+    elif encoder not in smp.encoders.get_encoder_names():
+        raise ModelConfigError(
+            f"unknown model.encoder '{encoder}'; valid smp encoders: {', '.join(smp.encoders.get_encoder_names())}, "
+            "or any timm model as tu-<name>"
+        )
+
+
+def build_model(
+    config: ModelConfig, in_channels: int, classes: int, *, load_pretrained: bool = True
+) -> tuple[nn.Module, WeightsProvenance]:
+    """Create the network and load its encoder weights as ``config.encoder_weights`` says.
+
+    ``load_pretrained=False`` builds the bare network (e.g. before loading a checkpoint).
+    Raises :class:`ModelConfigError` or :class:`WeightsError` with one-line messages.
+    """
+    validate_names(config)
+    model = _create(config, in_channels, classes, encoder_weights=None)
+    if not load_pretrained or config.encoder_weights == "none":
+        return model, WeightsProvenance("none")
+    if config.encoder_weights == "imagenet":
+        provenance, path = imagenet_weight_source(config.encoder)
+        if path is None:
+            return _from_hub(config, in_channels, classes, model), provenance
+    else:
+        path = config.encoder_weights
+        provenance = WeightsProvenance("file", str(path), sha256_file(path))
+    dropped = load_encoder_file(model.encoder, config.encoder, path)
+    log.info("encoder weights: %s %s", provenance.source, provenance.path)
+    return model, WeightsProvenance(provenance.source, provenance.path, provenance.sha256, dropped)
+
+
+def _create(config: ModelConfig, in_channels: int, classes: int, encoder_weights: str | None) -> nn.Module:
+    kwargs = {"decoder_channels": config.decoder_channels} if config.decoder_channels else {}
+    return smp.create_model(
+        config.arch,
+        encoder_name=config.encoder,
+        encoder_weights=encoder_weights,
+        in_channels=in_channels,
+        classes=classes,
+        **kwargs,
+    )
+
+
+def _from_hub(config: ModelConfig, in_channels: int, classes: int, model: nn.Module) -> nn.Module:
+    try:
+        downloaded = _create(config, in_channels, classes, encoder_weights="imagenet")
+    except Exception as exc:  # noqa: BLE001 - any download failure becomes one actionable error
+        raise WeightsError(no_weights_message(config.encoder, exc)) from None
+    model.encoder.load_state_dict(downloaded.encoder.state_dict())
+    return model
+
+
+def load_encoder_file(encoder: nn.Module, encoder_name: str, path) -> tuple[str, ...]:
+    """Load a weights file into ``encoder`` (key names, else order and shape); returns dropped head keys.
+
+    For timm encoders a full-classifier file is first mapped onto timm's classifier (so a file
+    in another naming maps one-to-one), then onto the features-only encoder by name.
+    """
+    source = read_state_dict(path)
+    target = OrderedDict((k, v) for k, v in encoder.state_dict().items())
+    if encoder_name.startswith("tu-"):
+        source, target = _prefixed(source, target)
+    origin = str(path)
+    try:
+        mapped, dropped = map_state_dict(source, target, origin=origin, allowed_extra=_is_classifier_key)
+    except WeightsError:
+        if not encoder_name.startswith("tu-"):
+            raise
+        classifier = timm.create_model(timm_name(encoder_name), pretrained=False).state_dict()
+        via_classifier, _ = map_state_dict(source, OrderedDict(classifier), origin=origin)
+        head_keys = set(classifier) - set(target)
+        mapped, dropped = map_state_dict(via_classifier, target, origin=origin, allowed_extra=head_keys.__contains__)
+    encoder.load_state_dict(_unprefixed(mapped, encoder_name))
+    return dropped
+
+
+def _prefixed(source, target):
+    """timm encoders live under ``model.`` in smp; compare in timm's own naming."""
+    target = OrderedDict((k.removeprefix("model."), v) for k, v in target.items())
+    if all(k.startswith("model.") for k in source):
+        source = OrderedDict((k.removeprefix("model."), v) for k, v in source.items())
+    return source, target
+
+
+def _unprefixed(mapped, encoder_name):
+    if encoder_name.startswith("tu-"):
+        return OrderedDict((f"model.{k}", v) for k, v in mapped.items())
+    return mapped
+
+
+def _is_classifier_key(key: str) -> bool:
+    return key.startswith(CLASSIFIER_PREFIXES)
+
+
+def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def encoder_output_stride(model: nn.Module) -> int:
+    """Spatial sizes must be a multiple of this (32 for most encoders)."""
+    return int(getattr(model.encoder, "output_stride", 32))
+
+
+def dummy_forward(model: nn.Module, in_channels: int, size: int = 64) -> torch.Tensor:
+    with torch.no_grad():
+        return model(torch.zeros(1, in_channels, size, size))

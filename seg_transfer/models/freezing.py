@@ -1,0 +1,96 @@
+"""Encoder stages and the freeze API used by staged fine-tuning.
+
+An encoder *stage* is the set of layers whose output lives at one spatial resolution (stride 2, 4,
+8, 16, 32). This definition is found by tracing one forward pass, so it works for every smp and timm
+CNN encoder without per-family tables. ``encoder_top: N`` trains the deepest N stages.
+
+Frozen layers keep BatchNorm in eval mode (``frozen_bn: eval``, the default): their running mean and
+variance stay the ImageNet statistics the frozen weights were trained with. Updating them from small
+medical batches would shift every activation the frozen convolutions produce, and the decoder being
+trained would chase a moving target. ``frozen_bn: train`` lets them adapt instead.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _NormBase
+
+TrainSpec = Literal["decoder", "all"] | int  # int: number of deepest encoder stages to train
+
+
+def encoder_stages(encoder: nn.Module, in_channels: int, probe_size: int = 64) -> list[list[str]]:
+    """Parameter names of ``encoder`` grouped by output resolution, shallow to deep.
+
+    Every parameter of the encoder appears exactly once. Modules that never run in the probe
+    (unused heads) join the deepest stage.
+    """
+    strides: dict[str, int] = {}
+    hooks = []
+    for name, module in encoder.named_modules():
+        if any(True for _ in module.parameters(recurse=False)):
+            hooks.append(module.register_forward_hook(_record_stride(name, strides, probe_size)))
+    was_training = encoder.training
+    encoder.eval()
+    try:
+        with torch.no_grad():
+            encoder(torch.zeros(1, in_channels, probe_size, probe_size))
+    finally:
+        for hook in hooks:
+            hook.remove()
+        encoder.train(was_training)
+    deepest = max(strides.values(), default=1)
+    by_stride: dict[int, list[str]] = {}
+    for name, param in encoder.named_parameters():
+        module_name = name.rsplit(".", 1)[0] if "." in name else ""
+        by_stride.setdefault(strides.get(module_name, deepest), []).append(name)
+    return [by_stride[s] for s in sorted(by_stride)]
+
+
+def _record_stride(name: str, strides: dict[str, int], probe_size: int):
+    def hook(_module, _inputs, output):
+        tensor = output[0] if isinstance(output, (tuple, list)) else output
+        if isinstance(tensor, torch.Tensor) and tensor.ndim == 4 and tensor.shape[-1] > 0:
+            strides[name] = max(1, probe_size // tensor.shape[-1])
+
+    return hook
+
+
+def trainable_encoder_params(stages: list[list[str]], spec: TrainSpec) -> set[str]:
+    """Names of encoder parameters that train under ``spec``."""
+    if spec == "decoder":
+        return set()
+    if spec == "all":
+        return {name for stage in stages for name in stage}
+    if not 1 <= spec <= len(stages):
+        raise ValueError(f"encoder_top={spec} but the encoder has {len(stages)} stages")
+    return {name for stage in stages[-spec:] for name in stage}
+
+
+def apply_trainable(model: nn.Module, stages: list[list[str]], spec: TrainSpec) -> None:
+    """Set ``requires_grad``: decoder and head always train; encoder parameters as ``spec`` says."""
+    trainable = trainable_encoder_params(stages, spec)
+    for name, param in model.encoder.named_parameters():
+        param.requires_grad_(name in trainable)
+    for name, param in model.named_parameters():
+        if not name.startswith("encoder."):
+            param.requires_grad_(True)
+
+
+def set_train_mode(model: nn.Module, frozen_bn: Literal["eval", "train"] = "eval") -> None:
+    """``model.train()``, then normalisation layers whose parameters are all frozen go to eval."""
+    model.train()
+    if frozen_bn == "train":
+        return
+    for module in model.encoder.modules():
+        if isinstance(module, _NormBase):
+            params = list(module.parameters(recurse=False))
+            if params and not any(p.requires_grad for p in params):
+                module.eval()
+
+
+def frozen_fraction(model: nn.Module) -> float:
+    params = list(model.parameters())
+    total = sum(p.numel() for p in params)
+    return sum(p.numel() for p in params if not p.requires_grad) / max(total, 1)

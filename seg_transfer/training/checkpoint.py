@@ -1,0 +1,52 @@
+"""Atomic, self-describing checkpoints (config, labels, preprocessing, weights provenance inside)."""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+FORMAT = "seg_transfer/1"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, unreadable or not one of ours (one-line message)."""
+
+
+def save_checkpoint(payload: dict[str, Any], path: str | Path) -> Path:
+    """Write ``payload`` to ``path`` atomically: a temp file in the same folder, then ``os.replace``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            torch.save({"format": FORMAT, **payload}, stream)
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load safely (``weights_only=True``); a run directory resolves to its best checkpoint."""
+    path = resolve_checkpoint(path)
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - one-line user error
+        raise CheckpointError(f"{path}: cannot load checkpoint ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a seg_transfer checkpoint")
+    return payload
+
+
+def resolve_checkpoint(path: str | Path, which: str = "best") -> Path:
+    """A checkpoint file, or ``<run>/checkpoints/<which>.pt`` for a run directory."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "checkpoints" / f"{which}.pt"
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    return path

@@ -1,0 +1,55 @@
+"""Per-epoch metrics of a run: JSONL (complete), CSV (flat), TensorBoard events."""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+
+class MetricsLog:
+    """Appends one record per epoch to ``metrics.jsonl`` and ``metrics.csv`` and TensorBoard scalars."""
+
+    def __init__(self, run_dir: Path, tensorboard: bool = True):
+        self.jsonl = run_dir / "metrics.jsonl"
+        self.csv = run_dir / "metrics.csv"
+        self.writer = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+
+    def truncate_after(self, epoch: int) -> None:
+        """Drop records past ``epoch`` (a resumed run rewrites what the killed one logged after its checkpoint)."""
+        records = [r for r in self.records() if r["epoch"] <= epoch]
+        self.jsonl.write_text("".join(json.dumps(r) + "\n" for r in records))
+        self._rewrite_csv(records)
+
+    def records(self) -> list[dict[str, Any]]:
+        if not self.jsonl.is_file():
+            return []
+        return [json.loads(line) for line in self.jsonl.read_text().splitlines() if line.strip()]
+
+    def append(self, record: dict[str, Any]) -> None:
+        with self.jsonl.open("a") as stream:
+            stream.write(json.dumps(record) + "\n")
+        self._rewrite_csv(self.records())
+        if self.writer is not None:
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key not in {"epoch", "stage_index"}:
+                    self.writer.add_scalar(key, value, record["epoch"])
+            self.writer.flush()
+
+    def _rewrite_csv(self, records: list[dict[str, Any]]) -> None:
+        if not records:
+            self.csv.unlink(missing_ok=True)
+            return
+        fields = list(dict.fromkeys(key for record in records for key in record))
+        with self.csv.open("w", newline="") as stream:
+            writer = csv.DictWriter(stream, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows(records)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()

@@ -1,0 +1,62 @@
+"""Optimiser parameter groups and learning-rate schedules for one fine-tuning stage."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.optim.lr_scheduler import LambdaLR, LRScheduler, OneCycleLR
+
+from seg_transfer.config import StageConfig
+
+
+def parameter_groups(model: nn.Module, stages: list[list[str]], stage: StageConfig) -> list[dict]:
+    """Trainable parameters grouped by learning rate and weight decay.
+
+    Decoder and head: ``lr``. Encoder stage at depth ``d`` from the top (0 = deepest):
+    ``lr * encoder_lr_mult * layer_decay**d``. Biases and norm weights (1-D) get no weight decay.
+    """
+    depth_of = {name: len(stages) - 1 - i for i, names in enumerate(stages) for name in names}
+    groups: dict[tuple[float, float], list[nn.Parameter]] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        lr = stage.lr
+        if name.startswith("encoder."):
+            lr *= stage.encoder_lr_mult
+            if stage.layer_decay is not None:
+                lr *= stage.layer_decay ** depth_of.get(name.removeprefix("encoder."), 0)
+        decay = 0.0 if param.ndim <= 1 else stage.weight_decay
+        groups.setdefault((lr, decay), []).append(param)
+    return [{"params": params, "lr": lr, "weight_decay": decay} for (lr, decay), params in groups.items()]
+
+
+def build_optimizer(model: nn.Module, stages: list[list[str]], stage: StageConfig) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(parameter_groups(model, stages, stage))
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, stage: StageConfig, steps_per_epoch: int) -> LRScheduler:
+    """Per-step schedule: linear warm-up, then cosine decay, one-cycle, or constant."""
+    total = stage.epochs * steps_per_epoch
+    if stage.max_steps is not None:
+        total = min(total, stage.max_steps)
+    total = max(total, 1)
+    warmup = min(int(round(stage.warmup_epochs * steps_per_epoch)), total - 1)
+    if stage.schedule == "onecycle":
+        return OneCycleLR(
+            optimizer,
+            max_lr=[group["lr"] for group in optimizer.param_groups],
+            total_steps=total + 1,
+            pct_start=max(warmup / total, 0.05),
+        )
+    return LambdaLR(optimizer, lambda step: lr_factor(step, warmup, total, stage.schedule))
+
+
+def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
+    """Multiplier of the base learning rate at ``step`` (0-based)."""
+    if warmup and step < warmup:
+        return (step + 1) / (warmup + 1)
+    if schedule == "constant":
+        return 1.0
+    progress = min((step - warmup) / max(total - warmup, 1), 1.0)
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
