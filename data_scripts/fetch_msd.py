@@ -249,12 +249,19 @@ def fetch(task: str, dest: str | Path, url: str | None = None, md5: str | None =
     return target
 
 
+def _md5_arg(text: str) -> str:
+    """argparse type: a 32-digit hex md5, lower-cased."""
+    if not re.fullmatch(r"[0-9a-fA-F]{32}", text):
+        raise argparse.ArgumentTypeError(f"not an md5 hex digest: {text!r}")
+    return text.lower()
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Download and unpack a Medical Segmentation Decathlon task.")
     p.add_argument("task", help="task name, e.g. Task04_Hippocampus")
     p.add_argument("--dest", type=Path, default=Path("data"), help="destination directory (default: ./data)")
     p.add_argument("--url", help="archive URL (default: MONAI's URL for the task)")
-    p.add_argument("--md5", help="expected md5 of the archive (default: MONAI's checksum for the task)")
+    p.add_argument("--md5", type=_md5_arg, help="expected md5 of the archive (default: MONAI's checksum for the task)")
     p.add_argument("--force", action="store_true", help="re-extract even if DEST/TASK/dataset.json exists")
     p.add_argument("--remove-archive", action="store_true", help="delete DEST/TASK.tar after extraction")
     p.add_argument("--timeout", type=float, default=30.0, help="network timeout in seconds (default 30)")

@@ -196,7 +196,7 @@ def test_script_cli_and_reexport(tmp_path):
 
 @pytest.mark.slow
 def test_small_2d_unet_learns_phantoms():
-    """A small 2D U-Net on axial slices reaches mean Dice > 0.5 within a few epochs (CPU, ~20 s)."""
+    """A small 2D U-Net on axial slices reaches mean Dice > 0.5 within a few epochs (CPU, ~30 s)."""
     torch = pytest.importorskip("torch")
     from monai.losses import DiceCELoss
     from monai.networks.nets import UNet

@@ -104,7 +104,7 @@ def _structure_labels(rng: np.random.Generator, coords: np.ndarray, scale: float
         best_t = np.where(closer, t, best_t)
     taper = r_head + (r_tail - r_head) * best_t ** 0.8
     radius = taper * (1.0 + wobble_amp * np.sin(2 * np.pi * wobble_freq * best_t + wobble_phase))
-    # Round the ends: beyond the centreline end points the nearest point is the end itself.
+    # Past either end the nearest centreline point is the end point, so the ends are rounded caps.
     inside = best_d2 <= radius ** 2
     labels = np.zeros(coords.shape[1:], np.uint8)
     labels[inside & (best_t < t_split)] = 1

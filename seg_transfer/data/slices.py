@@ -89,7 +89,7 @@ class SliceDataset(Dataset):
     """2.5D training samples from cached, preprocessed volumes.
 
     ``volumes[i]`` must return ``{"image": (1,X,Y,Z), "label": (1,X,Y,Z)}``. Items are
-    ``{"image": float32 (2k+1,H,W), "label": int64 (H,W)}`` padded to ``multiple``; ``augment``
+    ``{"image": float32 (2k+1,H,W), "label": int64 (1,H,W)}`` padded to ``multiple``; ``augment``
     (if given) maps (image CHW, label HW, seed) to augmented arrays; the seed depends only on the
     epoch and the sample's position, so results do not depend on worker count or resumption.
     """
@@ -127,4 +127,4 @@ class SliceDataset(Dataset):
             image, label = self.augment(image, label, (self.epoch_seed + position) % 2**32)
         image = pad_to_multiple(image, self.multiple, value=float(image.min()))
         label = pad_to_multiple(label, self.multiple)
-        return {"image": torch.from_numpy(np.ascontiguousarray(image)), "label": torch.from_numpy(label.astype(np.int64))}
+        return {"image": torch.from_numpy(np.ascontiguousarray(image)), "label": torch.from_numpy(label.astype(np.int64))[None]}

@@ -253,7 +253,7 @@ def _train_epoch(session: _Session, optimizer, scheduler, progress: Progress, bu
 def train_step(model: nn.Module, loss_fn: nn.Module, optimizer, batch: dict, device: torch.device, grad_clip: float | None) -> float:
     """One optimisation step on a 2.5D batch; returns the loss value."""
     image = batch["image"].to(device, non_blocking=True)
-    label = batch["label"].to(device, non_blocking=True).unsqueeze(1)
+    label = batch["label"].to(device, non_blocking=True)
     optimizer.zero_grad(set_to_none=True)
     loss = loss_fn(model(image), label)
     loss.backward()
