@@ -254,8 +254,14 @@ def _index_or_key(node: Any, part: str) -> Any:
     return part
 
 
+#: common names users type for a field, mapped to the field
+SYNONYMS = {"learning_rate": "lr", "backbone": "encoder", "architecture": "arch", "weights": "encoder_weights",
+            "pretrained": "encoder_weights", "epoch": "epochs", "axis": "slice_axis"}
+
+
 def _describe_validation_error(exc: ValidationError) -> str:
-    error = exc.errors()[0]
+    # the deepest location is the most specific (a union reports every member; the nested one matters)
+    error = max(exc.errors(), key=lambda e: len(e["loc"]))
     location = ".".join(str(part) for part in error["loc"] if not str(part).startswith(("function-", "literal[")))
     if error["type"] == "extra_forbidden":
         hint = _closest_key(error["loc"])
@@ -281,7 +287,10 @@ def _closest_key(loc: tuple[Any, ...]) -> str | None:
         if nested is None:
             return None
         model = nested
-    match = difflib.get_close_matches(str(loc[-1]), list(model.model_fields), n=1, cutoff=0.5)
+    fields = list(model.model_fields)
+    match = difflib.get_close_matches(str(loc[-1]), fields, n=1, cutoff=0.5)
+    if not match and SYNONYMS.get(str(loc[-1])) in fields:
+        match = [SYNONYMS[str(loc[-1])]]
     return ".".join([*prefix, match[0]]) if match else None
 
 

@@ -108,6 +108,6 @@ def slice_loader(
         num_workers=data.num_workers,
         collate_fn=pad_list_data_collate,
         persistent_workers=False,
-        drop_last=train and len(dataset) > batch_size,
+        drop_last=train and (data.slices_per_epoch or len(dataset)) > batch_size,
     )
     return dataset, loader

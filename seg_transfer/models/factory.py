@@ -78,7 +78,7 @@ def build_model(
     return model, WeightsProvenance(provenance.source, provenance.path, provenance.sha256, dropped)
 
 
-def _create(config: ModelConfig, in_channels: int, classes: int, encoder_weights: str | None) -> nn.Module:
+def _create(config: ModelConfig, in_channels: int, classes: int, encoder_weights: str | bool | None) -> nn.Module:
     kwargs = {"decoder_channels": config.decoder_channels} if config.decoder_channels else {}
     return smp.create_model(
         config.arch,
@@ -92,7 +92,9 @@ def _create(config: ModelConfig, in_channels: int, classes: int, encoder_weights
 
 def _from_hub(config: ModelConfig, in_channels: int, classes: int, model: nn.Module) -> nn.Module:
     try:
-        downloaded = _create(config, in_channels, classes, encoder_weights="imagenet")
+        # smp wants True for timm encoders (the pretrained tag is part of the name), "imagenet" otherwise
+        hub_weights = True if config.encoder.startswith("tu-") else "imagenet"
+        downloaded = _create(config, in_channels, classes, encoder_weights=hub_weights)
     except Exception as exc:  # noqa: BLE001 - any download failure becomes one actionable error
         raise WeightsError(no_weights_message(config.encoder, exc)) from None
     model.encoder.load_state_dict(downloaded.encoder.state_dict())

@@ -195,6 +195,7 @@ def _begin_stage(session: _Session, stage: StageConfig, progress: Progress):
     spec = stage.train if isinstance(stage.train, str) else stage.train.encoder_top
     apply_trainable(session.model, session.stages, spec)
     optimizer = build_optimizer(session.model, session.stages, stage)
+    _set_epoch(session, progress)  # the loader's length is the epoch's, as the schedule needs
     scheduler = build_scheduler(optimizer, stage, max(len(session.train_loader), 1))
     log.info("stage %s: train=%s, %d epochs", stage.label(progress.stage), spec, stage.epochs)
     return optimizer, scheduler
@@ -229,13 +230,18 @@ def _run_stage(session: _Session, stage: StageConfig, progress: Progress, optimi
             return
 
 
+def _set_epoch(session: _Session, progress: Progress) -> None:
+    data = session.config.data
+    session.train_set.set_epoch(session.config.seed, progress.epoch, data.slices_per_epoch, data.foreground_fraction)
+
+
 def _remaining_steps(stage: StageConfig, taken: int) -> int | None:
     return None if stage.max_steps is None else max(stage.max_steps - taken, 0)
 
 
 def _train_epoch(session: _Session, optimizer, scheduler, progress: Progress, budget: int | None, deadline: float | None):
     config = session.config
-    session.train_set.set_epoch(config.seed, progress.epoch, config.data.slices_per_epoch, config.data.foreground_fraction)
+    _set_epoch(session, progress)
     set_train_mode(session.model, config.model.frozen_bn)
     total, steps = 0.0, 0
     bar = tqdm(session.train_loader, desc=f"epoch {progress.epoch + 1}", leave=False, disable=not sys.stderr.isatty())

