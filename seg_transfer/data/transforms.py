@@ -74,7 +74,7 @@ def preprocessing_transforms(prep: Preprocessing, with_label: bool = True) -> mt
     steps: list[Any] = [
         mt.LoadImaged(keys=keys, image_only=True, ensure_channel_first=True),
         mt.EnsureTyped(keys="image", dtype=np.float32, track_meta=True),
-        mt.Orientationd(keys=keys, axcodes=prep.orientation),
+        mt.Orientationd(keys=keys, axcodes=prep.orientation, labels=(("L", "R"), ("P", "A"), ("I", "S"))),
     ]
     if prep.spacing:
         modes = ("bilinear", "nearest") if with_label else ("bilinear",)
