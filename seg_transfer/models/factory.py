@@ -150,8 +150,3 @@ def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
 def encoder_output_stride(model: nn.Module) -> int:
     """Spatial sizes must be a multiple of this (32 for most encoders)."""
     return int(getattr(model.encoder, "output_stride", 32))
-
-
-def dummy_forward(model: nn.Module, in_channels: int, size: int = 64) -> torch.Tensor:
-    with torch.no_grad():
-        return model(torch.zeros(1, in_channels, size, size))

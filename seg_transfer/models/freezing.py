@@ -88,9 +88,3 @@ def set_train_mode(model: nn.Module, frozen_bn: Literal["eval", "train"] = "eval
             params = list(module.parameters(recurse=False))
             if params and not any(p.requires_grad for p in params):
                 module.eval()
-
-
-def frozen_fraction(model: nn.Module) -> float:
-    params = list(model.parameters())
-    total = sum(p.numel() for p in params)
-    return sum(p.numel() for p in params if not p.requires_grad) / max(total, 1)

@@ -29,7 +29,7 @@ from seg_transfer.data.pipeline import PreparedData, prepare_data, slice_loader,
 from seg_transfer.data.transforms import Preprocessing
 from seg_transfer.evaluation.metrics import dice_per_class
 from seg_transfer.inference.slicewise import predict_volume
-from seg_transfer.models.factory import build_model, encoder_output_stride
+from seg_transfer.models.factory import build_model, count_parameters, encoder_output_stride
 from seg_transfer.models.freezing import apply_trainable, encoder_stages, set_train_mode
 from seg_transfer.models.weights import WeightsProvenance
 from seg_transfer.training.checkpoint import load_checkpoint, save_checkpoint
@@ -97,7 +97,10 @@ def train(config: RunConfig, run_dir: Path | None = None, *, resume: bool = Fals
     last_path = run_dir / "checkpoints" / "last.pt"
     checkpoint = _prepare_run_dir(run_dir, last_path, resume)
     if checkpoint is not None:
-        config = RunConfig.model_validate(checkpoint["config"])
+        stored = RunConfig.model_validate(checkpoint["config"])
+        if dump_config(stored) != dump_config(config):
+            log.warning("--resume continues with the config stored in %s; the given config/overrides are ignored", last_path)
+        config = stored
     if config.training.num_threads:
         torch.set_num_threads(config.training.num_threads)
     _seed_everything(config.seed)
@@ -197,7 +200,9 @@ def _begin_stage(session: _Session, stage: StageConfig, progress: Progress):
     optimizer = build_optimizer(session.model, session.stages, stage)
     _set_epoch(session, progress)  # the loader's length is the epoch's, as the schedule needs
     scheduler = build_scheduler(optimizer, stage, max(len(session.train_loader), 1))
-    log.info("stage %s: train=%s, %d epochs", stage.label(progress.stage), spec, stage.epochs)
+    trainable = count_parameters(session.model, trainable_only=True)
+    log.info("stage %s: train=%s, %d epochs, %d of %d parameters trainable", stage.label(progress.stage), spec,
+             stage.epochs, trainable, count_parameters(session.model))
     return optimizer, scheduler
 
 
