@@ -291,7 +291,7 @@ def validate(model: nn.Module, volumes, prep: Preprocessing, num_classes: int, d
     """Mean 3D Dice per foreground class over whole validation volumes (all slices predicted)."""
     model.eval()
     scores = []
-    for item in volumes:
+    for item in tqdm(volumes, desc="validation", leave=False, disable=not sys.stderr.isatty()):
         probs = predict_volume(model, item["image"], prep.slice_axis, prep.context_slices,
                                batch_size=batch_size, multiple=multiple, device=device)
         scores.append(dice_per_class(probs.argmax(0), torch.as_tensor(np.asarray(item["label"]))[0], num_classes))
