@@ -14,12 +14,13 @@ def _user_errors() -> tuple[type[Exception], ...]:
     """Exceptions whose message is meant for the user: printed as one line, exit code 2."""
     from seg_transfer.config import ConfigError
     from seg_transfer.data.cases import DatasetError
+    from seg_transfer.evaluation.evaluate import EvaluationError
     from seg_transfer.models.factory import ModelConfigError
     from seg_transfer.models.weights import WeightsError
     from seg_transfer.training.checkpoint import CheckpointError
     from seg_transfer.training.trainer import RunDirError
 
-    return ConfigError, DatasetError, ModelConfigError, WeightsError, CheckpointError, RunDirError
+    return ConfigError, DatasetError, ModelConfigError, WeightsError, CheckpointError, RunDirError, EvaluationError
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -83,6 +84,27 @@ def encoders(
 
         typer.echo("smp encoders: " + ", ".join(smp.encoders.get_encoder_names()))
         typer.echo(f"timm encoders (as tu-<name>): {len(timm.list_models())}, e.g. " + ", ".join(timm.list_models()[:20]))
+
+
+@app.command()
+def evaluate(
+    pred: Annotated[Path, typer.Option("--pred", help="Folder of predicted label maps (matched to references by file name).")],
+    label: Annotated[Path, typer.Option("--label", help="Folder of reference label maps.")],
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Folder for metrics.csv, metrics.json, summary.md (default: PRED/evaluation).")] = None,
+    tolerance_mm: Annotated[float, typer.Option("--tolerance-mm", help="Normalised surface Dice tolerance in mm.")] = 2.0,
+    labels: Annotated[Optional[Path], typer.Option("--labels", help="dataset.json or JSON label map naming the classes (default: class_1..class_K).")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Per-case Dice, HD95, ASSD, surface Dice and volume difference, with per-class aggregates and bootstrap CIs."""
+    _setup_logging(verbose)
+    from seg_transfer.evaluation.evaluate import evaluate_folders
+
+    result = evaluate_folders(pred, label, output, tolerance_mm=tolerance_mm, labels=labels)
+    for entry in result.aggregates:
+        m = entry["metrics"]
+        typer.echo(f"{entry['class_name']}: Dice {m['dice']['mean']:.4f}, HD95 {m['hd95_mm']['mean']:.2f} mm "
+                   f"({m['hd95_mm']['n_missing']} missing), NSD@{tolerance_mm:g}mm {m['nsd']['mean']:.4f}")
+    typer.echo(f"{len(result.cases)} cases; results: {result.files['markdown'].parent}")
 
 
 def main(argv: list[str] | None = None) -> int:

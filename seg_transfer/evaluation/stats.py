@@ -1,0 +1,132 @@
+"""Small, reusable statistics for evaluation and study comparison: bootstrap CIs and paired tests.
+
+NaN values are treated as missing and dropped (pairs with a NaN on either side in
+``paired_comparison``); every result reports the ``n`` it was computed from.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import asdict, dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+from scipy import stats as sps
+
+_MAX_BATCH_ELEMENTS = 2_000_000  # resamples x n held in memory at once by scipy's bootstrap
+
+
+@dataclass(frozen=True)
+class BootstrapCI:
+    """``statistic`` of the sample and its bootstrap confidence interval [low, high]."""
+
+    estimate: float
+    low: float
+    high: float
+    n: int
+    confidence: float
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class PairedComparison:
+    """Mean of the paired differences a - b, its bootstrap CI, and the Wilcoxon signed-rank test."""
+
+    n: int
+    mean_difference: float
+    ci_low: float
+    ci_high: float
+    wilcoxon_statistic: float
+    p_value: float
+    confidence: float
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _finite_sample(values: Sequence[float] | np.ndarray) -> np.ndarray:
+    """1-D float array of ``values`` without NaNs; ValueError for a non-1-D input."""
+    arr = np.asarray(values, dtype=float)
+    if arr.ndim != 1:
+        raise ValueError(f"expected a 1-D sample, got shape {arr.shape}")
+    return arr[~np.isnan(arr)]
+
+
+def _scipy_interval(
+    sample: np.ndarray, statistic: Callable, n_resamples: int, confidence: float, seed: int, method: str
+) -> tuple[float, float]:
+    """(low, high) from ``scipy.stats.bootstrap``; NaNs when scipy finds the data degenerate."""
+    batch = max(1, min(n_resamples, _MAX_BATCH_ELEMENTS // max(1, sample.size)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # DegenerateDataWarning -> NaN interval, handled by the caller
+        result = sps.bootstrap(
+            (sample,), statistic, n_resamples=n_resamples, confidence_level=confidence,
+            method=method, batch=batch, rng=np.random.default_rng(seed),
+        )
+    return float(result.confidence_interval.low), float(result.confidence_interval.high)
+
+
+def bootstrap_ci(
+    values: Sequence[float] | np.ndarray,
+    statistic: Callable = np.mean,
+    n_resamples: int = 10000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> BootstrapCI:
+    """Bootstrap CI of ``statistic`` (BCa via ``scipy.stats.bootstrap``; percentile if BCa is undefined).
+
+    NaNs are dropped. n == 0: everything NaN. n == 1: the estimate, with a NaN interval
+    (one value gives no spread). A constant sample: the interval is [c, c]. Deterministic
+    for a given ``seed``. ``statistic`` must accept an ``axis`` keyword (np.mean, np.median, ...).
+    """
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    sample = _finite_sample(values)
+    n = int(sample.size)
+    if n == 0:
+        return BootstrapCI(float("nan"), float("nan"), float("nan"), 0, confidence)
+    estimate = float(statistic(sample))
+    if n == 1:
+        return BootstrapCI(estimate, float("nan"), float("nan"), 1, confidence)
+    if np.all(sample == sample[0]):
+        return BootstrapCI(estimate, estimate, estimate, n, confidence)
+    low, high = _scipy_interval(sample, statistic, n_resamples, confidence, seed, "BCa")
+    if not (np.isfinite(low) and np.isfinite(high)):
+        low, high = _scipy_interval(sample, statistic, n_resamples, confidence, seed, "percentile")
+    return BootstrapCI(estimate, low, high, n, confidence)
+
+
+def wilcoxon_p(differences: Sequence[float] | np.ndarray) -> tuple[float, float]:
+    """(statistic, two-sided p) of the Wilcoxon signed-rank test on paired differences.
+
+    All-zero differences give (0.0, 1.0); no differences give (NaN, NaN).
+    """
+    d = _finite_sample(differences)
+    if d.size == 0:
+        return float("nan"), float("nan")
+    if np.all(d == 0):
+        return 0.0, 1.0
+    result = sps.wilcoxon(d)
+    return float(result.statistic), float(result.pvalue)
+
+
+def paired_comparison(
+    a: Sequence[float] | np.ndarray,
+    b: Sequence[float] | np.ndarray,
+    seed: int = 0,
+    n_resamples: int = 10000,
+    confidence: float = 0.95,
+) -> PairedComparison:
+    """Compare paired samples ``a`` and ``b`` (same cases, same order): mean of a - b with a
+    bootstrap CI, and the Wilcoxon signed-rank p-value.
+
+    Pairs with a NaN on either side are dropped; ValueError if the lengths differ.
+    """
+    a_arr, b_arr = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if a_arr.ndim != 1 or a_arr.shape != b_arr.shape:
+        raise ValueError(f"paired samples must be 1-D and of equal length, got {a_arr.shape} and {b_arr.shape}")
+    diff = a_arr - b_arr  # NaN where either side is missing
+    ci = bootstrap_ci(diff, np.mean, n_resamples=n_resamples, confidence=confidence, seed=seed)
+    statistic, p_value = wilcoxon_p(diff)
+    return PairedComparison(ci.n, ci.estimate, ci.low, ci.high, statistic, p_value, confidence)
