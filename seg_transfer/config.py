@@ -147,6 +147,7 @@ class LossConfig(_Strict):
     dice_weight: float = Field(1.0, ge=0)
     ce_weight: float = Field(1.0, ge=0)
     class_weights: list[float] | None = None
+    batch_dice: bool = False  # Dice over the whole batch (nnU-Net style) instead of per slice
 
 
 class TrainingConfig(_Strict):

@@ -150,6 +150,7 @@ def _open_session(config: RunConfig, run_dir: Path, skip_bad_cases: bool) -> _Se
         softmax=True,
         lambda_dice=config.training.loss.dice_weight,
         lambda_ce=config.training.loss.ce_weight,
+        batch=config.training.loss.batch_dice,
         weight=torch.tensor(weights, dtype=torch.float32, device=device) if weights else None,
     )
     return _Session(config, run_dir, data, prep, model, provenance, stages, device, loss, train_set, train_loader, val_volumes, MetricsLog(run_dir))
