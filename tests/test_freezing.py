@@ -108,3 +108,24 @@ def test_warmup_then_cosine():
     assert lr_factor(12, warmup=4, total=20, schedule="cosine") == pytest.approx(0.5)
     assert lr_factor(20, warmup=4, total=20, schedule="cosine") == pytest.approx(0.0)
     assert lr_factor(15, warmup=4, total=20, schedule="constant") == 1.0
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "onecycle", "constant"])
+def test_schedules_run_their_whole_length(schedule):
+    from seg_transfer.training.optim import build_scheduler
+
+    model, stages = _model()
+    apply_trainable(model, stages, "all")
+    stage = StageConfig(lr=1e-2, epochs=2, warmup_epochs=0.5, schedule=schedule)
+    optimizer = build_optimizer(model, stages, stage)
+    scheduler = build_scheduler(optimizer, stage, steps_per_epoch=5)
+    lrs = []
+    for _ in range(10):
+        optimizer.step()
+        scheduler.step()
+        lrs.append(optimizer.param_groups[0]["lr"])
+    assert max(lrs) <= 1e-2 + 1e-12
+    if schedule == "constant":
+        assert lrs[-1] == pytest.approx(1e-2)
+    else:
+        assert lrs[-1] < 1e-3 and lrs[-1] < max(lrs)

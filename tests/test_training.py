@@ -188,3 +188,36 @@ def test_csv_list_mode_with_disk_cache(phantom_root, tmp_path):
     from seg_transfer.data.transforms import Preprocessing
 
     assert disk_cache_dir(other.data, Preprocessing.from_config(other.data), True) != cached[0].parent
+
+
+def test_early_stopping_and_step_budget_end_stages(phantom_root, tmp_path):
+    raw = tiny_config(phantom_root)
+    raw["training"]["stages"] = [
+        # min_delta 0.5 is unreachable: epoch 1 sets the stage best, epochs 2 and 3 are bad -> stop after 3 of 10
+        {"name": "plateau", "train": "all", "epochs": 10, "lr": 1e-3, "early_stopping": {"patience": 2, "min_delta": 0.5}},
+        # 3 steps per epoch (24 slices / batch 8): a 4-step budget ends the stage inside its second epoch
+        {"name": "budget", "train": "all", "epochs": 5, "lr": 1e-3, "max_steps": 4},
+    ]
+    result = train(config_from_dict(raw), tmp_path / "run")
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["stage"] for r in records] == ["plateau"] * 3 + ["budget"] * 2
+    assert records[2]["step"] == 9 and records[-1]["step"] == 13
+    assert result.epochs == 5
+
+
+def test_preprocessing_spacing_intensity_and_crop(phantom_root):
+    from seg_transfer.data.transforms import Preprocessing, preprocessing_transforms
+
+    image = sorted((phantom_root / "imagesTr").glob("*.nii.gz"))[0]
+    item = {"image": str(image), "label": str(phantom_root / "labelsTr" / image.name)}
+    plain = preprocessing_transforms(Preprocessing(modality="mri"))(dict(item))
+    assert plain["image"].shape == (1, 32, 32, 12) and plain["label"].dtype == torch.uint8
+    assert abs(float(plain["image"].mean())) < 1e-4 and abs(float(plain["image"].std()) - 1) < 1e-2
+    coarse = preprocessing_transforms(Preprocessing(modality="mri", spacing=(2.0, 2.0, 3.0)))(dict(item))
+    assert coarse["image"].shape == (1, 16, 16, 6)  # phantoms are 1 x 1 x 1.5 mm
+    assert set(np.unique(coarse["label"].numpy())) <= {0, 1, 2}
+    ct = preprocessing_transforms(Preprocessing(modality="ct", ct_window=(0.0, 100.0)))(dict(item))
+    assert float(ct["image"].min()) >= -1.0 and float(ct["image"].max()) <= 1.0
+    cropped = preprocessing_transforms(Preprocessing(modality="mri", crop_foreground=True))(dict(item))
+    assert cropped["image"].shape[1:] <= plain["image"].shape[1:]
+    assert int(cropped["label"].sum()) == int(plain["label"].sum())  # the crop keeps every labelled voxel
