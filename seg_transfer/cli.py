@@ -15,12 +15,15 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from seg_transfer.config import ConfigError
     from seg_transfer.data.cases import DatasetError
     from seg_transfer.evaluation.evaluate import EvaluationError
+    from seg_transfer.inference.cases import InputError
+    from seg_transfer.inference.predictor import PredictSetupError
     from seg_transfer.models.factory import ModelConfigError
     from seg_transfer.models.weights import WeightsError
     from seg_transfer.training.checkpoint import CheckpointError
     from seg_transfer.training.trainer import RunDirError
 
-    return ConfigError, DatasetError, ModelConfigError, WeightsError, CheckpointError, RunDirError, EvaluationError
+    return (ConfigError, DatasetError, ModelConfigError, WeightsError, CheckpointError, RunDirError, EvaluationError,
+            InputError, PredictSetupError)
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -107,11 +110,47 @@ def evaluate(
     typer.echo(f"{len(result.cases)} cases; results: {result.files['markdown'].parent}")
 
 
+@app.command()
+def predict(
+    model: Annotated[str, typer.Option("--model", "-m", help="Checkpoint file or run directory (uses checkpoints/best.pt).")],
+    input_: Annotated[str, typer.Option("--input", "-i", help="A volume, a folder, a glob, a .txt/.csv list of paths, or a DICOM folder.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Output folder for label maps and the summary.")],
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Slices per forward pass.")] = 32,
+    amp: Annotated[bool, typer.Option("--amp", help="CUDA autocast (float16); ignored on CPU.")] = False,
+    tta: Annotated[bool, typer.Option("--tta", help="Average the probabilities over in-plane flips (4 passes).")] = False,
+    roi_size: Annotated[int, typer.Option("--roi-size", help="Slices with a side larger than this use sliding windows of this size.")] = 512,
+    overlap: Annotated[float, typer.Option("--overlap", help="Sliding-window overlap (Gaussian blending).")] = 0.25,
+    postprocess: Annotated[str, typer.Option("--postprocess", help="none, or largest-component (per class).")] = "none",
+    save_probabilities: Annotated[bool, typer.Option("--save-probabilities", help="Also write <case>_probabilities (float32, one component per class).")] = False,
+    fmt: Annotated[str, typer.Option("--format", help="nii.gz, nrrd, mha, or dicom-seg (DICOM inputs; needs the 'dicom' extra).")] = "nii.gz",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace existing outputs.")] = False,
+    resume: Annotated[bool, typer.Option("--continue", help="Skip cases whose output already exists.")] = False,
+    num_parts: Annotated[int, typer.Option("--num-parts", help="Split the sorted case list into N shards...")] = 1,
+    part_id: Annotated[int, typer.Option("--part-id", help="...and predict shard K (0-based).")] = 0,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Predict label maps in each input's exact geometry; writes summary.csv/json. Exit code 1 if any case failed."""
+    _setup_logging(verbose)
+    from seg_transfer.inference.batch import PredictRequest, run_predict
+    from seg_transfer.inference.predictor import PredictOptions
+
+    options = PredictOptions(batch_size=batch_size, amp=amp, tta=tta, roi_size=roi_size, overlap=overlap,
+                             postprocess=postprocess, save_probabilities=save_probabilities)
+    report = run_predict(PredictRequest(model, input_, output, fmt, device, options, overwrite, resume, num_parts, part_id))
+    typer.echo(f"{report.count('ok')} predicted, {report.count('skipped')} skipped, {len(report.failed)} failed "
+               f"in {report.wall_seconds:.1f} s; summary: {report.csv_path}")
+    for result in report.failed:
+        typer.echo(f"failed: {result.case}: {result.reason}", err=True)
+    if report.failed:
+        raise typer.Exit(1)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: user errors become one line on stderr and exit code 2."""
     errors = _user_errors()
     try:
-        app(args=argv, standalone_mode=False)
+        code = app(args=argv, standalone_mode=False)  # click returns typer.Exit's code here
     except errors as exc:
         typer.echo(f"error: {exc}", err=True)
         return 2
@@ -127,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
             exc.show()
             return exc.exit_code
         raise
-    return 0
+    return code if isinstance(code, int) else 0
 
 
 if __name__ == "__main__":

@@ -9,6 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from monai.data import ImageReader
+from monai.utils import MetaKeys, SpaceKeys
 
 NIBABEL_SUFFIXES: tuple[str, ...] = (".nii.gz", ".nii")
 SITK_SUFFIXES: tuple[str, ...] = (".nrrd", ".mha", ".mhd")
@@ -102,3 +104,92 @@ def read_volume(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     if suffix in NIBABEL_SUFFIXES:
         return _read_nibabel(path)
     return _read_sitk(path)
+
+
+# --------------------------------------------------------------------------- DICOM series
+
+
+def looks_like_dicom(path: str | Path) -> bool:
+    """True for a ``.dcm`` file or a file with the DICOM preamble ("DICM" at byte 128)."""
+    path = Path(path)
+    if path.name.startswith(".") or not path.is_file():
+        return False
+    if path.suffix.lower() in (".dcm", ".dicom", ".ima"):
+        return True
+    if path.suffix:  # only extension-less files are sniffed
+        return False
+    try:
+        with open(path, "rb") as stream:
+            stream.seek(128)
+            return stream.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
+def dicom_series(folder: str | Path) -> dict[str, tuple[str, ...]]:
+    """The DICOM series directly inside ``folder``: SeriesInstanceUID -> its files in slice order (GDCM)."""
+    import SimpleITK as sitk
+
+    folder = str(folder)
+    return {uid: tuple(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(folder, uid))
+            for uid in sitk.ImageSeriesReader.GetGDCMSeriesIDs(folder)}
+
+
+def read_sitk_image(source: str | Path | tuple[str, ...] | list[str]):
+    """A SimpleITK image from a file, a folder holding one DICOM series, or a DICOM series' files.
+
+    A folder with several series raises ValueError (split it with :func:`dicom_series`).
+    """
+    import SimpleITK as sitk
+
+    files = [str(s) for s in source] if isinstance(source, (tuple, list)) else [str(source)]
+    if len(files) == 1 and Path(files[0]).is_dir():
+        series = dicom_series(files[0])
+        if len(series) != 1:
+            raise ValueError(f"{files[0]}: expected one DICOM series, found {len(series)}")
+        files = list(next(iter(series.values())))
+    if len(files) == 1 and not looks_like_dicom(files[0]):
+        return sitk.ReadImage(files[0])
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(files)
+    return reader.Execute()
+
+
+class SimpleITKReader(ImageReader):
+    """MONAI ``ImageReader`` for NRRD, MHA/MHD and DICOM series (a folder or a series' files), via SimpleITK.
+
+    ``get_data`` returns the array in (x, y, z) order (nibabel's, so MONAI treats every format
+    alike) and meta with ``affine``/``original_affine`` (RAS), ``spatial_shape`` and
+    ``original_channel_dim="no_channel"``. Vector and non-3D images raise ValueError.
+    """
+
+    def verify_suffix(self, filename) -> bool:
+        names = _names(filename)
+        if len(names) == 1 and (Path(names[0]).is_dir() or volume_suffix(names[0]) in SITK_SUFFIXES):
+            return True
+        return all(looks_like_dicom(name) for name in names)
+
+    def read(self, data, **kwargs):
+        return read_sitk_image(_names(data))
+
+    def get_data(self, img) -> tuple[np.ndarray, dict]:
+        import SimpleITK as sitk
+
+        if img.GetNumberOfComponentsPerPixel() != 1:
+            raise ValueError(f"expected a scalar image, got {img.GetNumberOfComponentsPerPixel()} components per voxel")
+        if img.GetDimension() != 3:
+            raise ValueError(f"expected a 3D volume, got a {img.GetDimension()}D image")
+        array = np.ascontiguousarray(sitk.GetArrayFromImage(img).transpose(2, 1, 0))
+        affine = sitk_affine_ras(img)
+        meta = {
+            MetaKeys.AFFINE: affine.copy(),
+            MetaKeys.ORIGINAL_AFFINE: affine.copy(),
+            MetaKeys.SPATIAL_SHAPE: np.asarray(array.shape),
+            MetaKeys.ORIGINAL_CHANNEL_DIM: "no_channel",
+            MetaKeys.SPACE: SpaceKeys.RAS,
+        }
+        return array, meta
+
+
+def _names(data) -> list[str]:
+    return [str(data)] if isinstance(data, (str, Path)) else [str(item) for item in data]

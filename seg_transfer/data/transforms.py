@@ -5,6 +5,8 @@ exactly what training applied.
 """
 from __future__ import annotations
 
+import logging
+import warnings
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
@@ -12,6 +14,7 @@ import numpy as np
 from monai import transforms as mt
 
 from seg_transfer.config import DataConfig
+from seg_transfer.data.io import SimpleITKReader
 
 
 @dataclass(frozen=True)
@@ -68,11 +71,26 @@ def intensity_transforms(prep: Preprocessing, key: str = "image") -> list[mt.Map
     ]
 
 
+def load_transform(keys: list[str]) -> mt.LoadImaged:
+    """LoadImaged choosing the reader by suffix: NIfTI via nibabel; NRRD/MHA/MHD and DICOM series
+    (a folder, or a series' files as a list) via :class:`~seg_transfer.data.io.SimpleITKReader`.
+
+    The SimpleITK reader is registered (tried first, by ``verify_suffix``) rather than passed as
+    ``reader=``, which would make MONAI try every reader on every file and hide read errors.
+    """
+    with warnings.catch_warnings():  # with pydicom installed, MONAI warns that no GPU DICOM decoder exists
+        warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader")
+        logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
+        load = mt.LoadImaged(keys=keys, image_only=True, ensure_channel_first=True)
+    load.register(SimpleITKReader())
+    return load
+
+
 def preprocessing_transforms(prep: Preprocessing, with_label: bool = True) -> mt.Compose:
     """Load → channel-first → orientation → optional spacing → intensity → optional foreground crop."""
     keys = ["image", "label"] if with_label else ["image"]
     steps: list[Any] = [
-        mt.LoadImaged(keys=keys, image_only=True, ensure_channel_first=True),
+        load_transform(keys),
         mt.EnsureTyped(keys="image", dtype=np.float32, track_meta=True),
         mt.Orientationd(keys=keys, axcodes=prep.orientation, labels=(("L", "R"), ("P", "A"), ("I", "S"))),
     ]

@@ -1,11 +1,100 @@
-"""Slice-wise 2.5D inference over a whole volume: every slice with its neighbours, in batches."""
+"""Slice-wise 2.5D inference over a whole volume: every slice with its neighbours, in batches.
+
+MONAI's ``SliceInferer`` cannot feed neighbour slices as channels, so slabs are built here and the
+2D model call of each batch is wrapped: in-plane flips for test-time augmentation, CUDA autocast,
+and MONAI's ``sliding_window_inference`` (Gaussian blending) for slices larger than ``roi_size``.
+"""
 from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Iterator
 
 import numpy as np
 import torch
+from monai.inferers import sliding_window_inference
 from torch import nn
+from tqdm.auto import tqdm
 
 from seg_transfer.data.slices import context_indices, pad_to_multiple
+
+#: flips (in-plane dims of a (B, C, H, W) batch) averaged by test-time augmentation
+TTA_FLIPS: tuple[tuple[int, ...], ...] = ((), (2,), (3,), (2, 3))
+
+#: volumes with at least this many voxels get a progress bar over their slices
+PROGRESS_MIN_VOXELS = 2**24
+
+
+@torch.no_grad()
+def slice_probabilities(
+    model: nn.Module,
+    batch: torch.Tensor,
+    *,
+    amp: bool = False,
+    tta: bool = False,
+    roi_size: int | None = None,
+    overlap: float = 0.25,
+) -> torch.Tensor:
+    """Softmax probabilities ``(B, C, H, W)`` float32 for a batch of slabs ``(B, 2k+1, H, W)``.
+
+    ``tta`` averages the probabilities over :data:`TTA_FLIPS` (each flipped back). Slices with a
+    side larger than ``roi_size`` go through ``sliding_window_inference`` (roi x roi windows,
+    ``overlap``, Gaussian blending); ``amp`` enables autocast on CUDA only.
+    """
+    flips = TTA_FLIPS if tta else ((),)
+    total = None
+    for dims in flips:
+        flipped = torch.flip(batch, dims) if dims else batch
+        probs = torch.softmax(_logits(model, flipped, amp, roi_size, overlap).float(), dim=1)
+        probs = torch.flip(probs, dims) if dims else probs
+        total = probs if total is None else total + probs
+    return total / len(flips)
+
+
+def _logits(model: nn.Module, batch: torch.Tensor, amp: bool, roi_size: int | None, overlap: float) -> torch.Tensor:
+    autocast = torch.autocast("cuda", dtype=torch.float16) if amp and batch.device.type == "cuda" else contextlib.nullcontext()
+    with autocast:
+        if roi_size is not None and max(batch.shape[-2:]) > roi_size:
+            return sliding_window_inference(batch, (roi_size, roi_size), batch.shape[0], model,
+                                            overlap=overlap, mode="gaussian")
+        return model(batch)
+
+
+def iter_slice_probabilities(
+    model: nn.Module,
+    image: torch.Tensor | np.ndarray,
+    axis: int,
+    context: int,
+    *,
+    batch_size: int = 64,
+    multiple: int = 32,
+    device: torch.device | str = "cpu",
+    progress: bool = False,
+    max_batch_pixels: int | None = None,
+    **forward: object,
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """Yield ``(first slice index, probabilities (B, C, H, W) on CPU)`` for consecutive batches of slices.
+
+    Slices are taken along spatial ``axis`` of a ``(1, X, Y, Z)`` volume, each with ``context``
+    neighbours per side (edges repeat), padded to ``multiple`` (cropped again). ``forward`` goes to
+    :func:`slice_probabilities`. ``progress`` shows a bar over slices for large volumes.
+    ``max_batch_pixels`` caps ``batch_size`` so that slices x padded slice area stays below it
+    (at least one slice): activations of big slices then stay bounded.
+    """
+    array = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
+    stack = np.moveaxis(array[0].astype(np.float32, copy=False), axis, 0)  # (depth, H, W)
+    depth, height, width = stack.shape
+    slabs = torch.from_numpy(np.ascontiguousarray(pad_to_multiple(stack, multiple, value=float(stack.min()))))
+    if max_batch_pixels is not None:
+        batch_size = max(1, min(batch_size, max_batch_pixels // (slabs.shape[-2] * slabs.shape[-1])))
+    show = progress and stack.size >= PROGRESS_MIN_VOXELS and sys.stderr.isatty()
+    with tqdm(total=depth, desc="slices", unit="slice", leave=False, disable=not show) as bar:
+        for start in range(0, depth, batch_size):
+            indices = [context_indices(i, depth, context) for i in range(start, min(start + batch_size, depth))]
+            batch = slabs[torch.from_numpy(np.stack(indices))].to(device)
+            probs = slice_probabilities(model, batch, **forward)[..., :height, :width]
+            yield start, probs.cpu()
+            bar.update(len(indices))
 
 
 @torch.no_grad()
@@ -18,23 +107,47 @@ def predict_volume(
     batch_size: int = 64,
     multiple: int = 32,
     device: torch.device | str = "cpu",
+    **forward: object,
 ) -> torch.Tensor:
     """Class probabilities ``(classes, X, Y, Z)`` (float32, on CPU) for a ``(1, X, Y, Z)`` volume.
 
     Each slice along spatial ``axis`` is fed with ``context`` neighbours per side (edges repeat),
     padded to ``multiple``; the padding is cropped from the output. ``model`` must be in eval mode.
+    ``forward`` (``amp``, ``tta``, ``roi_size``, ``overlap``, ``progress``) as in
+    :func:`iter_slice_probabilities`; the defaults reproduce plain inference.
     """
-    array = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
-    stack = np.moveaxis(array[0].astype(np.float32, copy=False), axis, 0)  # (depth, H, W)
-    depth, height, width = stack.shape
-    padded = pad_to_multiple(stack, multiple, value=float(stack.min()))
-    slabs = torch.from_numpy(np.ascontiguousarray(padded))
     out: torch.Tensor | None = None
-    for start in range(0, depth, batch_size):
-        indices = [context_indices(i, depth, context) for i in range(start, min(start + batch_size, depth))]
-        batch = slabs[torch.from_numpy(np.stack(indices))].to(device)
-        probs = torch.softmax(model(batch).float(), dim=1)[..., :height, :width].cpu()
+    for start, probs in iter_slice_probabilities(model, image, axis, context, batch_size=batch_size,
+                                                 multiple=multiple, device=device, **forward):
         if out is None:
-            out = torch.empty((probs.shape[1], depth, height, width), dtype=torch.float32)
-        out[:, start : start + len(indices)] = probs.transpose(0, 1)
+            depth = (image.shape[1:] if image.ndim == 4 else image.shape)[axis]
+            out = torch.empty((probs.shape[1], depth, *probs.shape[2:]), dtype=torch.float32)
+        out[:, start : start + len(probs)] = probs.transpose(0, 1)
     return torch.movedim(out, 1, 1 + axis)
+
+
+@torch.no_grad()
+def predict_label_map(
+    model: nn.Module,
+    image: torch.Tensor | np.ndarray,
+    axis: int,
+    context: int,
+    *,
+    batch_size: int = 64,
+    multiple: int = 32,
+    device: torch.device | str = "cpu",
+    **forward: object,
+) -> torch.Tensor:
+    """Arg-max labels ``(X, Y, Z)`` (uint8, or int16 beyond 255 classes) of a ``(1, X, Y, Z)`` volume.
+
+    Same inputs as :func:`predict_volume`, but only one batch of probabilities exists at a time.
+    """
+    out: torch.Tensor | None = None
+    for start, probs in iter_slice_probabilities(model, image, axis, context, batch_size=batch_size,
+                                                 multiple=multiple, device=device, **forward):
+        if out is None:
+            depth = (image.shape[1:] if image.ndim == 4 else image.shape)[axis]
+            dtype = torch.uint8 if probs.shape[1] <= 256 else torch.int16
+            out = torch.empty((depth, *probs.shape[2:]), dtype=dtype)
+        out[start : start + len(probs)] = probs.argmax(1).to(out.dtype)
+    return torch.movedim(out, 0, axis)

@@ -1,0 +1,155 @@
+"""Batch prediction over many cases: independent cases, atomic outputs, ``--continue``, shards, summary.
+
+Each case either succeeds (outputs renamed into place), is skipped (``--continue`` and its label map
+exists: outputs only ever appear complete), or fails with a one-line reason while the others go on.
+The summary is rewritten after every case, so an interrupted run still leaves an accurate one.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from seg_transfer.inference.cases import InputCase, discover_cases, shard
+from seg_transfer.inference.predictor import LoadedModel, PredictOptions, PredictSetupError, load_model, predict_case, resolve_device
+from seg_transfer.inference.summary import CaseResult, previous_results, summary_stem, write_summary
+from seg_transfer.inference.writers import FORMATS, output_path, write_label_map, write_probabilities
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PredictRequest:
+    """Everything ``seg-transfer predict`` was asked to do."""
+
+    checkpoint: str
+    input: str
+    out_dir: Path
+    fmt: str = "nii.gz"
+    device: str = "auto"
+    options: PredictOptions = field(default_factory=PredictOptions)
+    overwrite: bool = False
+    resume: bool = False
+    num_parts: int = 1
+    part_id: int = 0
+
+
+@dataclass
+class PredictReport:
+    """Per-case results, the summary files and their totals."""
+
+    results: list[CaseResult]
+    csv_path: Path
+    json_path: Path
+    wall_seconds: float
+
+    @property
+    def failed(self) -> list[CaseResult]:
+        return [r for r in self.results if r.status == "failed"]
+
+    def count(self, status: str) -> int:
+        return sum(r.status == status for r in self.results)
+
+
+def check_request(request: PredictRequest) -> None:
+    """Reject contradictory options before any work (raises :class:`PredictSetupError`)."""
+    if request.fmt not in FORMATS:
+        raise PredictSetupError(f"--format {request.fmt!r}: expected one of {', '.join(FORMATS)}")
+    if request.overwrite and request.resume:
+        raise PredictSetupError("--overwrite and --continue exclude each other")
+    if request.options.postprocess not in ("none", "largest-component"):
+        raise PredictSetupError(f"--postprocess {request.options.postprocess!r}: expected none or largest-component")
+    if request.options.roi_size is not None and request.options.roi_size < 1:
+        raise PredictSetupError("--roi-size must be at least 1")
+    if request.options.batch_size < 1:
+        raise PredictSetupError("--batch-size must be at least 1")
+    if not 0.0 <= request.options.overlap < 1.0:
+        raise PredictSetupError("--overlap must be in [0, 1)")
+    if request.fmt == "dicom-seg":
+        from seg_transfer.inference.dicom_seg import require_highdicom
+
+        require_highdicom()
+
+
+def plan_cases(request: PredictRequest) -> list[InputCase]:
+    """This shard's cases; refuses to overwrite existing outputs unless ``overwrite`` or ``resume``."""
+    cases = shard(discover_cases(request.input), request.num_parts, request.part_id)
+    if not (request.overwrite or request.resume):
+        existing = [p for c in cases if (p := output_path(request.out_dir, c.name, request.fmt)).exists()]
+        if existing:
+            raise PredictSetupError(f"{len(existing)} output(s) already exist in {request.out_dir} (e.g. {existing[0].name}): "
+                                    "pass --continue to skip finished cases or --overwrite to replace them")
+    return cases
+
+
+def run_predict(request: PredictRequest) -> PredictReport:
+    """Predict every case of this shard into ``request.out_dir`` and write the summary."""
+    check_request(request)
+    cases = plan_cases(request)
+    loaded = load_model(request.checkpoint, resolve_device(request.device))
+    names = list(loaded.labels.values())
+    stem = summary_stem(request.num_parts, request.part_id)
+    earlier = previous_results(request.out_dir / f"{stem}.json") if request.resume else {}
+    extra = {"checkpoint": str(request.checkpoint), "format": request.fmt, "device": str(loaded.device),
+             "labels": {str(k): v for k, v in loaded.labels.items()}, "part": [request.part_id, request.num_parts]}
+    results: list[CaseResult] = []
+    start = time.perf_counter()
+    show = request.options.progress and sys.stderr.isatty()
+    for case in tqdm(cases, desc="cases", unit="case", disable=not show):
+        results.append(_process(loaded, case, request, earlier.get(case.name)))
+        csv_path, json_path = write_summary(results, names, request.out_dir, stem, time.perf_counter() - start, extra)
+    wall = time.perf_counter() - start
+    csv_path, json_path = write_summary(results, names, request.out_dir, stem, wall, extra)
+    return PredictReport(results, csv_path, json_path, wall)
+
+
+def _process(loaded: LoadedModel, case: InputCase, request: PredictRequest, earlier: CaseResult | None) -> CaseResult:
+    """Skip, fail or predict one case; never raises for a problem with the case itself."""
+    target = output_path(request.out_dir, case.name, request.fmt)
+    if request.resume and target.exists():
+        voxels = earlier.voxels if earlier is not None and earlier.output == str(target) else {}
+        return CaseResult(case.name, str(case.source), str(target), "skipped", "output exists (--continue)", 0.0, voxels)
+    if case.problem:
+        return CaseResult(case.name, str(case.source), "", "failed", case.problem)
+    started = time.perf_counter()
+    try:
+        voxels, input_voxels = predict_and_write(loaded, case, request, target)
+    except Exception as exc:  # noqa: BLE001 - every per-case problem is recorded, the run goes on
+        log.warning("%s failed: %s", case.name, failure_reason(exc))
+        log.debug("%s traceback", case.name, exc_info=True)
+        return CaseResult(case.name, str(case.source), "", "failed", failure_reason(exc), time.perf_counter() - started)
+    return CaseResult(case.name, str(case.source), str(target), "ok", "", time.perf_counter() - started, voxels, input_voxels)
+
+
+def predict_and_write(loaded: LoadedModel, case: InputCase, request: PredictRequest, target: Path) -> tuple[dict[str, int], int]:
+    """Predict ``case`` and write its outputs (probabilities first, the label map last, each atomically).
+
+    Returns voxels per class name and the number of input voxels.
+    """
+    if request.fmt == "dicom-seg" and not case.is_dicom:
+        raise ValueError("--format dicom-seg needs a DICOM series input")
+    prediction = predict_case(loaded, case, request.options)
+    if prediction.probabilities is not None:
+        write_probabilities(prediction.probabilities, prediction.geometry,
+                            output_path(request.out_dir, case.name, request.fmt, kind="probabilities"))
+    if request.fmt == "dicom-seg":
+        from seg_transfer.inference.dicom_seg import write_dicom_seg
+
+        write_dicom_seg(prediction.labels, case, loaded.labels, target)
+    else:
+        write_label_map(prediction.labels, prediction.geometry, target)
+    counts = np.bincount(prediction.labels.ravel(), minlength=len(loaded.labels))
+    return {name: int(counts[k]) for k, name in loaded.labels.items()}, int(prediction.labels.size)
+
+
+def failure_reason(exc: BaseException) -> str:
+    """One line naming the root cause (MONAI wraps reader errors in "applying transform ...")."""
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    message = " ".join(str(exc).split()) or "no message"
+    return f"{type(exc).__name__}: {message}"[:300]

@@ -1,0 +1,185 @@
+"""One case: load the checkpoint's model and preprocessing, preprocess, infer slice-wise, map back.
+
+The checkpoint's own :class:`~seg_transfer.data.transforms.Preprocessing` is applied with MONAI
+transforms that record what they did; the prediction is mapped back to the input's voxel grid with
+MONAI's ``Invertd`` (orientation, spacing, foreground crop all undone), so the label map overlays
+the input voxel for voxel. Only one batch of probabilities exists at a time unless probabilities
+are to be saved (then one float32 probability volume).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+from monai.data import MetaTensor
+from monai.transforms import Compose, Invertd
+from scipy import ndimage
+from torch import nn
+
+from seg_transfer.config import RunConfig
+from seg_transfer.data.io import NIBABEL_SUFFIXES
+from seg_transfer.data.transforms import Preprocessing, preprocessing_transforms
+from seg_transfer.inference.cases import InputCase
+from seg_transfer.inference.slicewise import predict_label_map, predict_volume
+from seg_transfer.inference.writers import InputGeometry
+from seg_transfer.models.factory import build_model, encoder_output_stride
+from seg_transfer.training.checkpoint import load_checkpoint
+
+log = logging.getLogger(__name__)
+
+Postprocess = Literal["none", "largest-component"]
+
+
+class PredictSetupError(ValueError):
+    """A problem with the run as a whole (device, options): one line for the user, nothing predicted."""
+
+
+@dataclass(frozen=True)
+class PredictOptions:
+    """How each case is inferred; defaults reproduce plain slice-wise inference."""
+
+    batch_size: int = 32
+    amp: bool = False
+    tta: bool = False
+    roi_size: int | None = 512
+    overlap: float = 0.25
+    postprocess: Postprocess = "none"
+    save_probabilities: bool = False
+    progress: bool = True
+    max_batch_pixels: int | None = 2**21  # 8 slices of 512 x 512: bounds activation memory on big scans
+
+
+@dataclass
+class LoadedModel:
+    """A checkpoint ready to predict: eval-mode network on ``device``, its preprocessing and labels."""
+
+    model: nn.Module
+    prep: Preprocessing
+    labels: dict[int, str]
+    device: torch.device
+    transform: Compose
+
+    @property
+    def multiple(self) -> int:
+        return encoder_output_stride(self.model)
+
+
+@dataclass
+class CasePrediction:
+    """A case's label map (x, y, z) in the input grid, its geometry, and optionally probabilities (C, x, y, z)."""
+
+    labels: np.ndarray
+    geometry: InputGeometry
+    probabilities: np.ndarray | None = None
+
+
+def resolve_device(spec: str) -> torch.device:
+    """``auto`` (CUDA if available, else CPU), ``cpu``, ``cuda`` or ``cuda:N``; raises :class:`PredictSetupError`."""
+    spec = spec.strip().lower()
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        raise PredictSetupError(f"--device {spec!r}: expected auto, cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise PredictSetupError(f"--device {spec!r}: expected auto, cpu, cuda or cuda:N")
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise PredictSetupError(f"--device {spec}: CUDA device not available ({torch.cuda.device_count()} visible)")
+    return device
+
+
+def load_model(checkpoint: str, device: torch.device) -> LoadedModel:
+    """Build the checkpoint's network (no pretrained download), load its weights, put it in eval mode."""
+    payload = load_checkpoint(checkpoint)
+    config = RunConfig.model_validate(payload["config"])
+    labels = {int(k): v for k, v in payload["labels"].items()}
+    prep = Preprocessing.from_dict(payload["preprocessing"])
+    model, _ = build_model(config.model, config.data.in_channels, len(labels), load_pretrained=False)
+    model.load_state_dict(payload["model"])
+    model.to(device).eval()
+    return LoadedModel(model, prep, dict(sorted(labels.items())), device, preprocessing_transforms(prep, with_label=False))
+
+
+def preprocess(loaded: LoadedModel, case: InputCase) -> MetaTensor:
+    """The model-space image ``(1, X', Y', Z')`` of ``case``, carrying the operations to invert."""
+    image = loaded.transform({"image": case.loader_input})["image"]
+    if image.ndim != 4 or image.shape[0] != 1:
+        raise ValueError(f"expected a single-channel 3D volume, got shape {tuple(image.shape)}")
+    return image
+
+
+def input_geometry(case: InputCase, image: MetaTensor) -> InputGeometry:
+    """The input's voxel grid as read (from the loader's metadata), plus a NIfTI input's header."""
+    shape = tuple(int(n) for n in np.asarray(image.meta["spatial_shape"]).ravel()[:3])
+    affine = np.asarray(image.meta["original_affine"], dtype=float)
+    header = None
+    if not case.is_dicom and str(case.files[0]).lower().endswith(NIBABEL_SUFFIXES):
+        import nibabel as nib
+
+        header = nib.load(str(case.files[0])).header
+    return InputGeometry(shape, affine, header)
+
+
+def infer(loaded: LoadedModel, image: MetaTensor, options: PredictOptions) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Model-space labels ``(X', Y', Z')`` and, if ``options.save_probabilities``, probabilities ``(C, X', Y', Z')``.
+
+    ``options.roi_size`` is rounded up to the encoder's output stride (windows must fit the network).
+    """
+    prep = loaded.prep
+    roi = None if options.roi_size is None else -(-options.roi_size // loaded.multiple) * loaded.multiple  # round up
+    kwargs = dict(batch_size=options.batch_size, multiple=loaded.multiple, device=loaded.device, amp=options.amp,
+                  tta=options.tta, roi_size=roi, overlap=options.overlap, progress=options.progress,
+                  max_batch_pixels=options.max_batch_pixels)
+    if options.save_probabilities:
+        probs = predict_volume(loaded.model, image.as_tensor(), prep.slice_axis, prep.context_slices, **kwargs)
+        return probs.argmax(0).to(torch.uint8 if probs.shape[0] <= 256 else torch.int16), probs
+    return predict_label_map(loaded.model, image.as_tensor(), prep.slice_axis, prep.context_slices, **kwargs), None
+
+
+def invert_to_input(loaded: LoadedModel, image: MetaTensor, array: torch.Tensor, nearest: bool) -> torch.Tensor:
+    """Map a model-space array ``(C, X', Y', Z')`` back to the input grid with MONAI's ``Invertd``.
+
+    ``nearest`` for label maps; linear interpolation otherwise (probabilities).
+    """
+    inverter = Invertd(keys="pred", transform=loaded.transform, orig_keys="image", nearest_interp=nearest)
+    data = inverter({"image": image, "pred": MetaTensor(array, affine=image.affine)})
+    return data["pred"].as_tensor()
+
+
+def keep_largest_component(labels: np.ndarray, classes: list[int]) -> np.ndarray:
+    """Per class in ``classes``: keep its largest 26-connected component, set the rest to background (0)."""
+    out = labels.copy()
+    structure = np.ones((3,) * labels.ndim, dtype=bool)
+    for value in classes:
+        components, count = ndimage.label(labels == value, structure=structure)
+        if count > 1:
+            sizes = np.bincount(components.ravel())[1:]
+            out[(components > 0) & (components != 1 + int(np.argmax(sizes)))] = 0
+    return out
+
+
+def predict_case(loaded: LoadedModel, case: InputCase, options: PredictOptions) -> CasePrediction:
+    """Preprocess → infer → invert (→ post-process) one case; the label map has the input's exact grid."""
+    image = preprocess(loaded, case)
+    geometry = input_geometry(case, image)
+    labels, probs = infer(loaded, image, options)
+    restored = invert_to_input(loaded, image, labels[None], nearest=True)[0]
+    labels_np = np.rint(restored.numpy()).astype(labels.numpy().dtype)
+    _check_grid(labels_np.shape, geometry)
+    if options.postprocess == "largest-component":
+        labels_np = keep_largest_component(labels_np, [k for k in loaded.labels if k != 0])
+    probabilities = None
+    if probs is not None:
+        del labels
+        probabilities = invert_to_input(loaded, image, probs, nearest=False).numpy()
+        probabilities[0] += np.clip(1.0 - probabilities.sum(0), 0.0, None)  # padded (cropped-away) voxels: background
+    return CasePrediction(labels_np, geometry, probabilities)
+
+
+def _check_grid(shape: tuple[int, ...], geometry: InputGeometry) -> None:
+    if tuple(shape) != tuple(geometry.shape):
+        raise RuntimeError(f"inverted prediction has shape {tuple(shape)}, input has {geometry.shape}")
