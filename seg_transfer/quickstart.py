@@ -1,7 +1,6 @@
 """``seg-transfer quickstart``: phantoms, an ImageNet-pretrained staged run and its scratch control."""
 from __future__ import annotations
 
-import json
 from importlib import resources
 from pathlib import Path
 
@@ -9,29 +8,14 @@ import yaml
 
 from seg_transfer.config import RunConfig, config_from_dict
 from seg_transfer.data.phantoms import make_phantom_dataset
-from seg_transfer.training.trainer import RunResult, train
+from seg_transfer.study.arms import scratch_control
+from seg_transfer.training.reuse import train_or_reuse
+from seg_transfer.training.trainer import RunResult
 
 
 def default_config() -> dict:
     """The embedded quickstart config as plain data."""
     return yaml.safe_load(resources.files("seg_transfer.resources").joinpath("quickstart.yaml").read_text())
-
-
-def scratch_control(raw: dict) -> dict:
-    """The same run from scratch: ``encoder_weights: none`` and one ``all`` stage with the same epoch budget.
-
-    The stage keeps the first stage's learning rate, warm-up, schedule and weight decay (no encoder
-    multiplier or layer decay: a random encoder has nothing to protect); nothing else changes.
-    """
-    raw = yaml.safe_load(yaml.safe_dump(raw))
-    stages = raw["training"]["stages"]
-    total_epochs = sum(stage["epochs"] for stage in stages)
-    kept = ("lr", "warmup_epochs", "schedule", "weight_decay")
-    single = {"name": "all", "train": "all", "epochs": total_epochs, **{k: stages[0][k] for k in kept if k in stages[0]}}
-    raw["training"]["stages"] = [single]
-    raw["model"]["encoder_weights"] = "none"
-    raw["name"] = raw["name"].replace("imagenet_staged", "scratch")
-    return raw
 
 
 def quickstart_configs(data_root: Path, epochs_scale: float = 1.0) -> tuple[RunConfig, RunConfig]:
@@ -52,16 +36,6 @@ def run_quickstart(output: Path, epochs_scale: float = 1.0) -> str:
     pretrained, scratch = quickstart_configs(data_root, epochs_scale)
     results = [train_or_reuse(config, output / config.name) for config in (pretrained, scratch)]
     return format_report(results, ["imagenet-staged", "scratch"])
-
-
-def train_or_reuse(config: RunConfig, run_dir: Path) -> RunResult:
-    """Train into ``run_dir``; a finished run there is reused and an interrupted one resumed."""
-    summary = run_dir / "summary.json"
-    if summary.is_file():
-        values = json.loads(summary.read_text())
-        fields = {name: values[name] for name in ("best_dice", "best_per_class", "best_epoch", "epochs", "seconds")}
-        return RunResult(run_dir=run_dir, **fields)
-    return train(config, run_dir, resume=(run_dir / "checkpoints" / "last.pt").is_file())
 
 
 def format_report(results: list[RunResult], arms: list[str]) -> str:

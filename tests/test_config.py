@@ -61,7 +61,8 @@ def test_bad_yaml_and_bad_override(tmp_path, phantom_root):
 
 
 def test_pretrained_and_scratch_differ_in_one_field(phantom_root):
-    from seg_transfer.quickstart import default_config, scratch_control
+    from seg_transfer.quickstart import default_config
+    from seg_transfer.study.arms import scratch_control
 
     pretrained = default_config()
     scratch = scratch_control(pretrained)

@@ -166,3 +166,16 @@ def load_splits(path: str | Path) -> dict[str, list[str]]:
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: malformed JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
     return _validate_splits(data, str(path))
+
+
+def training_subset(pool: Iterable[str], size: int, seed: int) -> list[str]:
+    """``size`` cases of ``pool`` drawn with ``seed``, sorted; nested: for one seed, a smaller subset is
+    always contained in a larger one (learning curves add cases, they do not swap them).
+
+    ValueError when ``size`` is not in [1, len(pool)].
+    """
+    names = _check_names(pool)
+    size = _check_int("size", size)
+    if not 1 <= size <= len(names):
+        raise ValueError(f"training subset size must be in [1, {len(names)}], got {size}")
+    return sorted(_shuffled(names, _check_int("seed", seed))[:size])

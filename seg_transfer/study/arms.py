@@ -1,0 +1,79 @@
+"""Run configs of a study's arms: base config + study overrides + the arm's own fields, nothing else."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from seg_transfer.config import ConfigError, RunConfig, config_from_dict
+from seg_transfer.study.config import ArmConfig, StudyConfig
+
+
+def scratch_control(raw: dict) -> dict:
+    """The same run from scratch: ``encoder_weights: none`` and one ``all`` stage with the same epoch budget.
+
+    The stage keeps the first stage's learning rate, warm-up, schedule and weight decay (no encoder
+    multiplier or layer decay: a random encoder has nothing to protect) and the summed step/time budgets;
+    nothing else changes.
+    """
+    raw = yaml.safe_load(yaml.safe_dump(raw))
+    stages = raw["training"]["stages"]
+    kept = ("lr", "warmup_epochs", "schedule", "weight_decay")
+    single = {"name": "all", "train": "all", "epochs": sum(stage.get("epochs", 1) for stage in stages),
+              **{k: stages[0][k] for k in kept if k in stages[0]}}
+    for budget in ("max_steps", "max_seconds"):
+        if all(stage.get(budget) is not None for stage in stages):
+            single[budget] = sum(stage[budget] for stage in stages)
+    raw["training"]["stages"] = [single]
+    raw["model"]["encoder_weights"] = "none"
+    raw["name"] = str(raw.get("name", "run")).replace("imagenet_staged", "scratch")
+    return raw
+
+
+def as_overrides(settings: dict[str, Any]) -> list[str]:
+    """``{dotted.key: value}`` as ``--set`` strings (JSON is valid YAML, so values round-trip exactly)."""
+    return [f"{key}={json.dumps(value)}" for key, value in settings.items()]
+
+
+def base_raw(study: StudyConfig) -> dict:
+    """The base run config as plain data."""
+    raw = yaml.safe_load(Path(study.base_config).read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{study.base_config}: top level must be a mapping")
+    return raw
+
+
+def arm_config(study: StudyConfig, arm: ArmConfig, seed: int, name: str) -> RunConfig:
+    """The validated run config of ``arm`` for ``seed`` (model init and slice sampling use ``seed``)."""
+    source = f"{study.base_config} (study arm {arm.name})"
+    overrides = as_overrides({**study.set, **arm.set, "seed": seed, "name": name})
+    raw = config_from_dict(base_raw(study), overrides, source=source).model_dump(mode="json")
+    if arm.scratch_control:
+        raw = scratch_control(raw)
+        raw["name"] = name
+    return config_from_dict(raw, source=source)
+
+
+def training_budget(config: RunConfig) -> dict[str, Any]:
+    """What a run may spend: total epochs, slices per epoch, batch size and any step/time caps."""
+    stages = config.training.stages
+    return {
+        "epochs": sum(stage.epochs for stage in stages),
+        "slices_per_epoch": config.data.slices_per_epoch,
+        "batch_size": config.training.batch_size,
+        "max_steps": sum(s.max_steps for s in stages) if all(s.max_steps for s in stages) else None,
+        "max_seconds": sum(s.max_seconds for s in stages) if all(s.max_seconds for s in stages) else None,
+    }
+
+
+def check_equal_budgets(configs: dict[str, RunConfig]) -> None:
+    """ConfigError when arms would train with different budgets (the comparison would not be fair)."""
+    budgets = {arm: training_budget(config) for arm, config in configs.items()}
+    first_arm, first = next(iter(budgets.items()))
+    for arm, budget in budgets.items():
+        if budget != first:
+            diff = {k: (first[k], budget[k]) for k in first if first[k] != budget[k]}
+            raise ConfigError(f"arms {first_arm!r} and {arm!r} have different training budgets {diff}; "
+                              "make them equal or set allow_unequal_budgets: true")

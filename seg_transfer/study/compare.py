@@ -1,0 +1,45 @@
+"""``seg-transfer compare``: run a study (resumable), analyse the finished runs, write the report."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from seg_transfer.study.analysis import analyse
+from seg_transfer.study.config import StudyConfig, load_study_config
+from seg_transfer.study.plan import plan_runs
+from seg_transfer.study.report import write_atomic, write_report
+from seg_transfer.study.runner import StudyProgress, run_study
+
+
+@dataclass
+class CompareOutcome:
+    progress: StudyProgress
+    results: dict
+    files: dict[str, Path]
+
+
+def compare(study_path: str | Path, output: str | Path, *, device: str = "auto", max_runs: int | None = None) -> CompareOutcome:
+    """Run (or continue) the study in ``study_path`` into ``output`` and write its report from the finished runs."""
+    study = load_study_config(study_path)
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    write_atomic(output / "study.json", json.dumps(study.model_dump(mode="json"), indent=2) + "\n")
+    progress = run_study(study, output, device=device, max_runs=max_runs)
+    results = {"study": study_summary(study, output, progress), **analyse(progress.records, study)}
+    files = write_report(results, output) if progress.records else {}
+    return CompareOutcome(progress, results, files)
+
+
+def study_summary(study: StudyConfig, output: Path, progress: StudyProgress) -> dict:
+    """The study's design as it ran: arms, sizes, seeds, the fixed cases and each size's training subsets."""
+    cases, specs = plan_runs(study, output)
+    subsets = {f"n{s.size}_seed{s.seed}": s.splits["train"] for s in specs if s.arm == study.control}
+    return {
+        "name": study.name, "config": study.model_dump(mode="json"), "dataset": str(next(iter(cases.cases.values())).image.parent.parent),
+        "arms": [arm.name for arm in study.arms], "control": study.control, "seeds": study.seeds,
+        "sizes": sorted({s.size for s in specs}), "n_test": len(cases.test), "n_val": len(cases.val), "n_pool": len(cases.pool),
+        "test_cases": cases.test, "val_cases": cases.val, "train_subsets": subsets,
+        "finished_runs": len(progress.records), "total_runs": progress.total_runs, "target_dice": study.target_dice,
+        "alpha": study.alpha,
+    }

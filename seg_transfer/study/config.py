@@ -1,0 +1,102 @@
+"""Study configuration: a base run config, arms that override their own fields, sizes, seeds, fixed test cases."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from seg_transfer.config import ConfigError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ArmConfig(_Strict):
+    """One arm: the base config plus its own overrides.
+
+    ``set`` maps dotted config keys to values (``model.encoder_weights: none``). ``scratch_control: true``
+    derives the from-scratch control from the (overridden) base: ``encoder_weights: none`` and one ``all``
+    stage with the same total epochs, learning rate and schedule as the first stage.
+    """
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    set: dict[str, Any] = Field(default_factory=dict)
+    scratch_control: bool = False
+
+
+class StudySplit(_Strict):
+    """Fixed test and validation cases (drawn once with ``seed``); training subsets come from the rest."""
+
+    test_fraction: float = Field(0.2, gt=0.0, lt=1.0)
+    val_fraction: float = Field(0.1, gt=0.0, lt=1.0)
+    seed: int = 0
+
+
+class StudyConfig(_Strict):
+    """A transfer study: every run is an ordinary ``train`` run of ``base_config`` + study ``set`` + arm ``set``."""
+
+    name: str = "study"
+    base_config: Path
+    set: dict[str, Any] = Field(default_factory=dict)
+    arms: list[ArmConfig] = Field(min_length=2)
+    control: str = "scratch"
+    train_sizes: list[int | Literal["all"]] = Field(min_length=1)
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    split: StudySplit = Field(default_factory=StudySplit)
+    target_dice: float = Field(0.8, gt=0.0, le=1.0)
+    alpha: float = Field(0.05, gt=0.0, lt=1.0)
+    tolerance_mm: float = Field(1.0, ge=0.0)
+    allow_unequal_budgets: bool = False
+    predict_batch_size: int = Field(64, ge=1)
+
+    @field_validator("train_sizes")
+    @classmethod
+    def _positive_sizes(cls, sizes: list[int | str]) -> list[int | str]:
+        if any(isinstance(s, int) and s < 1 for s in sizes):
+            raise ValueError("train_sizes must be positive integers or 'all'")
+        if len(set(sizes)) != len(sizes):
+            raise ValueError("train_sizes has duplicates")
+        return sizes
+
+    @model_validator(mode="after")
+    def _arms_and_control(self) -> StudyConfig:
+        names = [arm.name for arm in self.arms]
+        if len(set(names)) != len(names):
+            raise ValueError(f"arm names must be unique, got {names}")
+        if self.control not in names:
+            raise ValueError(f"control {self.control!r} is not an arm ({', '.join(names)})")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError("seeds has duplicates")
+        return self
+
+    def arm(self, name: str) -> ArmConfig:
+        return next(arm for arm in self.arms if arm.name == name)
+
+
+def load_study_config(path: str | Path) -> StudyConfig:
+    """Load and validate a study YAML; ``base_config`` is resolved against the study file's folder.
+
+    Raises :class:`ConfigError` with one line naming the file and the key.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: study config not found")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    try:
+        study = StudyConfig.model_validate(raw)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        location = ".".join(str(p) for p in error["loc"])
+        raise ConfigError(f"{path}: '{location}': {error['msg']}") from None
+    base = study.base_config if study.base_config.is_absolute() else (path.parent / study.base_config).resolve()
+    if not base.is_file():
+        raise ConfigError(f"{path}: 'base_config' file not found: {base}")
+    return study.model_copy(update={"base_config": base})

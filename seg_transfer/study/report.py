@@ -1,0 +1,244 @@
+"""Study report: PNG plots (matplotlib), Markdown, a self-contained HTML page and ``results.json``."""
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only backend)
+
+PLOTS = {"learning_curve": "Test Dice against training cases",
+         "paired_difference": "Arm minus control, paired by test case",
+         "convergence": "Validation Dice against wall-clock seconds and epochs"}
+
+
+def write_atomic(path: Path, data: bytes | str) -> Path:
+    """Write ``data`` to a temp file beside ``path`` and rename it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as stream:
+            stream.write(data.encode() if isinstance(data, str) else data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+# ----------------------------------------------------------------------------- tables
+
+
+def fmt(value: Any, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "n/a"
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def learning_table(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    header = ["arm", "training cases", "seeds", "test Dice", "95% CI", "seed SD", "val Dice", "train s"]
+    rows = [[r["arm"], str(r["size"]), str(r["n_seeds"]), fmt(r["test_dice"], 4), f"[{fmt(r['ci_low'])}, {fmt(r['ci_high'])}]",
+             fmt(r["seed_sd"]), fmt(r["val_dice"], 4), fmt(r["train_seconds"], 0)] for r in results["learning_curves"]]
+    return header, rows
+
+
+def comparison_table(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    header = ["arm vs control", "training cases", "test cases", "mean difference", "95% CI", "Wilcoxon p", "verdict"]
+    rows = [[f"{r['arm']} vs {r['control']}", str(r["size"]), str(r["n"]), f"{r['mean_difference']:+.4f}",
+             f"[{fmt(r['ci_low'], 4)}, {fmt(r['ci_high'], 4)}]", fmt(r["p_value"], 4),
+             ("**NEGATIVE TRANSFER** " if r["negative_transfer"] else "") + r["verdict"]] for r in results["comparisons"]]
+    return header, rows
+
+
+def target_table(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    header = ["arm", "training cases", "target val Dice", "runs reaching it", "mean seconds", "mean epochs"]
+    rows = [[r["arm"], str(r["size"]), fmt(r["target"], 2), f"{r['reached']}/{r['runs']}", fmt(r["seconds"], 0), fmt(r["epochs"], 1)]
+            for r in results["time_to_target"]]
+    return header, rows
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+
+
+def html_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c.replace('**', ''))}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+# ----------------------------------------------------------------------------- plots
+
+
+def _arm_colors(arms: Sequence[str]) -> dict[str, Any]:
+    cmap = plt.get_cmap("tab10")
+    return {arm: cmap(i % 10) for i, arm in enumerate(arms)}
+
+
+def plot_learning_curve(results: dict[str, Any], path: Path) -> Path:
+    rows = results["learning_curves"]
+    arms = list(dict.fromkeys(r["arm"] for r in rows))
+    colors = _arm_colors(arms)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for arm in arms:
+        mine = [r for r in rows if r["arm"] == arm]
+        sizes = [r["size"] for r in mine]
+        ax.plot(sizes, [r["test_dice"] for r in mine], marker="o", color=colors[arm], label=arm)
+        low = [r["ci_low"] if r["ci_low"] is not None else math.nan for r in mine]
+        high = [r["ci_high"] if r["ci_high"] is not None else math.nan for r in mine]
+        ax.fill_between(sizes, low, high, color=colors[arm], alpha=0.2, linewidth=0)
+    ax.set_xscale("log")
+    ax.set_xticks(sorted({r["size"] for r in rows}), [str(s) for s in sorted({r["size"] for r in rows})])
+    ax.set_xlabel("training cases")
+    ax.set_ylabel("test Dice (mean over classes)")
+    ax.set_title("Learning curves (95% bootstrap CI over test cases)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return _save(fig, path)
+
+
+def plot_paired_difference(results: dict[str, Any], path: Path) -> Path:
+    rows = results["comparisons"]
+    arms = list(dict.fromkeys(r["arm"] for r in rows))
+    colors = _arm_colors(arms)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for arm in arms:
+        mine = [r for r in rows if r["arm"] == arm]
+        means = [r["mean_difference"] for r in mine]
+        errors = [[m - (r["ci_low"] if r["ci_low"] is not None else m) for m, r in zip(means, mine)],
+                  [(r["ci_high"] if r["ci_high"] is not None else m) - m for m, r in zip(means, mine)]]
+        ax.errorbar([r["size"] for r in mine], means, yerr=errors, marker="o", capsize=4, color=colors[arm], label=f"{arm} − {mine[0]['control']}")
+    ax.axhline(0.0, color="black", linewidth=1)
+    ax.set_xscale("log")
+    sizes = sorted({r["size"] for r in rows})
+    ax.set_xticks(sizes, [str(s) for s in sizes])
+    ax.set_xlabel("training cases")
+    ax.set_ylabel("test Dice difference")
+    ax.set_title("Paired difference to the control (95% CI)")
+    ax.grid(alpha=0.3)
+    if arms:
+        ax.legend()
+    return _save(fig, path)
+
+
+def plot_convergence(results: dict[str, Any], path: Path) -> Path:
+    runs = results["runs"]
+    arms = list(dict.fromkeys(r["arm"] for r in runs))
+    sizes = sorted({r["size"] for r in runs})
+    colors = _arm_colors(arms)
+    fig, axes = plt.subplots(2, len(sizes), figsize=(3.2 * len(sizes), 5.5), squeeze=False, sharey=True)
+    for column, size in enumerate(sizes):
+        for run in (r for r in runs if r["size"] == size):
+            seconds = [p["elapsed"] for p in run["curve"]]
+            epochs = [p["epoch"] for p in run["curve"]]
+            dice = [p["val_dice"] for p in run["curve"]]
+            axes[0][column].plot(seconds, dice, color=colors[run["arm"]], alpha=0.8, linewidth=1)
+            axes[1][column].plot(epochs, dice, color=colors[run["arm"]], alpha=0.8, linewidth=1, marker=".")
+        axes[0][column].set_title(f"{size} training cases")
+        axes[0][column].set_xlabel("seconds")
+        axes[1][column].set_xlabel("epoch")
+        for row in (0, 1):
+            axes[row][column].grid(alpha=0.3)
+    axes[0][0].set_ylabel("val Dice")
+    axes[1][0].set_ylabel("val Dice")
+    handles = [plt.Line2D([], [], color=colors[arm], label=arm) for arm in arms]
+    fig.legend(handles=handles, loc="upper right")
+    fig.suptitle("Convergence (one line per seed)")
+    return _save(fig, path)
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=110)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        Path(tmp).unlink(missing_ok=True)
+    return path
+
+
+# ----------------------------------------------------------------------------- documents
+
+
+def findings(results: dict[str, Any]) -> list[str]:
+    """One plain sentence per comparison (what the numbers say, including where transfer does not help)."""
+    lines = []
+    for r in results["comparisons"]:
+        lines.append(f"{r['arm']} vs {r['control']} with {r['size']} training cases: {r['mean_difference']:+.4f} Dice "
+                     f"(95% CI {fmt(r['ci_low'], 4)} to {fmt(r['ci_high'], 4)}, Wilcoxon p = {fmt(r['p_value'], 4)}, "
+                     f"n = {r['n']} test cases): {r['verdict']}.")
+    return lines
+
+
+def header_lines(results: dict[str, Any]) -> list[str]:
+    study = results["study"]
+    return [f"Dataset: `{study['dataset']}`; {study['n_test']} fixed test cases (never trained on or used for model "
+            f"selection), {study['n_val']} fixed validation cases (model selection), training subsets drawn from "
+            f"{study['n_pool']} cases (nested per seed). Arms: {', '.join(study['arms'])}; control: {study['control']}; "
+            f"seeds: {study['seeds']}. Test Dice = mean over classes per case, averaged over seeds, then over cases.",
+            f"{study['finished_runs']} of {study['total_runs']} runs finished."]
+
+
+def markdown_report(results: dict[str, Any]) -> str:
+    parts = [f"# Transfer study: {results['study']['name']}", "", *header_lines(results), "",
+             "## Learning curves", "", markdown_table(*learning_table(results)), "", "![learning curve](learning_curve.png)", "",
+             "## Paired comparison with the control", "", markdown_table(*comparison_table(results)), "",
+             "![paired difference](paired_difference.png)", "", *[f"- {line}" for line in findings(results)], "",
+             "## Time to target validation Dice", "", markdown_table(*target_table(results)), "",
+             "## Convergence", "", "![convergence](convergence.png)", ""]
+    return "\n".join(parts)
+
+
+def html_report(results: dict[str, Any], images: dict[str, Path]) -> str:
+    def image(name: str) -> str:
+        data = base64.b64encode(images[name].read_bytes()).decode()
+        return f'<figure><img alt="{PLOTS[name]}" src="data:image/png;base64,{data}"><figcaption>{PLOTS[name]}</figcaption></figure>'
+
+    style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;}table{border-collapse:collapse;margin:1em 0}"
+             "td,th{border:1px solid #bbb;padding:4px 8px;text-align:right}img{max-width:100%}")
+    paragraphs = "".join(f"<p>{html.escape(line.replace('`', ''))}</p>" for line in header_lines(results))
+    finding_items = "".join(f"<li>{html.escape(line)}</li>" for line in findings(results))
+    title = html.escape(f"Transfer study: {results['study']['name']}")
+    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{title}</title><style>{style}</style></head><body>"
+            f"<h1>{title}</h1>{paragraphs}<h2>Learning curves</h2>{html_table(*learning_table(results))}{image('learning_curve')}"
+            f"<h2>Paired comparison with the control</h2>{html_table(*comparison_table(results))}{image('paired_difference')}"
+            f"<ul>{finding_items}</ul><h2>Time to target validation Dice</h2>{html_table(*target_table(results))}"
+            f"<h2>Convergence</h2>{image('convergence')}</body></html>")
+
+
+def write_report(results: dict[str, Any], output: Path) -> dict[str, Path]:
+    """Write ``results.json``, the three PNGs, ``report.md`` and ``report.html`` into ``output``."""
+    output.mkdir(parents=True, exist_ok=True)
+    images = {"learning_curve": plot_learning_curve(results, output / "learning_curve.png"),
+              "paired_difference": plot_paired_difference(results, output / "paired_difference.png"),
+              "convergence": plot_convergence(results, output / "convergence.png")}
+    return {
+        "json": write_atomic(output / "results.json", json.dumps(_json_safe(results), indent=2) + "\n"),
+        "markdown": write_atomic(output / "report.md", markdown_report(results)),
+        "html": write_atomic(output / "report.html", html_report(results, images)),
+        **images,
+    }
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value

@@ -1,0 +1,142 @@
+"""Carry out a study: train every run (resumably), predict the fixed test cases, evaluate them.
+
+Every run is an ordinary ``train`` run; the study only writes its ``splits.json`` first, so arms share
+their training subsets, validation cases (model selection) and test cases (never seen in training or
+selection). A finished step is never repeated: a killed study continues where it stopped.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from seg_transfer.data.io import volume_suffix
+from seg_transfer.data.splits import load_splits, save_splits
+from seg_transfer.evaluation.evaluate import JSON_NAME, evaluate_folders
+from seg_transfer.inference.batch import PredictRequest, run_predict
+from seg_transfer.inference.predictor import PredictOptions
+from seg_transfer.study.config import StudyConfig
+from seg_transfer.study.plan import RunSpec, StudyCases, plan_runs
+from seg_transfer.training.metrics_log import MetricsLog
+from seg_transfer.training.reuse import finished_result, train_or_reuse
+
+log = logging.getLogger(__name__)
+
+
+class StudyError(RuntimeError):
+    """The study cannot go on as configured (one line for the user)."""
+
+
+@dataclass
+class RunRecord:
+    """What one finished run contributes to the analysis."""
+
+    arm: str
+    size: int
+    seed: int
+    run_dir: Path
+    best_val_dice: float
+    epochs: int
+    seconds: float
+    test_dice: dict[str, dict[str, float]]  # case -> class name -> Dice
+    curve: list[dict[str, float]]  # per validated epoch: epoch, elapsed, val_dice
+
+    def case_mean_dice(self) -> dict[str, float]:
+        """Mean Dice over the classes, per test case."""
+        return {case: sum(values.values()) / len(values) for case, values in self.test_dice.items()}
+
+
+@dataclass
+class StudyProgress:
+    """Runs of the study that are finished, and whether all are."""
+
+    records: list[RunRecord]
+    total_runs: int
+
+    @property
+    def complete(self) -> bool:
+        return len(self.records) == self.total_runs
+
+
+def run_study(study: StudyConfig, output: Path, *, device: str = "auto", max_runs: int | None = None) -> StudyProgress:
+    """Train, predict and evaluate every run not yet finished; ``max_runs`` caps how many new runs train now
+    (a study can be spread over several time-limited jobs). Returns the finished runs."""
+    output = Path(output)
+    cases, specs = plan_runs(study, output)
+    test_images, test_labels, labels_file = write_test_inputs(cases, output)
+    records, trained = [], 0
+    for index, spec in enumerate(specs, 1):
+        is_new = finished_result(spec.run_dir) is None
+        if is_new and max_runs is not None and trained >= max_runs:
+            log.info("stopping after %d new run(s) (--max-runs); %d of %d runs finished", trained, len(records), len(specs))
+            break
+        log.info("run %d/%d: %s%s", index, len(specs), spec.key, "" if is_new else " (finished, reused)")
+        records.append(complete_run(spec, test_images, test_labels, labels_file, study, device))
+        trained += is_new
+    return StudyProgress(records, len(specs))
+
+
+def complete_run(spec: RunSpec, test_images: Path, test_labels: Path, labels_file: Path, study: StudyConfig, device: str) -> RunRecord:
+    """Train (or reuse) one run, then predict and evaluate the test cases with its best checkpoint."""
+    write_run_splits(spec)
+    result = train_or_reuse(spec.config, spec.run_dir, check_config=True)
+    evaluation = spec.run_dir / "test_evaluation" / JSON_NAME
+    if not evaluation.is_file():
+        predictions = predict_test_cases(spec.run_dir, test_images, study.predict_batch_size, device)
+        evaluate_folders(predictions, test_labels, evaluation.parent, tolerance_mm=study.tolerance_mm, labels=labels_file)
+    return RunRecord(spec.arm, spec.size, spec.seed, spec.run_dir, result.best_dice, result.epochs, result.seconds,
+                     read_test_dice(evaluation), read_curve(spec.run_dir))
+
+
+def write_run_splits(spec: RunSpec) -> None:
+    """Put the study's splits into the run folder before training (the trainer uses them as they are);
+    StudyError if the folder already holds different splits."""
+    path = spec.run_dir / "splits.json"
+    if path.is_file():
+        if load_splits(path) != spec.splits:
+            raise StudyError(f"{path}: holds other splits than this study assigns to {spec.key}; use a new --output")
+        return
+    save_splits(spec.splits, path)
+
+
+def write_test_inputs(cases: StudyCases, output: Path) -> tuple[Path, Path, Path]:
+    """(list file of test images, folder of links to test labels, JSON label map) under ``output/test_cases``."""
+    folder = output / "test_cases"
+    labels_dir = folder / "labels"
+    labels_dir.mkdir(parents=True, exist_ok=True)
+    images = folder / "images.txt"
+    images.write_text("".join(f"{cases.cases[name].image}\n" for name in cases.test))
+    for name in cases.test:
+        label = Path(cases.cases[name].label)
+        link = labels_dir / f"{name}{volume_suffix(label)}"
+        if not link.exists():
+            os.symlink(label.resolve(), link)
+    labels_file = folder / "labels.json"
+    labels_file.write_text(json.dumps({str(k): v for k, v in cases.labels.items()}, indent=2))
+    return images, labels_dir, labels_file
+
+
+def predict_test_cases(run_dir: Path, test_images: Path, batch_size: int, device: str) -> Path:
+    """Label maps of the test cases from the run's best checkpoint into ``run_dir/test_predictions``."""
+    out = run_dir / "test_predictions"
+    options = PredictOptions(batch_size=batch_size, progress=False)
+    report = run_predict(PredictRequest(str(run_dir), str(test_images), out, device=device, options=options, resume=True))
+    if report.failed:
+        first = report.failed[0]
+        raise StudyError(f"{run_dir}: prediction failed for {len(report.failed)} test case(s), e.g. {first.case}: {first.reason}")
+    return out
+
+
+def read_test_dice(evaluation_json: Path) -> dict[str, dict[str, float]]:
+    """{case: {class name: Dice}} from an ``evaluate`` metrics.json."""
+    report = json.loads(evaluation_json.read_text())
+    return {case["case"]: {name: values["dice"] for name, values in case["classes"].items()} for case in report["cases"]}
+
+
+def read_curve(run_dir: Path) -> list[dict[str, float]]:
+    """Validation Dice of each validated epoch with its epoch number and cumulative seconds."""
+    records = MetricsLog(run_dir, tensorboard=False).records()
+    return [{"epoch": r["epoch"], "elapsed": r["elapsed"], "val_dice": r["val_dice"]} for r in records if "val_dice" in r]
+

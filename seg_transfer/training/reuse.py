@@ -1,0 +1,47 @@
+"""Idempotent training: a finished run is reused, an interrupted one resumed, a different one refused."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+
+from seg_transfer.config import RunConfig, dump_config
+from seg_transfer.training.trainer import RunDirError, RunResult, train
+
+SUMMARY_FIELDS = ("best_dice", "best_per_class", "best_epoch", "epochs", "seconds")
+
+
+def finished_result(run_dir: Path) -> RunResult | None:
+    """The result recorded in ``run_dir/summary.json`` (written when a run ends), else None."""
+    summary = Path(run_dir) / "summary.json"
+    if not summary.is_file():
+        return None
+    values = json.loads(summary.read_text())
+    return RunResult(run_dir=Path(run_dir), **{name: values[name] for name in SUMMARY_FIELDS})
+
+
+def check_same_config(config: RunConfig, run_dir: Path) -> None:
+    """RunDirError when ``run_dir`` holds a run of another config (reusing it would mix experiments)."""
+    stored_path = Path(run_dir) / "config.yaml"
+    if not stored_path.is_file():
+        return
+    stored = yaml.safe_load(stored_path.read_text())
+    if stored != dump_config(config):
+        changed = sorted(k for k in set(stored) | set(dump_config(config)) if stored.get(k) != dump_config(config).get(k))
+        raise RunDirError(f"{run_dir}: holds a run with another config (differs in {', '.join(changed)}); "
+                          "use a new output folder")
+
+
+def train_or_reuse(config: RunConfig, run_dir: Path, check_config: bool = False) -> RunResult:
+    """Train ``config`` into ``run_dir``; reuse a finished run there and resume an interrupted one.
+
+    With ``check_config`` an existing run must have been started from the same config.
+    """
+    run_dir = Path(run_dir)
+    if check_config:
+        check_same_config(config, run_dir)
+    result = finished_result(run_dir)
+    if result is not None:
+        return result
+    return train(config, run_dir, resume=(run_dir / "checkpoints" / "last.pt").is_file())

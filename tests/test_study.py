@@ -1,0 +1,180 @@
+"""`seg-transfer compare`: study config checks, paired statistics on known inputs, a tiny two-arm study end to
+end on phantoms, and resuming a half-finished study."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from seg_transfer.cli import main
+from seg_transfer.config import ConfigError
+from seg_transfer.data.phantoms import make_phantom_dataset
+from seg_transfer.data.splits import load_splits, training_subset
+from seg_transfer.study.analysis import NEGATIVE, NEUTRAL, POSITIVE, learning_curves, paired_comparisons, time_to_target
+from seg_transfer.study.config import load_study_config
+from seg_transfer.study.plan import plan_runs
+from seg_transfer.study.runner import RunRecord
+from tests.conftest import tiny_config
+
+
+@pytest.fixture(scope="module")
+def study_root(tmp_path_factory) -> Path:
+    """Ten labelled 32x32x12 phantoms: 3 test, 2 validation, 5 in the training pool."""
+    return make_phantom_dataset(tmp_path_factory.mktemp("study_phantoms"), n_train=10, n_test=0, shape=(32, 32, 12), seed=5)
+
+
+def write_study(folder: Path, root: Path, **changes) -> Path:
+    base = tiny_config(root, **{"data.slices_per_epoch": 16})
+    base["training"]["stages"] = [{"name": "decoder", "train": "decoder", "epochs": 1, "lr": 3e-3},
+                                  {"name": "all", "train": "all", "epochs": 1, "lr": 1e-3}]
+    (folder / "base.yaml").write_text(yaml.safe_dump(base))
+    study = {"name": "tiny", "base_config": "base.yaml",
+             "arms": [{"name": "staged"}, {"name": "scratch", "scratch_control": True}],
+             "train_sizes": [2, "all"], "seeds": [0], "target_dice": 0.01,
+             "split": {"test_fraction": 0.3, "val_fraction": 0.2, "seed": 0}, **changes}
+    path = folder / "study.yaml"
+    path.write_text(yaml.safe_dump(study, sort_keys=False))
+    return path
+
+
+def record(arm: str, size: int, seed: int, scores: list[float], curve=None) -> RunRecord:
+    test = {f"case{i:02d}": {"a": s, "b": s} for i, s in enumerate(scores)}
+    return RunRecord(arm, size, seed, Path("."), 0.5, 2, 10.0, test, curve or [])
+
+
+# ----------------------------------------------------------------------------- statistics on known inputs
+
+
+def test_consistently_worse_arm_is_flagged_as_negative_transfer():
+    rng = np.random.default_rng(0)
+    control = rng.uniform(0.6, 0.9, 15)
+    records = [record("scratch", 10, 0, list(control)), record("imagenet", 10, 0, list(control - 0.05 - rng.uniform(0, 0.01, 15)))]
+    (row,) = paired_comparisons(records, "scratch", alpha=0.05)
+    assert row["n"] == 15 and row["mean_difference"] == pytest.approx(-0.055, abs=0.006)
+    assert row["ci_high"] < 0 and row["p_value"] < 0.001  # all 15 differences negative: exact p = 2 / 2**15
+    assert row["verdict"] == NEGATIVE and row["negative_transfer"]
+
+
+def test_better_and_indistinguishable_arms():
+    rng = np.random.default_rng(1)
+    control = rng.uniform(0.6, 0.9, 15)
+    noise = rng.normal(0, 0.02, 15)
+    records = [record("scratch", 5, 0, list(control)), record("imagenet", 5, 0, list(control + 0.04)),
+               record("scratch", 20, 0, list(control)), record("imagenet", 20, 0, list(control + noise - noise.mean()))]
+    rows = {r["size"]: r for r in paired_comparisons(records, "scratch", alpha=0.05)}
+    assert rows[5]["verdict"] == POSITIVE and rows[5]["mean_difference"] == pytest.approx(0.04)
+    assert rows[20]["verdict"] == NEUTRAL and not rows[20]["negative_transfer"]
+    assert rows[20]["mean_difference"] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_seeds_are_averaged_per_case_before_pairing():
+    records = [record("scratch", 5, 0, [0.5, 0.7]), record("scratch", 5, 1, [0.7, 0.9]),
+               record("imagenet", 5, 0, [0.8, 0.8]), record("imagenet", 5, 1, [0.8, 0.8])]
+    (curve_scratch,) = [r for r in learning_curves(records) if r["arm"] == "scratch"]
+    assert curve_scratch["n_cases"] == 2 and curve_scratch["test_dice"] == pytest.approx(0.7)
+    assert curve_scratch["seed_means"] == pytest.approx([0.6, 0.8])
+    (row,) = paired_comparisons(records, "scratch", alpha=0.05)
+    assert row["n"] == 2 and row["mean_difference"] == pytest.approx(0.1)  # (0.8-0.6 + 0.8-0.8) / 2
+
+
+def test_time_to_target_uses_the_first_epoch_reaching_it():
+    fast = [{"epoch": 1, "elapsed": 10.0, "val_dice": 0.5}, {"epoch": 2, "elapsed": 20.0, "val_dice": 0.85}]
+    slow = [{"epoch": 1, "elapsed": 12.0, "val_dice": 0.2}, {"epoch": 2, "elapsed": 24.0, "val_dice": 0.7}]
+    records = [record("imagenet", 5, 0, [0.8], fast), record("imagenet", 5, 1, [0.8], slow), record("scratch", 5, 0, [0.8], slow)]
+    rows = {r["arm"]: r for r in time_to_target(records, 0.8)}
+    assert rows["imagenet"]["reached"] == 1 and rows["imagenet"]["runs"] == 2 and rows["imagenet"]["seconds"] == 20.0
+    assert rows["scratch"]["reached"] == 0 and rows["scratch"]["seconds"] is None
+
+
+def test_training_subsets_are_nested_and_seeded():
+    pool = [f"c{i}" for i in range(20)]
+    small, large = training_subset(pool, 5, seed=3), training_subset(pool, 12, seed=3)
+    assert set(small) <= set(large) and len(large) == 12
+    assert training_subset(pool, 5, seed=3) == small != training_subset(pool, 5, seed=4)
+    with pytest.raises(ValueError, match="size"):
+        training_subset(pool, 21, seed=0)
+
+
+# ----------------------------------------------------------------------------- study config
+
+
+def test_study_plan_fixes_test_and_val_and_shares_subsets_across_arms(tmp_path, study_root):
+    study = load_study_config(write_study(tmp_path, study_root, seeds=[0, 1]))
+    cases, specs = plan_runs(study, tmp_path / "out")
+    assert len(specs) == 2 * 2 * 2 and {s.size for s in specs} == {2, 5}
+    assert len(cases.test) == 3 and len(cases.val) == 2 and len(cases.pool) == 5
+    for spec in specs:
+        assert spec.splits["test"] == cases.test and spec.splits["val"] == cases.val
+        assert not set(spec.splits["train"]) & (set(cases.test) | set(cases.val))
+    by_key = {(s.arm, s.size, s.seed): s for s in specs}
+    for size in (2, 5):
+        for seed in (0, 1):
+            assert by_key["staged", size, seed].splits == by_key["scratch", size, seed].splits
+    staged, scratch = by_key["staged", 5, 0].config, by_key["scratch", 5, 0].config
+    assert staged.model.encoder_weights == "none" and len(staged.training.stages) == 2
+    assert len(scratch.training.stages) == 1 and scratch.training.stages[0].epochs == 2
+    assert staged.data == scratch.data and staged.seed == scratch.seed == 0
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"control": "imagenet"}, "control 'imagenet' is not an arm"),
+    ({"train_sizes": [2, 50]}, r"train_sizes \[50\] exceed the 5 cases"),
+    ({"arms": [{"name": "staged"}, {"name": "scratch", "set": {"training.stages.0.epochs": 3}}]}, "different training budgets"),
+    ({"arms": [{"name": "staged"}, {"name": "scratch", "set": {"training.stages.0.lr": "fast"}}]}, "training.stages.0.lr"),
+    ({"seeds": [0, 0]}, "seeds has duplicates"),
+])
+def test_study_config_errors_are_one_line(tmp_path, study_root, changes, message):
+    path = write_study(tmp_path, study_root, **changes)
+    with pytest.raises(ConfigError, match=message) as info:
+        plan_runs(load_study_config(path), tmp_path / "out")
+    assert "\n" not in str(info.value)
+
+
+# ----------------------------------------------------------------------------- end to end and resume
+
+
+def test_tiny_study_end_to_end_and_resume(tmp_path, study_root, capsys):
+    study_path, out = write_study(tmp_path, study_root), tmp_path / "study"
+    assert main(["compare", "--config", str(study_path), "--output", str(out), "--max-runs", "2"]) == 0
+    assert "2 of 4 runs finished" in capsys.readouterr().out
+    first_two = sorted(out.glob("runs/*/*/checkpoints/best.pt"))
+    assert len(first_two) == 2
+    stamps = {p: p.stat().st_mtime_ns for p in first_two}
+    half = json.loads((out / "results.json").read_text())
+    assert half["study"]["finished_runs"] == 2 and half["study"]["total_runs"] == 4
+
+    assert main(["compare", "--config", str(study_path), "--output", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "4 of 4 runs finished" in printed
+    assert {p: p.stat().st_mtime_ns for p in first_two} == stamps  # finished runs were not trained again
+    results = json.loads((out / "results.json").read_text())
+    assert results["study"]["finished_runs"] == 4
+    test_cases = set(results["study"]["test_cases"])
+    for run in results["runs"]:
+        splits = load_splits(Path(run["run_dir"]) / "splits.json")
+        assert set(splits["test"]) == test_cases and not test_cases & set(splits["train"] + splits["val"])
+        assert 0.0 <= run["test_dice_mean"] <= 1.0 and run["curve"] and run["epochs"] == 2
+        evaluation = json.loads((Path(run["run_dir"]) / "test_evaluation" / "metrics.json").read_text())
+        assert {c["case"] for c in evaluation["cases"]} == test_cases
+    assert {(r["arm"], r["size"]) for r in results["learning_curves"]} == {(a, n) for a in ("staged", "scratch") for n in (2, 5)}
+    comparisons = results["comparisons"]
+    assert [(c["arm"], c["control"], c["size"], c["n"]) for c in comparisons] == [("staged", "scratch", 2, 3), ("staged", "scratch", 5, 3)]
+    for comparison in comparisons:
+        assert comparison["verdict"] in printed
+    html = (out / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 3 and "Paired comparison" in html
+    assert "| staged vs scratch | 5 | 3 |" in (out / "report.md").read_text()
+    for name in ("learning_curve.png", "paired_difference.png", "convergence.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_study_refuses_a_changed_config_for_existing_runs(tmp_path, study_root):
+    study_path, out = write_study(tmp_path, study_root, train_sizes=[2]), tmp_path / "study"
+    assert main(["compare", "--config", str(study_path), "--output", str(out), "--max-runs", "1"]) == 0
+    base = yaml.safe_load((tmp_path / "base.yaml").read_text())
+    base["training"]["stages"][1]["lr"] = 5e-4
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
+    assert main(["compare", "--config", str(study_path), "--output", str(out)]) == 2
