@@ -20,10 +20,11 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from seg_transfer.models.factory import ModelConfigError
     from seg_transfer.models.weights import WeightsError
     from seg_transfer.training.checkpoint import CheckpointError
+    from seg_transfer.study.runner import StudyError
     from seg_transfer.training.trainer import RunDirError
 
     return (ConfigError, DatasetError, ModelConfigError, WeightsError, CheckpointError, RunDirError, EvaluationError,
-            InputError, PredictSetupError)
+            InputError, PredictSetupError, StudyError)
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -144,6 +145,28 @@ def predict(
         typer.echo(f"failed: {result.case}: {result.reason}", err=True)
     if report.failed:
         raise typer.Exit(1)
+
+
+@app.command()
+def compare(
+    config: Annotated[Path, typer.Option("--config", "-c", help="Study YAML (base run config, arms, train_sizes, seeds).")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Study folder: runs/, test_cases/, report.md/.html, results.json.")],
+    device: Annotated[str, typer.Option("--device", help="Device for test-case prediction: auto, cpu, cuda or cuda:N.")] = "auto",
+    max_runs: Annotated[Optional[int], typer.Option("--max-runs", help="Train at most N new runs now, then report (spread a study over jobs).")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Transfer study: arms x training-set sizes x seeds, paired comparison with the control, report. Resumable."""
+    _setup_logging(verbose)
+    from seg_transfer.study.compare import compare as run_compare
+    from seg_transfer.study.report import findings
+
+    outcome = run_compare(config, output, device=device, max_runs=max_runs)
+    progress = outcome.progress
+    typer.echo(f"{len(progress.records)} of {progress.total_runs} runs finished")
+    for line in findings(outcome.results):
+        typer.echo(line)
+    if outcome.files:
+        typer.echo(f"report: {outcome.files['markdown']} and {outcome.files['html']}")
 
 
 def main(argv: list[str] | None = None) -> int:
