@@ -16,6 +16,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from seg_transfer.data.cases import DatasetError
     from seg_transfer.evaluation.evaluate import EvaluationError
     from seg_transfer.inference.cases import InputError
+    from seg_transfer.inference.export import ExportError
     from seg_transfer.inference.predictor import PredictSetupError
     from seg_transfer.models.factory import ModelConfigError
     from seg_transfer.models.weights import WeightsError
@@ -24,7 +25,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from seg_transfer.training.trainer import RunDirError
 
     return (ConfigError, DatasetError, ModelConfigError, WeightsError, CheckpointError, RunDirError, EvaluationError,
-            InputError, PredictSetupError, StudyError)
+            InputError, PredictSetupError, StudyError, ExportError)
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -145,6 +146,30 @@ def predict(
         typer.echo(f"failed: {result.case}: {result.reason}", err=True)
     if report.failed:
         raise typer.Exit(1)
+
+
+@app.command()
+def export(
+    model: Annotated[str, typer.Option("--model", "-m", help="Checkpoint file or run directory (uses checkpoints/best.pt).")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Model file to write; its input contract goes to OUTPUT.json.")],
+    fmt: Annotated[str, typer.Option("--format", help="onnx (needs the 'export' extra).")] = "onnx",
+    size: Annotated[int, typer.Option("--size", help="Slice side to trace and check; a multiple of the encoder stride.")] = 256,
+    opset: Annotated[int, typer.Option("--opset", help="ONNX opset (11-20).")] = 17,
+    tolerance: Annotated[float, typer.Option("--tolerance", help="Largest accepted |onnxruntime - torch| of the logits.")] = 1e-3,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Export the network (dynamic batch/height/width) and check it against onnxruntime; writes OUTPUT.json beside it."""
+    _setup_logging(verbose)
+    from seg_transfer.inference.export import ExportError, export_checkpoint
+
+    if fmt.lower() != "onnx":
+        raise ExportError(f"--format {fmt!r}: only onnx is supported")
+    result = export_checkpoint(model, output, size=size, opset=opset, tolerance=tolerance)
+    spec = result.contract["input"]
+    spatial = f"H, W multiples of {spec['spatial_multiple']}" if result.dynamic_spatial else f"fixed {size}x{size}"
+    typer.echo(f"exported {result.model_path} (opset {opset}; {spec['name']} [batch, {spec['channels']}, H, W], {spatial})")
+    typer.echo(f"onnxruntime vs torch max abs difference {result.max_abs_diff:.3g} (tolerance {tolerance:g}); "
+               f"contract: {result.contract_path}")
 
 
 @app.command()

@@ -150,7 +150,20 @@ class LossConfig(_Strict):
     batch_dice: bool = False  # Dice over the whole batch (nnU-Net style) instead of per slice
 
 
+#: a speed switch: ``auto`` is on for CUDA and off on CPU
+Switch = Literal["auto", "on", "off"]
+
+
 class TrainingConfig(_Strict):
+    """How to train: batch, loss, stages, device and speed switches.
+
+    ``batch_size`` is the global batch: under ``torchrun``/``srun`` with N processes each one takes
+    ``batch_size / N`` slices per step (it must divide), so a run means the same at any scale.
+    The speed switches (``amp``, ``channels_last``, ``cudnn_benchmark``, ``pin_memory``: ``auto``
+    = on for CUDA, off on CPU; ``compile`` off unless set) are resolved by
+    :mod:`seg_transfer.training.speed`.
+    """
+
     batch_size: int = Field(16, ge=1)
     val_batch_size: int = Field(64, ge=1)
     loss: LossConfig = Field(default_factory=LossConfig)
@@ -159,6 +172,22 @@ class TrainingConfig(_Strict):
     num_threads: int | None = Field(None, ge=1)
     device: str = "auto"
     val_every: int = Field(1, ge=1)
+    amp: Literal["auto", "off", "bf16", "fp16"] = "auto"  # auto: bf16 on CUDA where supported, else fp16 + GradScaler; off on CPU
+    channels_last: Switch = "auto"
+    compile: bool = False  # torch.compile the training forward
+    cudnn_benchmark: Switch = "auto"
+    pin_memory: Switch = "auto"
+    sync_batchnorm: bool = False  # distributed CUDA runs only: BatchNorm statistics over the global batch
+
+    @field_validator("amp", "channels_last", "cudnn_benchmark", "pin_memory", mode="before")
+    @classmethod
+    def _yaml_booleans(cls, value: Any) -> Any:
+        """YAML reads a bare ``on``/``off`` as true/false; map them back to the switch names."""
+        if value is False:
+            return "off"
+        if value is True:
+            return "on"
+        return value
 
 
 class RunConfig(_Strict):

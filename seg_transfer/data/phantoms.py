@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 from scipy import ndimage
+
+from seg_transfer.atomic import write_atomic
 
 __all__ = ["make_phantom_volume", "make_phantom_dataset"]
 
@@ -182,25 +182,13 @@ def make_phantom_volume(
 
 
 # ----------------------------------------------------------------------------- writing
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to `path` via a temp file in the same directory and os.replace."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _save_nifti(path: Path, array: np.ndarray, affine: np.ndarray) -> None:
     """Save a gzipped NIfTI-1 atomically; bytes are reproducible (gzip mtime = 0)."""
     img = nib.Nifti1Image(array, affine)
     img.set_qform(affine, code=1)
     img.set_sform(affine, code=1)
     img.header.set_xyzt_units("mm", "sec")
-    _atomic_write_bytes(path, gzip.compress(img.to_bytes(), compresslevel=6, mtime=0))
+    write_atomic(path, gzip.compress(img.to_bytes(), compresslevel=6, mtime=0))
 
 
 def _affine(shape, spacing) -> np.ndarray:
@@ -256,5 +244,5 @@ def make_phantom_dataset(
         "training": training,
         "test": test,
     }
-    _atomic_write_bytes(out / "dataset.json", (json.dumps(meta, indent=4) + "\n").encode())
+    write_atomic(out / "dataset.json", (json.dumps(meta, indent=4) + "\n").encode())
     return out

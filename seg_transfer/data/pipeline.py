@@ -107,18 +107,31 @@ def disk_cache_dir(data: DataConfig, prep: Preprocessing, with_label: bool) -> P
 
 
 def slice_loader(
-    volumes, data: DataConfig, batch_size: int, multiple: int, train: bool, seed: int = 0
+    volumes, data: DataConfig, batch_size: int, multiple: int, train: bool, seed: int = 0,
+    *, rank: int = 0, world_size: int = 1, pin_memory: bool = False,
 ) -> tuple[SliceDataset, DataLoader]:
-    """2.5D samples and their loader; augmentation only for training."""
+    """2.5D samples and their loader; augmentation only for training.
+
+    ``batch_size`` is the global batch. With ``world_size`` > 1 the dataset serves rank ``rank``'s
+    shard of each epoch order and the loader takes ``batch_size // world_size`` slices per step
+    (``batch_size`` must be a multiple of ``world_size``), so the ranks' batches together are the
+    single-process batch.
+    """
+    if batch_size % world_size:
+        raise ValueError(f"batch size {batch_size} is not a multiple of the world size {world_size}")
     augment = SliceAugmenter(data.augment) if (train and data.augment.enabled) else None
     dataset = SliceDataset(volumes, data.slice_axis, data.context_slices, multiple, augment)
+    drop_last = train and (data.slices_per_epoch or len(dataset)) > batch_size
+    if world_size > 1:
+        dataset.shard(rank, world_size, batch_size, drop_last)
     loader = DataLoader(
         dataset,
-        batch_size=batch_size,
+        batch_size=batch_size // world_size,
         shuffle=False,  # the epoch order is set by SliceDataset.set_epoch (seeded, resumable)
         num_workers=data.num_workers,
         collate_fn=pad_list_data_collate,
+        pin_memory=pin_memory,
         persistent_workers=False,
-        drop_last=train and (data.slices_per_epoch or len(dataset)) > batch_size,
+        drop_last=drop_last,
     )
     return dataset, loader

@@ -53,6 +53,24 @@ def _numpy(volume: torch.Tensor | np.ndarray) -> np.ndarray:
     return volume.detach().cpu().numpy() if isinstance(volume, torch.Tensor) else np.asarray(volume)
 
 
+def shard_positions(total: int, rank: int, world_size: int, global_batch: int, drop_last: bool) -> np.ndarray:
+    """Positions ``0..total-1`` of an epoch order that rank ``rank`` of ``world_size`` trains on, in order.
+
+    DistributedSampler on an already shuffled order: rank ``r`` takes every ``world_size``-th
+    position from ``r``, so the per-rank batches of ``global_batch // world_size`` slices together
+    hold exactly the single-process batch of ``global_batch``. ``drop_last`` first drops the last
+    incomplete global batch (as the single-process loader does); otherwise positions wrap around to
+    the start until every rank has the same count. Every rank thus takes the same number of steps.
+    """
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in a world of {world_size}")
+    if drop_last:
+        positions = np.arange(total // global_batch * global_batch)
+    else:
+        positions = np.arange(-(-total // world_size) * world_size) % max(total, 1)
+    return positions[rank::world_size]
+
+
 class SliceIndex:
     """All (case, slice) pairs of a set of volumes, with their foreground slices."""
 
@@ -91,7 +109,8 @@ class SliceDataset(Dataset):
     ``volumes[i]`` must return ``{"image": (1,X,Y,Z), "label": (1,X,Y,Z)}``. Items are
     ``{"image": float32 (2k+1,H,W), "label": int64 (1,H,W)}`` padded to ``multiple``; ``augment``
     (if given) maps (image CHW, label HW, seed) to augmented arrays; the seed depends only on the
-    epoch and the sample's position, so results do not depend on worker count or resumption.
+    epoch and the sample's position in the epoch order, so results do not depend on worker count,
+    resumption, or (after :meth:`shard`) on how many ranks share the epoch.
     """
 
     def __init__(
@@ -110,15 +129,28 @@ class SliceDataset(Dataset):
             foreground.append(foreground_slices(item["label"], axis))
         self.index = SliceIndex(depths, foreground)
         self.order = np.arange(len(self.index))
+        self.rank, self.world_size, self.global_batch, self.drop_last = 0, 1, 1, False
+        self.positions: np.ndarray | None = None  # this rank's positions in ``order``; None: all of them
 
     def set_epoch(self, seed: int, epoch: int, size: int | None, foreground_fraction: float | None) -> None:
         self.order = self.index.epoch_order(seed, epoch, size, foreground_fraction)
         self.epoch_seed = int(np.random.default_rng([seed, epoch, 1]).integers(2**31))
+        self._update_positions()
+
+    def shard(self, rank: int, world_size: int, global_batch: int, drop_last: bool) -> None:
+        """From now on serve only rank ``rank``'s share of each epoch order (see :func:`shard_positions`)."""
+        self.rank, self.world_size, self.global_batch, self.drop_last = rank, world_size, global_batch, drop_last
+        self._update_positions()
+
+    def _update_positions(self) -> None:
+        self.positions = None if self.world_size == 1 else shard_positions(
+            len(self.order), self.rank, self.world_size, self.global_batch, self.drop_last)
 
     def __len__(self) -> int:
-        return len(self.order)
+        return len(self.order) if self.positions is None else len(self.positions)
 
-    def __getitem__(self, position: int) -> dict[str, torch.Tensor]:
+    def __getitem__(self, item: int) -> dict[str, torch.Tensor]:
+        position = item if self.positions is None else int(self.positions[item])
         case, index = self.index.pairs[self.order[position]]
         item = self.volumes[int(case)]
         image = slab(item["image"], self.axis, int(index), self.context).astype(np.float32, copy=False)

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import json
 import numbers
-import os
-import tempfile
 from pathlib import Path
 from typing import Iterable
 
 import numpy as np
+
+from seg_transfer.atomic import write_atomic
 
 SPLIT_KEYS: tuple[str, ...] = ("train", "val", "test")
 
@@ -144,18 +144,7 @@ def save_splits(splits: dict[str, list[str]], path: str | Path) -> None:
     """Write ``splits`` as JSON to ``path`` atomically (temp file in the same folder + os.replace)."""
     path = Path(path)
     clean = _validate_splits(splits, str(path))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(clean, f, indent=2)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, json.dumps(clean, indent=2) + "\n")
 
 
 def load_splits(path: str | Path) -> dict[str, list[str]]:

@@ -14,9 +14,7 @@ import io
 import json
 import logging
 import math
-import os
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -24,7 +22,13 @@ from typing import Any, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
-from seg_transfer.data.io import SUPPORTED_SUFFIXES, is_volume_file, read_volume, strip_volume_suffix
+from seg_transfer.atomic import json_safe, write_atomic
+from seg_transfer.data.io import (
+    SUPPORTED_SUFFIXES,
+    is_volume_file,
+    read_volume,
+    strip_volume_suffix,
+)
 from seg_transfer.evaluation.case_metrics import (
     BOTH_EMPTY,
     BOTH_PRESENT,
@@ -269,31 +273,6 @@ def aggregate(
 # ----------------------------------------------------------------------------- outputs
 
 
-def _write_atomic(path: Path, text: str) -> Path:
-    """Write ``text`` to ``path`` via a temp file in the same folder and ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8", newline="") as stream:
-            stream.write(text)
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def _json_safe(value: Any) -> Any:
-    """``value`` with NaN/inf floats as None (valid JSON) and tuples as lists."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
-
-
 def _csv_value(value: Any) -> str:
     """CSV cell: empty for NaN (undefined or missing; the status column says which), floats to 10 digits."""
     if isinstance(value, float):
@@ -362,7 +341,7 @@ def build_report(
     aggregates: list[dict[str, Any]], unmatched: list[str], bootstrap: dict[str, Any],
 ) -> dict[str, Any]:
     """The JSON document: inputs, definitions, policy, aggregates and per-case values (NaN -> null)."""
-    return _json_safe({
+    return json_safe({
         "format": FORMAT,
         "pred_dir": str(pred_dir),
         "label_dir": str(label_dir),
@@ -429,8 +408,8 @@ def evaluate_folders(
     report = build_report(pred_dir, label_dir, tolerance_mm, classes, cases, aggregates, unmatched, bootstrap)
     out = Path(output_dir) if output_dir is not None else pred_dir / "evaluation"
     files = {
-        "csv": _write_atomic(out / CSV_NAME, csv_text(cases, classes)),
-        "json": _write_atomic(out / JSON_NAME, json.dumps(report, indent=2) + "\n"),
-        "markdown": _write_atomic(out / MARKDOWN_NAME, markdown_text(report)),
+        "csv": write_atomic(out / CSV_NAME, csv_text(cases, classes)),
+        "json": write_atomic(out / JSON_NAME, json.dumps(report, indent=2) + "\n"),
+        "markdown": write_atomic(out / MARKDOWN_NAME, markdown_text(report)),
     }
     return EvaluationResult(classes, cases, aggregates, report, files)

@@ -4,11 +4,11 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
+
+from seg_transfer.atomic import write_atomic
 
 Status = Literal["ok", "failed", "skipped"]
 
@@ -63,8 +63,8 @@ def write_summary(results: list[CaseResult], class_names: list[str], out_dir: Pa
                          "seconds": f"{r.seconds:.3f}", **{f"voxels_{n}": r.voxels.get(n, "") for n in class_names}})
     document = {"totals": totals(results, wall_seconds), **(extra or {}), "cases": [asdict(r) for r in results]}
     csv_path, json_path = out_dir / f"{stem}.csv", out_dir / f"{stem}.json"
-    _atomic_text(csv_path, text.getvalue())
-    _atomic_text(json_path, json.dumps(document, indent=2))
+    write_atomic(csv_path, text.getvalue())
+    write_atomic(json_path, json.dumps(document, indent=2))
     return csv_path, json_path
 
 
@@ -75,14 +75,3 @@ def previous_results(json_path: Path) -> dict[str, CaseResult]:
         return {row["case"]: CaseResult(**row) for row in rows}
     except (OSError, ValueError, KeyError, TypeError):
         return {}
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w") as stream:
-            stream.write(text)
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise

@@ -6,7 +6,7 @@ counting as extra samples.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -34,23 +34,28 @@ def arms_and_sizes(records: Sequence[RunRecord]) -> tuple[list[str], list[int]]:
     return list(dict.fromkeys(r.arm for r in records)), sorted({r.size for r in records})
 
 
-def learning_curves(records: Sequence[RunRecord], confidence: float = 0.95) -> list[dict[str, Any]]:
-    """Per arm and size: test Dice (mean over cases of the seed-averaged case scores) with a bootstrap CI
-    over cases, the per-seed run means and their SD."""
+def groups(records: Sequence[RunRecord]) -> Iterator[tuple[str, int, list[RunRecord]]]:
+    """(arm, size, its runs over seeds) for every arm and size that has finished runs."""
     arms, sizes = arms_and_sizes(records)
-    rows = []
     for arm in arms:
         for size in sizes:
             runs = select(records, arm, size)
-            if not runs:
-                continue
-            ci = bootstrap_ci(list(case_scores(runs).values()), confidence=confidence)
-            seed_means = [float(np.mean(list(r.case_mean_dice().values()))) for r in runs]
-            rows.append({"arm": arm, "size": size, "n_seeds": len(runs), "test_dice": ci.estimate, "ci_low": ci.low,
-                         "ci_high": ci.high, "n_cases": ci.n, "seed_means": seed_means,
-                         "seed_sd": float(np.std(seed_means, ddof=1)) if len(seed_means) > 1 else None,
-                         "val_dice": float(np.mean([r.best_val_dice for r in runs])),
-                         "train_seconds": float(np.mean([r.seconds for r in runs]))})
+            if runs:
+                yield arm, size, runs
+
+
+def learning_curves(records: Sequence[RunRecord], confidence: float = 0.95) -> list[dict[str, Any]]:
+    """Per arm and size: test Dice (mean over cases of the seed-averaged case scores) with a bootstrap CI
+    over cases, the per-seed run means and their SD."""
+    rows = []
+    for arm, size, runs in groups(records):
+        ci = bootstrap_ci(list(case_scores(runs).values()), confidence=confidence)
+        seed_means = [float(np.mean(list(r.case_mean_dice().values()))) for r in runs]
+        rows.append({"arm": arm, "size": size, "n_seeds": len(runs), "test_dice": ci.estimate, "ci_low": ci.low,
+                     "ci_high": ci.high, "n_cases": ci.n, "seed_means": seed_means,
+                     "seed_sd": float(np.std(seed_means, ddof=1)) if len(seed_means) > 1 else None,
+                     "val_dice": float(np.mean([r.best_val_dice for r in runs])),
+                     "train_seconds": float(np.mean([r.seconds for r in runs]))})
     return rows
 
 
@@ -92,17 +97,12 @@ def first_reaching(curve: Sequence[dict[str, float]], target: float) -> dict[str
 
 def time_to_target(records: Sequence[RunRecord], target: float) -> list[dict[str, Any]]:
     """Per arm and size: how many seeds reached the target validation Dice, and their mean seconds and epochs."""
-    arms, sizes = arms_and_sizes(records)
     rows = []
-    for arm in arms:
-        for size in sizes:
-            runs = select(records, arm, size)
-            if not runs:
-                continue
-            reached = [point for r in runs if (point := first_reaching(r.curve, target)) is not None]
-            rows.append({"arm": arm, "size": size, "target": target, "reached": len(reached), "runs": len(runs),
-                         "seconds": float(np.mean([p["elapsed"] for p in reached])) if reached else None,
-                         "epochs": float(np.mean([p["epoch"] for p in reached])) if reached else None})
+    for arm, size, runs in groups(records):
+        reached = [point for r in runs if (point := first_reaching(r.curve, target)) is not None]
+        rows.append({"arm": arm, "size": size, "target": target, "reached": len(reached), "runs": len(runs),
+                     "seconds": float(np.mean([p["elapsed"] for p in reached])) if reached else None,
+                     "epochs": float(np.mean([p["epoch"] for p in reached])) if reached else None})
     return rows
 
 

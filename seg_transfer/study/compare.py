@@ -5,10 +5,11 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from seg_transfer.atomic import write_atomic
 from seg_transfer.study.analysis import analyse
 from seg_transfer.study.config import StudyConfig, load_study_config
 from seg_transfer.study.plan import plan_runs
-from seg_transfer.study.report import write_atomic, write_report
+from seg_transfer.study.report import write_report
 from seg_transfer.study.runner import StudyProgress, run_study
 
 

@@ -5,8 +5,6 @@ import base64
 import html
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -15,23 +13,11 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only backend)
 
+from seg_transfer.atomic import atomic_open, json_safe, write_atomic
+
 PLOTS = {"learning_curve": "Test Dice against training cases",
          "paired_difference": "Arm minus control, paired by test case",
          "convergence": "Validation Dice against wall-clock seconds and epochs"}
-
-
-def write_atomic(path: Path, data: bytes | str) -> Path:
-    """Write ``data`` to a temp file beside ``path`` and rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as stream:
-            stream.write(data.encode() if isinstance(data, str) else data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 # ----------------------------------------------------------------------------- tables
@@ -158,14 +144,11 @@ def plot_convergence(results: dict[str, Any], path: Path) -> Path:
 
 def _save(fig, path: Path) -> Path:
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, path)
+        with atomic_open(path, "wb") as stream:
+            fig.savefig(stream, format="png", dpi=110)
     finally:
         plt.close(fig)
-        Path(tmp).unlink(missing_ok=True)
     return path
 
 
@@ -225,20 +208,9 @@ def write_report(results: dict[str, Any], output: Path) -> dict[str, Path]:
               "paired_difference": plot_paired_difference(results, output / "paired_difference.png"),
               "convergence": plot_convergence(results, output / "convergence.png")}
     return {
-        "json": write_atomic(output / "results.json", json.dumps(_json_safe(results), indent=2) + "\n"),
+        "json": write_atomic(output / "results.json", json.dumps(json_safe(results), indent=2) + "\n"),
         "markdown": write_atomic(output / "report.md", markdown_report(results)),
         "html": write_atomic(output / "report.html", html_report(results, images)),
         **images,
     }
 
-
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, Path):
-        return str(value)
-    return value

@@ -1,12 +1,12 @@
 """Atomic, self-describing checkpoints (config, labels, preprocessing, weights provenance inside)."""
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from seg_transfer.atomic import atomic_open
 
 FORMAT = "seg_transfer/1"
 
@@ -17,17 +17,9 @@ class CheckpointError(RuntimeError):
 
 def save_checkpoint(payload: dict[str, Any], path: str | Path) -> Path:
     """Write ``payload`` to ``path`` atomically: a temp file in the same folder, then ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            torch.save({"format": FORMAT, **payload}, stream)
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
-    return path
+    with atomic_open(path, "wb") as stream:
+        torch.save({"format": FORMAT, **payload}, stream)
+    return Path(path)
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

@@ -5,6 +5,14 @@ builds a fresh optimiser and schedule, and runs epochs until its epoch, step or 
 early stopping ends it. After every epoch the whole validation volumes are predicted slice-wise and
 scored with 3D Dice; the best mean Dice is kept as ``checkpoints/best.pt``, and ``checkpoints/last.pt``
 holds everything ``--resume`` needs to continue to the same result.
+
+Launched by ``torchrun`` or ``srun`` with several processes, the run is data-parallel
+(:mod:`seg_transfer.training.distributed`): each rank trains on a disjoint shard of every epoch's
+slice order with ``batch_size / world_size`` slices per step (the global batch stays
+``training.batch_size``), the model is wrapped in DistributedDataParallel anew at every stage (the
+reducer must match what the stage trains), validation volumes are shared out and the per-class Dice
+sums all-reduced, so every rank takes the same best/early-stopping decisions. Only rank 0 writes
+files; checkpoints hold the unwrapped model, loadable by ``seg-transfer predict`` as before.
 """
 from __future__ import annotations
 
@@ -24,7 +32,7 @@ from monai.losses import DiceCELoss
 from torch import nn
 from tqdm.auto import tqdm
 
-from seg_transfer.config import RunConfig, StageConfig, dump_config
+from seg_transfer.config import ConfigError, RunConfig, StageConfig, dump_config
 from seg_transfer.data.pipeline import PreparedData, prepare_data, slice_loader, volume_dataset
 from seg_transfer.data.transforms import Preprocessing
 from seg_transfer.evaluation.metrics import dice_per_class
@@ -32,9 +40,12 @@ from seg_transfer.inference.slicewise import predict_volume
 from seg_transfer.models.factory import build_model, count_parameters, encoder_output_stride
 from seg_transfer.models.freezing import apply_trainable, encoder_stages, set_train_mode
 from seg_transfer.models.weights import WeightsProvenance
+from seg_transfer.training import distributed, speed
 from seg_transfer.training.checkpoint import load_checkpoint, save_checkpoint
+from seg_transfer.training.distributed import SINGLE_PROCESS, DistributedContext
 from seg_transfer.training.metrics_log import MetricsLog
 from seg_transfer.training.optim import build_optimizer, build_scheduler
+from seg_transfer.training.speed import FULL_PRECISION, SpeedSettings
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +85,12 @@ class RunResult:
 
 @dataclass
 class _Session:
-    """Objects shared by the epochs of one run."""
+    """Objects shared by the epochs of one run.
+
+    ``model`` is the bare network (what checkpoints, freezing and validation use); ``train_model``
+    is what the training forward calls: ``model`` itself, or it wrapped in DDP and/or compiled for
+    the current stage. ``metrics`` exists on rank 0 only.
+    """
 
     config: RunConfig
     run_dir: Path
@@ -88,62 +104,101 @@ class _Session:
     train_set: Any
     train_loader: Any
     val_volumes: Any
-    metrics: MetricsLog
+    metrics: MetricsLog | None
+    dist: DistributedContext = SINGLE_PROCESS
+    speed: SpeedSettings = FULL_PRECISION
+    scaler: Any = None  # torch.amp.GradScaler for float16 autocast
+    train_model: nn.Module | None = None
 
 
 def train(config: RunConfig, run_dir: Path | None = None, *, resume: bool = False, skip_bad_cases: bool = False) -> RunResult:
-    """Train ``config`` into ``run_dir`` (default ``output_dir/name``); ``resume`` continues from ``last.pt``."""
+    """Train ``config`` into ``run_dir`` (default ``output_dir/name``); ``resume`` continues from ``last.pt``.
+
+    Under ``torchrun``/``srun`` with WORLD_SIZE > 1 this process is one rank of a data-parallel run
+    (every rank calls ``train`` with the same arguments and gets the same result; only rank 0
+    writes). Otherwise it is the single-process run it always was.
+    """
     run_dir = Path(run_dir or config.output_dir / config.name)
+    context = distributed.init_distributed(config.training.device)
+    try:
+        return _train(config, run_dir, context, resume, skip_bad_cases)
+    finally:
+        distributed.shutdown(context)
+
+
+def _train(config: RunConfig, run_dir: Path, context: DistributedContext, resume: bool, skip_bad_cases: bool) -> RunResult:
     last_path = run_dir / "checkpoints" / "last.pt"
-    checkpoint = _prepare_run_dir(run_dir, last_path, resume)
+    checkpoint = distributed.run_on_every_rank(context, lambda: _prepare_run_dir(run_dir, last_path, resume, context.is_main))
     if checkpoint is not None:
         stored = RunConfig.model_validate(checkpoint["config"])
-        if dump_config(stored) != dump_config(config):
+        if dump_config(stored) != dump_config(config) and context.is_main:
             log.warning("--resume continues with the config stored in %s; the given config/overrides are ignored", last_path)
         config = stored
     if config.training.num_threads:
         torch.set_num_threads(config.training.num_threads)
     _seed_everything(config.seed)
-    session = _open_session(config, run_dir, skip_bad_cases)
+    session = _open_session(config, run_dir, skip_bad_cases, context)
     progress = Progress()
     if checkpoint is not None:
         progress = Progress(**checkpoint["progress"])
         session.model.load_state_dict(checkpoint["model"])
-        _restore_rng(checkpoint["rng"])
-        session.metrics.truncate_after(progress.epoch)
+        _restore_rng(_rank_rng_state(checkpoint, context))
+        if session.scaler is not None and "grad_scaler" in checkpoint:
+            session.scaler.load_state_dict(checkpoint["grad_scaler"])
+        if session.metrics is not None:
+            session.metrics.truncate_after(progress.epoch)
         log.info("resuming %s after epoch %d (stage %d)", run_dir, progress.epoch, progress.stage)
     try:
         _run_stages(session, progress, checkpoint)
     finally:
-        session.metrics.close()
+        if session.metrics is not None:
+            session.metrics.close()
     return _finish(session, progress)
 
 
-def _prepare_run_dir(run_dir: Path, last_path: Path, resume: bool) -> dict | None:
+def _prepare_run_dir(run_dir: Path, last_path: Path, resume: bool, create: bool = True) -> dict | None:
+    """``last.pt`` to resume from (None for a new run); ``create`` makes the folder of a new run."""
     if resume:
         if not last_path.is_file():
             raise RunDirError(f"{run_dir}: nothing to resume (no checkpoints/last.pt)")
         return load_checkpoint(last_path)
     if last_path.is_file():
         raise RunDirError(f"{run_dir}: already holds a run; use --resume to continue it or choose another --output")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if create:
+        run_dir.mkdir(parents=True, exist_ok=True)
     return None
 
 
-def _open_session(config: RunConfig, run_dir: Path, skip_bad_cases: bool) -> _Session:
-    data = prepare_data(config.data, run_dir, skip_bad_cases)
-    _write_run_files(config, run_dir, data)
+def _open_session(config: RunConfig, run_dir: Path, skip_bad_cases: bool, context: DistributedContext = SINGLE_PROCESS) -> _Session:
+    """Data, model, loaders and loss of a run; in a distributed run rank 0 checks the data and splits it."""
+    training = config.training
+    if training.batch_size % context.world_size:
+        raise ConfigError(f"training.batch_size={training.batch_size} is the global batch and must be a multiple "
+                          f"of the {context.world_size} processes of this launch")
+    data = distributed.run_on_main(context, lambda: prepare_data(config.data, run_dir, skip_bad_cases))
+    if context.is_main:
+        _write_run_files(config, run_dir, data)
     labels = data.labels
     prep = Preprocessing.from_config(config.data)
     in_channels = config.data.in_channels
     model, provenance = build_model(config.model, in_channels, len(labels))
-    device = _device(config.training.device)
+    _seed_rank_streams(config.seed, context.rank)
+    device = context.device if context.enabled else _device(training.device)
+    settings = speed.resolve_speed(training, device)
+    stages = encoder_stages(model.encoder, in_channels)  # traced on CPU, before the model moves
     model.to(device)
-    stages = encoder_stages(model.encoder, in_channels)
+    if training.sync_batchnorm:
+        model = distributed.convert_sync_batchnorm(model, context)
+    if settings.channels_last:
+        model.to(memory_format=torch.channels_last)
+    speed.apply_backend_flags(settings, device)
+    log.info("device %s%s; %s", device, f", {context.world_size} processes" if context.enabled else "",
+             speed.describe(settings))
     multiple = encoder_output_stride(model)
     train_volumes = volume_dataset(data.subset("train"), prep, config.data)
-    val_volumes = volume_dataset(data.subset("val"), prep, config.data)
-    train_set, train_loader = slice_loader(train_volumes, config.data, config.training.batch_size, multiple, train=True)
+    val_volumes = volume_dataset(distributed.shard_items(data.subset("val"), context), prep, config.data)
+    train_set, train_loader = slice_loader(train_volumes, config.data, training.batch_size, multiple, train=True,
+                                           rank=context.rank, world_size=context.world_size, pin_memory=settings.pin_memory)
     weights = config.training.loss.class_weights
     loss = DiceCELoss(
         to_onehot_y=True,
@@ -153,7 +208,9 @@ def _open_session(config: RunConfig, run_dir: Path, skip_bad_cases: bool) -> _Se
         batch=config.training.loss.batch_dice,
         weight=torch.tensor(weights, dtype=torch.float32, device=device) if weights else None,
     )
-    return _Session(config, run_dir, data, prep, model, provenance, stages, device, loss, train_set, train_loader, val_volumes, MetricsLog(run_dir))
+    metrics = MetricsLog(run_dir) if context.is_main else None
+    return _Session(config, run_dir, data, prep, model, provenance, stages, device, loss, train_set, train_loader,
+                    val_volumes, metrics, context, settings, speed.grad_scaler(settings, device))
 
 
 def _write_run_files(config: RunConfig, run_dir: Path, data: PreparedData) -> None:
@@ -185,6 +242,7 @@ def _run_stages(session: _Session, progress: Progress, checkpoint: dict | None) 
             scheduler.load_state_dict(checkpoint["scheduler"])
         checkpoint = None
         _run_stage(session, stage, progress, optimizer, scheduler)
+        distributed.check_ranks_agree(session.model, session.dist)
         _next_stage(progress)
 
 
@@ -198,6 +256,8 @@ def _next_stage(progress: Progress) -> None:
 def _begin_stage(session: _Session, stage: StageConfig, progress: Progress):
     spec = stage.train if isinstance(stage.train, str) else stage.train.encoder_top
     apply_trainable(session.model, session.stages, spec)
+    session.train_model = None  # drop the previous stage's DDP reducer before building this stage's
+    session.train_model = _training_module(session)
     optimizer = build_optimizer(session.model, session.stages, stage)
     _set_epoch(session, progress)  # the loader's length is the epoch's, as the schedule needs
     scheduler = build_scheduler(optimizer, stage, max(len(session.train_loader), 1))
@@ -205,6 +265,13 @@ def _begin_stage(session: _Session, stage: StageConfig, progress: Progress):
     log.info("stage %s: train=%s, %d epochs, %d of %d parameters trainable", stage.label(progress.stage), spec,
              stage.epochs, trainable, count_parameters(session.model))
     return optimizer, scheduler
+
+
+def _training_module(session: _Session) -> nn.Module:
+    """What the training forward calls this stage: the model, wrapped in DDP for the current
+    ``requires_grad`` pattern (distributed runs) and compiled if ``training.compile``."""
+    module = distributed.wrap_model(session.model, session.dist)
+    return torch.compile(module) if session.speed.compile else module
 
 
 def _run_stage(session: _Session, stage: StageConfig, progress: Progress, optimizer, scheduler) -> None:
@@ -217,7 +284,7 @@ def _run_stage(session: _Session, stage: StageConfig, progress: Progress, optimi
         progress.stage_steps += steps
         progress.stage_epoch += 1
         progress.epoch += 1
-        out_of_budget = (budget is not None and steps >= budget) or (deadline is not None and time.monotonic() >= deadline)
+        out_of_budget = (budget is not None and steps >= budget) or _past(deadline, session.dist)
         last_epoch = progress.stage_epoch >= stage.epochs or out_of_budget
         record = {"stage": stage.label(progress.stage), "stage_index": progress.stage, "epoch": progress.epoch,
                   "stage_epoch": progress.stage_epoch, "step": progress.step, "lr": optimizer.param_groups[0]["lr"],
@@ -229,7 +296,8 @@ def _run_stage(session: _Session, stage: StageConfig, progress: Progress, optimi
         record.update(seconds=time.monotonic() - epoch_start, elapsed=progress.elapsed)
         stop = last_epoch or _early_stop(stage, progress, record.get("val_dice"))
         progress.stage_done = stop
-        session.metrics.append(record)
+        if session.metrics is not None:
+            session.metrics.append(record)
         _save(session, progress, optimizer, scheduler, "last")
         log.info("epoch %d (%s): loss %.4f, val dice %s", progress.epoch, record["stage"], train_loss, record.get("val_dice"))
         if stop:
@@ -245,33 +313,66 @@ def _remaining_steps(stage: StageConfig, taken: int) -> int | None:
     return None if stage.max_steps is None else max(stage.max_steps - taken, 0)
 
 
+def _past(deadline: float | None, context: DistributedContext) -> bool:
+    """Whether ``deadline`` has passed; in a distributed run, whether it has on any rank (all ranks agree,
+    so all take the same number of steps: DDP would wait forever for a rank that stopped early)."""
+    if deadline is None:
+        return False
+    return distributed.any_rank(context, time.monotonic() >= deadline)
+
+
 def _train_epoch(session: _Session, optimizer, scheduler, progress: Progress, budget: int | None, deadline: float | None):
+    """Train one epoch (this rank's shard of it); returns the mean loss over all ranks and the steps taken."""
     config = session.config
     _set_epoch(session, progress)
-    set_train_mode(session.model, config.model.frozen_bn)
+    session.train_model.train()
+    set_train_mode(session.model, config.model.frozen_bn)  # on the bare model: frozen BatchNorm back to eval
     total, steps = 0.0, 0
-    bar = tqdm(session.train_loader, desc=f"epoch {progress.epoch + 1}", leave=False, disable=not sys.stderr.isatty())
+    show = sys.stderr.isatty() and session.dist.is_main
+    bar = tqdm(session.train_loader, desc=f"epoch {progress.epoch + 1}", leave=False, disable=not show)
     for batch in bar:
-        if (budget is not None and steps >= budget) or (deadline is not None and time.monotonic() >= deadline):
+        if (budget is not None and steps >= budget) or _past(deadline, session.dist):
             break
-        loss = train_step(session.model, session.loss, optimizer, batch, session.device, config.training.grad_clip)
+        loss = train_step(session.train_model, session.loss, optimizer, batch, session.device, config.training.grad_clip,
+                          settings=session.speed, scaler=session.scaler)
         scheduler.step()
         total += loss
         steps += 1
         bar.set_postfix(loss=f"{loss:.4f}")
+    distributed.sync_buffers(session.model, session.dist)
+    if session.dist.enabled:
+        total_all, steps_all = distributed.sum_across_ranks(session.dist, [total, steps])
+        return total_all / max(steps_all, 1), steps
     return total / max(steps, 1), steps
 
 
-def train_step(model: nn.Module, loss_fn: nn.Module, optimizer, batch: dict, device: torch.device, grad_clip: float | None) -> float:
-    """One optimisation step on a 2.5D batch; returns the loss value."""
-    image = batch["image"].to(device, non_blocking=True)
+def train_step(model: nn.Module, loss_fn: nn.Module, optimizer, batch: dict, device: torch.device, grad_clip: float | None,
+               *, settings: SpeedSettings = FULL_PRECISION, scaler=None) -> float:
+    """One optimisation step on a 2.5D batch; returns the loss value.
+
+    ``settings`` (resolved speed switches) set autocast, with the loss computed in float32 from
+    the logits, and the input's memory format; ``scaler`` (float16 autocast) scales the loss,
+    unscales before clipping, and skips steps whose gradients overflowed. The defaults are plain
+    float32 training. ``model`` may be wrapped (DDP, compiled); its gradients are then averaged.
+    """
+    image = batch["image"].to(device, non_blocking=True, memory_format=speed.memory_format(settings))
     label = batch["label"].to(device, non_blocking=True)
     optimizer.zero_grad(set_to_none=True)
-    loss = loss_fn(model(image), label)
-    loss.backward()
+    with speed.autocast(settings, device):
+        logits = model(image)
+    loss = loss_fn(logits.float(), label)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+    else:
+        loss.backward()
     if grad_clip:
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], grad_clip)
-    optimizer.step()
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
     return float(loss.detach())
 
 
@@ -290,19 +391,42 @@ def _early_stop(stage: StageConfig, progress: Progress, val_dice: float | None) 
 
 def validate(model: nn.Module, volumes, prep: Preprocessing, num_classes: int, device: torch.device, batch_size: int, multiple: int) -> list[float]:
     """Mean 3D Dice per foreground class over whole validation volumes (all slices predicted)."""
+    return np.mean(validation_scores(model, volumes, prep, num_classes, device, batch_size, multiple), axis=0).tolist()
+
+
+def validation_scores(model: nn.Module, volumes, prep: Preprocessing, num_classes: int, device: torch.device,
+                      batch_size: int, multiple: int, progress: bool = True) -> list[list[float]]:
+    """3D Dice per foreground class of each validation volume (all slices predicted), in order."""
     model.eval()
     scores = []
-    for item in tqdm(volumes, desc="validation", leave=False, disable=not sys.stderr.isatty()):
+    show = progress and sys.stderr.isatty()
+    for item in tqdm(volumes, desc="validation", leave=False, disable=not show):
         probs = predict_volume(model, item["image"], prep.slice_axis, prep.context_slices,
                                batch_size=batch_size, multiple=multiple, device=device)
         scores.append(dice_per_class(probs.argmax(0), torch.as_tensor(np.asarray(item["label"]))[0], num_classes))
-    return np.mean(scores, axis=0).tolist()
+    return scores
+
+
+def mean_over_ranks(scores: list[list[float]], num_foreground: int, context: DistributedContext) -> list[float]:
+    """Per-class mean of the per-volume ``scores`` of all ranks together.
+
+    A single process takes ``np.mean`` as before; ranks all-reduce their per-class sums and volume
+    counts (float64), and all-reduce hands every rank the same bits, so all see the same mean.
+    """
+    if not context.enabled:
+        return np.mean(scores, axis=0).tolist()
+    sums = np.sum(scores, axis=0) if scores else np.zeros(num_foreground)
+    reduced = distributed.sum_across_ranks(context, [*sums.tolist(), float(len(scores))])
+    return [value / reduced[-1] for value in reduced[:-1]]
 
 
 def _validate_and_keep_best(session: _Session, progress: Progress) -> dict[str, float]:
     labels = session.data.labels
-    per_class = validate(session.model, session.val_volumes, session.prep, len(labels), session.device,
-                         session.config.training.val_batch_size, encoder_output_stride(session.model))
+    with speed.autocast(session.speed, session.device):
+        scores = validation_scores(session.model, session.val_volumes, session.prep, len(labels), session.device,
+                                   session.config.training.val_batch_size, encoder_output_stride(session.model),
+                                   progress=session.dist.is_main)
+    per_class = mean_over_ranks(scores, len(labels) - 1, session.dist)
     mean = float(np.mean(per_class))
     record = {"val_dice": mean, **{f"val_dice_{name}": v for name, v in zip(list(labels.values())[1:], per_class)}}
     if mean > progress.best_dice:
@@ -315,6 +439,10 @@ def _validate_and_keep_best(session: _Session, progress: Progress) -> dict[str, 
 
 
 def _save(session: _Session, progress: Progress, optimizer, scheduler, which: str) -> None:
+    """Write ``checkpoints/<which>.pt`` (rank 0); ``last`` also gathers every rank's RNG state (collective)."""
+    rng_states = distributed.gather_objects(session.dist, _rng_state()) if which == "last" else None
+    if not session.dist.is_main:
+        return
     payload = {
         "config": dump_config(session.config),
         "labels": {str(k): v for k, v in session.data.labels.items()},
@@ -324,8 +452,23 @@ def _save(session: _Session, progress: Progress, optimizer, scheduler, which: st
         "progress": asdict(progress),
     }
     if which == "last":
-        payload.update(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), rng=_rng_state())
+        payload.update(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), rng=rng_states[0])
+        if session.dist.enabled:
+            payload["rng_by_rank"] = rng_states
+        if session.scaler is not None:
+            payload["grad_scaler"] = session.scaler.state_dict()
     save_checkpoint(payload, session.run_dir / "checkpoints" / f"{which}.pt")
+
+
+def _rank_rng_state(checkpoint: dict, context: DistributedContext) -> dict[str, Any]:
+    """This rank's RNG state in ``checkpoint``: its own if the run had as many ranks, else rank 0's."""
+    by_rank = checkpoint.get("rng_by_rank")
+    if by_rank is not None and len(by_rank) == context.world_size:
+        return by_rank[context.rank]
+    if context.enabled or by_rank is not None:
+        log.warning("resuming with %d process(es) a run saved with %d: every rank continues from rank 0's RNG state",
+                    context.world_size, len(by_rank or [None]))
+    return checkpoint["rng"]
 
 
 def _rng_state() -> dict[str, Any]:
@@ -350,6 +493,13 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def _seed_rank_streams(seed: int, rank: int) -> None:
+    """After the (shared) model init, give ranks > 0 their own global RNG streams (dropout, loader
+    seeds). Rank 0 keeps the single-process stream; augmentation is seeded per sample position."""
+    if rank > 0:
+        _seed_everything(int(np.random.SeedSequence([seed, rank]).generate_state(1)[0]))
+
+
 def _finish(session: _Session, progress: Progress) -> RunResult:
     names = list(session.data.labels.values())[1:]
     result = RunResult(
@@ -362,5 +512,7 @@ def _finish(session: _Session, progress: Progress) -> RunResult:
     )
     summary = {**asdict(result), "run_dir": str(result.run_dir), "weights": session.provenance.as_dict(),
                "arch": session.config.model.arch, "encoder": session.config.model.encoder}
-    (session.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    if session.dist.is_main:
+        (session.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    distributed.barrier(session.dist)  # every rank returns once rank 0's files are complete
     return result

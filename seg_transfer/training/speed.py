@@ -1,0 +1,105 @@
+"""Speed switches of ``training.*``, resolved for the device a run trains on.
+
+``amp``, ``channels_last``, ``cudnn_benchmark`` and ``pin_memory`` default to ``auto``: on for CUDA,
+off on CPU, so a CPU run computes exactly what it did before these switches existed. ``compile``
+(``torch.compile`` of the training forward) is off unless set. Each switch can be forced with
+``on``/``off`` (``amp``: ``bf16``/``fp16``/``off``) on any device.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from seg_transfer.config import TrainingConfig
+
+
+@dataclass(frozen=True)
+class SpeedSettings:
+    """What the switches became on one device."""
+
+    amp_dtype: torch.dtype | None = None  # autocast dtype; None trains in float32
+    channels_last: bool = False
+    compile: bool = False
+    cudnn_benchmark: bool = False
+    pin_memory: bool = False
+
+    @property
+    def needs_grad_scaler(self) -> bool:
+        """float16 autocast needs loss scaling (bfloat16 has float32's exponent range and does not)."""
+        return self.amp_dtype == torch.float16
+
+
+#: plain float32, contiguous, eager: what every switch is off
+FULL_PRECISION = SpeedSettings()
+
+
+def resolve_amp(setting: Literal["auto", "off", "bf16", "fp16"], device: torch.device,
+                cuda_bf16_supported: bool | None = None) -> torch.dtype | None:
+    """The autocast dtype for ``training.amp`` on ``device`` (None: no autocast).
+
+    ``auto``: bfloat16 on CUDA where the GPU supports it, else float16; off on CPU. ``bf16``/``fp16``
+    force that dtype on any device (CPU autocast supports both). ``cuda_bf16_supported`` overrides
+    the query of the current GPU (tests).
+    """
+    if setting == "off":
+        return None
+    if setting == "bf16":
+        return torch.bfloat16
+    if setting == "fp16":
+        return torch.float16
+    if device.type != "cuda":
+        return None
+    if cuda_bf16_supported is None:
+        cuda_bf16_supported = torch.cuda.is_bf16_supported()
+    return torch.bfloat16 if cuda_bf16_supported else torch.float16
+
+
+def resolve_switch(setting: Literal["auto", "on", "off"], device: torch.device) -> bool:
+    """An on/off/auto switch on ``device``: ``auto`` is on for CUDA only."""
+    if setting == "auto":
+        return device.type == "cuda"
+    return setting == "on"
+
+
+def resolve_speed(training: TrainingConfig, device: torch.device, cuda_bf16_supported: bool | None = None) -> SpeedSettings:
+    """All speed switches of ``training`` resolved for ``device``."""
+    return SpeedSettings(
+        amp_dtype=resolve_amp(training.amp, device, cuda_bf16_supported),
+        channels_last=resolve_switch(training.channels_last, device),
+        compile=training.compile,
+        cudnn_benchmark=resolve_switch(training.cudnn_benchmark, device),
+        pin_memory=resolve_switch(training.pin_memory, device),
+    )
+
+
+def describe(settings: SpeedSettings) -> str:
+    """One line for the log, e.g. ``amp bf16, channels_last, cudnn_benchmark, pin_memory``."""
+    amp = {None: "amp off", torch.bfloat16: "amp bf16", torch.float16: "amp fp16 (GradScaler)"}[settings.amp_dtype]
+    flags = [name for name in ("channels_last", "compile", "cudnn_benchmark", "pin_memory") if getattr(settings, name)]
+    return ", ".join([amp, *flags])
+
+
+def autocast(settings: SpeedSettings, device: torch.device) -> contextlib.AbstractContextManager:
+    """``torch.autocast`` for the resolved dtype on ``device``, or a no-op without AMP."""
+    if settings.amp_dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=settings.amp_dtype)
+
+
+def grad_scaler(settings: SpeedSettings, device: torch.device) -> torch.amp.GradScaler | None:
+    """A ``GradScaler`` for float16 autocast, else None."""
+    return torch.amp.GradScaler(device.type) if settings.needs_grad_scaler else None
+
+
+def apply_backend_flags(settings: SpeedSettings, device: torch.device) -> None:
+    """Set ``torch.backends.cudnn.benchmark`` for CUDA runs (a CPU run leaves global state alone)."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = settings.cudnn_benchmark
+
+
+def memory_format(settings: SpeedSettings) -> torch.memory_format:
+    """``channels_last`` when switched on, else ``preserve_format`` (tensors stay as they are)."""
+    return torch.channels_last if settings.channels_last else torch.preserve_format
