@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -54,6 +55,8 @@ def train(
 
     run_config = load_config(config, set_ or [])
     result = run_training(run_config, output, resume=resume, skip_bad_cases=skip_bad_cases)
+    if os.environ.get("RANK", "0") != "0":
+        return  # under torchrun only rank 0 reports
     per_class = ", ".join(f"{name} {value:.4f}" for name, value in result.best_per_class.items())
     typer.echo(f"best validation Dice {result.best_dice:.4f} ({per_class}) at epoch {result.best_epoch}; run: {result.run_dir}")
 
