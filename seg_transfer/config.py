@@ -228,16 +228,25 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
     Relative data paths are resolved against the current working directory, as users type them.
     Raises :class:`ConfigError` with a one-line message naming the file and the offending key.
     """
+    raw = read_yaml_mapping(path, "config file")
+    return config_from_dict(raw, overrides, source=str(path))
+
+
+def read_yaml_mapping(path: str | Path, what: str = "config file") -> dict[str, Any]:
+    """The YAML mapping in ``path`` (``yaml.safe_load``; an empty file is ``{}``).
+
+    Raises :class:`ConfigError` naming the file when it is missing, not YAML, or not a mapping.
+    """
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
+        raise ConfigError(f"{path}: {what} not found")
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML ({_first_line(exc)})") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping")
-    return config_from_dict(raw, overrides, source=str(path))
+    return raw
 
 
 def config_from_dict(raw: dict[str, Any], overrides: list[str] | None = None, source: str = "config") -> RunConfig:

@@ -19,6 +19,16 @@ def phantom_root(tmp_path_factory) -> Path:
     return make_phantom_dataset(tmp_path_factory.mktemp("phantoms"), n_train=6, n_test=1, shape=(32, 32, 12), seed=3)
 
 
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for the test, restored afterwards: matches each DDP rank's numerics, and keeps
+    reduced-precision CPU kernels from stalling on a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny_config(root: Path, **overrides) -> dict:
     """A run config as plain data that trains in seconds on CPU."""
     raw = {

@@ -151,15 +151,6 @@ def _rank_log(log_dir: Path, rank: int, stream: str) -> str:
     return path.read_text()
 
 
-@pytest.fixture
-def one_thread():
-    """Compare with the ranks' numerics (each rank runs one intra-op thread)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 EQUIVALENCE_DRIVER = r'''
 """Rank pair vs single process on the same global batches, with a BatchNorm-free net; rank 0 writes JSON."""
 import json, sys

@@ -18,15 +18,6 @@ from tests.conftest import tiny_config
 CPU, CUDA = torch.device("cpu"), torch.device("cuda", 0)
 
 
-@pytest.fixture
-def one_thread():
-    """Reduced-precision CPU kernels on a busy 2-core machine stall with 2 intra-op threads; use one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _training(**switches) -> TrainingConfig:
     return TrainingConfig(stages=[{"train": "all"}], **switches)
 

@@ -2,12 +2,11 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 import yaml
 
-from seg_transfer.config import ConfigError, RunConfig, config_from_dict
+from seg_transfer.config import ConfigError, RunConfig, config_from_dict, read_yaml_mapping
 from seg_transfer.study.config import ArmConfig, StudyConfig
 
 
@@ -39,10 +38,7 @@ def as_overrides(settings: dict[str, Any]) -> list[str]:
 
 def base_raw(study: StudyConfig) -> dict:
     """The base run config as plain data."""
-    raw = yaml.safe_load(Path(study.base_config).read_text()) or {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{study.base_config}: top level must be a mapping")
-    return raw
+    return read_yaml_mapping(study.base_config, "base config")
 
 
 def arm_config(study: StudyConfig, arm: ArmConfig, seed: int, name: str) -> RunConfig:

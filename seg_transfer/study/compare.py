@@ -8,7 +8,6 @@ from pathlib import Path
 from seg_transfer.atomic import write_atomic
 from seg_transfer.study.analysis import analyse
 from seg_transfer.study.config import StudyConfig, load_study_config
-from seg_transfer.study.plan import plan_runs
 from seg_transfer.study.report import write_report
 from seg_transfer.study.runner import StudyProgress, run_study
 
@@ -34,7 +33,7 @@ def compare(study_path: str | Path, output: str | Path, *, device: str = "auto",
 
 def study_summary(study: StudyConfig, output: Path, progress: StudyProgress) -> dict:
     """The study's design as it ran: arms, sizes, seeds, the fixed cases and each size's training subsets."""
-    cases, specs = plan_runs(study, output)
+    cases, specs = progress.cases, progress.specs
     subsets = {f"n{s.size}_seed{s.seed}": s.splits["train"] for s in specs if s.arm == study.control}
     return {
         "name": study.name, "config": study.model_dump(mode="json"), "dataset": str(next(iter(cases.cases.values())).image.parent.parent),

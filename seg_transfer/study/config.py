@@ -4,7 +4,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -14,7 +13,7 @@ from pydantic import (
     model_validator,
 )
 
-from seg_transfer.config import ConfigError
+from seg_transfer.config import ConfigError, read_yaml_mapping
 
 
 class _Strict(BaseModel):
@@ -89,14 +88,7 @@ def load_study_config(path: str | Path) -> StudyConfig:
     Raises :class:`ConfigError` with one line naming the file and the key.
     """
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: study config not found")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: top level must be a mapping")
+    raw = read_yaml_mapping(path, "study config")
     try:
         study = StudyConfig.model_validate(raw)
     except ValidationError as exc:

@@ -70,6 +70,17 @@ def _arm_colors(arms: Sequence[str]) -> dict[str, Any]:
     return {arm: cmap(i % 10) for i, arm in enumerate(arms)}
 
 
+def _size_axis(ax, rows: Sequence[dict[str, Any]], ylabel: str, title: str) -> None:
+    """Training cases on a log x axis, ticked at the study's sizes; labels, title, grid."""
+    sizes = sorted({r["size"] for r in rows})
+    ax.set_xscale("log")
+    ax.set_xticks(sizes, [str(s) for s in sizes])
+    ax.set_xlabel("training cases")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+
+
 def plot_learning_curve(results: dict[str, Any], path: Path) -> Path:
     rows = results["learning_curves"]
     arms = list(dict.fromkeys(r["arm"] for r in rows))
@@ -82,12 +93,7 @@ def plot_learning_curve(results: dict[str, Any], path: Path) -> Path:
         low = [r["ci_low"] if r["ci_low"] is not None else math.nan for r in mine]
         high = [r["ci_high"] if r["ci_high"] is not None else math.nan for r in mine]
         ax.fill_between(sizes, low, high, color=colors[arm], alpha=0.2, linewidth=0)
-    ax.set_xscale("log")
-    ax.set_xticks(sorted({r["size"] for r in rows}), [str(s) for s in sorted({r["size"] for r in rows})])
-    ax.set_xlabel("training cases")
-    ax.set_ylabel("test Dice (mean over classes)")
-    ax.set_title("Learning curves (95% bootstrap CI over test cases)")
-    ax.grid(alpha=0.3)
+    _size_axis(ax, rows, "test Dice (mean over classes)", "Learning curves (95% bootstrap CI over test cases)")
     ax.legend()
     return _save(fig, path)
 
@@ -104,13 +110,7 @@ def plot_paired_difference(results: dict[str, Any], path: Path) -> Path:
                   [(r["ci_high"] if r["ci_high"] is not None else m) - m for m, r in zip(means, mine)]]
         ax.errorbar([r["size"] for r in mine], means, yerr=errors, marker="o", capsize=4, color=colors[arm], label=f"{arm} − {mine[0]['control']}")
     ax.axhline(0.0, color="black", linewidth=1)
-    ax.set_xscale("log")
-    sizes = sorted({r["size"] for r in rows})
-    ax.set_xticks(sizes, [str(s) for s in sizes])
-    ax.set_xlabel("training cases")
-    ax.set_ylabel("test Dice difference")
-    ax.set_title("Paired difference to the control (95% CI)")
-    ax.grid(alpha=0.3)
+    _size_axis(ax, rows, "test Dice difference", "Paired difference to the control (95% CI)")
     if arms:
         ax.legend()
     return _save(fig, path)

@@ -50,10 +50,15 @@ class RunRecord:
 
 @dataclass
 class StudyProgress:
-    """Runs of the study that are finished, and whether all are."""
+    """The study's plan (fixed cases, every run) and the runs of it that are finished."""
 
+    cases: StudyCases
+    specs: list[RunSpec]
     records: list[RunRecord]
-    total_runs: int
+
+    @property
+    def total_runs(self) -> int:
+        return len(self.specs)
 
     @property
     def complete(self) -> bool:
@@ -75,7 +80,7 @@ def run_study(study: StudyConfig, output: Path, *, device: str = "auto", max_run
         log.info("run %d/%d: %s%s", index, len(specs), spec.key, "" if is_new else " (finished, reused)")
         records.append(complete_run(spec, test_images, test_labels, labels_file, study, device))
         trained += is_new
-    return StudyProgress(records, len(specs))
+    return StudyProgress(cases, specs, records)
 
 
 def complete_run(spec: RunSpec, test_images: Path, test_labels: Path, labels_file: Path, study: StudyConfig, device: str) -> RunRecord:
