@@ -46,6 +46,7 @@ def train(
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Run directory (default: output_dir/name).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in the output folder from its last checkpoint.")] = False,
     skip_bad_cases: Annotated[bool, typer.Option("--skip-bad-cases", help="Train on the good cases; record the bad ones.")] = False,
+    stop_on_collapse: Annotated[bool, typer.Option("--stop-on-collapse", help="End the run (exit 3) when a class's validation Dice stays near zero once the encoder trains (training.collapse).")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Train a segmentation model (staged fine-tuning as the config says)."""
@@ -53,12 +54,20 @@ def train(
     from seg_transfer.config import load_config
     from seg_transfer.training.trainer import train as run_training
 
-    run_config = load_config(config, set_ or [])
+    overrides = [*(set_ or []), *(["training.collapse.stop=true"] if stop_on_collapse else [])]
+    run_config = load_config(config, overrides)
     result = run_training(run_config, output, resume=resume, skip_bad_cases=skip_bad_cases)
     if os.environ.get("RANK", "0") != "0":
         return  # under torchrun only rank 0 reports
-    per_class = ", ".join(f"{name} {value:.4f}" for name, value in result.best_per_class.items())
-    typer.echo(f"best validation Dice {result.best_dice:.4f} ({per_class}) at epoch {result.best_epoch}; run: {result.run_dir}")
+    per_class = ", ".join(f"{name} {value:.3f}" for name, value in result.best_per_class.items())
+    typer.echo(f"best validation Dice {result.best_dice:.3f} ({per_class}) at epoch {result.best_epoch}, "
+               f"{result.steps} steps; run: {result.run_dir}")
+    if result.collapsed:
+        typer.echo(f"warning: class(es) {', '.join(result.collapsed)} below the collapse threshold "
+                   f"{run_config.training.collapse.min_class_dice} at the best epoch", err=True)
+    if result.stopped == "collapse":
+        typer.echo("stopped early: a class collapsed once the encoder trained (see summary.json: collapse_warnings)", err=True)
+        raise typer.Exit(3)
 
 
 @app.command()
@@ -181,6 +190,7 @@ def compare(
     output: Annotated[Path, typer.Option("--output", "-o", help="Study folder: runs/, test_cases/, report.md/.html, results.json.")],
     device: Annotated[str, typer.Option("--device", help="Device for test-case prediction: auto, cpu, cuda or cuda:N.")] = "auto",
     max_runs: Annotated[Optional[int], typer.Option("--max-runs", help="Train at most N new runs now, then report (spread a study over jobs).")] = None,
+    shard: Annotated[str, typer.Option("--shard", help="I/N: train only every N-th run from the I-th (0-based), so N processes share one study folder.")] = "0/1",
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Transfer study: arms x training-set sizes x seeds, paired comparison with the control, report. Resumable."""
@@ -188,13 +198,21 @@ def compare(
     from seg_transfer.study.compare import compare as run_compare
     from seg_transfer.study.report import findings
 
-    outcome = run_compare(config, output, device=device, max_runs=max_runs)
+    outcome = run_compare(config, output, device=device, max_runs=max_runs, shard=_parse_shard(shard))
     progress = outcome.progress
     typer.echo(f"{len(progress.records)} of {progress.total_runs} runs finished")
     for line in findings(outcome.results):
         typer.echo(line)
     if outcome.files:
         typer.echo(f"report: {outcome.files['markdown']} and {outcome.files['html']}")
+
+
+def _parse_shard(text: str) -> tuple[int, int]:
+    """``I/N`` as (I, N) with 0 <= I < N; BadParameter otherwise."""
+    parts = text.split("/")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts) or not 0 <= int(parts[0]) < int(parts[1]):
+        raise typer.BadParameter(f"expected I/N with 0 <= I < N, got {text!r}", param_hint="--shard")
+    return int(parts[0]), int(parts[1])
 
 
 def main(argv: list[str] | None = None) -> int:

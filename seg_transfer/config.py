@@ -97,7 +97,10 @@ class ModelConfig(_Strict):
     encoder: str = "tu-tf_efficientnet_lite0"
     encoder_weights: str = "imagenet"
     decoder_channels: list[int] | None = None
-    frozen_bn: Literal["eval", "train"] = "eval"
+    #: BatchNorm of frozen encoder layers: ``eval`` keeps the ImageNet statistics, ``train`` updates them
+    #: from every training batch, ``adapt`` re-estimates them once on the target data before training
+    #: (then keeps them while frozen). Chosen by the ablation in the README.
+    frozen_bn: Literal["eval", "train", "adapt"] = "eval"
 
     @field_validator("encoder_weights")
     @classmethod
@@ -119,6 +122,16 @@ class EncoderTop(_Strict):
 class EarlyStopping(_Strict):
     patience: int = Field(ge=1)
     min_delta: float = Field(0.0, ge=0)
+
+
+class CollapseConfig(_Strict):
+    """Collapse detection: a class whose validation Dice stays below ``min_class_dice`` once a stage that
+    trains the encoder has run ``after_epochs`` epochs is reported (log, ``summary.json``); with ``stop``
+    the run ends there with a message instead of spending the rest of its budget."""
+
+    min_class_dice: float = Field(0.1, ge=0, lt=1)
+    after_epochs: int = Field(2, ge=1)
+    stop: bool = False
 
 
 class StageConfig(_Strict):
@@ -178,6 +191,7 @@ class TrainingConfig(_Strict):
     cudnn_benchmark: Switch = "auto"
     pin_memory: Switch = "auto"
     sync_batchnorm: bool = False  # distributed CUDA runs only: BatchNorm statistics over the global batch
+    collapse: CollapseConfig = Field(default_factory=CollapseConfig)
 
     @field_validator("amp", "channels_last", "cudnn_benchmark", "pin_memory", mode="before")
     @classmethod

@@ -50,6 +50,20 @@ def test_foreground_aware_sampling_share_and_determinism():
     assert sorted(index.epoch_order(0, 0, None, None).tolist()) == list(range(20))
 
 
+def test_epoch_is_the_budgeted_size_whatever_the_pool():
+    """An epoch of ``size`` slices is ``size`` slices even when the training set holds fewer (issue 10)."""
+    small = SliceIndex([35] * 5, [np.arange(10, 20)] * 5)  # 175 slices, as 5 Hippocampus cases
+    order = small.epoch_order(0, 0, 1000, None)
+    assert len(order) == 1000
+    counts = np.bincount(order, minlength=len(small))
+    assert counts.min() == 5 and counts.max() == 6  # cycled passes: every slice seen equally often
+    large = SliceIndex([35] * 40, [np.arange(10, 20)] * 40)  # 1400 slices
+    cut = large.epoch_order(0, 0, 1000, None)
+    assert len(cut) == 1000 and len(np.unique(cut)) == 1000
+    for fraction in (None, 0.5):
+        assert len(small.epoch_order(3, 7, 64, fraction)) == len(large.epoch_order(3, 7, 64, fraction)) == 64
+
+
 def test_slice_dataset_items_are_padded_and_labelled():
     image = torch.from_numpy(_volume((30, 40, 4)))
     label = torch.zeros(1, 30, 40, 4, dtype=torch.uint8)

@@ -166,7 +166,8 @@ def test_tiny_study_end_to_end_and_resume(tmp_path, study_root, capsys):
         assert comparison["verdict"] in printed
     html = (out / "report.html").read_text()
     assert html.count("data:image/png;base64,") == 3 and "Paired comparison" in html
-    assert "| staged vs scratch | 5 | 3 |" in (out / "report.md").read_text()
+    assert "| staged vs scratch | 5 | 1 x 3 |" in (out / "report.md").read_text()
+    assert {run["steps"] for run in results["runs"]} == {2 * 16 // 8}  # same steps at 2 and 5 training cases
     for name in ("learning_curve.png", "paired_difference.png", "convergence.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -84,17 +84,21 @@ class SliceIndex:
         return len(self.pairs)
 
     def epoch_order(self, seed: int, epoch: int, size: int | None, foreground_fraction: float | None) -> np.ndarray:
-        """Indices into ``pairs`` for one epoch, deterministic in (seed, epoch).
+        """Indices into ``pairs`` for one epoch, deterministic in (seed, epoch); exactly ``size`` of them.
 
-        ``foreground_fraction=None``: every slice once, shuffled. Otherwise ``size`` samples (default:
-        all slices) of which that share is drawn from slices with labels, the rest from all slices.
+        ``size=None`` means one pass over all slices. ``foreground_fraction=None``: uniform over slices,
+        drawn as whole shuffled passes (a pool smaller than ``size`` is cycled, so every slice is seen
+        equally often, and a larger pool is cut). Otherwise that share of ``size`` is drawn from slices
+        with labels, the rest from all slices. The length never depends on the pool, so a budget of
+        epochs x ``size`` slices is the same number of optimiser steps whatever the training-set size.
         """
         rng = np.random.default_rng([seed, epoch])
         total = len(self.pairs)
-        if foreground_fraction is None:
-            order = rng.permutation(total)
-            return order[:size] if size else order
         size = size or total
+        if foreground_fraction is None:
+            passes = -(-size // total) if total else 0
+            order = np.concatenate([rng.permutation(total) for _ in range(passes)]) if passes else np.empty(0, np.int64)
+            return order[:size]
         n_fg = int(round(foreground_fraction * size)) if len(self.foreground) else 0
         picks = np.concatenate([
             rng.choice(self.foreground, size=n_fg, replace=n_fg > len(self.foreground)) if n_fg else np.empty(0, np.int64),

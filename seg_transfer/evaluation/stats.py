@@ -130,3 +130,67 @@ def paired_comparison(
     ci = bootstrap_ci(diff, np.mean, n_resamples=n_resamples, confidence=confidence, seed=seed)
     statistic, p_value = wilcoxon_p(diff)
     return PairedComparison(ci.n, ci.estimate, ci.low, ci.high, statistic, p_value, confidence)
+
+
+@dataclass(frozen=True)
+class SeedAwareComparison:
+    """Paired difference a - b over a seeds x cases grid, with both sources of variation respected.
+
+    ``mean_difference``: mean over seeds and cases. ``ci_low``/``ci_high`` and ``p_value`` come from a
+    two-level bootstrap (seeds resampled, then cases), so a case seen under several seeds is not
+    counted as several independent samples. ``seed_differences``: the per-seed mean differences.
+    """
+
+    n_seeds: int
+    n_cases: int
+    mean_difference: float
+    ci_low: float
+    ci_high: float
+    p_value: float
+    seed_differences: list[float]
+    confidence: float
+
+    @property
+    def consistent_sign(self) -> int:
+        """+1 if every seed's mean difference is > 0, -1 if every one is < 0, else 0."""
+        if self.seed_differences and all(d > 0 for d in self.seed_differences):
+            return 1
+        if self.seed_differences and all(d < 0 for d in self.seed_differences):
+            return -1
+        return 0
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "consistent_sign": self.consistent_sign}
+
+
+def hierarchical_bootstrap(
+    differences: Sequence[Sequence[float]] | np.ndarray,
+    n_resamples: int = 10000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> SeedAwareComparison:
+    """Two-level bootstrap of the mean of a ``(seeds, cases)`` grid of paired differences.
+
+    Each resample draws seeds with replacement and, independently, cases with replacement (seeds and
+    cases are crossed: every seed is scored on the same test cases) and takes the mean of the drawn
+    cells. CI: percentile interval. p: two-sided, ``2 * min(P(mean* <= 0), P(mean* >= 0))`` with the
+    smallest reportable value ``1 / n_resamples``. Cases with a NaN under any seed are dropped.
+    With one seed only the case level varies (say so when reporting: seed noise is then unmeasured).
+    """
+    grid = np.asarray(differences, dtype=float)
+    if grid.ndim != 2:
+        raise ValueError(f"expected a (seeds, cases) grid, got shape {grid.shape}")
+    grid = grid[:, ~np.isnan(grid).any(axis=0)]
+    n_seeds, n_cases = grid.shape
+    nan = float("nan")
+    if n_seeds == 0 or n_cases == 0:
+        return SeedAwareComparison(n_seeds, n_cases, nan, nan, nan, nan, [], confidence)
+    rng = np.random.default_rng(seed)
+    seed_weights = rng.multinomial(n_seeds, np.full(n_seeds, 1 / n_seeds), size=n_resamples) / n_seeds
+    case_weights = rng.multinomial(n_cases, np.full(n_cases, 1 / n_cases), size=n_resamples) / n_cases
+    means = np.einsum("bs,sc,bc->b", seed_weights, grid, case_weights)
+    tail = (1 - confidence) / 2
+    low, high = np.quantile(means, [tail, 1 - tail])
+    p = min(1.0, max(2 * min(np.mean(means <= 0), np.mean(means >= 0)), 1 / n_resamples))
+    return SeedAwareComparison(n_seeds, n_cases, float(grid.mean()), float(low), float(high), float(p),
+                               grid.mean(axis=1).tolist(), confidence)

@@ -7,7 +7,9 @@ CNN encoder without per-family tables. ``encoder_top: N`` trains the deepest N s
 Frozen layers keep BatchNorm in eval mode (``frozen_bn: eval``, the default): their running mean and
 variance stay the ImageNet statistics the frozen weights were trained with. Updating them from small
 medical batches would shift every activation the frozen convolutions produce, and the decoder being
-trained would chase a moving target. ``frozen_bn: train`` lets them adapt instead.
+trained would chase a moving target. ``frozen_bn: train`` lets them adapt instead, and
+``frozen_bn: adapt`` re-estimates them once on the target data (:func:`reestimate_batchnorm`) and
+then keeps them fixed while their layers are frozen.
 """
 from __future__ import annotations
 
@@ -78,7 +80,7 @@ def apply_trainable(model: nn.Module, stages: list[list[str]], spec: TrainSpec) 
             param.requires_grad_(True)
 
 
-def set_train_mode(model: nn.Module, frozen_bn: Literal["eval", "train"] = "eval") -> None:
+def set_train_mode(model: nn.Module, frozen_bn: Literal["eval", "train", "adapt"] = "eval") -> None:
     """``model.train()``, then normalisation layers whose parameters are all frozen go to eval."""
     model.train()
     if frozen_bn == "train":
@@ -88,3 +90,29 @@ def set_train_mode(model: nn.Module, frozen_bn: Literal["eval", "train"] = "eval
             params = list(module.parameters(recurse=False))
             if params and not any(p.requires_grad for p in params):
                 module.eval()
+
+
+@torch.no_grad()
+def reestimate_batchnorm(model: nn.Module, batches, device: torch.device) -> int:
+    """Replace the running statistics of every encoder BatchNorm by their average over ``batches``.
+
+    Cumulative averages (``momentum=None``) from a forward pass in train mode without gradients;
+    weights are untouched. Returns the number of batches used. The model is left in eval mode.
+    """
+    norms = [m for m in model.encoder.modules() if isinstance(m, _NormBase) and m.track_running_stats]
+    momenta = [m.momentum for m in norms]
+    model.eval()
+    for module in norms:
+        module.reset_running_stats()
+        module.momentum = None
+        module.train()
+    used = 0
+    try:
+        for batch in batches:
+            model(batch["image"].to(device))
+            used += 1
+    finally:
+        for module, momentum in zip(norms, momenta):
+            module.momentum = momentum
+        model.eval()
+    return used

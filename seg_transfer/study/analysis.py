@@ -1,8 +1,10 @@
-"""Study statistics: learning curves, paired arm-vs-control comparisons, negative transfer, time to target.
+"""Study statistics: learning curves, seed-aware paired comparisons, negative transfer, time to target.
 
-Per test case, an arm's score is its mean Dice over classes averaged over seeds, so every comparison is
-paired by case (same test cases, same training subsets per seed) and seeds reduce noise instead of
-counting as extra samples.
+A run's score on a test case is its mean Dice over classes. An arm at one training-set size is a
+seeds x cases grid of such scores; the control's grid shares both axes (seed ``s`` of every arm trains
+on the same subset; every run is scored on the same test cases). Comparisons use the grid of paired
+differences with a two-level bootstrap (seeds, then cases), so seeds are the unit of training noise
+and a case seen under three seeds is not three independent samples.
 """
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from seg_transfer.evaluation.stats import bootstrap_ci, paired_comparison
+from seg_transfer.evaluation.stats import hierarchical_bootstrap
 from seg_transfer.study.config import StudyConfig
 from seg_transfer.study.runner import RunRecord
 
@@ -19,14 +21,21 @@ NEGATIVE, POSITIVE, NEUTRAL = "worse than control (negative transfer)", "better 
 
 
 def select(records: Sequence[RunRecord], arm: str, size: int) -> list[RunRecord]:
-    return [r for r in records if r.arm == arm and r.size == size]
+    return sorted((r for r in records if r.arm == arm and r.size == size), key=lambda r: r.seed)
 
 
-def case_scores(records: Sequence[RunRecord]) -> dict[str, float]:
-    """{test case: mean over the runs (seeds) of the case's class-mean Dice}."""
-    per_run = [r.case_mean_dice() for r in records]
-    cases = sorted(set().union(*per_run)) if per_run else []
-    return {case: float(np.mean([scores[case] for scores in per_run if case in scores])) for case in cases}
+def score_grid(records: Sequence[RunRecord], seeds: Sequence[int], cases: Sequence[str]) -> np.ndarray:
+    """``(len(seeds), len(cases))`` class-mean Dice of the run of each seed on each case (NaN if missing)."""
+    by_seed = {r.seed: r.case_mean_dice() for r in records}
+    return np.array([[by_seed.get(s, {}).get(c, np.nan) for c in cases] for s in seeds], dtype=float)
+
+
+def shared_axes(*groups: Sequence[RunRecord]) -> tuple[list[int], list[str]]:
+    """Seeds present in every group, and test cases scored by every run of them."""
+    seeds = sorted(set.intersection(*({r.seed for r in g} for g in groups)))
+    runs = [r for g in groups for r in g if r.seed in seeds]
+    cases = sorted(set.intersection(*(set(r.test_dice) for r in runs))) if runs else []
+    return seeds, cases
 
 
 def arms_and_sizes(records: Sequence[RunRecord]) -> tuple[list[str], list[int]]:
@@ -44,46 +53,57 @@ def groups(records: Sequence[RunRecord]) -> Iterator[tuple[str, int, list[RunRec
                 yield arm, size, runs
 
 
+def run_mean(record: RunRecord) -> float:
+    return float(np.mean(list(record.case_mean_dice().values())))
+
+
 def learning_curves(records: Sequence[RunRecord], confidence: float = 0.95) -> list[dict[str, Any]]:
-    """Per arm and size: test Dice (mean over cases of the seed-averaged case scores) with a bootstrap CI
-    over cases, the per-seed run means and their SD."""
+    """Per arm and size: test Dice (mean over seeds and cases) with a two-level bootstrap CI, the per-seed
+    means and their SD, and the runs that collapsed."""
     rows = []
     for arm, size, runs in groups(records):
-        ci = bootstrap_ci(list(case_scores(runs).values()), confidence=confidence)
-        seed_means = [float(np.mean(list(r.case_mean_dice().values()))) for r in runs]
-        rows.append({"arm": arm, "size": size, "n_seeds": len(runs), "test_dice": ci.estimate, "ci_low": ci.low,
-                     "ci_high": ci.high, "n_cases": ci.n, "seed_means": seed_means,
+        seeds, cases = shared_axes(runs)
+        ci = hierarchical_bootstrap(score_grid(runs, seeds, cases), confidence=confidence)
+        seed_means = [run_mean(r) for r in runs]
+        rows.append({"arm": arm, "size": size, "n_seeds": len(runs), "test_dice": ci.mean_difference, "ci_low": ci.ci_low,
+                     "ci_high": ci.ci_high, "n_cases": ci.n_cases, "seeds": [r.seed for r in runs], "seed_means": seed_means,
                      "seed_sd": float(np.std(seed_means, ddof=1)) if len(seed_means) > 1 else None,
+                     "seed_min": float(min(seed_means)),
                      "val_dice": float(np.mean([r.best_val_dice for r in runs])),
-                     "train_seconds": float(np.mean([r.seconds for r in runs]))})
+                     "train_seconds": float(np.mean([r.seconds for r in runs])),
+                     "steps": sorted({r.steps for r in runs}),
+                     "collapsed_seeds": [r.seed for r in runs if r.collapsed]})
     return rows
 
 
 def verdict(comparison: dict[str, Any], alpha: float) -> str:
-    """Significant (Wilcoxon p < alpha and the CI excludes 0) better, worse, or no difference."""
-    p, low, high = comparison["p_value"], comparison["ci_low"], comparison["ci_high"]
+    """Better or worse only when the seed-aware p < alpha, the CI excludes 0 and every seed agrees in sign."""
+    p, low, high, sign = comparison["p_value"], comparison["ci_low"], comparison["ci_high"], comparison["consistent_sign"]
     if p is None or not np.isfinite(p) or p >= alpha:
         return NEUTRAL
-    if np.isfinite(high) and high < 0:
+    if np.isfinite(high) and high < 0 and sign < 0:
         return NEGATIVE
-    if np.isfinite(low) and low > 0:
+    if np.isfinite(low) and low > 0 and sign > 0:
         return POSITIVE
     return NEUTRAL
 
 
 def paired_comparisons(records: Sequence[RunRecord], control: str, alpha: float, confidence: float = 0.95) -> list[dict[str, Any]]:
-    """Each arm against the control at each size, paired by test case: mean difference (arm - control),
-    bootstrap CI, Wilcoxon signed-rank p, verdict and the negative-transfer flag."""
+    """Each arm against the control at each size on their shared seeds and test cases: mean difference
+    (arm - control), per-seed differences, two-level bootstrap CI and p, verdict, negative-transfer flag."""
     arms, sizes = arms_and_sizes(records)
     rows = []
     for arm in (a for a in arms if a != control):
         for size in sizes:
-            mine, theirs = case_scores(select(records, arm, size)), case_scores(select(records, control, size))
-            shared = sorted(set(mine) & set(theirs))
-            if not shared:
+            mine, theirs = select(records, arm, size), select(records, control, size)
+            if not mine or not theirs:
                 continue
-            result = paired_comparison([mine[c] for c in shared], [theirs[c] for c in shared], confidence=confidence).as_dict()
-            row = {"arm": arm, "control": control, "size": size, **result}
+            seeds, cases = shared_axes(mine, theirs)
+            if not seeds or not cases:
+                continue
+            grid = score_grid(mine, seeds, cases) - score_grid(theirs, seeds, cases)
+            result = hierarchical_bootstrap(grid, confidence=confidence).as_dict()
+            row = {"arm": arm, "control": control, "size": size, "seeds": seeds, "n": result["n_cases"], **result}
             row["verdict"] = verdict(row, alpha)
             row["negative_transfer"] = row["verdict"] == NEGATIVE
             rows.append(row)
@@ -113,6 +133,7 @@ def analyse(records: Sequence[RunRecord], study: StudyConfig) -> dict[str, Any]:
         "comparisons": paired_comparisons(records, study.control, study.alpha),
         "time_to_target": time_to_target(records, study.target_dice),
         "runs": [{"arm": r.arm, "size": r.size, "seed": r.seed, "run_dir": str(r.run_dir), "best_val_dice": r.best_val_dice,
-                  "epochs": r.epochs, "seconds": r.seconds, "test_dice_mean": float(np.mean(list(r.case_mean_dice().values()))),
+                  "epochs": r.epochs, "steps": r.steps, "seconds": r.seconds, "test_dice_mean": run_mean(r),
+                  "collapsed": r.collapsed, "collapse_warnings": r.collapse_warnings, "stopped": r.stopped,
                   "curve": r.curve} for r in records],
     }

@@ -9,7 +9,7 @@ from seg_transfer.atomic import write_atomic
 from seg_transfer.study.analysis import analyse
 from seg_transfer.study.config import StudyConfig, load_study_config
 from seg_transfer.study.report import write_report
-from seg_transfer.study.runner import StudyProgress, run_study
+from seg_transfer.study.runner import StudyProgress, check_equal_steps, run_study
 
 
 @dataclass
@@ -19,13 +19,15 @@ class CompareOutcome:
     files: dict[str, Path]
 
 
-def compare(study_path: str | Path, output: str | Path, *, device: str = "auto", max_runs: int | None = None) -> CompareOutcome:
+def compare(study_path: str | Path, output: str | Path, *, device: str = "auto", max_runs: int | None = None,
+            shard: tuple[int, int] = (0, 1)) -> CompareOutcome:
     """Run (or continue) the study in ``study_path`` into ``output`` and write its report from the finished runs."""
     study = load_study_config(study_path)
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     write_atomic(output / "study.json", json.dumps(study.model_dump(mode="json"), indent=2) + "\n")
-    progress = run_study(study, output, device=device, max_runs=max_runs)
+    progress = run_study(study, output, device=device, max_runs=max_runs, shard=shard)
+    check_equal_steps(progress.records, study.allow_unequal_budgets)
     results = {"study": study_summary(study, output, progress), **analyse(progress.records, study)}
     files = write_report(results, output) if progress.records else {}
     return CompareOutcome(progress, results, files)

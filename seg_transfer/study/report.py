@@ -29,17 +29,27 @@ def fmt(value: Any, digits: int = 3) -> str:
     return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
 
+def seed_values(values: Sequence[float], seeds: Sequence[int], digits: int = 3, signed: bool = False) -> str:
+    """Per-seed numbers side by side: ``s0 0.812 · s1 0.826 · s2 0.803``."""
+    form = f"{{:+.{digits}f}}" if signed else f"{{:.{digits}f}}"
+    return " · ".join(f"s{seed} {form.format(v)}" for seed, v in zip(seeds, values))
+
+
 def learning_table(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    header = ["arm", "training cases", "seeds", "test Dice", "95% CI", "seed SD", "val Dice", "train s"]
-    rows = [[r["arm"], str(r["size"]), str(r["n_seeds"]), fmt(r["test_dice"], 4), f"[{fmt(r['ci_low'])}, {fmt(r['ci_high'])}]",
-             fmt(r["seed_sd"]), fmt(r["val_dice"], 4), fmt(r["train_seconds"], 0)] for r in results["learning_curves"]]
+    header = ["arm", "training cases", "test Dice (mean)", "95% CI", "per seed", "seed SD", "val Dice", "steps", "train s", "collapsed"]
+    rows = [[r["arm"], str(r["size"]), fmt(r["test_dice"]), f"[{fmt(r['ci_low'])}, {fmt(r['ci_high'])}]",
+             seed_values(r["seed_means"], r["seeds"]), fmt(r["seed_sd"]), fmt(r["val_dice"]),
+             "/".join(str(s) for s in r["steps"]), fmt(r["train_seconds"], 0),
+             ", ".join(f"s{seed}" for seed in r["collapsed_seeds"]) or "-"] for r in results["learning_curves"]]
     return header, rows
 
 
 def comparison_table(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    header = ["arm vs control", "training cases", "test cases", "mean difference", "95% CI", "Wilcoxon p", "verdict"]
-    rows = [[f"{r['arm']} vs {r['control']}", str(r["size"]), str(r["n"]), f"{r['mean_difference']:+.4f}",
-             f"[{fmt(r['ci_low'], 4)}, {fmt(r['ci_high'], 4)}]", fmt(r["p_value"], 4),
+    header = ["arm vs control", "training cases", "seeds x test cases", "mean difference", "per seed", "95% CI (seeds, cases)",
+              "p (seeds, cases)", "verdict"]
+    rows = [[f"{r['arm']} vs {r['control']}", str(r["size"]), f"{r['n_seeds']} x {r['n']}", f"{r['mean_difference']:+.3f}",
+             seed_values(r["seed_differences"], r["seeds"], signed=True),
+             f"[{fmt(r['ci_low'])}, {fmt(r['ci_high'])}]", fmt(r["p_value"], 4),
              ("**NEGATIVE TRANSFER** " if r["negative_transfer"] else "") + r["verdict"]] for r in results["comparisons"]]
     return header, rows
 
@@ -159,9 +169,14 @@ def findings(results: dict[str, Any]) -> list[str]:
     """One plain sentence per comparison (what the numbers say, including where transfer does not help)."""
     lines = []
     for r in results["comparisons"]:
-        lines.append(f"{r['arm']} vs {r['control']} with {r['size']} training cases: {r['mean_difference']:+.4f} Dice "
-                     f"(95% CI {fmt(r['ci_low'], 4)} to {fmt(r['ci_high'], 4)}, Wilcoxon p = {fmt(r['p_value'], 4)}, "
-                     f"n = {r['n']} test cases): {r['verdict']}.")
+        lines.append(f"{r['arm']} vs {r['control']} with {r['size']} training cases: {r['mean_difference']:+.3f} Dice "
+                     f"(per seed {seed_values(r['seed_differences'], r['seeds'], signed=True)}; 95% CI {fmt(r['ci_low'])} to "
+                     f"{fmt(r['ci_high'])}, p = {fmt(r['p_value'], 4)} from a bootstrap over {r['n_seeds']} seeds and "
+                     f"{r['n']} test cases): {r['verdict']}.")
+    for r in results["learning_curves"]:
+        if r["collapsed_seeds"]:
+            lines.append(f"{r['arm']} with {r['size']} training cases: seed(s) {', '.join(map(str, r['collapsed_seeds']))} "
+                         "collapsed (a class below the collapse threshold at the best epoch).")
     return lines
 
 
@@ -170,7 +185,9 @@ def header_lines(results: dict[str, Any]) -> list[str]:
     return [f"Dataset: `{study['dataset']}`; {study['n_test']} fixed test cases (never trained on or used for model "
             f"selection), {study['n_val']} fixed validation cases (model selection), training subsets drawn from "
             f"{study['n_pool']} cases (nested per seed). Arms: {', '.join(study['arms'])}; control: {study['control']}; "
-            f"seeds: {study['seeds']}. Test Dice = mean over classes per case, averaged over seeds, then over cases.",
+            f"seeds: {study['seeds']}. Test Dice = mean over classes per case, then over seeds and cases; CIs and p-values "
+            "from a two-level bootstrap (seeds resampled, then cases), so seed-to-seed noise counts. Every run takes the "
+            "same number of optimiser steps (column steps; the study refuses to report otherwise).",
             f"{study['finished_runs']} of {study['total_runs']} runs finished."]
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from seg_transfer.data.io import volume_suffix
@@ -29,6 +29,18 @@ class StudyError(RuntimeError):
     """The study cannot go on as configured (one line for the user)."""
 
 
+def check_equal_steps(records: list[RunRecord], allow_unequal: bool = False) -> dict[str, int]:
+    """{run key: optimiser steps}; StudyError when the finished runs took different numbers of steps
+    (a comparison at unequal budgets is not valid) unless ``allow_unequal`` (the report then shows them)."""
+    steps = {f"{r.arm}/n{r.size:03d}_seed{r.seed}": r.steps for r in records}
+    if len(set(steps.values())) > 1 and not allow_unequal:
+        listing = ", ".join(f"{k}: {v}" for k, v in sorted(steps.items(), key=lambda kv: kv[1])[:4])
+        raise StudyError(f"runs took different numbers of optimiser steps ({min(steps.values())} to "
+                         f"{max(steps.values())}; {listing}, ...); the study refuses to compare them "
+                         "(set allow_unequal_budgets: true to report anyway)")
+    return steps
+
+
 @dataclass
 class RunRecord:
     """What one finished run contributes to the analysis."""
@@ -42,6 +54,10 @@ class RunRecord:
     seconds: float
     test_dice: dict[str, dict[str, float]]  # case -> class name -> Dice
     curve: list[dict[str, float]]  # per validated epoch: epoch, elapsed, val_dice
+    steps: int = 0  # optimiser steps the run took
+    collapsed: list[str] = field(default_factory=list)  # classes below the collapse threshold at the best epoch
+    collapse_warnings: int = 0  # validations that flagged a possible collapse
+    stopped: str | None = None
 
     def case_mean_dice(self) -> dict[str, float]:
         """Mean Dice over the classes, per test case."""
@@ -65,14 +81,22 @@ class StudyProgress:
         return len(self.records) == self.total_runs
 
 
-def run_study(study: StudyConfig, output: Path, *, device: str = "auto", max_runs: int | None = None) -> StudyProgress:
+def run_study(study: StudyConfig, output: Path, *, device: str = "auto", max_runs: int | None = None,
+              shard: tuple[int, int] = (0, 1)) -> StudyProgress:
     """Train, predict and evaluate every run not yet finished; ``max_runs`` caps how many new runs train now
-    (a study can be spread over several time-limited jobs). Returns the finished runs."""
+    (a study can be spread over several time-limited jobs). ``shard=(i, n)``: this process trains only
+    runs ``i, i+n, i+2n, ...`` of the plan, so ``n`` processes (or jobs) share a study folder; runs of
+    other shards count once their test evaluation is written. Returns the finished runs."""
     output = Path(output)
     cases, specs = plan_runs(study, output)
     test_images, test_labels, labels_file = write_test_inputs(cases, output)
     records, trained = [], 0
+    mine, shards = shard
     for index, spec in enumerate(specs, 1):
+        if (index - 1) % shards != mine:
+            if (spec.run_dir / "test_evaluation" / JSON_NAME).is_file():
+                records.append(complete_run(spec, test_images, test_labels, labels_file, study, device))
+            continue
         is_new = finished_result(spec.run_dir) is None
         if is_new and max_runs is not None and trained >= max_runs:
             log.info("stopping after %d new run(s) (--max-runs); %d of %d runs finished", trained, len(records), len(specs))
@@ -92,7 +116,8 @@ def complete_run(spec: RunSpec, test_images: Path, test_labels: Path, labels_fil
         predictions = predict_test_cases(spec.run_dir, test_images, study.predict_batch_size, device)
         evaluate_folders(predictions, test_labels, evaluation.parent, tolerance_mm=study.tolerance_mm, labels=labels_file)
     return RunRecord(spec.arm, spec.size, spec.seed, spec.run_dir, result.best_dice, result.epochs, result.seconds,
-                     read_test_dice(evaluation), read_curve(spec.run_dir))
+                     read_test_dice(evaluation), read_curve(spec.run_dir), result.steps, result.collapsed,
+                     len(result.collapse_warnings), result.stopped)
 
 
 def write_run_splits(spec: RunSpec) -> None:
@@ -117,7 +142,10 @@ def write_test_inputs(cases: StudyCases, output: Path) -> tuple[Path, Path, Path
         label = Path(cases.cases[name].label)
         link = labels_dir / f"{name}{volume_suffix(label)}"
         if not link.exists():
-            os.symlink(label.resolve(), link)
+            try:
+                os.symlink(label.resolve(), link)
+            except FileExistsError:  # another shard of the study made it meanwhile
+                pass
     labels_file = folder / "labels.json"
     labels_file.write_text(json.dumps({str(k): v for k, v in cases.labels.items()}, indent=2))
     return images, labels_dir, labels_file

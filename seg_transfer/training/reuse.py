@@ -10,6 +10,7 @@ from seg_transfer.config import RunConfig, dump_config
 from seg_transfer.training.trainer import RunDirError, RunResult, train
 
 SUMMARY_FIELDS = ("best_dice", "best_per_class", "best_epoch", "epochs", "seconds")
+OPTIONAL_FIELDS = ("steps", "collapsed", "collapse_warnings", "stopped")  # absent from summaries of older versions
 
 
 def finished_result(run_dir: Path) -> RunResult | None:
@@ -18,7 +19,8 @@ def finished_result(run_dir: Path) -> RunResult | None:
     if not summary.is_file():
         return None
     values = json.loads(summary.read_text())
-    return RunResult(run_dir=Path(run_dir), **{name: values[name] for name in SUMMARY_FIELDS})
+    optional = {name: values[name] for name in OPTIONAL_FIELDS if name in values}
+    return RunResult(run_dir=Path(run_dir), **{name: values[name] for name in SUMMARY_FIELDS}, **optional)
 
 
 def check_same_config(config: RunConfig, run_dir: Path) -> None:

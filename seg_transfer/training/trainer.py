@@ -32,13 +32,14 @@ from monai.losses import DiceCELoss
 from torch import nn
 from tqdm.auto import tqdm
 
+from seg_transfer.atomic import json_safe, write_atomic
 from seg_transfer.config import ConfigError, RunConfig, StageConfig, dump_config
 from seg_transfer.data.pipeline import PreparedData, prepare_data, slice_loader, volume_dataset
 from seg_transfer.data.transforms import Preprocessing
 from seg_transfer.evaluation.metrics import dice_per_class
 from seg_transfer.inference.slicewise import predict_volume
 from seg_transfer.models.factory import build_model, count_parameters, encoder_output_stride
-from seg_transfer.models.freezing import apply_trainable, encoder_stages, set_train_mode
+from seg_transfer.models.freezing import apply_trainable, encoder_stages, reestimate_batchnorm, set_train_mode
 from seg_transfer.models.weights import WeightsProvenance
 from seg_transfer.training import distributed, speed
 from seg_transfer.training.checkpoint import load_checkpoint, save_checkpoint
@@ -71,6 +72,8 @@ class Progress:
     best_per_class: list[float] = field(default_factory=list)
     stage_best: float = -1.0
     stage_bad_epochs: int = 0
+    collapse_warnings: list[dict] = field(default_factory=list)  # see :func:`collapsed_classes`
+    stopped: str | None = None  # why the run ended before its budget ("collapse"), else None
 
 
 @dataclass
@@ -81,6 +84,10 @@ class RunResult:
     best_epoch: int
     epochs: int
     seconds: float
+    steps: int = 0  # optimiser steps taken (the budget a fair comparison equalises)
+    collapsed: list[str] = field(default_factory=list)  # classes below the collapse threshold at the best epoch
+    collapse_warnings: list[dict] = field(default_factory=list)
+    stopped: str | None = None
 
 
 @dataclass
@@ -231,6 +238,10 @@ def _device(name: str) -> torch.device:
 
 def _run_stages(session: _Session, progress: Progress, checkpoint: dict | None) -> None:
     stages = session.config.training.stages
+    if session.config.model.frozen_bn == "adapt" and progress.step == 0 and progress.stage == 0 and progress.stage_epoch == 0:
+        _adapt_batchnorm(session, progress)
+    if progress.stopped:
+        return
     if progress.stage_done:
         _next_stage(progress)
         checkpoint = None  # a finished stage's optimiser is not continued
@@ -243,7 +254,18 @@ def _run_stages(session: _Session, progress: Progress, checkpoint: dict | None) 
         checkpoint = None
         _run_stage(session, stage, progress, optimizer, scheduler)
         distributed.check_ranks_agree(session.model, session.dist)
+        if progress.stopped:
+            return
         _next_stage(progress)
+
+
+def _adapt_batchnorm(session: _Session, progress: Progress) -> None:
+    """``frozen_bn: adapt``: one pass over the first epoch's training slices re-estimates the encoder's
+    BatchNorm statistics before any weight changes (no optimiser step is spent)."""
+    _set_epoch(session, progress)
+    used = reestimate_batchnorm(session.model, session.train_loader, session.device)
+    distributed.sync_buffers(session.model, session.dist)
+    log.info("frozen_bn adapt: encoder BatchNorm statistics re-estimated on %d training batches", used)
 
 
 def _next_stage(progress: Progress) -> None:
@@ -262,9 +284,20 @@ def _begin_stage(session: _Session, stage: StageConfig, progress: Progress):
     _set_epoch(session, progress)  # the loader's length is the epoch's, as the schedule needs
     scheduler = build_scheduler(optimizer, stage, max(len(session.train_loader), 1))
     trainable = count_parameters(session.model, trainable_only=True)
-    log.info("stage %s: train=%s, %d epochs, %d of %d parameters trainable", stage.label(progress.stage), spec,
-             stage.epochs, trainable, count_parameters(session.model))
+    total = count_parameters(session.model)
+    log.info("stage %s: %s trainable, %d epoch%s of %d steps; %.2f of %.2f M parameters (%.0f%%) train",
+             stage.label(progress.stage), describe_spec(spec), stage.epochs, "" if stage.epochs == 1 else "s",
+             len(session.train_loader), trainable / 1e6, total / 1e6, 100 * trainable / max(total, 1))
     return optimizer, scheduler
+
+
+def describe_spec(spec: str | int) -> str:
+    """What a stage trains, in words."""
+    if spec == "decoder":
+        return "decoder and head"
+    if spec == "all":
+        return "everything"
+    return f"top {spec} encoder stage{'s' if spec != 1 else ''} + decoder"
 
 
 def _training_module(session: _Session) -> nn.Module:
@@ -291,6 +324,9 @@ def _run_stage(session: _Session, stage: StageConfig, progress: Progress, optimi
                   "train_loss": train_loss}
         if progress.epoch % session.config.training.val_every == 0 or last_epoch:
             record.update(_validate_and_keep_best(session, progress))
+            collapse = _check_collapse(session, stage, progress, record)
+            if collapse and session.config.training.collapse.stop:
+                progress.stopped, last_epoch = "collapse", True
         progress.elapsed += time.monotonic() - epoch_start
         progress.stage_seconds += time.monotonic() - epoch_start
         record.update(seconds=time.monotonic() - epoch_start, elapsed=progress.elapsed)
@@ -299,9 +335,34 @@ def _run_stage(session: _Session, stage: StageConfig, progress: Progress, optimi
         if session.metrics is not None:
             session.metrics.append(record)
         _save(session, progress, optimizer, scheduler, "last")
-        log.info("epoch %d (%s): loss %.4f, val dice %s", progress.epoch, record["stage"], train_loss, record.get("val_dice"))
+        log.info("epoch %d (%s, step %d): loss %.3f%s", progress.epoch, record["stage"], progress.step, train_loss,
+                 f", val Dice {record['val_dice']:.3f}" if "val_dice" in record else "")
         if stop:
             return
+
+
+def _check_collapse(session: _Session, stage: StageConfig, progress: Progress, record: dict) -> list[str]:
+    """Classes that look collapsed at this validation (logged and kept in ``progress``), see :func:`collapsed_classes`."""
+    rule = session.config.training.collapse
+    if stage.train == "decoder" or progress.stage_epoch < rule.after_epochs:
+        return []
+    names = list(session.data.labels.values())[1:]
+    per_class = {name: record[f"val_dice_{name}"] for name in names}
+    low = collapsed_classes(per_class, rule.min_class_dice)
+    if low:
+        progress.collapse_warnings.append({"stage": stage.label(progress.stage), "epoch": progress.epoch, "step": progress.step,
+                                           "classes": {name: round(per_class[name], 4) for name in low}})
+        if session.dist.is_main:
+            log.warning("possible collapse: %s after %d epoch(s) of stage %s (threshold %.2f)%s",
+                        ", ".join(f"class {n} val Dice {per_class[n]:.3f}" for n in low), progress.stage_epoch,
+                        stage.label(progress.stage), rule.min_class_dice,
+                        "; stopping (training.collapse.stop)" if rule.stop else "")
+    return low
+
+
+def collapsed_classes(per_class: dict[str, float], min_class_dice: float) -> list[str]:
+    """Names of the classes whose Dice is below ``min_class_dice`` (a class the network is not learning)."""
+    return [name for name, value in per_class.items() if not value >= min_class_dice]
 
 
 def _set_epoch(session: _Session, progress: Progress) -> None:
@@ -500,6 +561,17 @@ def _seed_rank_streams(seed: int, rank: int) -> None:
         _seed_everything(int(np.random.SeedSequence([seed, rank]).generate_state(1)[0]))
 
 
+def rounded(value: Any, digits: int = 4) -> Any:
+    """``value`` with every float rounded to ``digits`` decimals (summaries are read by people)."""
+    if isinstance(value, float):
+        return round(value, digits)
+    if isinstance(value, dict):
+        return {k: rounded(v, digits) for k, v in value.items()}
+    if isinstance(value, list):
+        return [rounded(v, digits) for v in value]
+    return value
+
+
 def _finish(session: _Session, progress: Progress) -> RunResult:
     names = list(session.data.labels.values())[1:]
     result = RunResult(
@@ -509,10 +581,14 @@ def _finish(session: _Session, progress: Progress) -> RunResult:
         best_epoch=progress.best_epoch,
         epochs=progress.epoch,
         seconds=progress.elapsed,
+        steps=progress.step,
+        collapsed=collapsed_classes(dict(zip(names, progress.best_per_class)), session.config.training.collapse.min_class_dice),
+        collapse_warnings=progress.collapse_warnings,
+        stopped=progress.stopped,
     )
     summary = {**asdict(result), "run_dir": str(result.run_dir), "weights": session.provenance.as_dict(),
                "arch": session.config.model.arch, "encoder": session.config.model.encoder}
     if session.dist.is_main:
-        (session.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        write_atomic(session.run_dir / "summary.json", json.dumps(json_safe(rounded(summary)), indent=2) + "\n")
     distributed.barrier(session.dist)  # every rank returns once rank 0's files are complete
     return result

@@ -1,0 +1,127 @@
+"""Issue 10: equal step budgets, collapse detection, BatchNorm re-estimation, seed-aware statistics."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from seg_transfer.cli import main
+from seg_transfer.config import ModelConfig, config_from_dict
+from seg_transfer.evaluation.stats import hierarchical_bootstrap, wilcoxon_p
+from seg_transfer.models.factory import build_model
+from seg_transfer.models.freezing import reestimate_batchnorm
+from seg_transfer.study.analysis import NEGATIVE, NEUTRAL, paired_comparisons
+from seg_transfer.study.runner import RunRecord, StudyError, check_equal_steps
+from seg_transfer.training.trainer import train
+from tests.conftest import tiny_config
+
+
+def _record(arm: str, seed: int, scores, steps: int = 100) -> RunRecord:
+    test = {f"case{i:02d}": {"a": float(s)} for i, s in enumerate(scores)}
+    return RunRecord(arm, 10, seed, None, 0.5, 2, 10.0, test, [], steps)
+
+
+# ----------------------------------------------------------------------------- budgets in steps
+
+
+@pytest.mark.parametrize("n_train", [2, 4])
+def test_runs_take_the_same_steps_whatever_the_training_set_size(phantom_root, tmp_path, n_train):
+    """24 slices per epoch / batch 8 = 3 steps per epoch even when 2 cases hold fewer than 24 slices."""
+    raw = tiny_config(phantom_root, **{"data.slices_per_epoch": 48})
+    raw["training"]["stages"] = [{"name": "all", "train": "all", "epochs": 2, "lr": 1e-3}]
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    cases = sorted(p.name.removesuffix(".nii.gz") for p in (phantom_root / "labelsTr").glob("*.nii.gz"))
+    (run_dir / "splits.json").write_text(json.dumps({"train": cases[:n_train], "val": cases[-1:], "test": []}))
+    result = train(config_from_dict(raw), run_dir)
+    assert result.steps == 2 * 48 // 8
+    assert json.loads((run_dir / "summary.json").read_text())["steps"] == 12
+
+
+def test_study_refuses_runs_with_unequal_steps():
+    records = [_record("scratch", 0, [0.5] * 3, steps=120), _record("imagenet", 0, [0.6] * 3, steps=66)]
+    with pytest.raises(StudyError, match="different numbers of optimiser steps"):
+        check_equal_steps(records)
+    assert check_equal_steps(records, allow_unequal=True) == {"scratch/n010_seed0": 120, "imagenet/n010_seed0": 66}
+
+
+# ----------------------------------------------------------------------------- collapse
+
+
+def test_collapse_is_reported_and_can_stop_the_run(phantom_root, tmp_path, capsys):
+    """A threshold no class reaches makes every class 'collapsed' once the encoder trains (rule after 1 epoch)."""
+    raw = tiny_config(phantom_root)
+    raw["training"]["collapse"] = {"min_class_dice": 0.99, "after_epochs": 1}
+    result = train(config_from_dict(raw), tmp_path / "warn")
+    summary = json.loads((tmp_path / "warn" / "summary.json").read_text())
+    assert result.stopped is None and result.epochs == 3  # reported, not stopped
+    assert [w["stage"] for w in summary["collapse_warnings"]] == ["top", "all"]  # never the decoder-only stage
+    assert sorted(summary["collapsed"]) == ["anterior", "posterior"]
+
+    config = tmp_path / "run.yaml"
+    config.write_text(json.dumps(raw))
+    code = main(["train", "--config", str(config), "--output", str(tmp_path / "stop"), "--stop-on-collapse"])
+    assert code == 3
+    stopped = json.loads((tmp_path / "stop" / "summary.json").read_text())
+    assert stopped["stopped"] == "collapse" and stopped["epochs"] == 2  # decoder epoch + first encoder epoch
+    assert "stopped early" in capsys.readouterr().err
+
+
+def test_healthy_run_reports_no_collapse(phantom_root, tmp_path):
+    raw = tiny_config(phantom_root)
+    raw["training"]["collapse"] = {"min_class_dice": 0.0, "after_epochs": 1}
+    result = train(config_from_dict(raw), tmp_path / "run")
+    assert result.collapse_warnings == [] and result.collapsed == []
+
+
+# ----------------------------------------------------------------------------- BatchNorm re-estimation
+
+
+def test_reestimate_batchnorm_replaces_statistics_with_target_averages():
+    model, _ = build_model(ModelConfig(encoder_weights="none", decoder_channels=[32, 16, 16, 8, 8]), 3, 3)
+    first_bn = next(m for m in model.encoder.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    first_conv = next(m for m in model.encoder.modules() if isinstance(m, torch.nn.Conv2d))
+    weights = {k: v.clone() for k, v in model.state_dict().items() if "running" not in k and "num_batches" not in k}
+    torch.manual_seed(0)
+    batches = [{"image": torch.randn(4, 3, 32, 32) * 5 + 3} for _ in range(2)]
+    assert reestimate_batchnorm(model, batches, torch.device("cpu")) == 2
+    with torch.no_grad():
+        expected = torch.stack([first_conv(b["image"]).mean(dim=(0, 2, 3)) for b in batches]).mean(0)
+    assert torch.allclose(first_bn.running_mean, expected, atol=1e-4)  # cumulative average, not momentum 0.1
+    assert first_bn.momentum == 0.1 and not model.training
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in weights.items())  # no weight moved
+
+
+# ----------------------------------------------------------------------------- seed-aware statistics
+
+
+def test_seed_disagreement_is_not_hidden_by_many_cases():
+    """Two seeds +0.06, one seed -0.06 on 40 cases: averaging seeds per case and testing over cases (the old
+    study) calls +0.02 significant; the two-level bootstrap sees that one seed in three went the other way."""
+    rng = np.random.default_rng(0)
+    grid = np.stack([0.06 + rng.normal(0, 0.01, 40), 0.06 + rng.normal(0, 0.01, 40), -0.06 + rng.normal(0, 0.01, 40)])
+    _, case_p = wilcoxon_p(grid.mean(axis=0))
+    result = hierarchical_bootstrap(grid)
+    assert case_p < 1e-6
+    assert result.mean_difference == pytest.approx(0.02, abs=0.005)
+    assert result.p_value > 0.1 and result.ci_low < 0 < result.ci_high
+    assert result.seed_differences == pytest.approx([0.06, 0.06, -0.06], abs=0.005) and result.consistent_sign == 0
+
+
+def test_constant_difference_has_a_degenerate_interval_and_tiny_p():
+    result = hierarchical_bootstrap(np.full((3, 10), 0.04), n_resamples=2000)
+    assert (result.mean_difference, result.ci_low, result.ci_high) == pytest.approx((0.04, 0.04, 0.04))
+    assert result.p_value == pytest.approx(1 / 2000) and result.consistent_sign == 1
+
+
+def test_negative_transfer_needs_every_seed():
+    control = [_record("scratch", s, np.linspace(0.6, 0.9, 30)) for s in range(3)]
+    all_worse = [_record("imagenet", s, np.linspace(0.6, 0.9, 30) - 0.08) for s in range(3)]
+    one_collapse = [_record("imagenet", s, np.linspace(0.6, 0.9, 30) + d) for s, d in enumerate([0.01, 0.01, -0.40])]
+    (worse,) = paired_comparisons(control + all_worse, "scratch", alpha=0.01)
+    (mixed,) = paired_comparisons(control + one_collapse, "scratch", alpha=0.01)
+    assert worse["verdict"] == NEGATIVE and worse["negative_transfer"]
+    assert mixed["mean_difference"] == pytest.approx(-0.127, abs=0.001)
+    assert mixed["verdict"] == NEUTRAL and not mixed["negative_transfer"]
