@@ -125,12 +125,14 @@ class EarlyStopping(_Strict):
 
 
 class CollapseConfig(_Strict):
-    """Collapse detection: a class whose validation Dice stays below ``min_class_dice`` once a stage that
-    trains the encoder has run ``after_epochs`` epochs is reported (log, ``summary.json``); with ``stop``
-    the run ends there with a message instead of spending the rest of its budget."""
+    """Collapse detection. Once the encoder has trained for ``after_fraction`` of the run's encoder-training
+    epochs, a class is flagged at every validation where its Dice is below ``min_class_dice`` or below
+    ``relative_dice`` x the best class's Dice (a class the network is not learning while others are).
+    Flags go to the log and ``summary.json``; with ``stop`` the run ends at the first one."""
 
     min_class_dice: float = Field(0.1, ge=0, lt=1)
-    after_epochs: int = Field(2, ge=1)
+    relative_dice: float = Field(0.3, ge=0, le=1)
+    after_fraction: float = Field(0.4, gt=0, le=1)
     stop: bool = False
 
 

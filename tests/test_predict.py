@@ -223,6 +223,23 @@ def test_existing_outputs_need_continue_or_overwrite(checkpoint, plain, tmp_path
     assert (out / "phantom_000.nii.gz").stat().st_mtime_ns != before
 
 
+def test_output_into_the_input_folder_is_refused_even_with_overwrite(checkpoint, plain, tmp_path, capsys):
+    """Issue 13: ``-i X -o X --overwrite`` used to replace the scans with label maps; now nothing is written."""
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    scan = folder / "phantom_000.nii.gz"
+    shutil.copy(plain[2], scan)
+    before = scan.read_bytes()
+    for extra in ((), ("--overwrite",), ("--continue",)):
+        assert _predict(folder, folder, checkpoint, *extra) == 2
+        err = capsys.readouterr().err
+        assert "holds input scans" in err and "--overwrite" not in err and "Traceback" not in err
+    link = tmp_path / "out"
+    link.symlink_to(folder)  # the same folder behind a symlink
+    assert _predict(folder, link, checkpoint, "--overwrite") == 2
+    assert scan.read_bytes() == before
+
+
 def test_continue_after_an_interrupted_run(checkpoint, phantom_root, tmp_path, monkeypatch):
     out = tmp_path / "out"
     original = batch.predict_and_write

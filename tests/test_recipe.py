@@ -14,7 +14,7 @@ from seg_transfer.models.factory import build_model
 from seg_transfer.models.freezing import reestimate_batchnorm
 from seg_transfer.study.analysis import NEGATIVE, NEUTRAL, paired_comparisons
 from seg_transfer.study.runner import RunRecord, StudyError, check_equal_steps
-from seg_transfer.training.trainer import train
+from seg_transfer.training.trainer import collapsed_classes, train
 from tests.conftest import tiny_config
 
 
@@ -51,9 +51,10 @@ def test_study_refuses_runs_with_unequal_steps():
 
 
 def test_collapse_is_reported_and_can_stop_the_run(phantom_root, tmp_path, capsys):
-    """A threshold no class reaches makes every class 'collapsed' once the encoder trains (rule after 1 epoch)."""
+    """A threshold no class reaches makes every class 'collapsed' once the encoder trains (checked from the
+    first encoder-training epoch: 0.1 x 2 planned epochs rounds up to 1)."""
     raw = tiny_config(phantom_root)
-    raw["training"]["collapse"] = {"min_class_dice": 0.99, "after_epochs": 1}
+    raw["training"]["collapse"] = {"min_class_dice": 0.99, "after_fraction": 0.1}
     result = train(config_from_dict(raw), tmp_path / "warn")
     summary = json.loads((tmp_path / "warn" / "summary.json").read_text())
     assert result.stopped is None and result.epochs == 3  # reported, not stopped
@@ -69,9 +70,16 @@ def test_collapse_is_reported_and_can_stop_the_run(phantom_root, tmp_path, capsy
     assert "stopped early" in capsys.readouterr().err
 
 
+def test_collapse_rule_absolute_and_relative():
+    assert collapsed_classes({"a": 0.05, "b": 0.8}, 0.1) == ["a"]
+    assert collapsed_classes({"a": 0.14, "b": 0.57}, 0.1, 0.3) == ["a"]  # the issue's collapsed seed
+    assert collapsed_classes({"a": 0.78, "b": 0.81}, 0.1, 0.3) == []
+    assert collapsed_classes({"a": float("nan"), "b": 0.8}, 0.1) == ["a"]
+
+
 def test_healthy_run_reports_no_collapse(phantom_root, tmp_path):
     raw = tiny_config(phantom_root)
-    raw["training"]["collapse"] = {"min_class_dice": 0.0, "after_epochs": 1}
+    raw["training"]["collapse"] = {"min_class_dice": 0.0, "relative_dice": 0.0, "after_fraction": 0.1}
     result = train(config_from_dict(raw), tmp_path / "run")
     assert result.collapse_warnings == [] and result.collapsed == []
 
@@ -125,3 +133,22 @@ def test_negative_transfer_needs_every_seed():
     assert worse["verdict"] == NEGATIVE and worse["negative_transfer"]
     assert mixed["mean_difference"] == pytest.approx(-0.127, abs=0.001)
     assert mixed["verdict"] == NEUTRAL and not mixed["negative_transfer"]
+
+
+def test_reuse_accepts_runs_from_before_a_field_was_added(phantom_root, tmp_path):
+    """A field added later (with its default) does not make an older run 'another config'; a changed value does."""
+    import yaml
+
+    from seg_transfer.config import dump_config
+    from seg_transfer.training.reuse import check_same_config
+    from seg_transfer.training.trainer import RunDirError
+
+    config = config_from_dict(tiny_config(phantom_root))
+    older = dump_config(config)
+    del older["training"]["collapse"]
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(older))
+    check_same_config(config, tmp_path)
+    older["training"]["stages"][0]["lr"] = 0.5
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(older))
+    with pytest.raises(RunDirError, match="another config"):
+        check_same_config(config, tmp_path)

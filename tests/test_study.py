@@ -146,6 +146,9 @@ def test_tiny_study_end_to_end_and_resume(tmp_path, study_root, capsys):
     half = json.loads((out / "results.json").read_text())
     assert half["study"]["finished_runs"] == 2 and half["study"]["total_runs"] == 4
 
+    peer = {"peer": "nnU-Net v2", "configuration": "3d_fullres", "size": 5, "seed": 0, "epochs": 1, "train_seconds": 390.0,
+            "threads": 2, "test_dice_mean": 0.7004, "test_dice": {}}
+    (out / "peer_nnunet.json").write_text(json.dumps({"rows": [peer]}))
     assert main(["compare", "--config", str(study_path), "--output", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "4 of 4 runs finished" in printed
@@ -165,10 +168,11 @@ def test_tiny_study_end_to_end_and_resume(tmp_path, study_root, capsys):
     for comparison in comparisons:
         assert comparison["verdict"] in printed
     html = (out / "report.html").read_text()
-    assert html.count("data:image/png;base64,") == 3 and "Paired comparison" in html
+    assert html.count("data:image/png;base64,") == 4 and "Paired comparison" in html
     assert "| staged vs scratch | 5 | 1 x 3 |" in (out / "report.md").read_text()
+    assert "| nnU-Net v2 3d_fullres | 5 | 0 | 1 | 0.700 | 6.5 | 2 |" in (out / "report.md").read_text()
     assert {run["steps"] for run in results["runs"]} == {2 * 16 // 8}  # same steps at 2 and 5 training cases
-    for name in ("learning_curve.png", "paired_difference.png", "convergence.png"):
+    for name in ("learning_curve.png", "paired_difference.png", "convergence.png", "dice_vs_time.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

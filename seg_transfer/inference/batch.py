@@ -76,9 +76,24 @@ def check_request(request: PredictRequest) -> None:
         require_highdicom()
 
 
+def check_outputs_spare_inputs(cases: list[InputCase], request: PredictRequest) -> None:
+    """PredictSetupError when the output folder is an input's folder or an output path resolves (symlinks
+    included) to an input file: predictions must never replace the scans. No flag overrides this."""
+    out_dir = Path(request.out_dir).resolve()
+    inputs = {f.resolve() for c in cases for f in c.files}
+    if any(f.parent == out_dir for f in inputs):
+        raise PredictSetupError(f"{request.out_dir}: the output folder holds input scans; choose another -o "
+                                "(predictions are never written next to the inputs they would replace)")
+    for case in cases:
+        target = output_path(request.out_dir, case.name, request.fmt)
+        if target.resolve() in inputs:
+            raise PredictSetupError(f"{target}: would replace the input {target.resolve()}; choose another -o")
+
+
 def plan_cases(request: PredictRequest) -> list[InputCase]:
     """This shard's cases; refuses to overwrite existing outputs unless ``overwrite`` or ``resume``."""
     cases = shard(discover_cases(request.input), request.num_parts, request.part_id)
+    check_outputs_spare_inputs(cases, request)
     if not (request.overwrite or request.resume):
         existing = [p for c in cases if (p := output_path(request.out_dir, c.name, request.fmt)).exists()]
         if existing:

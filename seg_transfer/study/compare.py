@@ -28,9 +28,22 @@ def compare(study_path: str | Path, output: str | Path, *, device: str = "auto",
     write_atomic(output / "study.json", json.dumps(study.model_dump(mode="json"), indent=2) + "\n")
     progress = run_study(study, output, device=device, max_runs=max_runs, shard=shard)
     check_equal_steps(progress.records, study.allow_unequal_budgets)
-    results = {"study": study_summary(study, output, progress), **analyse(progress.records, study)}
+    results = {"study": study_summary(study, output, progress), **analyse(progress.records, study),
+               "peers": read_peer_rows(output)}
     files = write_report(results, output) if progress.records else {}
     return CompareOutcome(progress, results, files)
+
+
+PEER_FILE = "peer_nnunet.json"  # written by benchmarks/nnunet_peer.py on the same cases
+
+
+def read_peer_rows(output: Path) -> list[dict]:
+    """Peer rows (nnU-Net trained on the study's cases, scored with our evaluator), if any were written."""
+    path = Path(output) / PEER_FILE
+    if not path.is_file():
+        return []
+    rows = json.loads(path.read_text())
+    return rows.get("rows", []) if isinstance(rows, dict) else rows
 
 
 def study_summary(study: StudyConfig, output: Path, progress: StudyProgress) -> dict:

@@ -16,6 +16,7 @@ import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only bac
 from seg_transfer.atomic import atomic_open, json_safe, write_atomic
 
 PLOTS = {"learning_curve": "Test Dice against training cases",
+         "dice_vs_time": "Test Dice against training wall-clock minutes (our runs and peers)",
          "paired_difference": "Arm minus control, paired by test case",
          "convergence": "Validation Dice against wall-clock seconds and epochs"}
 
@@ -58,6 +59,14 @@ def target_table(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     header = ["arm", "training cases", "target val Dice", "runs reaching it", "mean seconds", "mean epochs"]
     rows = [[r["arm"], str(r["size"]), fmt(r["target"], 2), f"{r['reached']}/{r['runs']}", fmt(r["seconds"], 0), fmt(r["epochs"], 1)]
             for r in results["time_to_target"]]
+    return header, rows
+
+
+def peer_table(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    header = ["peer", "training cases", "seed", "epochs", "test Dice", "train min", "threads"]
+    rows = [[f"{r.get('peer', 'peer')} {r.get('configuration', '')}".strip(), str(r["size"]), str(r["seed"]), str(r["epochs"]),
+             fmt(r["test_dice_mean"]), fmt(r["train_seconds"] / 60, 1), str(r.get("threads", "n/a"))]
+            for r in results.get("peers", [])]
     return header, rows
 
 
@@ -123,6 +132,31 @@ def plot_paired_difference(results: dict[str, Any], path: Path) -> Path:
     _size_axis(ax, rows, "test Dice difference", "Paired difference to the control (95% CI)")
     if arms:
         ax.legend()
+    return _save(fig, path)
+
+
+def plot_dice_vs_time(results: dict[str, Any], path: Path) -> Path:
+    """One point per run (test Dice against its training minutes), peers as crosses."""
+    runs = results["runs"]
+    arms = list(dict.fromkeys(r["arm"] for r in runs))
+    colors = _arm_colors(arms)
+    sizes = sorted({r["size"] for r in runs})
+    markers = dict(zip(sizes, "osD^v<>ph*"))
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for run in runs:
+        ax.scatter(run["seconds"] / 60, run["test_dice_mean"], color=colors[run["arm"]], marker=markers.get(run["size"], "o"), s=22)
+    for peer in results.get("peers", []):
+        ax.scatter(peer["train_seconds"] / 60, peer["test_dice_mean"], color="black", marker="x", s=40)
+        ax.annotate(f"nnU-Net {peer['epochs']} ep, n={peer['size']}", (peer["train_seconds"] / 60, peer["test_dice_mean"]),
+                    fontsize=7, xytext=(3, 3), textcoords="offset points")
+    handles = [plt.Line2D([], [], color=colors[a], marker="o", linestyle="", label=a) for a in arms]
+    handles += [plt.Line2D([], [], color="gray", marker=markers[s], linestyle="", label=f"{s} cases") for s in sizes]
+    ax.set_xscale("log")
+    ax.set_xlabel("training wall-clock minutes (per run, as logged)")
+    ax.set_ylabel("test Dice (mean over classes and cases)")
+    ax.set_title("Test Dice against training time")
+    ax.grid(alpha=0.3)
+    ax.legend(handles=handles, fontsize=7)
     return _save(fig, path)
 
 
@@ -196,6 +230,8 @@ def markdown_report(results: dict[str, Any]) -> str:
              "## Learning curves", "", markdown_table(*learning_table(results)), "", "![learning curve](learning_curve.png)", "",
              "## Paired comparison with the control", "", markdown_table(*comparison_table(results)), "",
              "![paired difference](paired_difference.png)", "", *[f"- {line}" for line in findings(results)], "",
+             *(["## Peer: nnU-Net v2 on the same cases", "", markdown_table(*peer_table(results)), ""] if results.get("peers") else []),
+             "## Test Dice against training time", "", "![dice vs time](dice_vs_time.png)", "",
              "## Time to target validation Dice", "", markdown_table(*target_table(results)), "",
              "## Convergence", "", "![convergence](convergence.png)", ""]
     return "\n".join(parts)
@@ -214,7 +250,8 @@ def html_report(results: dict[str, Any], images: dict[str, Path]) -> str:
     return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{title}</title><style>{style}</style></head><body>"
             f"<h1>{title}</h1>{paragraphs}<h2>Learning curves</h2>{html_table(*learning_table(results))}{image('learning_curve')}"
             f"<h2>Paired comparison with the control</h2>{html_table(*comparison_table(results))}{image('paired_difference')}"
-            f"<ul>{finding_items}</ul><h2>Time to target validation Dice</h2>{html_table(*target_table(results))}"
+            f"<ul>{finding_items}</ul><h2>Test Dice against training time</h2>{html_table(*peer_table(results))}{image('dice_vs_time')}"
+            f"<h2>Time to target validation Dice</h2>{html_table(*target_table(results))}"
             f"<h2>Convergence</h2>{image('convergence')}</body></html>")
 
 
@@ -223,6 +260,7 @@ def write_report(results: dict[str, Any], output: Path) -> dict[str, Path]:
     output.mkdir(parents=True, exist_ok=True)
     images = {"learning_curve": plot_learning_curve(results, output / "learning_curve.png"),
               "paired_difference": plot_paired_difference(results, output / "paired_difference.png"),
+              "dice_vs_time": plot_dice_vs_time(results, output / "dice_vs_time.png"),
               "convergence": plot_convergence(results, output / "convergence.png")}
     return {
         "json": write_atomic(output / "results.json", json.dumps(json_safe(results), indent=2) + "\n"),

@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import yaml
+from pydantic import ValidationError
 
 from seg_transfer.config import RunConfig, dump_config
 from seg_transfer.training.trainer import RunDirError, RunResult, train
@@ -29,6 +30,10 @@ def check_same_config(config: RunConfig, run_dir: Path) -> None:
     if not stored_path.is_file():
         return
     stored = yaml.safe_load(stored_path.read_text())
+    try:  # fields added since the run started take their defaults; renamed or removed ones make it differ
+        stored = dump_config(RunConfig.model_validate(stored))
+    except ValidationError:
+        pass
     if stored != dump_config(config):
         changed = sorted(k for k in set(stored) | set(dump_config(config)) if stored.get(k) != dump_config(config).get(k))
         raise RunDirError(f"{run_dir}: holds a run with another config (differs in {', '.join(changed)}); "

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import random
 import sys
 import time
@@ -72,6 +73,7 @@ class Progress:
     best_per_class: list[float] = field(default_factory=list)
     stage_best: float = -1.0
     stage_bad_epochs: int = 0
+    encoder_epochs: int = 0  # epochs completed in stages that train the encoder
     collapse_warnings: list[dict] = field(default_factory=list)  # see :func:`collapsed_classes`
     stopped: str | None = None  # why the run ended before its budget ("collapse"), else None
 
@@ -317,6 +319,7 @@ def _run_stage(session: _Session, stage: StageConfig, progress: Progress, optimi
         progress.stage_steps += steps
         progress.stage_epoch += 1
         progress.epoch += 1
+        progress.encoder_epochs += stage.train != "decoder"
         out_of_budget = (budget is not None and steps >= budget) or _past(deadline, session.dist)
         last_epoch = progress.stage_epoch >= stage.epochs or out_of_budget
         record = {"stage": stage.label(progress.stage), "stage_index": progress.stage, "epoch": progress.epoch,
@@ -344,25 +347,28 @@ def _run_stage(session: _Session, stage: StageConfig, progress: Progress, optimi
 def _check_collapse(session: _Session, stage: StageConfig, progress: Progress, record: dict) -> list[str]:
     """Classes that look collapsed at this validation (logged and kept in ``progress``), see :func:`collapsed_classes`."""
     rule = session.config.training.collapse
-    if stage.train == "decoder" or progress.stage_epoch < rule.after_epochs:
+    planned = sum(s.epochs for s in session.config.training.stages if s.train != "decoder")
+    if stage.train == "decoder" or progress.encoder_epochs < max(1, math.ceil(rule.after_fraction * planned)):
         return []
     names = list(session.data.labels.values())[1:]
     per_class = {name: record[f"val_dice_{name}"] for name in names}
-    low = collapsed_classes(per_class, rule.min_class_dice)
+    low = collapsed_classes(per_class, rule.min_class_dice, rule.relative_dice)
     if low:
         progress.collapse_warnings.append({"stage": stage.label(progress.stage), "epoch": progress.epoch, "step": progress.step,
                                            "classes": {name: round(per_class[name], 4) for name in low}})
         if session.dist.is_main:
-            log.warning("possible collapse: %s after %d epoch(s) of stage %s (threshold %.2f)%s",
-                        ", ".join(f"class {n} val Dice {per_class[n]:.3f}" for n in low), progress.stage_epoch,
-                        stage.label(progress.stage), rule.min_class_dice,
-                        "; stopping (training.collapse.stop)" if rule.stop else "")
+            log.warning("possible collapse: %s after %d of %d encoder-training epochs (stage %s)%s",
+                        ", ".join(f"class {n} val Dice {per_class[n]:.3f}" for n in low), progress.encoder_epochs, planned,
+                        stage.label(progress.stage), "; stopping (training.collapse.stop)" if rule.stop else "")
     return low
 
 
-def collapsed_classes(per_class: dict[str, float], min_class_dice: float) -> list[str]:
-    """Names of the classes whose Dice is below ``min_class_dice`` (a class the network is not learning)."""
-    return [name for name, value in per_class.items() if not value >= min_class_dice]
+def collapsed_classes(per_class: dict[str, float], min_class_dice: float, relative_dice: float = 0.0) -> list[str]:
+    """Classes the network is not learning: Dice below ``min_class_dice``, or below ``relative_dice`` x the best
+    class's Dice (NaN counts as collapsed)."""
+    best = max((v for v in per_class.values() if v == v), default=0.0)
+    floor = max(min_class_dice, relative_dice * best)
+    return [name for name, value in per_class.items() if not value >= floor]
 
 
 def _set_epoch(session: _Session, progress: Progress) -> None:
@@ -582,7 +588,8 @@ def _finish(session: _Session, progress: Progress) -> RunResult:
         epochs=progress.epoch,
         seconds=progress.elapsed,
         steps=progress.step,
-        collapsed=collapsed_classes(dict(zip(names, progress.best_per_class)), session.config.training.collapse.min_class_dice),
+        collapsed=collapsed_classes(dict(zip(names, progress.best_per_class)), session.config.training.collapse.min_class_dice,
+                                    session.config.training.collapse.relative_dice),
         collapse_warnings=progress.collapse_warnings,
         stopped=progress.stopped,
     )

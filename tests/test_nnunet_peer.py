@@ -1,0 +1,110 @@
+"""benchmarks/nnunet_peer.py: nnU-Net v2 inputs built from a study's cases (fast), and a tiny end-to-end run (slow)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from seg_transfer.data.phantoms import make_phantom_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "nnunet_peer.py"
+sys.path.insert(0, str(SCRIPT.parent))
+import nnunet_peer  # noqa: E402
+
+LABELS = {"0": "background", "1": "anterior", "2": "posterior"}
+
+
+def fake_files(folder: Path, names: list[str]) -> dict[str, tuple[Path, Path]]:
+    """Empty stand-ins for image and label files: {case: (image, label)}."""
+    (folder / "img").mkdir(parents=True)
+    (folder / "lab").mkdir(parents=True)
+    cases = {}
+    for name in names:
+        image, label = folder / "img" / f"{name}.nii.gz", folder / "lab" / f"{name}.nii.gz"
+        image.touch()
+        label.touch()
+        cases[name] = (image, label)
+    return cases
+
+
+def test_raw_dataset_and_splits(tmp_path):
+    train, val = ["case_c", "case_a", "case_d"], ["case_b", "case_e"]
+    cases = fake_files(tmp_path / "src", train + val)
+    labels_file = tmp_path / "labels.json"
+    labels_file.write_text(json.dumps(LABELS))
+    folder = nnunet_peer.write_raw_dataset(tmp_path / "raw" / "Dataset501_peer_n3_seed0", cases,
+                                           nnunet_peer.nnunet_labels(labels_file), {"0": "MRI"})
+    content = json.loads((folder / "dataset.json").read_text())
+    assert content["channel_names"] == {"0": "MRI"}
+    assert content["labels"] == {"background": 0, "anterior": 1, "posterior": 2}
+    assert content["numTraining"] == 5 and content["file_ending"] == ".nii.gz"
+    images = sorted((folder / "imagesTr").iterdir())
+    assert [p.name for p in images] == [f"case_{c}_0000.nii.gz" for c in "abcde"]
+    assert all(p.is_symlink() and p.resolve() == cases[p.name[:-12]][0].resolve() for p in images)
+    labels = sorted((folder / "labelsTr").iterdir())
+    assert [p.name for p in labels] == [f"case_{c}.nii.gz" for c in "abcde"] and all(p.is_symlink() for p in labels)
+    nnunet_peer.write_raw_dataset(folder, cases, nnunet_peer.nnunet_labels(labels_file))  # rerun: same links, fine
+
+    splits = nnunet_peer.write_splits(tmp_path / "pre", train, val)
+    assert json.loads(splits.read_text()) == [{"train": ["case_c", "case_a", "case_d"], "val": ["case_b", "case_e"]}]
+
+
+def test_raw_dataset_refuses_other_cases(tmp_path):
+    cases = fake_files(tmp_path / "src", ["a", "b", "c"])
+    folder = tmp_path / "raw"
+    nnunet_peer.write_raw_dataset(folder, cases, {"background": 0, "x": 1})
+    with pytest.raises(nnunet_peer.PeerError, match="other cases"):
+        nnunet_peer.write_raw_dataset(folder, {k: cases[k] for k in "ab"}, {"background": 0, "x": 1})
+
+
+def test_bad_input_exits_2(tmp_path, capsys):
+    assert nnunet_peer.main(["--study", str(tmp_path), "--size", "3", "--epochs", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
+
+
+def fake_study(folder: Path) -> Path:
+    """A study folder shaped like `seg-transfer compare` writes it: 3 test, 2 val, 3 training cases (n3, seed 0)."""
+    dataset = make_phantom_dataset(folder / "data", n_train=8, n_test=0, shape=(32, 32, 12), seed=1)
+    names = [f"phantom_{i:03d}" for i in range(8)]
+    test, val, train = names[:3], names[3:5], names[5:]
+    study = folder / "study"
+    (study / "test_cases" / "labels").mkdir(parents=True)
+    (study / "test_cases" / "images.txt").write_text("".join(f"{dataset / 'imagesTr' / n}.nii.gz\n" for n in test))
+    for name in test:
+        os.symlink(dataset / "labelsTr" / f"{name}.nii.gz", study / "test_cases" / "labels" / f"{name}.nii.gz")
+    (study / "test_cases" / "labels.json").write_text(json.dumps(LABELS))
+    summary = {"name": "fake", "dataset": str(dataset), "sizes": [3], "seeds": [0], "test_cases": test,
+               "val_cases": val, "train_subsets": {"n3_seed0": train}, "config": {"tolerance_mm": 1.0}}
+    (study / "results.json").write_text(json.dumps({"study": summary}))
+    return study
+
+
+@pytest.mark.slow
+def test_tiny_nnunet_peer_end_to_end(tmp_path):
+    pytest.importorskip("nnunetv2")
+    study = fake_study(tmp_path)
+    command = [sys.executable, str(SCRIPT), "--study", str(study), "--size", "3", "--seeds", "0", "--epochs", "1",
+               "--iterations-per-epoch", "5", "--threads", "1", "--device", "cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    first = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert first.returncode == 0, first.stderr[-2000:]
+    rows = json.loads((study / "peer_nnunet.json").read_text())["rows"]
+    assert len(rows) == 1
+    row = rows[0]
+    assert (row["size"], row["seed"], row["epochs"], row["iterations_per_epoch"]) == (3, 0, 1, 5)
+    assert set(row["test_dice"]) == {"phantom_000", "phantom_001", "phantom_002"}
+    assert all(set(c) == {"anterior", "posterior"} for c in row["test_dice"].values())
+    assert 0.0 <= row["test_dice_mean"] <= 1.0
+    assert row["train_seconds"] > 0 and row["preprocess_seconds"] > 0 and row["predict_seconds"] > 0
+    splits = json.loads(next((study / "nnunet_peer" / "nnUNet_preprocessed").glob("Dataset501_*/splits_final.json")).read_text())
+    assert splits == [{"train": ["phantom_005", "phantom_006", "phantom_007"], "val": ["phantom_003", "phantom_004"]}]
+
+    again = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
+    assert again.returncode == 0 and "skipped" in again.stdout
+    assert json.loads((study / "peer_nnunet.json").read_text())["rows"] == rows
