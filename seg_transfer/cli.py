@@ -189,7 +189,7 @@ def compare(
     config: Annotated[Path, typer.Option("--config", "-c", help="Study YAML (base run config, arms, train_sizes, seeds).")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Study folder: runs/, test_cases/, report.md/.html, results.json.")],
     device: Annotated[str, typer.Option("--device", help="Device for test-case prediction: auto, cpu, cuda or cuda:N.")] = "auto",
-    max_runs: Annotated[Optional[int], typer.Option("--max-runs", help="Train at most N new runs now, then report (spread a study over jobs).")] = None,
+    max_runs: Annotated[Optional[int], typer.Option("--max-runs", min=0, help="Train at most N new runs now, then report (spread a study over jobs).")] = None,
     shard: Annotated[str, typer.Option("--shard", help="I/N: train only every N-th run from the I-th (0-based), so N processes share one study folder.")] = "0/1",
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
@@ -215,6 +215,14 @@ def _parse_shard(text: str) -> tuple[int, int]:
     return int(parts[0]), int(parts[1])
 
 
+def _click_exceptions() -> tuple[type[Exception], ...]:
+    """Usage-error base classes: click's, and the copy of click that newer typer versions vendor."""
+    import click
+
+    vendored = next((c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException"), click.ClickException)
+    return (click.ClickException, vendored)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: user errors become one line on stderr and exit code 2."""
     errors = _user_errors()
@@ -229,9 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         typer.echo("aborted", err=True)
         return 130
     except Exception as exc:  # click usage errors
-        import click
-
-        if isinstance(exc, click.ClickException):
+        if isinstance(exc, _click_exceptions()):
             exc.show()
             return exc.exit_code
         raise

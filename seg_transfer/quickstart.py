@@ -1,12 +1,13 @@
 """``seg-transfer quickstart``: phantoms, an ImageNet-pretrained staged run and its scratch control."""
 from __future__ import annotations
 
+import math
 from importlib import resources
 from pathlib import Path
 
 import yaml
 
-from seg_transfer.config import RunConfig, config_from_dict
+from seg_transfer.config import ConfigError, RunConfig, config_from_dict
 from seg_transfer.data.phantoms import make_phantom_dataset
 from seg_transfer.study.arms import scratch_control
 from seg_transfer.training.reuse import train_or_reuse
@@ -18,8 +19,17 @@ def default_config() -> dict:
     return yaml.safe_load(resources.files("seg_transfer.resources").joinpath("quickstart.yaml").read_text())
 
 
+def check_epochs_scale(epochs_scale: float) -> None:
+    """ConfigError unless ``epochs_scale`` is a positive finite number."""
+    if not (math.isfinite(epochs_scale) and epochs_scale > 0):
+        raise ConfigError(f"--epochs-scale must be a positive number, got {epochs_scale}")
+
+
 def quickstart_configs(data_root: Path, epochs_scale: float = 1.0) -> tuple[RunConfig, RunConfig]:
-    """(pretrained staged, scratch control) configs on the phantom dataset at ``data_root``."""
+    """(pretrained staged, scratch control) configs on the phantom dataset at ``data_root``.
+
+    Raises ConfigError for an ``epochs_scale`` that is not a positive finite number."""
+    check_epochs_scale(epochs_scale)
     raw = default_config()
     raw["data"]["root"] = str(data_root)
     for stage in raw["training"]["stages"]:
@@ -31,6 +41,7 @@ def run_quickstart(output: Path, epochs_scale: float = 1.0) -> str:
     """Generate phantoms (once), train both arms, and return a short report."""
     output = Path(output)
     data_root = output / "phantoms"
+    check_epochs_scale(epochs_scale)  # before any phantom is written
     if not (data_root / "dataset.json").is_file():
         make_phantom_dataset(data_root)
     pretrained, scratch = quickstart_configs(data_root, epochs_scale)

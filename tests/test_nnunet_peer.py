@@ -1,6 +1,7 @@
 """benchmarks/nnunet_peer.py: nnU-Net v2 inputs built from a study's cases (fast), and a tiny end-to-end run (slow)."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -13,8 +14,10 @@ from seg_transfer.data.phantoms import make_phantom_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "nnunet_peer.py"
-sys.path.insert(0, str(SCRIPT.parent))
-import nnunet_peer  # noqa: E402
+_SPEC = importlib.util.spec_from_file_location("nnunet_peer", SCRIPT)
+nnunet_peer = importlib.util.module_from_spec(_SPEC)
+sys.modules["nnunet_peer"] = nnunet_peer  # dataclasses look their module up while the class is made
+_SPEC.loader.exec_module(nnunet_peer)
 
 LABELS = {"0": "background", "1": "anterior", "2": "posterior"}
 

@@ -152,3 +152,34 @@ def test_reuse_accepts_runs_from_before_a_field_was_added(phantom_root, tmp_path
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(older))
     with pytest.raises(RunDirError, match="another config"):
         check_same_config(config, tmp_path)
+
+
+# ----------------------------------------------------------------------------- checkpoint errors (issue 13.3, 13.5)
+
+
+def test_empty_and_unsafe_checkpoints_are_one_line_errors(phantom_root, tmp_path, capsys):
+    scan = str(phantom_root / "imagesTr" / "phantom_000.nii.gz")
+    empty = tmp_path / "run" / "checkpoints" / "best.pt"
+    empty.parent.mkdir(parents=True)
+    empty.write_bytes(b"")
+    assert main(["predict", "-m", str(tmp_path / "run"), "-i", scan, "-o", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "empty file (0 bytes" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+    unsafe = tmp_path / "unsafe.pt"
+    torch.save({"format": "seg_transfer/1", "thing": np.random.default_rng(0)}, unsafe)
+    assert main(["predict", "-m", str(unsafe), "-i", scan, "-o", str(tmp_path / "out2")]) == 2
+    err = capsys.readouterr().err
+    assert "contains Python objects other than tensors; not loaded for safety" in err and "weights_only=False" not in err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["quickstart", "--epochs-scale", "nan"], "--epochs-scale must be a positive number, got nan"),
+    (["quickstart", "--epochs-scale", "-5"], "--epochs-scale must be a positive number, got -5.0"),
+    (["compare", "--config", "x.yaml", "--output", "o", "--max-runs", "-1"], "--max-runs"),
+])
+def test_meaningless_numbers_are_refused(tmp_path, monkeypatch, capsys, argv, message):
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # nothing written

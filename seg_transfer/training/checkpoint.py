@@ -1,6 +1,7 @@
 """Atomic, self-describing checkpoints (config, labels, preprocessing, weights provenance inside)."""
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -25,13 +26,25 @@ def save_checkpoint(payload: dict[str, Any], path: str | Path) -> Path:
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Load safely (``weights_only=True``); a run directory resolves to its best checkpoint."""
     path = resolve_checkpoint(path)
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path}: empty file (0 bytes; a full disk or an interrupted copy leaves this), not a checkpoint")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "weights_only" in str(exc) or "Unsupported global" in str(exc):
+            raise CheckpointError(f"{path}: contains Python objects other than tensors; not loaded for safety") from None
+        raise CheckpointError(f"{path}: cannot load checkpoint ({first_line(exc)})") from None
     except Exception as exc:  # noqa: BLE001 - one-line user error
-        raise CheckpointError(f"{path}: cannot load checkpoint ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})") from None
+        raise CheckpointError(f"{path}: cannot load checkpoint ({first_line(exc)})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a seg_transfer checkpoint")
     return payload
+
+
+def first_line(exc: BaseException) -> str:
+    """``Type: first line of the message`` (just the type for an empty message), at most 160 characters."""
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0][:160]}" if text else type(exc).__name__
 
 
 def resolve_checkpoint(path: str | Path, which: str = "best") -> Path:
