@@ -50,7 +50,7 @@ class StudyConfig(_Strict):
     arms: list[ArmConfig] = Field(min_length=2)
     control: str = "scratch"
     train_sizes: list[int | Literal["all"]] = Field(min_length=1)
-    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)  # one seed proves nothing
     split: StudySplit = Field(default_factory=StudySplit)
     target_dice: float = Field(0.8, gt=0.0, le=1.0)
     alpha: float = Field(0.05, gt=0.0, lt=1.0)

@@ -1,0 +1,39 @@
+"""The shipped study configs: valid, equal step budgets across arms, fixed test cases shared by all studies."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from seg_transfer.study.arms import arm_config, check_equal_budgets
+from seg_transfer.study.config import load_study_config
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+HIPPOCAMPUS = CONFIGS.parent.parent / "shared" / "data" / "Task04_Hippocampus"
+STUDIES = {"ablation_hippocampus_n10.yaml": 240, "robustness_hippocampus_n10.yaml": 240,
+           "robustness_hippocampus_n10_half.yaml": 120, "study_hippocampus.yaml": 240}
+
+pytestmark = [pytest.mark.hippocampus,
+              pytest.mark.skipif(not HIPPOCAMPUS.is_dir(), reason="needs ../shared/data/Task04_Hippocampus")]
+
+
+@pytest.mark.parametrize("name, steps", STUDIES.items())
+def test_every_arm_takes_the_stated_steps(name, steps, monkeypatch):
+    monkeypatch.chdir(CONFIGS.parent)  # data.root is relative to the checkout, as the README runs it
+    study = load_study_config(CONFIGS / name)
+    configs = {arm.name: arm_config(study, arm, study.seeds[0], arm.name) for arm in study.arms}
+    check_equal_budgets(configs)
+    for config in configs.values():
+        epochs = sum(stage.epochs for stage in config.training.stages)
+        assert epochs * config.data.slices_per_epoch // config.training.batch_size == steps
+    assert len(study.seeds) >= 3 and study.split.model_dump() == {"test_fraction": 0.2, "val_fraction": 0.1, "seed": 0}
+
+
+def test_default_recipe_is_what_the_ablation_chose(monkeypatch):
+    monkeypatch.chdir(CONFIGS.parent)
+    study = load_study_config(CONFIGS / "study_hippocampus.yaml")
+    config = arm_config(study, study.arm("imagenet"), 0, "imagenet")
+    assert config.model.encoder_weights == "imagenet" and config.model.frozen_bn == "train"
+    assert config.training.loss.batch_dice and [s.name for s in config.training.stages] == ["decoder", "top2", "all"]
+    scratch = arm_config(study, study.arm("scratch"), 0, "scratch")
+    assert scratch.model.encoder_weights == "none" and scratch.training.loss.batch_dice
