@@ -118,10 +118,25 @@ def test_seed_disagreement_is_not_hidden_by_many_cases():
     assert result.seed_differences == pytest.approx([0.06, 0.06, -0.06], abs=0.005) and result.consistent_sign == 0
 
 
-def test_constant_difference_has_a_degenerate_interval_and_tiny_p():
+def test_constant_difference_has_a_degenerate_interval_and_zero_p():
     result = hierarchical_bootstrap(np.full((3, 10), 0.04), n_resamples=2000)
     assert (result.mean_difference, result.ci_low, result.ci_high) == pytest.approx((0.04, 0.04, 0.04))
-    assert result.p_value == pytest.approx(1 / 2000) and result.consistent_sign == 1
+    assert result.p_value == 0.0 and result.p_bootstrap == pytest.approx(1 / 2000) and result.consistent_sign == 1
+
+
+def test_three_agreeing_seeds_are_not_enough_for_p_below_001():
+    """Per-seed gains +0.038, +0.029, +0.070 (the ablation's staged-bn-eval): every bootstrap resample is
+    positive (p at its floor), but three seeds with this spread support p ~ 0.04, not 1e-4."""
+    rng = np.random.default_rng(1)
+    grid = np.array([[0.038], [0.029], [0.070]]) + rng.normal(0, 0.04, (3, 40))
+    grid -= grid.mean(axis=1, keepdims=True) - np.array([[0.038], [0.029], [0.070]])
+    result = hierarchical_bootstrap(grid)
+    assert result.p_bootstrap <= 1e-3
+    assert 0.01 < result.p_value < 0.1 and 2 < result.degrees_of_freedom < 6
+    from scipy import stats as sps
+
+    seed_only = sps.ttest_1samp([0.038, 0.029, 0.070], 0).pvalue
+    assert result.p_value == pytest.approx(seed_only, rel=0.5)  # close to the seed-level t-test (df 2)
 
 
 def test_negative_transfer_needs_every_seed():

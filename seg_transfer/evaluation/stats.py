@@ -136,9 +136,12 @@ def paired_comparison(
 class SeedAwareComparison:
     """Paired difference a - b over a seeds x cases grid, with both sources of variation respected.
 
-    ``mean_difference``: mean over seeds and cases. ``ci_low``/``ci_high`` and ``p_value`` come from a
-    two-level bootstrap (seeds resampled, then cases), so a case seen under several seeds is not
-    counted as several independent samples. ``seed_differences``: the per-seed mean differences.
+    ``mean_difference``: mean over seeds and cases. ``ci_low``/``ci_high``: two-level bootstrap (seeds
+    resampled, then cases), so a case seen under several seeds is not counted as several independent
+    samples. ``p_value``: :func:`crossed_t_test` (seed and case variance, Satterthwaite degrees of
+    freedom); the bootstrap's own p (``p_bootstrap``) is reported too but is anti-conservative with
+    few seeds (three seeds that agree in sign give its floor, whatever their spread).
+    ``seed_differences``: the per-seed mean differences.
     """
 
     n_seeds: int
@@ -149,6 +152,9 @@ class SeedAwareComparison:
     p_value: float
     seed_differences: list[float]
     confidence: float
+    p_bootstrap: float = float("nan")
+    t_statistic: float = float("nan")
+    degrees_of_freedom: float = float("nan")
 
     @property
     def consistent_sign(self) -> int:
@@ -191,6 +197,29 @@ def hierarchical_bootstrap(
     means = np.einsum("bs,sc,bc->b", seed_weights, grid, case_weights)
     tail = (1 - confidence) / 2
     low, high = np.quantile(means, [tail, 1 - tail])
-    p = min(1.0, max(2 * min(np.mean(means <= 0), np.mean(means >= 0)), 1 / n_resamples))
-    return SeedAwareComparison(n_seeds, n_cases, float(grid.mean()), float(low), float(high), float(p),
-                               grid.mean(axis=1).tolist(), confidence)
+    p_boot = min(1.0, max(2 * min(np.mean(means <= 0), np.mean(means >= 0)), 1 / n_resamples))
+    t, df, p = crossed_t_test(grid)
+    return SeedAwareComparison(n_seeds, n_cases, float(grid.mean()), float(low), float(high), p,
+                               grid.mean(axis=1).tolist(), confidence, float(p_boot), t, df)
+
+
+def crossed_t_test(grid: np.ndarray) -> tuple[float, float, float]:
+    """(t, degrees of freedom, two-sided p) for "the mean of a (seeds, cases) grid is 0".
+
+    The standard error adds the seed part (variance of the seed means / seeds) and the case part
+    (variance of the case means / cases), as for a crossed design; degrees of freedom by
+    Welch-Satterthwaite, so with few seeds and seed noise dominating the test has about seeds - 1
+    degrees of freedom. One seed: the seed part cannot be estimated and is left out (seed noise is then
+    unmeasured). No spread at all: p is 0 for a non-zero mean, 1 for a zero mean.
+    """
+    n_seeds, n_cases = grid.shape
+    mean = float(grid.mean())
+    seed_part = np.var(grid.mean(axis=1), ddof=1) / n_seeds if n_seeds > 1 else 0.0
+    case_part = np.var(grid.mean(axis=0), ddof=1) / n_cases if n_cases > 1 else 0.0
+    se2 = seed_part + case_part
+    if se2 <= 1e-24:  # no spread beyond rounding
+        return (float(np.sign(mean)) * float("inf") if mean else 0.0), float("nan"), (0.0 if mean else 1.0)
+    terms = [(seed_part, n_seeds - 1), (case_part, n_cases - 1)]
+    df = se2**2 / sum(part**2 / dof for part, dof in terms if dof > 0 and part > 0)
+    t = mean / np.sqrt(se2)
+    return float(t), float(df), float(2 * sps.t.sf(abs(t), df))

@@ -47,10 +47,10 @@ def learning_table(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]
 
 def comparison_table(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     header = ["arm vs control", "training cases", "seeds x test cases", "mean difference", "per seed", "95% CI (seeds, cases)",
-              "p (seeds, cases)", "verdict"]
+              "p (t, seeds + cases)", "df", "verdict"]
     rows = [[f"{r['arm']} vs {r['control']}", str(r["size"]), f"{r['n_seeds']} x {r['n']}", f"{r['mean_difference']:+.3f}",
              seed_values(r["seed_differences"], r["seeds"], signed=True),
-             f"[{fmt(r['ci_low'])}, {fmt(r['ci_high'])}]", fmt(r["p_value"], 4),
+             f"[{fmt(r['ci_low'])}, {fmt(r['ci_high'])}]", fmt(r["p_value"], 4), fmt(r["degrees_of_freedom"], 1),
              ("**NEGATIVE TRANSFER** " if r["negative_transfer"] else "") + r["verdict"]] for r in results["comparisons"]]
     return header, rows
 
@@ -205,8 +205,8 @@ def findings(results: dict[str, Any]) -> list[str]:
     for r in results["comparisons"]:
         lines.append(f"{r['arm']} vs {r['control']} with {r['size']} training cases: {r['mean_difference']:+.3f} Dice "
                      f"(per seed {seed_values(r['seed_differences'], r['seeds'], signed=True)}; 95% CI {fmt(r['ci_low'])} to "
-                     f"{fmt(r['ci_high'])}, p = {fmt(r['p_value'], 4)} from a bootstrap over {r['n_seeds']} seeds and "
-                     f"{r['n']} test cases): {r['verdict']}.")
+                     f"{fmt(r['ci_high'])} by a bootstrap over {r['n_seeds']} seeds and {r['n']} test cases; p = {fmt(r['p_value'], 4)}, "
+                     f"t-test over seeds and cases, {fmt(r['degrees_of_freedom'], 1)} df): {r['verdict']}.")
     for r in results["learning_curves"]:
         if r["collapsed_seeds"]:
             lines.append(f"{r['arm']} with {r['size']} training cases: seed(s) {', '.join(map(str, r['collapsed_seeds']))} "
@@ -219,8 +219,9 @@ def header_lines(results: dict[str, Any]) -> list[str]:
     return [f"Dataset: `{study['dataset']}`; {study['n_test']} fixed test cases (never trained on or used for model "
             f"selection), {study['n_val']} fixed validation cases (model selection), training subsets drawn from "
             f"{study['n_pool']} cases (nested per seed). Arms: {', '.join(study['arms'])}; control: {study['control']}; "
-            f"seeds: {study['seeds']}. Test Dice = mean over classes per case, then over seeds and cases; CIs and p-values "
-            "from a two-level bootstrap (seeds resampled, then cases), so seed-to-seed noise counts. Every run takes the "
+            f"seeds: {study['seeds']}. Test Dice = mean over classes per case, then over seeds and cases; CIs from a two-level "
+            "bootstrap (seeds resampled, then cases); p-values from a t-test whose standard error adds seed and case "
+            "variance (Satterthwaite df), so seed-to-seed noise counts and a case is not counted once per seed. Every run takes the "
             "same number of optimiser steps (column steps; the study refuses to report otherwise).",
             f"{study['finished_runs']} of {study['total_runs']} runs finished."]
 
