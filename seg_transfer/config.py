@@ -290,14 +290,19 @@ def _apply_overrides(raw: dict[str, Any], overrides: list[str], source: str) -> 
         key, value = item.split("=", 1)
         node = raw
         parts = key.strip().split(".")
-        for part in parts[:-1]:
+        for depth, part in enumerate(parts[:-1]):
             part_key = _index_or_key(node, part)
             if isinstance(node, list):
                 node = node[part_key]
             else:
                 node = node.setdefault(part_key, {})
+            if not isinstance(node, (dict, list)):
+                raise ConfigError(f"{source}: --set {key}: '{'.'.join(parts[:depth + 1])}' is a value, not a section")
         last = _index_or_key(node, parts[-1])
-        node[last] = yaml.safe_load(value)
+        try:
+            node[last] = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{source}: --set {key}: value {value!r} is not valid YAML ({_first_line(exc)})") from None
     return raw
 
 

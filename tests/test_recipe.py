@@ -198,3 +198,16 @@ def test_meaningless_numbers_are_refused(tmp_path, monkeypatch, capsys, argv, me
     assert main(argv) == 2
     assert message in capsys.readouterr().err
     assert not any(tmp_path.iterdir())  # nothing written
+
+
+@pytest.mark.parametrize("override, message", [
+    ("seed.foo=1", "--set seed.foo: 'seed' is a value, not a section"),
+    ("training.batch_size=[1,", "--set training.batch_size: value '[1,' is not valid YAML"),
+])
+def test_bad_overrides_are_one_line_errors(phantom_root, tmp_path, capsys, override, message):
+    config = tmp_path / "run.yaml"
+    config.write_text(json.dumps(tiny_config(phantom_root)))
+    assert main(["train", "--config", str(config), "--set", override, "--output", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()
