@@ -338,10 +338,22 @@ def _run_stage(session: _Session, stage: StageConfig, progress: Progress, optimi
         if session.metrics is not None:
             session.metrics.append(record)
         _save(session, progress, optimizer, scheduler, "last")
-        log.info("epoch %d (%s, step %d): loss %.3f%s", progress.epoch, record["stage"], progress.step, train_loss,
-                 f", val Dice {record['val_dice']:.3f}" if "val_dice" in record else "")
+        remaining = sum(s.epochs for s in session.config.training.stages[progress.stage + 1:]) + stage.epochs - progress.stage_epoch
+        log.info("epoch %d/%d (%s, step %d): loss %.3f%s; %.0f slices/s, %.0f s, ETA %s", progress.epoch,
+                 progress.epoch + remaining, record["stage"], progress.step, train_loss,
+                 f", val Dice {record['val_dice']:.3f}" if "val_dice" in record else "",
+                 steps * session.config.training.batch_size / max(record["seconds"], 1e-9), record["seconds"],
+                 _clock(remaining * progress.elapsed / max(progress.epoch, 1)))
         if stop:
             return
+
+
+def _clock(seconds: float) -> str:
+    """``1 h 05 min``, ``4 min 10 s`` or ``12 s``."""
+    seconds = int(round(seconds))
+    if seconds >= 3600:
+        return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+    return f"{seconds // 60} min {seconds % 60:02d} s" if seconds >= 60 else f"{seconds} s"
 
 
 def _check_collapse(session: _Session, stage: StageConfig, progress: Progress, record: dict) -> list[str]:
