@@ -34,6 +34,16 @@ def write_atomic(path: str | Path, data: str | bytes) -> Path:
     return Path(path)
 
 
+def sweep_temp_files(folder: str | Path) -> list[Path]:
+    """Remove the temp files :func:`atomic_open` leaves when a process is killed between write and rename
+    (``.<name>.<random>.tmp``) anywhere below ``folder``; returns what was removed."""
+    folder = Path(folder)
+    stale = [p for p in folder.rglob(".*.tmp") if p.is_file()] if folder.is_dir() else []
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
+
+
 def json_safe(value: Any) -> Any:
     """``value`` as strict-JSON data: NaN/inf floats become None, tuples lists, keys and paths strings."""
     if isinstance(value, float):

@@ -211,3 +211,25 @@ def test_bad_overrides_are_one_line_errors(phantom_root, tmp_path, capsys, overr
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "run").exists()
+
+
+def test_resume_and_continue_sweep_temp_files_of_a_killed_write(phantom_root, tmp_path):
+    """Issue 13.6: a kill between write and rename leaves ``.<name>.<random>.tmp``; --resume / --continue remove it."""
+    raw = tiny_config(phantom_root)
+    raw["training"]["stages"] = [{"name": "all", "train": "all", "epochs": 1, "lr": 1e-3}]
+    config = tmp_path / "run.yaml"
+    config.write_text(json.dumps(raw))
+    run = tmp_path / "run"
+    assert main(["train", "--config", str(config), "--output", str(run)]) == 0
+    leftover = run / "checkpoints" / ".last.pt.abc123.tmp"
+    leftover.write_bytes(b"half a checkpoint")
+    assert main(["train", "--config", str(config), "--output", str(run), "--resume"]) == 0
+    assert not leftover.exists() and (run / "checkpoints" / "last.pt").is_file()
+
+    scan = phantom_root / "imagesTr" / "phantom_000.nii.gz"
+    out = tmp_path / "pred"
+    assert main(["predict", "-m", str(run), "-i", str(scan), "-o", str(out), "--device", "cpu"]) == 0
+    half = out / ".phantom_001.nii.gz.xyz.tmp"
+    half.write_bytes(b"x")
+    assert main(["predict", "-m", str(run), "-i", str(scan), "-o", str(out), "--device", "cpu", "--continue"]) == 0
+    assert not half.exists() and (out / "phantom_000.nii.gz").is_file()

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from seg_transfer.atomic import sweep_temp_files
 from seg_transfer.inference.cases import InputCase, discover_cases, shard
 from seg_transfer.inference.predictor import LoadedModel, PredictOptions, PredictSetupError, load_model, predict_case, resolve_device
 from seg_transfer.inference.summary import CaseResult, previous_results, summary_stem, write_summary
@@ -110,6 +111,9 @@ def run_predict(request: PredictRequest) -> PredictReport:
     names = list(loaded.labels.values())
     stem = summary_stem(request.num_parts, request.part_id)
     earlier = previous_results(request.out_dir / f"{stem}.json") if request.resume else {}
+    if request.resume:
+        for stale in sweep_temp_files(request.out_dir):
+            log.info("removed %s (left by an interrupted write)", stale)
     extra = {"checkpoint": str(request.checkpoint), "format": request.fmt, "device": str(loaded.device),
              "labels": {str(k): v for k, v in loaded.labels.items()}, "part": [request.part_id, request.num_parts]}
     results: list[CaseResult] = []

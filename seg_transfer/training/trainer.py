@@ -33,7 +33,7 @@ from monai.losses import DiceCELoss
 from torch import nn
 from tqdm.auto import tqdm
 
-from seg_transfer.atomic import json_safe, write_atomic
+from seg_transfer.atomic import json_safe, sweep_temp_files, write_atomic
 from seg_transfer.config import ConfigError, RunConfig, StageConfig, dump_config
 from seg_transfer.data.pipeline import PreparedData, prepare_data, slice_loader, volume_dataset
 from seg_transfer.data.transforms import Preprocessing
@@ -170,6 +170,9 @@ def _prepare_run_dir(run_dir: Path, last_path: Path, resume: bool, create: bool 
     if resume:
         if not last_path.is_file():
             raise RunDirError(f"{run_dir}: nothing to resume (no checkpoints/last.pt)")
+        if create:
+            for stale in sweep_temp_files(run_dir):
+                log.info("removed %s (left by an interrupted write)", stale)
         return load_checkpoint(last_path)
     if last_path.is_file():
         raise RunDirError(f"{run_dir}: already holds a run; use --resume to continue it or choose another --output")
@@ -223,10 +226,10 @@ def _open_session(config: RunConfig, run_dir: Path, skip_bad_cases: bool, contex
 
 
 def _write_run_files(config: RunConfig, run_dir: Path, data: PreparedData) -> None:
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(dump_config(config), sort_keys=False))
+    write_atomic(run_dir / "config.yaml", yaml.safe_dump(dump_config(config), sort_keys=False))
     if data.skipped:
         skipped = [{"name": b.name, "path": str(b.path), "problem": b.problem} for b in data.skipped]
-        (run_dir / "skipped_cases.json").write_text(json.dumps(skipped, indent=2))
+        write_atomic(run_dir / "skipped_cases.json", json.dumps(skipped, indent=2) + "\n")
 
 
 def _device(name: str) -> torch.device:
