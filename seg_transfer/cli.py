@@ -207,6 +207,33 @@ def compare(
         typer.echo(f"report: {outcome.files['markdown']} and {outcome.files['html']}")
 
 
+@app.command("rank-encoders")
+def rank_encoders(
+    config: Annotated[Path, typer.Option("--config", "-c", help="YAML run config (its training cases and preprocessing).")],
+    candidates: Annotated[str, typer.Option("--candidates", help="Comma-separated encoder:weights, weights imagenet, none or a file, e.g. tu-tf_efficientnet_lite0:imagenet.")],
+    pixels: Annotated[int, typer.Option("--pixels", min=1, help="Class-balanced pixels sampled per training case.")] = 1000,
+    strides: Annotated[str, typer.Option("--strides", help="Feature-map strides to score, e.g. 4,8,16 (one row each).")] = "8",
+    max_cases: Annotated[Optional[int], typer.Option("--max-cases", min=1, help="Use only the first N training cases (default: all).")] = None,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Folder for ranking.json and ranking.md.")] = Path("runs/rank_encoders"),
+    seed: Annotated[int, typer.Option("--seed", help="Pixel sampling seed.")] = 0,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "cpu",
+    skip_bad_cases: Annotated[bool, typer.Option("--skip-bad-cases", help="Use the good cases; ignore the bad ones.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Rank candidate encoders for a run config by LogME on its training pixels, before any fine-tuning."""
+    _setup_logging(verbose)
+    from seg_transfer.config import load_config
+    from seg_transfer.selection.rank import RankOptions, format_table, parse_candidates, parse_strides
+    from seg_transfer.selection.rank import rank_encoders as run_ranking
+
+    options = RankOptions(pixels=pixels, strides=parse_strides(strides), seed=seed, device=device,
+                          max_cases=max_cases, skip_bad_cases=skip_bad_cases)
+    chosen = parse_candidates(candidates)
+    ranking = run_ranking(load_config(config), chosen, output, options)
+    typer.echo(format_table(ranking))
+    typer.echo(f"{len(ranking.cases)} training cases; ranking: {ranking.files['json']} and {ranking.files['markdown']}")
+
+
 def _parse_shard(text: str) -> tuple[int, int]:
     """``I/N`` as (I, N) with 0 <= I < N; BadParameter otherwise."""
     parts = text.split("/")

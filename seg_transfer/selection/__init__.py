@@ -1,0 +1,1 @@
+"""Choosing a source encoder before fine-tuning: LogME scores of candidate encoders on the run's training pixels."""

@@ -1,0 +1,325 @@
+"""Rank candidate source encoders for a run config by LogME on the run's training pixels, before any fine-tuning.
+
+For every training case (as training preprocesses it, no augmentation) a class-balanced set of voxels
+is drawn once, from ``np.random.default_rng([seed, case_index])``. Each candidate encoder (built by the
+project's factory with the run's architecture, eval mode) sees the 2.5D slabs of the slices holding
+those voxels, padded as in training. The feature map at each chosen stride is bilinearly upsampled
+(``align_corners=False``) to the padded slice size, and the feature vector at every sampled voxel is
+read. LogME of the stacked features (n x d) against the voxel labels scores the candidate.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as nnf
+from tqdm.auto import tqdm
+
+from seg_transfer.atomic import json_safe, write_atomic
+from seg_transfer.config import ConfigError, ModelConfig, RunConfig
+from seg_transfer.data.cases import DatasetError
+from seg_transfer.data.slices import pad_to_multiple, slab
+from seg_transfer.selection.logme import logme
+
+log = logging.getLogger(__name__)
+
+CANDIDATE_EXAMPLE = "tu-tf_efficientnet_lite0:imagenet"
+
+
+# --------------------------------------------------------------------------- candidates and options
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """``encoder:weights`` with weights ``imagenet``, ``none`` or a weights file path."""
+
+    text: str
+    encoder: str
+    weights: str
+
+
+def parse_candidate(text: str) -> Candidate:
+    """Parse ``encoder:weights``; raises a one-line :class:`ConfigError` naming ``text`` for any other form,
+    a weights file that does not exist, or an encoder name the factory does not know."""
+    from seg_transfer.models.factory import ModelConfigError, validate_names
+
+    encoder, sep, weights = text.strip().partition(":")
+    encoder, weights = encoder.strip(), weights.strip()
+    if not sep or not encoder or not weights:
+        raise ConfigError(f"candidate {text!r}: expected encoder:weights, e.g. {CANDIDATE_EXAMPLE}")
+    if weights.lower() in {"imagenet", "none"}:
+        weights = weights.lower()
+    elif not Path(weights).expanduser().is_file():
+        raise ConfigError(f"candidate {text!r}: weights must be imagenet, none or an existing weights file")
+    else:
+        weights = str(Path(weights).expanduser())
+    try:
+        validate_names(ModelConfig(encoder=encoder, encoder_weights=weights))
+    except ModelConfigError as exc:
+        raise ConfigError(f"candidate {text!r}: {exc}") from None
+    return Candidate(text.strip(), encoder, weights)
+
+
+def parse_candidates(text: str) -> list[Candidate]:
+    """Comma-separated candidates, at least one, no duplicates."""
+    items = [item for item in text.split(",") if item.strip()]
+    if not items:
+        raise ConfigError(f"--candidates is empty; give encoder:weights items, e.g. {CANDIDATE_EXAMPLE}")
+    candidates = [parse_candidate(item) for item in items]
+    seen: set[tuple[str, str]] = set()
+    for candidate in candidates:
+        key = (candidate.encoder, candidate.weights)
+        if key in seen:
+            raise ConfigError(f"candidate {candidate.text!r} is given twice")
+        seen.add(key)
+    return candidates
+
+
+def parse_strides(text: str) -> tuple[int, ...]:
+    """``"4,8,16"`` as (4, 8, 16); raises :class:`ConfigError` unless all are positive integers."""
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    if not parts or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise ConfigError(f"--strides {text!r}: expected comma-separated positive integers, e.g. 4,8,16")
+    return tuple(dict.fromkeys(int(p) for p in parts))
+
+
+@dataclass(frozen=True)
+class RankOptions:
+    pixels: int = 1000
+    strides: tuple[int, ...] = (8,)
+    seed: int = 0
+    device: str = "cpu"
+    max_cases: int | None = None
+    skip_bad_cases: bool = False
+    batch_size: int = 16  # slices per encoder forward pass
+
+
+# --------------------------------------------------------------------------- pixel sampling
+
+
+@dataclass(frozen=True)
+class PixelSample:
+    """Sampled voxels of one case: flat indices into its (X, Y, Z) label array (ascending) and their labels."""
+
+    flat: np.ndarray
+    labels: np.ndarray
+
+
+def sample_pixels(label: np.ndarray, pixels: int, rng: np.random.Generator) -> PixelSample:
+    """Class-balanced voxels of ``label``: the same count for every class present (background included),
+    ``pixels // classes`` (at least 1) capped at the rarest class's voxel count, drawn without
+    replacement. Deterministic in ``rng``'s state."""
+    flat_label = np.asarray(label).reshape(-1)
+    classes, counts = np.unique(flat_label, return_counts=True)
+    per_class = min(max(1, pixels // len(classes)), int(counts.min()))
+    picks = [rng.choice(np.flatnonzero(flat_label == c), size=per_class, replace=False) for c in classes]
+    flat = np.sort(np.concatenate(picks))
+    return PixelSample(flat, flat_label[flat].astype(np.int64))
+
+
+def _array(value) -> np.ndarray:
+    return value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
+
+
+# --------------------------------------------------------------------------- features
+
+
+def pick_feature_map(features: Sequence[torch.Tensor], padded_hw: tuple[int, int], stride: int) -> torch.Tensor:
+    """The encoder output whose grid is the padded slice size / ``stride``; ConfigError if there is none."""
+    height, width = padded_hw
+    wanted = (height // stride, width // stride)
+    if height % stride == 0 and width % stride == 0:
+        for feature in features:
+            if tuple(feature.shape[-2:]) == wanted:
+                return feature
+    available = sorted({height // f.shape[-2] for f in features if f.shape[-2]})
+    raise ConfigError(f"stride {stride}: the encoder has no such feature map (strides: {', '.join(map(str, available))})")
+
+
+def case_features(
+    encoder: torch.nn.Module, image, sample: PixelSample, axis: int, context: int, multiple: int,
+    strides: Sequence[int], device: torch.device, batch_size: int,
+) -> dict[int, np.ndarray]:
+    """Per stride, the (m, C) float64 features at ``sample``'s voxels of one case's image (1, X, Y, Z)."""
+    volume = _array(image)
+    coords = np.unravel_index(sample.flat, volume.shape[1:])
+    slice_of = coords[axis]
+    rows, cols = (coords[a] for a in range(3) if a != axis)
+    slices = np.unique(slice_of)
+    out: dict[int, np.ndarray] = {}
+    for start in range(0, len(slices), batch_size):
+        batch = slices[start:start + batch_size]
+        slabs = [slab(volume, axis, int(s), context).astype(np.float32, copy=False) for s in batch]
+        height, width = slabs[0].shape[-2:]
+        padded = np.stack([pad_to_multiple(x, multiple, value=float(x.min())) for x in slabs])
+        features = encoder(torch.from_numpy(padded).to(device))
+        members = np.flatnonzero(np.isin(slice_of, batch))
+        index = tuple(torch.as_tensor(a) for a in (np.searchsorted(batch, slice_of[members]), rows[members], cols[members]))
+        for stride in strides:
+            fmap = pick_feature_map(features, padded.shape[-2:], stride)
+            fmap = nnf.interpolate(fmap.float(), size=padded.shape[-2:], mode="bilinear", align_corners=False)
+            picked = fmap[..., :height, :width][index[0], :, index[1], index[2]]  # (members, C)
+            out.setdefault(stride, np.zeros((len(sample.flat), picked.shape[1])))[members] = picked.double().cpu().numpy()
+    return out
+
+
+# --------------------------------------------------------------------------- ranking
+
+
+@dataclass
+class Score:
+    """One (candidate, stride) row of the ranking; ``seconds`` is the candidate's whole time
+    (model build, features for every stride, LogME)."""
+
+    candidate: str
+    encoder: str
+    weights: str
+    stride: int
+    logme: float
+    seconds: float = 0.0
+    n_pixels: int = 0
+    feature_dim: int = 0
+    rank: int = 0
+
+
+@dataclass
+class Ranking:
+    scores: list[Score]
+    cases: list[str]
+    labels: dict[int, str]
+    class_counts: dict[int, int]
+    options: RankOptions
+    files: dict[str, Path] = field(default_factory=dict)
+
+
+def training_cases(config: RunConfig, options: RankOptions):
+    """The run's training cases (split as a fresh training run splits them), the first ``max_cases``, and the label map."""
+    from seg_transfer.data.pipeline import prepare_data
+
+    with tempfile.TemporaryDirectory(prefix="rank_encoders_") as run_dir:
+        data = prepare_data(config.data, Path(run_dir), options.skip_bad_cases)
+    cases = data.subset("train")[:options.max_cases]
+    if not cases:
+        raise DatasetError("no training cases to sample pixels from")
+    return cases, data.labels
+
+
+def sample_cases(volumes, pixels: int, seed: int) -> list[PixelSample]:
+    """One :class:`PixelSample` per volume, from ``np.random.default_rng([seed, case_index])``."""
+    return [sample_pixels(_array(item["label"])[0], pixels, np.random.default_rng([seed, index]))
+            for index, item in enumerate(volumes)]
+
+
+def score_candidate(candidate: Candidate, config: RunConfig, volumes, samples: list[PixelSample],
+                    num_classes: int, options: RankOptions, device: torch.device) -> list[Score]:
+    """Build ``candidate``'s encoder, extract features at every stride, score each with LogME."""
+    from seg_transfer.models.factory import build_model, encoder_output_stride
+
+    started = time.perf_counter()
+    torch.manual_seed(options.seed)  # a randomly initialised encoder is the same on every call
+    model_config = ModelConfig(arch=config.model.arch, decoder_channels=config.model.decoder_channels,
+                               encoder=candidate.encoder, encoder_weights=candidate.weights)
+    model, _ = build_model(model_config, config.data.in_channels, num_classes)
+    encoder = model.encoder.eval().to(device)
+    multiple = encoder_output_stride(model)
+    parts: dict[int, list[np.ndarray]] = {stride: [] for stride in options.strides}
+    show = sys.stderr.isatty()
+    with torch.inference_mode():
+        for index in tqdm(range(len(samples)), desc=candidate.text, unit="case", disable=not show):
+            features = case_features(encoder, volumes[index]["image"], samples[index], config.data.slice_axis,
+                                     config.data.context_slices, multiple, options.strides, device, options.batch_size)
+            for stride, values in features.items():
+                parts[stride].append(values)
+    labels = np.concatenate([s.labels for s in samples])
+    scores = []
+    for stride in options.strides:
+        matrix = np.concatenate(parts[stride])
+        scores.append(Score(candidate.text, candidate.encoder, candidate.weights, stride, logme(matrix, labels),
+                            n_pixels=matrix.shape[0], feature_dim=matrix.shape[1]))
+    seconds = time.perf_counter() - started
+    for score in scores:
+        score.seconds = seconds
+    return scores
+
+
+def rank_encoders(config: RunConfig, candidates: Sequence[Candidate], output: Path,
+                  options: RankOptions = RankOptions()) -> Ranking:
+    """Score every candidate (see the module docstring), rank by LogME (highest first), and write
+    ``ranking.json`` and ``ranking.md`` to ``output`` atomically."""
+    from seg_transfer.data.pipeline import volume_dataset
+    from seg_transfer.data.transforms import Preprocessing
+    from seg_transfer.inference.predictor import resolve_device
+
+    device = resolve_device(options.device)
+    cases, labels = training_cases(config, options)
+    volumes = volume_dataset(cases, Preprocessing.from_config(config.data), config.data)
+    samples = sample_cases(volumes, options.pixels, options.seed)
+    log.info("%d training cases, %d sampled pixels", len(cases), sum(len(s.flat) for s in samples))
+    scores = [row for c in candidates for row in score_candidate(c, config, volumes, samples, len(labels), options, device)]
+    scores.sort(key=lambda s: -s.logme if np.isfinite(s.logme) else np.inf)
+    for rank, score in enumerate(scores, start=1):
+        score.rank = rank
+    values, counts = np.unique(np.concatenate([s.labels for s in samples]), return_counts=True)
+    ranking = Ranking(scores, [c.name for c in cases], labels, dict(zip(values.tolist(), counts.tolist())), options)
+    ranking.files = write_ranking(ranking, Path(output))
+    return ranking
+
+
+# --------------------------------------------------------------------------- output
+
+COLUMNS = ("rank", "candidate", "LogME", "seconds", "stride", "n pixels", "feature dim")
+
+
+def table_rows(ranking: Ranking) -> list[list[str]]:
+    return [[str(s.rank), s.candidate, f"{s.logme:.4f}", f"{s.seconds:.1f}", str(s.stride), str(s.n_pixels),
+             str(s.feature_dim)] for s in ranking.scores]
+
+
+def format_table(ranking: Ranking) -> str:
+    """The ranking as an aligned plain-text table (for the terminal)."""
+    rows = [list(COLUMNS), *table_rows(ranking)]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
+    return "\n".join("  ".join(cell.ljust(w) if i == 1 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+                     for row in rows)
+
+
+def ranking_payload(ranking: Ranking) -> dict:
+    return json_safe({
+        "method": "LogME (You et al., ICML 2021) on class-balanced training pixels; higher is better",
+        "options": asdict(ranking.options),
+        "cases": ranking.cases,
+        "labels": ranking.labels,
+        "sampled_pixels_per_class": ranking.class_counts,
+        "ranking": [asdict(score) for score in ranking.scores],
+    })
+
+
+def ranking_markdown(ranking: Ranking) -> str:
+    options = ranking.options
+    lines = [
+        "# Encoder ranking (LogME)",
+        "",
+        f"{len(ranking.cases)} training cases, up to {options.pixels} class-balanced pixels per case (seed {options.seed}); "
+        "features bilinearly upsampled from the stride's feature map. Higher LogME is better; seconds is each "
+        "candidate's whole time (build, features, LogME).",
+        "",
+        "| " + " | ".join(COLUMNS) + " |",
+        "|" + "---|" * len(COLUMNS),
+        *("| " + " | ".join(row) + " |" for row in table_rows(ranking)),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def write_ranking(ranking: Ranking, output: Path) -> dict[str, Path]:
+    return {
+        "json": write_atomic(output / "ranking.json", json.dumps(ranking_payload(ranking), indent=2) + "\n"),
+        "markdown": write_atomic(output / "ranking.md", ranking_markdown(ranking)),
+    }

@@ -1,0 +1,132 @@
+"""LogME and ``seg-transfer rank-encoders``: synthetic checks, the exact evidence, pixel sampling, phantom end to end."""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import yaml
+from scipy.stats import multivariate_normal
+
+from seg_transfer.cli import main
+from seg_transfer.config import ConfigError
+from seg_transfer.selection.logme import Spectrum, log_evidence, logme, maximise_evidence, project
+from seg_transfer.selection.rank import parse_candidate, parse_strides, sample_pixels
+from tests.conftest import tiny_config
+
+
+def _blobs(rng: np.random.Generator, n: int = 300, d: int = 8, classes: int = 3):
+    labels = rng.integers(0, classes, size=n)
+    centres = rng.normal(scale=4.0, size=(classes, d))
+    return centres[labels] + rng.normal(size=(n, d)), labels
+
+
+def test_logme_prefers_separable_labels_and_informative_features():
+    rng = np.random.default_rng(0)
+    features, labels = _blobs(rng)
+    separable = logme(features, labels)
+    assert separable > logme(features, rng.permutation(labels))
+    assert separable > logme(rng.normal(size=features.shape), labels)
+    assert logme(features, labels) == separable  # deterministic
+
+
+def test_logme_handles_fewer_samples_than_dimensions_and_one_hot_targets():
+    rng = np.random.default_rng(1)
+    features, labels = _blobs(rng, n=20, d=50)
+    one_hot = (labels[:, None] == np.unique(labels)[None, :]).astype(float)
+    assert math.isfinite(logme(features, labels))
+    assert logme(features, labels) == pytest.approx(logme(features, one_hot))
+    with pytest.raises(ValueError):
+        logme(features, labels[:-1])
+
+
+@pytest.mark.parametrize("n, d", [(15, 3), (8, 12)])
+def test_evidence_is_the_exact_marginal_likelihood(n, d):
+    rng = np.random.default_rng(2)
+    features = rng.normal(size=(n, d))
+    target = features @ rng.normal(size=d) + 0.3 * rng.normal(size=n)
+    spectrum, p = Spectrum.of(features), project(Spectrum.of(features), target)
+    for alpha, beta in [(0.5, 2.0), (3.0, 7.0)]:
+        covariance = features @ features.T / alpha + np.eye(n) / beta
+        direct = multivariate_normal(np.zeros(n), covariance).logpdf(target)
+        assert log_evidence(alpha, beta, spectrum, p) == pytest.approx(direct, rel=1e-9)
+
+
+def test_fixed_point_matches_brute_force_maximum():
+    rng = np.random.default_rng(3)
+    features = rng.normal(size=(40, 4))
+    target = features @ np.array([1.0, -0.5, 0.25, 0.0]) + 0.5 * rng.normal(size=40)
+    spectrum = Spectrum.of(features)
+    p = project(spectrum, target)
+    alpha, beta, iterations = maximise_evidence(spectrum, p)
+    assert iterations < 100
+    grid = np.logspace(-3, 3, 241)
+    brute = max(log_evidence(a, b, spectrum, p) for a in grid for b in grid)
+    found = log_evidence(alpha, beta, spectrum, p)
+    assert found >= brute - 1e-3 * abs(brute)
+    assert found <= brute + 0.05  # the grid is fine enough to get within this of the maximum
+
+
+def test_pixel_sampling_is_class_balanced_and_seeded():
+    label = np.zeros((20, 20, 6), np.uint8)
+    label[2:8, 2:8, 1:4] = 1
+    label[10:12, 10:15, 2:5] = 2  # 30 voxels: caps nothing at 90 // 3
+    first = sample_pixels(label, 90, np.random.default_rng([0, 0]))
+    values, counts = np.unique(first.labels, return_counts=True)
+    assert values.tolist() == [0, 1, 2] and counts.tolist() == [30, 30, 30]
+    assert np.array_equal(label.reshape(-1)[first.flat], first.labels)
+    assert np.array_equal(first.flat, sample_pixels(label, 90, np.random.default_rng([0, 0])).flat)
+    assert not np.array_equal(first.flat, sample_pixels(label, 90, np.random.default_rng([1, 0])).flat)
+    capped = sample_pixels(label, 300, np.random.default_rng(0))  # rarest class has 30 voxels
+    assert np.unique(capped.labels, return_counts=True)[1].tolist() == [30, 30, 30]
+
+
+def test_candidate_and_stride_parsing(tmp_path):
+    assert parse_candidate("tu-tf_efficientnet_lite0:ImageNet").weights == "imagenet"
+    weights = tmp_path / "w.pth"
+    weights.write_bytes(b"")
+    assert parse_candidate(f"tu-tf_efficientnet_lite0:{weights}").weights == str(weights)
+    for bad in ("tu-tf_efficientnet_lite0", "tu-tf_efficientnet_lite0:", "tu-tf_efficientnet_lite0:/no/such.pth",
+                "tu-no_such_net:imagenet"):
+        with pytest.raises(ConfigError, match="candidate"):
+            parse_candidate(bad)
+    assert parse_strides("4, 8,16") == (4, 8, 16)
+    with pytest.raises(ConfigError):
+        parse_strides("8,x")
+
+
+@pytest.fixture
+def config_file(phantom_root, tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(tiny_config(phantom_root)))
+    return path
+
+
+def test_rank_encoders_cli_on_phantoms(config_file, tmp_path, one_thread, capsys):
+    output = tmp_path / "ranking"
+    candidates = "tu-tf_efficientnet_lite0:imagenet,tu-tf_efficientnet_lite0:none"
+    code = main(["rank-encoders", "--config", str(config_file), "--candidates", candidates,
+                 "--pixels", "50", "--strides", "8,16", "--output", str(output)])
+    assert code == 0
+    payload = json.loads((output / "ranking.json").read_text())
+    rows = payload["ranking"]
+    assert {r["candidate"] for r in rows} == set(candidates.split(","))
+    assert sorted((r["candidate"], r["stride"]) for r in rows) == sorted(
+        (c, s) for c in candidates.split(",") for s in (8, 16))
+    scores = [r["logme"] for r in rows]
+    assert all(math.isfinite(s) for s in scores) and scores == sorted(scores, reverse=True)
+    assert [r["rank"] for r in rows] == [1, 2, 3, 4]
+    assert {r["feature_dim"] for r in rows if r["stride"] == 8} == {40}
+    assert len(set(payload["sampled_pixels_per_class"].values())) == 1  # the same count for every class
+    assert (output / "ranking.md").read_text().count("tu-tf_efficientnet_lite0:") == 4
+    assert "LogME" in capsys.readouterr().out
+
+
+def test_rank_encoders_cli_rejects_a_bad_candidate(config_file, tmp_path, capsys):
+    code = main(["rank-encoders", "--config", str(config_file), "--candidates",
+                 "tu-tf_efficientnet_lite0:imagenet,lite0-imagenet", "--output", str(tmp_path / "out")])
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert "lite0-imagenet" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "out").exists()
