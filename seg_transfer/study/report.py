@@ -12,6 +12,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only backend)
+import matplotlib.ticker  # noqa: E402
 
 from seg_transfer.atomic import atomic_open, json_safe, write_atomic
 
@@ -151,7 +152,10 @@ def plot_dice_vs_time(results: dict[str, Any], path: Path) -> Path:
                     fontsize=7, xytext=(3, 3), textcoords="offset points")
     handles = [plt.Line2D([], [], color=colors[a], marker="o", linestyle="", label=a) for a in arms]
     handles += [plt.Line2D([], [], color="gray", marker=markers[s], linestyle="", label=f"{s} cases") for s in sizes]
-    ax.set_xscale("log")
+    minutes = [r["seconds"] / 60 for r in runs] + [r["train_seconds"] / 60 for r in results.get("peers", [])]
+    if minutes and max(minutes) > 5 * max(min(minutes), 1e-9):  # log axis only where the range is wide
+        ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
     ax.set_xlabel("training wall-clock minutes (per run, as logged)")
     ax.set_ylabel("test Dice (mean over classes and cases)")
     ax.set_title("Test Dice against training time")
