@@ -268,7 +268,7 @@ def test_only_rank_zero_writes_and_logs(decoder_run, phantom_root, tmp_path):
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [1, 2] and [r["step"] for r in records] == [6, 12]  # 48 slices / batch 8
     assert json.loads((run_dir / "splits.json").read_text()) == prepare_data(config.data, tmp_path).splits
-    assert "INFO seg_transfer.training.trainer: epoch 2 (decoder)" in _rank_log(logs, 0, "stderr")
+    assert "INFO seg_transfer.training.trainer: epoch 2/2 (decoder" in _rank_log(logs, 0, "stderr")
     assert " INFO " not in _rank_log(logs, 1, "stderr")
 
 
