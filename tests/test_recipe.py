@@ -233,3 +233,13 @@ def test_resume_and_continue_sweep_temp_files_of_a_killed_write(phantom_root, tm
     half.write_bytes(b"x")
     assert main(["predict", "-m", str(run), "-i", str(scan), "-o", str(out), "--device", "cpu", "--continue"]) == 0
     assert not half.exists() and (out / "phantom_000.nii.gz").is_file()
+
+
+def test_report_marks_collapsed_and_warned_seeds():
+    from seg_transfer.study.analysis import learning_curves
+    from seg_transfer.study.report import collapse_cell
+
+    runs = [_record("imagenet", s, [0.8] * 3) for s in range(3)]
+    runs[0].collapsed, runs[2].collapse_warnings = ["Anterior"], 2
+    (row,) = learning_curves(runs)
+    assert collapse_cell(row) == "s0 (s2)"

@@ -72,7 +72,8 @@ def learning_curves(records: Sequence[RunRecord], confidence: float = 0.95) -> l
                      "val_dice": float(np.mean([r.best_val_dice for r in runs])),
                      "train_seconds": float(np.mean([r.seconds for r in runs])),
                      "steps": sorted({r.steps for r in runs}),
-                     "collapsed_seeds": [r.seed for r in runs if r.collapsed]})
+                     "collapsed_seeds": [r.seed for r in runs if r.collapsed],
+                     "warned_seeds": [r.seed for r in runs if r.collapse_warnings and not r.collapsed]})
     return rows
 
 

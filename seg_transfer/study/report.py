@@ -38,12 +38,19 @@ def seed_values(values: Sequence[float], seeds: Sequence[int], digits: int = 3, 
 
 
 def learning_table(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    header = ["arm", "training cases", "test Dice (mean)", "95% CI", "per seed", "seed SD", "val Dice", "steps", "train s", "collapsed"]
+    header = ["arm", "training cases", "test Dice (mean)", "95% CI", "per seed", "seed SD", "val Dice", "steps", "train s", "collapsed (warned)"]
     rows = [[r["arm"], str(r["size"]), fmt(r["test_dice"]), f"[{fmt(r['ci_low'])}, {fmt(r['ci_high'])}]",
              seed_values(r["seed_means"], r["seeds"]), fmt(r["seed_sd"]), fmt(r["val_dice"]),
              "/".join(str(s) for s in r["steps"]), fmt(r["train_seconds"], 0),
-             ", ".join(f"s{seed}" for seed in r["collapsed_seeds"]) or "-"] for r in results["learning_curves"]]
+             collapse_cell(r)] for r in results["learning_curves"]]
     return header, rows
+
+
+def collapse_cell(row: dict[str, Any]) -> str:
+    """Seeds collapsed at their best epoch, then in brackets those that only raised collapse warnings."""
+    collapsed = ", ".join(f"s{seed}" for seed in row["collapsed_seeds"])
+    warned = ", ".join(f"s{seed}" for seed in row.get("warned_seeds", []))
+    return (collapsed or "-") + (f" ({warned})" if warned else "")
 
 
 def comparison_table(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
@@ -215,6 +222,9 @@ def findings(results: dict[str, Any]) -> list[str]:
         if r["collapsed_seeds"]:
             lines.append(f"{r['arm']} with {r['size']} training cases: seed(s) {', '.join(map(str, r['collapsed_seeds']))} "
                          "collapsed (a class below the collapse threshold at the best epoch).")
+        if r.get("warned_seeds"):
+            lines.append(f"{r['arm']} with {r['size']} training cases: seed(s) {', '.join(map(str, r['warned_seeds']))} "
+                         "raised collapse warnings during training (see their summary.json).")
     return lines
 
 
