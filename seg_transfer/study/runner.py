@@ -99,11 +99,12 @@ def run_study(study: StudyConfig, output: Path, *, device: str = "auto", max_run
             continue
         is_new = finished_result(spec.run_dir) is None
         if is_new and max_runs is not None and trained >= max_runs:
-            log.info("stopping after %d new run(s) (--max-runs); %d of %d runs finished", trained, len(records), len(specs))
-            break
+            continue  # past --max-runs: later runs that are already finished still count
         log.info("run %d/%d: %s%s", index, len(specs), spec.key, "" if is_new else " (finished, reused)")
         records.append(complete_run(spec, test_images, test_labels, labels_file, study, device))
         trained += is_new
+    if max_runs is not None and len(records) < len(specs):
+        log.info("%d new run(s) trained (--max-runs %d); %d of %d runs finished", trained, max_runs, len(records), len(specs))
     return StudyProgress(cases, specs, records)
 
 
