@@ -243,3 +243,11 @@ def test_report_marks_collapsed_and_warned_seeds():
     runs[0].collapsed, runs[2].collapse_warnings = ["Anterior"], 2
     (row,) = learning_curves(runs)
     assert collapse_cell(row) == "s0 (s2)"
+
+
+def test_one_seed_gets_no_verdict():
+    from seg_transfer.study.analysis import ONE_SEED
+
+    records = [_record("scratch", 0, np.linspace(0.6, 0.9, 30)), _record("imagenet", 0, np.linspace(0.6, 0.9, 30) - 0.3)]
+    (row,) = paired_comparisons(records, "scratch", alpha=0.01)
+    assert row["verdict"] == ONE_SEED and not row["negative_transfer"]

@@ -51,7 +51,8 @@ def record(arm: str, size: int, seed: int, scores: list[float], curve=None) -> R
 def test_consistently_worse_arm_is_flagged_as_negative_transfer():
     rng = np.random.default_rng(0)
     control = rng.uniform(0.6, 0.9, 15)
-    records = [record("scratch", 10, 0, list(control)), record("imagenet", 10, 0, list(control - 0.05 - rng.uniform(0, 0.01, 15)))]
+    records = [record(arm, 10, seed, list(control - shift - (rng.uniform(0, 0.01, 15) if shift else 0)))
+               for seed in (0, 1) for arm, shift in (("scratch", 0.0), ("imagenet", 0.05))]
     (row,) = paired_comparisons(records, "scratch", alpha=0.05)
     assert row["n"] == 15 and row["mean_difference"] == pytest.approx(-0.055, abs=0.006)
     assert row["ci_high"] < 0 and row["p_value"] < 0.001  # all 15 differences negative: exact p = 2 / 2**15
@@ -62,8 +63,9 @@ def test_better_and_indistinguishable_arms():
     rng = np.random.default_rng(1)
     control = rng.uniform(0.6, 0.9, 15)
     noise = rng.normal(0, 0.02, 15)
-    records = [record("scratch", 5, 0, list(control)), record("imagenet", 5, 0, list(control + 0.04)),
-               record("scratch", 20, 0, list(control)), record("imagenet", 20, 0, list(control + noise - noise.mean()))]
+    records = [r for seed in (0, 1) for r in (
+        record("scratch", 5, seed, list(control)), record("imagenet", 5, seed, list(control + 0.04)),
+        record("scratch", 20, seed, list(control)), record("imagenet", 20, seed, list(control + noise - noise.mean())))]
     rows = {r["size"]: r for r in paired_comparisons(records, "scratch", alpha=0.05)}
     assert rows[5]["verdict"] == POSITIVE and rows[5]["mean_difference"] == pytest.approx(0.04)
     assert rows[20]["verdict"] == NEUTRAL and not rows[20]["negative_transfer"]

@@ -18,6 +18,7 @@ from seg_transfer.study.config import StudyConfig
 from seg_transfer.study.runner import RunRecord
 
 NEGATIVE, POSITIVE, NEUTRAL = "worse than control (negative transfer)", "better than control", "no significant difference"
+ONE_SEED = "one seed: no verdict (seed noise unmeasured)"
 
 
 def select(records: Sequence[RunRecord], arm: str, size: int) -> list[RunRecord]:
@@ -78,8 +79,11 @@ def learning_curves(records: Sequence[RunRecord], confidence: float = 0.95) -> l
 
 
 def verdict(comparison: dict[str, Any], alpha: float) -> str:
-    """Better or worse only when the seed-aware p < alpha, the CI excludes 0 and every seed agrees in sign."""
+    """Better or worse only with at least two seeds, the seed-aware p < alpha, the CI excluding 0 and every
+    seed agreeing in sign; one seed gets no verdict."""
     p, low, high, sign = comparison["p_value"], comparison["ci_low"], comparison["ci_high"], comparison["consistent_sign"]
+    if comparison.get("n_seeds", 2) < 2:
+        return ONE_SEED
     if p is None or not np.isfinite(p) or p >= alpha:
         return NEUTRAL
     if np.isfinite(high) and high < 0 and sign < 0:
