@@ -179,8 +179,9 @@ def hierarchical_bootstrap(
 
     Each resample draws seeds with replacement and, independently, cases with replacement (seeds and
     cases are crossed: every seed is scored on the same test cases) and takes the mean of the drawn
-    cells. CI: percentile interval. p: two-sided, ``2 * min(P(mean* <= 0), P(mean* >= 0))`` with the
-    smallest reportable value ``1 / n_resamples``. Cases with a NaN under any seed are dropped.
+    cells. CI: percentile interval. ``p_value`` comes from :func:`crossed_t_test`; the bootstrap's own
+    two-sided p, ``2 * min(P(mean* <= 0), P(mean* >= 0))`` floored at ``1 / n_resamples``, is kept as
+    ``p_bootstrap``. Cases with a NaN under any seed are dropped.
     With one seed only the case level varies (say so when reporting: seed noise is then unmeasured).
     """
     grid = np.asarray(differences, dtype=float)

@@ -34,8 +34,9 @@ def check_same_config(config: RunConfig, run_dir: Path) -> None:
         stored = dump_config(RunConfig.model_validate(stored))
     except ValidationError:
         pass
-    if stored != dump_config(config):
-        changed = sorted(k for k in set(stored) | set(dump_config(config)) if stored.get(k) != dump_config(config).get(k))
+    current = dump_config(config)
+    if stored != current:
+        changed = sorted(k for k in set(stored) | set(current) if stored.get(k) != current.get(k))
         raise RunDirError(f"{run_dir}: holds a run with another config (differs in {', '.join(changed)}); "
                           "use a new output folder")
 
