@@ -57,6 +57,32 @@ def json_safe(value: Any) -> Any:
     return value
 
 
+class OutputPathError(ValueError):
+    """An output path that cannot be written: a file where a folder is needed (or the reverse), or no write access."""
+
+
+def check_writable(path: str | Path, *, folder: bool, option: str = "--output") -> Path:
+    """``path`` if this process can create or replace it: a folder (``folder=True``) or a file whose folder is
+    writable. Nothing is created; raises :class:`OutputPathError` naming ``option`` and the path otherwise."""
+    path = Path(path)
+    if path.exists():
+        if folder != path.is_dir():
+            want, got = ("a folder", "an existing file") if folder else ("a file", "an existing folder")
+            raise OutputPathError(f"{option} {path}: is {got}, not {want}")
+        _check_access(path if folder else path.parent, path, option)
+        return path
+    ancestor = next(p for p in path.absolute().parents if p.exists())
+    if not ancestor.is_dir():
+        raise OutputPathError(f"{option} {path}: cannot create it, {ancestor} is a file")
+    _check_access(ancestor, path, option)
+    return path
+
+
+def _check_access(folder: Path, path: Path, option: str) -> None:
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise OutputPathError(f"{option} {path}: no permission to write in {folder}")
+
+
 def _current_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

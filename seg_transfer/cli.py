@@ -3,30 +3,44 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Transfer learning for medical image segmentation.")
+# plain click help: no rich import on --help, and flags are not rendered as ``--help <bool>``
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
+                  help="Transfer learning for medical image segmentation.")
+log = logging.getLogger("seg_transfer.cli")
+
+#: exceptions whose message is meant for the user (module -> class names): one line, exit code 2
+USER_ERRORS = {
+    "seg_transfer.atomic": ("OutputPathError",),
+    "seg_transfer.config": ("ConfigError",),
+    "seg_transfer.data.cases": ("DatasetError",),
+    "seg_transfer.evaluation.evaluate": ("EvaluationError",),
+    "seg_transfer.inference.cases": ("InputError",),
+    "seg_transfer.inference.export": ("ExportError",),
+    "seg_transfer.inference.predictor": ("PredictSetupError",),
+    "seg_transfer.models.factory": ("ModelConfigError",),
+    "seg_transfer.models.weights": ("WeightsError",),
+    "seg_transfer.checkpoint": ("CheckpointError",),
+    "seg_transfer.training.checkpoint": ("CheckpointError",),
+    "seg_transfer.study.runner": ("StudyError",),
+    "seg_transfer.training.trainer": ("RunDirError",),
+}
+
 
 def _user_errors() -> tuple[type[Exception], ...]:
-    """Exceptions whose message is meant for the user: printed as one line, exit code 2."""
-    from seg_transfer.config import ConfigError
-    from seg_transfer.data.cases import DatasetError
-    from seg_transfer.evaluation.evaluate import EvaluationError
-    from seg_transfer.inference.cases import InputError
-    from seg_transfer.inference.export import ExportError
-    from seg_transfer.inference.predictor import PredictSetupError
-    from seg_transfer.models.factory import ModelConfigError
-    from seg_transfer.models.weights import WeightsError
-    from seg_transfer.training.checkpoint import CheckpointError
-    from seg_transfer.study.runner import StudyError
-    from seg_transfer.training.trainer import RunDirError
-
-    return (ConfigError, DatasetError, ModelConfigError, WeightsError, CheckpointError, RunDirError, EvaluationError,
-            InputError, PredictSetupError, StudyError, ExportError)
+    """The user-error classes of the modules imported so far (an exception's class is always among them);
+    nothing is imported here, so ``--help`` and early errors stay fast."""
+    found = (getattr(sys.modules[module], name, None) for module, names in USER_ERRORS.items()
+             if module in sys.modules for name in names)
+    return tuple(cls for cls in found if isinstance(cls, type))
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -35,8 +49,24 @@ def _setup_logging(verbose: bool) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
-    for noisy in ("PIL", "matplotlib", "h5py", "urllib3", "httpx", "httpcore"):
+    for noisy in ("PIL", "matplotlib", "h5py", "urllib3", "httpx", "httpcore", "numexpr"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    _quiet_libraries(verbose)
+
+
+def _quiet_libraries(verbose: bool) -> None:
+    """Library warnings (torch/MONAI ``FutureWarning``s, ITK's on a folder that is not a DICOM series) go to
+    the log at debug level, not to the terminal; ``-v`` shows them."""
+    import warnings
+
+    import SimpleITK as sitk
+
+    sitk.ProcessObject.SetGlobalWarningDisplay(verbose)
+    warnings.showwarning = _log_warning
+
+
+def _log_warning(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
+    logging.getLogger("py.warnings").debug("%s: %s (%s:%s)", category.__name__, message, filename, lineno)
 
 
 @app.command()
@@ -54,9 +84,14 @@ def train(
     from seg_transfer.config import load_config
     from seg_transfer.training.trainer import train as run_training
 
+    from seg_transfer.atomic import check_writable
+
     overrides = [*(set_ or []), *(["training.collapse.stop=true"] if stop_on_collapse else [])]
     run_config = load_config(config, overrides)
-    result = run_training(run_config, output, resume=resume, skip_bad_cases=skip_bad_cases)
+    run_dir = Path(output) if output is not None else run_config.output_dir / run_config.name
+    check_writable(run_dir, folder=True, option="--output" if output is not None else "run folder")
+    with _removed_if_failed(run_dir):
+        result = run_training(run_config, output, resume=resume, skip_bad_cases=skip_bad_cases)
     if os.environ.get("RANK", "0") != "0":
         return  # under torchrun only rank 0 reports
     per_class = ", ".join(f"{name} {value:.3f}" for name, value in result.best_per_class.items())
@@ -109,7 +144,7 @@ def evaluate(
     label: Annotated[Path, typer.Option("--label", help="Folder of reference label maps.")],
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Folder for metrics.csv, metrics.json, summary.md (default: PRED/evaluation).")] = None,
     tolerance_mm: Annotated[float, typer.Option("--tolerance-mm", help="Normalised surface Dice tolerance in mm.")] = 2.0,
-    labels: Annotated[Optional[Path], typer.Option("--labels", help="dataset.json or JSON label map naming the classes (default: class_1..class_K).")] = None,
+    labels: Annotated[Optional[Path], typer.Option("--labels", help="dataset.json or JSON label map naming the classes (default: the names predict wrote beside PRED, or dataset.json beside LABEL, else class_1..class_K).")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Per-case Dice, HD95, ASSD, surface Dice and volume difference, with per-class aggregates and bootstrap CIs."""
@@ -146,9 +181,11 @@ def predict(
 ) -> None:
     """Predict label maps in each input's exact geometry; writes summary.csv/json. Exit code 1 if any case failed."""
     _setup_logging(verbose)
+    from seg_transfer.atomic import check_writable
     from seg_transfer.inference.batch import PredictRequest, run_predict
     from seg_transfer.inference.predictor import PredictOptions
 
+    check_writable(output, folder=True)
     options = PredictOptions(batch_size=batch_size, amp=amp, tta=tta, roi_size=roi_size, overlap=overlap,
                              postprocess=postprocess, save_probabilities=save_probabilities)
     report = run_predict(PredictRequest(model, input_, output, fmt, device, options, overwrite, resume, num_parts, part_id))
@@ -172,10 +209,13 @@ def export(
 ) -> None:
     """Export the network (dynamic batch/height/width) and check it against onnxruntime; writes OUTPUT.json beside it."""
     _setup_logging(verbose)
-    from seg_transfer.inference.export import ExportError, export_checkpoint
+    from seg_transfer.atomic import check_writable
+    from seg_transfer.inference.export import ExportError, contract_path_for, export_checkpoint
 
     if fmt.lower() != "onnx":
         raise ExportError(f"--format {fmt!r}: only onnx is supported")
+    check_writable(output, folder=False)  # before tracing and the onnxruntime check
+    check_writable(contract_path_for(output), folder=False, option="--output (contract)")
     result = export_checkpoint(model, output, size=size, opset=opset, tolerance=tolerance)
     spec = result.contract["input"]
     spatial = f"H, W multiples of {spec['spatial_multiple']}" if result.dynamic_spatial else f"fixed {size}x{size}"
@@ -242,6 +282,54 @@ def _parse_shard(text: str) -> tuple[int, int]:
     return int(parts[0]), int(parts[1])
 
 
+#: what a run writes before its first checkpoint: a new run folder holding only these is removed when training fails
+EARLY_RUN_FILES = frozenset({"config.yaml", "splits.json", "skipped_cases.json", "metrics.jsonl", "metrics.csv"})
+
+
+@contextmanager
+def _removed_if_failed(run_dir: Path) -> Iterator[None]:
+    """Remove the run folder (and parents) this invocation creates if training fails before any checkpoint.
+
+    A folder that existed before is never touched; one holding any other file (a checkpoint) is kept."""
+    created = _first_missing(run_dir)
+    try:
+        yield
+    except BaseException:
+        if created is not None and os.environ.get("RANK", "0") == "0":
+            _remove_early_run(run_dir, created)
+        raise
+
+
+def _first_missing(path: Path) -> Path | None:
+    """The outermost folder of ``path`` (itself included) that does not exist yet, or None."""
+    missing = [p for p in (path.absolute(), *path.absolute().parents) if not p.exists()]
+    return missing[-1] if missing else None
+
+
+def _is_early_run_file(relative: Path) -> bool:
+    name = relative.name
+    return (str(relative) in EARLY_RUN_FILES or relative.parts[0] == "tensorboard"
+            or (name.startswith(".") and name.endswith(".tmp")))
+
+
+def _remove_early_run(run_dir: Path, created: Path) -> None:
+    run_dir = run_dir.absolute()
+    if not run_dir.is_dir():
+        return
+    files = [p.relative_to(run_dir) for p in run_dir.rglob("*") if not p.is_dir()]
+    if not all(_is_early_run_file(f) for f in files):
+        return
+    shutil.rmtree(run_dir, ignore_errors=True)
+    for parent in run_dir.parents:  # parents this invocation created, while empty
+        if not parent.is_relative_to(created):
+            break
+        try:
+            parent.rmdir()
+        except OSError:
+            break
+    log.info("removed %s: the run failed before its first checkpoint", run_dir)
+
+
 def _click_exceptions() -> tuple[type[Exception], ...]:
     """Usage-error base classes: click's, and the copy of click that newer typer versions vendor."""
     import click
@@ -252,19 +340,18 @@ def _click_exceptions() -> tuple[type[Exception], ...]:
 
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: user errors become one line on stderr and exit code 2."""
-    errors = _user_errors()
     try:
         code = app(args=argv, standalone_mode=False)  # click returns typer.Exit's code here
-    except errors as exc:
-        typer.echo(f"error: {exc}", err=True)
-        return 2
     except typer.Exit as exc:
         return exc.exit_code
     except typer.Abort:
         typer.echo("aborted", err=True)
         return 130
-    except Exception as exc:  # click usage errors
-        if isinstance(exc, _click_exceptions()):
+    except Exception as exc:
+        if isinstance(exc, _user_errors()):
+            typer.echo(f"error: {exc}", err=True)
+            return 2
+        if isinstance(exc, _click_exceptions()):  # usage errors
             exc.show()
             return exc.exit_code
         raise

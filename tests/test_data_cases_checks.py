@@ -131,7 +131,7 @@ def test_read_volume_keeps_integer_dtype(tmp_path):
 
 
 def test_read_volume_errors(tmp_path):
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(FileNotFoundError, match="missing.nii.gz: file not found"):
         read_volume(tmp_path / "missing.nii.gz")
     with pytest.raises(ValueError, match="unsupported"):
         read_volume(tmp_path / "x.png")

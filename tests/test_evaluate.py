@@ -129,7 +129,7 @@ def test_wilcoxon_and_paired_comparison():
     assert same.p_value == 1.0 and same.mean_difference == 0.0
     with_nan = paired_comparison([1.0, float("nan"), 3.0], [0.5, 1.0, 2.0])
     assert with_nan.n == 2 and with_nan.mean_difference == pytest.approx(0.75)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="equal length"):
         paired_comparison([1.0, 2.0], [1.0])
 
 

@@ -218,14 +218,17 @@ def test_unknown_task_exit_code_2(tmp_path, capsys):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_malformed_md5_is_a_usage_error(tmp_path):
+def test_malformed_md5_is_a_usage_error(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         _run(tmp_path, "--url", "http://127.0.0.1:9/x", "--md5", "xyz")
     assert exc.value.code == 2
+    assert "argument --md5: not an md5 hex digest: 'xyz'" in capsys.readouterr().err
 
 
-def test_path_like_task_name_rejected(tmp_path):
+def test_path_like_task_name_rejected(tmp_path, capsys):
     assert main(["../escape", "--dest", str(tmp_path), "--url", "http://127.0.0.1:9/x"]) == 2
+    assert "invalid task name '../escape'" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
 
 
 # ----------------------------------------------------------------------------- (e) already present

@@ -69,6 +69,7 @@ def test_bad_input_exits_2(tmp_path, capsys):
     assert nnunet_peer.main(["--study", str(tmp_path), "--size", "3", "--epochs", "1"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
+    assert f"{tmp_path / 'results.json'}: not found" in err
 
 
 def fake_study(folder: Path) -> Path:

@@ -181,7 +181,7 @@ def test_dataset_deterministic_bytes_and_seed_sensitive(tmp_path):
     assert (a / "imagesTr/phantom_000.nii.gz").read_bytes() != (c / "imagesTr/phantom_000.nii.gz").read_bytes()
 
 
-def test_script_cli_and_reexport(tmp_path):
+def test_script_cli_and_reexport(tmp_path, capsys):
     from data_scripts.make_phantoms import main
     from data_scripts.make_phantoms import make_phantom_dataset as reexported
 
@@ -191,7 +191,9 @@ def test_script_cli_and_reexport(tmp_path):
     meta = json.loads((tmp_path / "cli" / "dataset.json").read_text())
     assert meta["numTraining"] == 2 and meta["numTest"] == 1
     assert _load(tmp_path / "cli" / "imagesTr" / "phantom_000.nii.gz").shape == (32, 32, 24)
+    capsys.readouterr()
     assert main([str(tmp_path / "bad"), "--n-train", "-1"]) == 2
+    assert "counts must be >= 0" in capsys.readouterr().err and not (tmp_path / "bad").exists()
 
 
 @pytest.mark.slow

@@ -37,7 +37,7 @@ def test_logme_handles_fewer_samples_than_dimensions_and_one_hot_targets():
     one_hot = (labels[:, None] == np.unique(labels)[None, :]).astype(float)
     assert math.isfinite(logme(features, labels))
     assert logme(features, labels) == pytest.approx(logme(features, one_hot))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="20 feature rows but 19 labels"):
         logme(features, labels[:-1])
 
 
@@ -92,7 +92,7 @@ def test_candidate_and_stride_parsing(tmp_path):
         with pytest.raises(ConfigError, match="candidate"):
             parse_candidate(bad)
     assert parse_strides("4, 8,16") == (4, 8, 16)
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match=r"--strides '8,x': expected comma-separated positive integers"):
         parse_strides("8,x")
 
 

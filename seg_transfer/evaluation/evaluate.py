@@ -165,6 +165,38 @@ def load_class_names(path: str | Path) -> dict[int, str]:
     return classes
 
 
+def default_class_names(pred_dir: Path, label_dir: Path, top: int) -> dict[int, str]:
+    """Class names when ``--labels`` is not given: from the prediction's sidecar (``summary*.json`` that
+    ``predict`` writes), else from ``dataset.json`` beside an MSD ``labels*`` folder, if either names every
+    label 1..``top``; else class_1..class_``top``, with a warning saying how to name them."""
+    candidates = [*sorted(Path(pred_dir).glob("summary*.json"))]
+    if Path(label_dir).name.startswith("labels"):
+        candidates.append(Path(label_dir).parent / "dataset.json")
+    for path in candidates:
+        names = _class_names_in(path)
+        if names and set(range(1, top + 1)) <= set(names):
+            log.info("class names from %s", path)
+            return names
+    log.warning("class names unknown (no summary.json from predict in %s, no dataset.json beside %s): reporting "
+                "class_1..class_%d; pass --labels dataset.json (or a JSON map {\"1\": \"name\"}) to name them",
+                pred_dir, label_dir, top)
+    return {i: f"class_{i}" for i in range(1, top + 1)}
+
+
+def _class_names_in(path: Path) -> dict[int, str] | None:
+    """The foreground class names of a JSON file with a ``labels`` map, or None."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if not (isinstance(data, dict) and isinstance(data.get("labels"), dict)):
+        return None
+    try:
+        return load_class_names(path)
+    except EvaluationError:
+        return None
+
+
 def read_label_map(path: Path, case: str, role: str) -> tuple[np.ndarray, np.ndarray]:
     """(non-negative integer 3-D array, affine) of a label file; EvaluationError naming the case otherwise.
 
@@ -381,8 +413,9 @@ def evaluate_folders(
     """Evaluate every reference in ``label_dir`` against its prediction in ``pred_dir``; write
     ``metrics.csv``, ``metrics.json`` and ``summary.md`` to ``output_dir`` (default ``pred_dir/evaluation``).
 
-    Classes come from ``labels`` (dataset.json or JSON label map), else class_1..class_K with K the
-    largest label in any prediction or reference. EvaluationError for user-facing problems.
+    Classes come from ``labels`` (dataset.json or JSON label map), else from the names ``predict`` wrote
+    beside the predictions or the dataset.json beside the references (:func:`default_class_names`).
+    EvaluationError for user-facing problems.
     """
     pred_dir, label_dir = Path(pred_dir), Path(label_dir)
     if not (math.isfinite(tolerance_mm) and tolerance_mm >= 0):
@@ -399,7 +432,7 @@ def evaluate_folders(
         top = max((max(c.metrics, default=0) for c in cases), default=0)
         if top == 0:
             raise EvaluationError(f"no foreground label in any prediction or reference ({label_dir}); nothing to evaluate")
-        classes = {i: f"class_{i}" for i in range(1, top + 1)}
+        classes = default_class_names(pred_dir, label_dir, top)
         for case in cases:  # classes above this case's largest label are absent from both masks
             case.metrics = {i: case.metrics.get(i) or both_empty_metrics() for i in classes}
     aggregates = aggregate(cases, classes, n_resamples, confidence, seed)
