@@ -22,22 +22,28 @@ from torch.nn.modules.batchnorm import _NormBase
 TrainSpec = Literal["decoder", "all"] | int  # int: number of deepest encoder stages to train
 
 
-def encoder_stages(encoder: nn.Module, in_channels: int, probe_size: int = 64) -> list[list[str]]:
+def encoder_stages(
+    encoder: nn.Module, in_channels: int, probe_size: int = 64, spatial_dims: int = 2
+) -> list[list[str]]:
     """Parameter names of ``encoder`` grouped by output resolution, shallow to deep.
 
     Every parameter of the encoder appears exactly once. Modules that never run in the probe
-    (unused heads) join the deepest stage.
+    (unused heads) join the deepest stage. ``spatial_dims=3`` probes an inflated 3D encoder with a
+    ``probe_size``-cube; resolution is read along the first spatial axis (X), which every stage
+    downsamples (the depth axis Z may keep stride 1).
     """
     strides: dict[str, int] = {}
     hooks = []
     for name, module in encoder.named_modules():
         if any(True for _ in module.parameters(recurse=False)):
-            hooks.append(module.register_forward_hook(_record_stride(name, strides, probe_size)))
+            hooks.append(module.register_forward_hook(_record_stride(name, strides, probe_size, spatial_dims)))
     was_training = encoder.training
     encoder.eval()
     try:
         with torch.no_grad():
-            encoder(torch.zeros(1, in_channels, probe_size, probe_size))
+            parameter = next(encoder.parameters(), None)
+            device = parameter.device if parameter is not None else None
+            encoder(torch.zeros(1, in_channels, *[probe_size] * spatial_dims, device=device))
     finally:
         for hook in hooks:
             hook.remove()
@@ -50,11 +56,11 @@ def encoder_stages(encoder: nn.Module, in_channels: int, probe_size: int = 64) -
     return [by_stride[s] for s in sorted(by_stride)]
 
 
-def _record_stride(name: str, strides: dict[str, int], probe_size: int):
+def _record_stride(name: str, strides: dict[str, int], probe_size: int, spatial_dims: int = 2):
     def hook(_module, _inputs, output):
         tensor = output[0] if isinstance(output, (tuple, list)) else output
-        if isinstance(tensor, torch.Tensor) and tensor.ndim == 4 and tensor.shape[-1] > 0:
-            strides[name] = max(1, probe_size // tensor.shape[-1])
+        if isinstance(tensor, torch.Tensor) and tensor.ndim == 2 + spatial_dims and tensor.shape[2] > 0:
+            strides[name] = max(1, probe_size // tensor.shape[2])
 
     return hook
 

@@ -1,0 +1,111 @@
+"""The 3D network of the 3D route: an ImageNet 2D encoder inflated to 3D inside a 3D U-Net.
+
+Tensors are ``(B, C, X, Y, Z)``; Z is the inflated depth axis (see :mod:`seg_transfer.models.inflate`).
+"""
+from __future__ import annotations
+
+import torch
+from monai.networks.nets.flexible_unet import UNetDecoder
+from torch import nn
+
+from seg_transfer.config import ModelConfig
+from seg_transfer.models.factory import ModelConfigError, build_model
+from seg_transfer.models.inflate import inflate_encoder
+from seg_transfer.models.weights import WeightsProvenance
+
+DEFAULT_DECODER_CHANNELS = (256, 128, 64, 32, 16)
+#: decoder normalisation. Instance norm, as nnU-Net: 3D patches come in batches of 1-4, where batch
+#: statistics are noisy, and instance norm behaves the same in training and inference. The encoder keeps
+#: its BatchNorm: its ImageNet affine parameters and running statistics are part of what is transferred.
+DECODER_NORM = ("instance", {"affine": True})
+DECODER_ACT = ("relu", {"inplace": True})
+
+
+class Unet3d(nn.Module):
+    """U-Net on ``(B, C, X, Y, Z)``: ``encoder`` (inflated smp encoder with ``feature_strides``), MONAI's
+    ``UNetDecoder`` in 3D (nearest upsampling by each level's per-axis stride ratio, so Z may be downsampled
+    less than X and Y), ``segmentation_head`` (3x3x3 Conv3d to ``classes`` logits).
+
+    Input sizes must be multiples of :meth:`spatial_multiple` (per axis); the output has the input's size.
+    """
+
+    def __init__(self, encoder: nn.Module, classes: int, decoder_channels: tuple[int, ...] | None = None) -> None:
+        super().__init__()
+        strides: tuple[tuple[int, int, int], ...] = tuple(encoder.feature_strides)
+        depth = len(strides) - 1
+        channels = tuple(decoder_channels or DEFAULT_DECODER_CHANNELS[:depth])
+        if len(channels) != depth:
+            raise ValueError(f"{len(channels)} decoder channels for an encoder with {depth} levels")
+        self.encoder = encoder
+        self.decoder = UNetDecoder(
+            spatial_dims=3,
+            encoder_channels=tuple(encoder.out_channels),
+            decoder_channels=channels,
+            act=DECODER_ACT,
+            norm=DECODER_NORM,
+            dropout=0.0,
+            bias=False,
+            upsample="nontrainable",
+            pre_conv="default",
+            interp_mode="nearest",
+            align_corners=None,
+            is_pad=False,
+        )
+        _set_upsample_factors(self.decoder, strides)
+        self.segmentation_head = nn.Conv3d(channels[-1], classes, kernel_size=3, padding=1)
+        self.classes = classes
+
+    @property
+    def output_stride(self) -> int:
+        """Stride of the deepest features along X and Y."""
+        return int(self.encoder.feature_strides[-1][0])
+
+    def spatial_multiple(self) -> tuple[int, int, int]:
+        """``(X, Y, Z)`` multiples the input sizes must be (Z smaller with ``depth_stride_one_stages``)."""
+        return tuple(int(s) for s in self.encoder.feature_strides[-1])  # type: ignore[return-value]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, C, X, Y, Z)`` -> logits ``(B, classes, X, Y, Z)``."""
+        multiple = self.spatial_multiple()
+        if x.ndim != 5 or any(size % m for size, m in zip(x.shape[2:], multiple)):
+            raise ValueError(f"Unet3d needs (B, C, X, Y, Z) with sizes multiples of {multiple}, got {tuple(x.shape)}")
+        features = self.encoder(x)[1:]  # smp encoders return the input first
+        return self.segmentation_head(self.decoder(features, len(features) - 1))
+
+
+def _set_upsample_factors(decoder: UNetDecoder, strides: tuple[tuple[int, int, int], ...]) -> None:
+    """Decoder block ``i`` goes from encoder level ``depth - i`` to ``depth - i - 1``: upsample by their ratio."""
+    depth = len(strides) - 1
+    for i, block in enumerate(decoder.blocks):
+        upsamplers = [m for m in block.upsample.modules() if isinstance(m, nn.Upsample)]
+        if len(upsamplers) != 1:
+            raise TypeError(f"decoder block {i}: expected one nn.Upsample, found {len(upsamplers)}")
+        coarse, fine = strides[depth - i], strides[depth - i - 1]
+        upsamplers[0].scale_factor = tuple(float(c // f) for c, f in zip(coarse, fine))
+
+
+def decoder_channels(config: ModelConfig) -> tuple[int, ...]:
+    """``config.decoder_channels`` (or the smp default) truncated to ``encoder_depth`` entries."""
+    channels = tuple(config.decoder_channels or DEFAULT_DECODER_CHANNELS)
+    if len(channels) < config.encoder_depth:
+        raise ModelConfigError(
+            f"model.decoder_channels has {len(channels)} entries; encoder_depth {config.encoder_depth} needs "
+            f"{config.encoder_depth}"
+        )
+    return channels[: config.encoder_depth]
+
+
+def build_unet3d(config: ModelConfig, classes: int, *, load_pretrained: bool = True) -> tuple[Unet3d, WeightsProvenance]:
+    """The 3D U-Net of ``config``: the 2D smp encoder (weights as ``config.encoder_weights`` says, through
+    :func:`~seg_transfer.models.factory.build_model`) inflated by ``config.inflation`` with
+    ``config.depth_stride_one_stages``, one input channel. Raises ``ModelConfigError`` for an arch other than
+    ``Unet``, ``WeightsError`` / ``InflationError`` with one-line messages.
+    """
+    if config.arch.lower() != "unet":
+        raise ModelConfigError(f"model.arch '{config.arch}' has no 3D version; the 3D route (dims: 3d) builds a Unet")
+    channels = decoder_channels(config)
+    # the 2D decoder is discarded; giving it the 3D decoder's channels keeps smp's depth check satisfied
+    config_2d = config.model_copy(update={"decoder_channels": list(channels)})
+    model_2d, provenance = build_model(config_2d, 1, classes, load_pretrained=load_pretrained)
+    encoder = inflate_encoder(model_2d.encoder, config.inflation, config.depth_stride_one_stages)
+    return Unet3d(encoder, classes, channels), provenance
