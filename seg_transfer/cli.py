@@ -14,7 +14,7 @@ import typer
 
 # plain click help: no rich import on --help, and flags are not rendered as ``--help <bool>``
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
-                  help="Transfer learning for medical image segmentation.")
+                  context_settings={"max_content_width": 120}, help="Transfer learning for medical image segmentation.")
 log = logging.getLogger("seg_transfer.cli")
 
 #: exceptions whose message is meant for the user (module -> class names): one line, exit code 2
