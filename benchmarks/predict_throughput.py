@@ -35,12 +35,12 @@ from seg_transfer.inference.batch import PredictRequest, run_predict
 from seg_transfer.inference.cases import discover_cases
 from seg_transfer.inference.predictor import LoadedModel, PredictOptions, load_model, preprocess, resolve_device
 from seg_transfer.models.factory import build_model
-from seg_transfer.training.checkpoint import save_checkpoint
+from seg_transfer.checkpoint import Checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "Task04_Hippocampus" / "imagesTs"
 CONFIG = ROOT / "configs" / "hippocampus_2p5d_effnet_lite0.yaml"
-LABELS = {"0": "background", "1": "anterior", "2": "posterior"}
+LABELS = {0: "background", 1: "anterior", 2: "posterior"}
 
 
 def random_checkpoint(folder: Path) -> Path:
@@ -48,9 +48,9 @@ def random_checkpoint(folder: Path) -> Path:
     config = load_config(CONFIG, ["model.encoder_weights=none", f"data.root={DEFAULT_DATA.parent}"])
     torch.manual_seed(0)
     model, _ = build_model(config.model, config.data.in_channels, len(LABELS), load_pretrained=False)
-    payload = {"config": dump_config(config), "labels": LABELS, "preprocessing": Preprocessing.from_config(config.data).as_dict(),
-               "model": model.state_dict(), "weights_provenance": {"source": "none"}}
-    return save_checkpoint(payload, folder / "random.pt")
+    checkpoint = Checkpoint(config=dump_config(config), labels=LABELS, preprocessing=Preprocessing.from_config(config.data).as_dict(),
+                            weights_provenance={"source": "none"}, model=model.state_dict(), progress={})
+    return checkpoint.save(folder / "random.pt")
 
 
 def slab_batches(loaded: LoadedModel, cases, batch_size: int) -> list[torch.Tensor]:
@@ -60,7 +60,7 @@ def slab_batches(loaded: LoadedModel, cases, batch_size: int) -> list[torch.Tens
         array = preprocess(loaded, case).as_tensor().numpy()[0]
         stack = np.moveaxis(array, prep.slice_axis, 0)
         depth = stack.shape[0]
-        slabs = torch.from_numpy(np.ascontiguousarray(pad_to_multiple(stack, loaded.multiple, float(stack.min()))))
+        slabs = torch.from_numpy(np.ascontiguousarray(pad_to_multiple(stack, loaded.network.multiple[0], float(stack.min()))))
         for start in range(0, depth, batch_size):
             idx = np.stack([context_indices(i, depth, prep.context_slices) for i in range(start, min(start + batch_size, depth))])
             batches.append(slabs[torch.from_numpy(idx)].to(loaded.device))

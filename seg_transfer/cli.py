@@ -27,9 +27,9 @@ USER_ERRORS = {
     "seg_transfer.inference.export": ("ExportError",),
     "seg_transfer.inference.predictor": ("PredictSetupError",),
     "seg_transfer.models.factory": ("ModelConfigError",),
+    "seg_transfer.models.inflate": ("InflationError",),
     "seg_transfer.models.weights": ("WeightsError",),
     "seg_transfer.checkpoint": ("CheckpointError",),
-    "seg_transfer.training.checkpoint": ("CheckpointError",),
     "seg_transfer.study.runner": ("StudyError",),
     "seg_transfer.training.trainer": ("RunDirError",),
 }

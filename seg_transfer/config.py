@@ -6,6 +6,8 @@ Everything a run does is config data. Pretrained and from-scratch runs differ on
 from __future__ import annotations
 
 import difflib
+import logging
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -49,7 +51,7 @@ class AugmentConfig(_Strict):
     intensity_probability: float = Field(0.3, ge=0, le=1)
     gamma_probability: float = Field(0.3, ge=0, le=1)
     gamma_range: tuple[float, float] = (0.7, 1.5)
-    flip_axes: list[Literal[0, 1]] = Field(default_factory=list)
+    flip_axes: list[Literal[0, 1, 2]] = Field(default_factory=list)  # 2.5D: in-plane axes 0, 1; 3D: spatial axes 0-2
 
 
 class DataConfig(_Strict):
@@ -68,7 +70,10 @@ class DataConfig(_Strict):
     slice_axis: Literal[0, 1, 2] = 2
     context_slices: int = Field(1, ge=0)
     foreground_fraction: float | None = Field(None, ge=0, le=1)
-    slices_per_epoch: int | None = Field(None, ge=1)
+    slices_per_epoch: int | None = Field(None, ge=1)  # samples per epoch: 2.5D slices, or 3D patches
+    #: 3D route: training patch and sliding-window size (X, Y, Z); default: the training volumes' median
+    #: shape rounded up to the network's multiple
+    patch_size: tuple[int, int, int] | None = None
     cache: Literal["memory", "disk", "none"] = "memory"
     cache_dir: Path | None = None
     num_workers: int = Field(0, ge=0)
@@ -101,6 +106,18 @@ class ModelConfig(_Strict):
     #: from every training batch, ``adapt`` re-estimates them once on the target data before training
     #: (then keeps them while frozen). Chosen by the ablation in the README.
     frozen_bn: Literal["eval", "train", "adapt"] = "eval"
+    #: the route: ``2.5d`` (a 2D network on a slice and its neighbours) or ``3d`` (the 2D encoder inflated
+    #: to 3D in a 3D U-Net, trained on patches, sliding-window inference); see :mod:`seg_transfer.routes`
+    dims: Literal["2.5d", "3d"] = "2.5d"
+    #: 3D route: how 2D kernels become 3D (see :mod:`seg_transfer.models.inflate`): ``centre`` (the 2D kernel
+    #: in the centre depth slice: at initialisation the 3D net is the 2D net applied slice by slice), ``mean``
+    #: (I3D: repeated along depth and divided by depth) or ``acs`` (output channels split into axial,
+    #: coronal and sagittal 2D kernels)
+    inflation: Literal["centre", "mean", "acs"] = "centre"
+    #: encoder stages used by the U-Net (3 to 5; each halves the resolution)
+    encoder_depth: int = Field(5, ge=3, le=5)
+    #: 3D route: the first N downsamplings keep stride 1 along the depth (last spatial) axis, for thin volumes
+    depth_stride_one_stages: int = Field(0, ge=0, le=5)
 
     @field_validator("encoder_weights")
     @classmethod
@@ -241,11 +258,46 @@ class RunConfig(_Strict):
 def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
     """Load a YAML run config, apply ``key.path=value`` overrides, validate, resolve data paths.
 
-    Relative data paths are resolved against the current working directory, as users type them.
+    Relative data paths written in the file (``data.root``, ``csv``, ``images_dir``, ``labels_dir``,
+    ``cache_dir``) resolve against the file's folder, so a config works from any working directory (as a
+    study's ``base_config`` does); a path that exists only relative to the working directory is still
+    accepted, with a warning. Paths given by ``--set`` resolve against the working directory, as users
+    type them; ``output_dir`` stays relative to the working directory.
     Raises :class:`ConfigError` with a one-line message naming the file and the offending key.
     """
-    raw = read_yaml_mapping(path, "config file")
+    raw = absolute_data_paths(read_yaml_mapping(path, "config file"), Path(path).parent, str(path))
     return config_from_dict(raw, overrides, source=str(path))
+
+
+#: data keys holding paths (resolved against the file that names them)
+DATA_PATH_KEYS = ("root", "csv", "images_dir", "labels_dir", "cache_dir")
+
+
+def absolute_data_paths(raw: dict[str, Any], base: Path, source: str = "config") -> dict[str, Any]:
+    """``raw`` with its relative ``data`` paths made absolute against ``base`` (a config file's folder).
+
+    A path missing there but present relative to the working directory (configs written before paths
+    were file-relative) is kept relative to the working directory, with a warning."""
+    data = raw.get("data")
+    if not isinstance(data, dict):
+        return raw
+    data = dict(data)
+    for key in DATA_PATH_KEYS:
+        value = data.get(key)
+        if isinstance(value, str) and value and not Path(value).is_absolute():
+            data[key] = str(_resolve_from(base, value, f"{source}: 'data.{key}'"))
+    return {**raw, "data": data}
+
+
+def _resolve_from(base: Path, value: str, what: str) -> Path:
+    beside = (base / value).resolve()
+    if beside.exists() or not Path(value).exists() or base.resolve() == Path.cwd().resolve():
+        return beside
+    legacy = Path(value).resolve()
+    logging.getLogger(__name__).warning(
+        "%s %s is resolved against the working directory; relative paths in a config are relative to its folder "
+        "(%s does not exist): write %s", what, value, beside, os.path.relpath(Path(value).absolute(), base.absolute()))
+    return legacy
 
 
 def read_yaml_mapping(path: str | Path, what: str = "config file") -> dict[str, Any]:
@@ -319,7 +371,18 @@ SYNONYMS = {"learning_rate": "lr", "backbone": "encoder", "architecture": "arch"
             "pretrained": "encoder_weights", "epoch": "epochs", "axis": "slice_axis"}
 
 
+def missing_keys(exc: ValidationError) -> str | None:
+    """``missing required keys: a, b.c`` when every error of ``exc`` is a missing key, else None."""
+    errors = exc.errors()
+    if not errors or any(e["type"] != "missing" for e in errors):
+        return None
+    keys = [".".join(str(part) for part in e["loc"]) for e in errors]
+    return f"missing required key{'s' if len(keys) > 1 else ''}: {', '.join(keys)}"
+
+
 def _describe_validation_error(exc: ValidationError) -> str:
+    if (missing := missing_keys(exc)) is not None:
+        return missing
     # the deepest location is the most specific (a union reports every member; the nested one matters)
     error = max(exc.errors(), key=lambda e: len(e["loc"]))
     location = ".".join(str(part) for part in error["loc"] if not str(part).startswith(("function-", "literal[")))

@@ -8,10 +8,10 @@ import torch
 from seg_transfer.config import config_from_dict, dump_config
 from seg_transfer.data.transforms import Preprocessing
 from seg_transfer.models.factory import build_model
-from seg_transfer.training.checkpoint import save_checkpoint
+from seg_transfer.checkpoint import Checkpoint
 from tests.conftest import tiny_config
 
-LABELS = {"0": "background", "1": "head", "2": "tail"}
+LABELS = {0: "background", 1: "head", 2: "tail"}
 
 
 def save_random_checkpoint(data_root: Path, run_dir: Path) -> Path:
@@ -23,7 +23,7 @@ def save_random_checkpoint(data_root: Path, run_dir: Path) -> Path:
     config = config_from_dict(tiny_config(data_root))
     torch.manual_seed(0)
     model, _ = build_model(config.model, config.data.in_channels, len(LABELS), load_pretrained=False)
-    save_checkpoint({"config": dump_config(config), "labels": LABELS,
-                     "preprocessing": Preprocessing.from_config(config.data).as_dict(),
-                     "model": model.eval().state_dict()}, run_dir / "checkpoints" / "best.pt")
+    Checkpoint(config=dump_config(config), labels=LABELS, preprocessing=Preprocessing.from_config(config.data).as_dict(),
+               weights_provenance={"source": "none"}, model=model.eval().state_dict(), progress={}
+               ).save(run_dir / "checkpoints" / "best.pt")
     return run_dir

@@ -30,11 +30,12 @@ from seg_transfer.data.augment import SliceAugmenter
 from seg_transfer.data.pipeline import prepare_data, volume_dataset
 from seg_transfer.data.slices import SliceDataset, shard_positions
 from seg_transfer.data.transforms import Preprocessing
+from seg_transfer.checkpoint import Checkpoint
 from seg_transfer.models.factory import build_model
+from seg_transfer.routes.base import InferenceOptions
 from seg_transfer.training import distributed
-from seg_transfer.training.checkpoint import load_checkpoint
 from seg_transfer.training.distributed import DistributedContext, first_host, slurm_environment
-from seg_transfer.training.trainer import _open_session, mean_over_ranks, train, validate
+from seg_transfer.training.trainer import _open_session, mean_over_ranks, train, validation_scores
 from tests.conftest import tiny_config
 
 # --------------------------------------------------------------------------- sharding
@@ -276,7 +277,7 @@ def test_decoder_stage_under_ddp_leaves_encoder_and_its_batchnorm_untouched(deco
     run_dir, _, config = decoder_run
     torch.manual_seed(config.seed)
     initial = build_model(config.model, 3, 3)[0].state_dict()
-    trained = load_checkpoint(run_dir / "checkpoints" / "last.pt")["model"]
+    trained = Checkpoint.load(run_dir / "checkpoints" / "last.pt").model
     assert trained.keys() == initial.keys()  # the bare model: no "module." prefix
     encoder = [k for k in trained if k.startswith("encoder.")]
     assert any(k.endswith("running_mean") for k in encoder)
@@ -290,14 +291,15 @@ def test_sharded_validation_equals_validating_the_checkpoint_alone(decoder_run, 
     run_dir, _, config = decoder_run
     from seg_transfer.inference.predictor import load_model
 
-    best = load_checkpoint(run_dir)
+    best = Checkpoint.load(run_dir)
     loaded = load_model(str(run_dir), torch.device("cpu"))
     data = prepare_data(config.data, run_dir)  # reads the run's splits.json
     volumes = volume_dataset(data.subset("val"), Preprocessing.from_config(config.data), config.data)
     assert len(volumes) == 2  # one validation volume per rank in the run
-    alone = validate(loaded.model, volumes, loaded.prep, 3, torch.device("cpu"), 16, loaded.multiple)
-    assert min(best["progress"]["best_per_class"]) > 0.0  # both classes partly found: a comparison that can fail
-    assert alone == pytest.approx(best["progress"]["best_per_class"], abs=1e-9)
+    inferer = loaded.network.inferer(InferenceOptions(batch_size=16, roi_size=None, max_batch_pixels=None))
+    alone = np.mean(validation_scores(loaded.model, volumes, inferer, 3, torch.device("cpu")), axis=0).tolist()
+    assert min(best.progress["best_per_class"]) > 0.0  # both classes partly found: a comparison that can fail
+    assert alone == pytest.approx(best.progress["best_per_class"], abs=1e-9)
 
 
 def test_ddp_checkpoint_predicts_with_the_inference_api(decoder_run, phantom_root):
@@ -395,11 +397,11 @@ def test_ddp_resume_continues_to_the_same_weights(learning_runs):
     driver.write_text(INTERRUPT_DRIVER)
     stopped = torchrun(str(driver), "learn.yaml", "resumed", "5", cwd=work)  # mid-way through the 'all' stage
     assert stopped.returncode != 0
-    assert load_checkpoint(work / "resumed" / "checkpoints" / "last.pt")["progress"]["epoch"] == 5
+    assert Checkpoint.load(work / "resumed" / "checkpoints" / "last.pt").progress["epoch"] == 5
     resumed = torchrun("-m", "seg_transfer", "train", "--config", "learn.yaml", "--output", "resumed", "--resume", cwd=work)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    straight = load_checkpoint(work / "ddp" / "checkpoints" / "last.pt")["model"]
-    continued = load_checkpoint(work / "resumed" / "checkpoints" / "last.pt")["model"]
+    straight = Checkpoint.load(work / "ddp" / "checkpoints" / "last.pt").model
+    continued = Checkpoint.load(work / "resumed" / "checkpoints" / "last.pt").model
     assert all(torch.equal(straight[k], continued[k]) for k in straight)
     assert [r["epoch"] for r in _records(work / "resumed")] == list(range(1, 11))
     assert [r["val_dice"] for r in _records(work / "resumed")] == [r["val_dice"] for r in _records(work / "ddp")]

@@ -21,8 +21,8 @@ from seg_transfer.inference.export import (
     export_module,
     load_network,
 )
-from seg_transfer.inference.slicewise import predict_volume
-from seg_transfer.training.checkpoint import load_checkpoint
+from seg_transfer.routes.slicewise import predict_volume
+from seg_transfer.checkpoint import Checkpoint
 from tests.checkpoint_helpers import save_random_checkpoint
 
 onnxruntime = pytest.importorskip("onnxruntime")
@@ -76,16 +76,16 @@ def test_contract_beside_the_model_describes_input_preprocessing_and_labels(run_
     contract_path = exported.model_path.with_name("model.onnx.json")
     assert exported.contract_path == contract_path == contract_path_for(exported.model_path)
     contract = json.loads(contract_path.read_text())
-    payload = load_checkpoint(run_dir)
+    payload = Checkpoint.load(run_dir)
     assert contract["format"] == CONTRACT_FORMAT
     assert contract["model_file"] == "model.onnx" and contract["opset"] == 17
     assert contract["architecture"] == "Unet" and contract["encoder"] == "tu-tf_efficientnet_lite0"
-    assert contract["input"]["channels"] == 2 * payload["preprocessing"]["context_slices"] + 1 == 3
+    assert contract["input"]["channels"] == 2 * payload.preprocessing["context_slices"] + 1 == 3
     assert contract["input"]["slice_axis"] == 2 and contract["input"]["spatial_multiple"] == 32
     assert contract["input"]["shape"] == ["batch", 3, "height", "width"] and contract["input"]["dynamic_spatial"]
     assert contract["output"]["name"] == "logits" and contract["output"]["classes"] == 3
-    assert contract["labels"] == payload["labels"]
-    assert contract["preprocessing"] == payload["preprocessing"]
+    assert contract["labels"] == {str(k): v for k, v in payload.labels.items()}
+    assert contract["preprocessing"] == payload.preprocessing
     assert contract["verification"]["max_abs_diff"] == pytest.approx(exported.max_abs_diff)
     leftovers = [p.name for p in exported.model_path.parent.iterdir() if p.name not in ("model.onnx", "model.onnx.json")]
     assert leftovers == [], "atomic writes leave no temp files behind"

@@ -20,7 +20,7 @@ from seg_transfer.data.transforms import preprocessing_transforms
 from seg_transfer.inference import batch
 from seg_transfer.inference.cases import InputError, discover_cases, shard
 from seg_transfer.inference.predictor import LoadedModel, PredictOptions, keep_largest_component, load_model, predict_case
-from seg_transfer.inference.slicewise import TTA_FLIPS, predict_label_map, predict_volume, slice_probabilities
+from seg_transfer.routes.slicewise import TTA_FLIPS, predict_label_map, predict_volume, slice_probabilities
 from seg_transfer.inference.writers import atomic_output, sitk_image
 from seg_transfer.training.trainer import train
 from tests.conftest import tiny_config
@@ -159,7 +159,7 @@ def test_spacing_and_foreground_crop_are_inverted_to_the_input_grid(loaded, plai
     from dataclasses import replace
 
     prep = replace(loaded.prep, spacing=(0.8, 0.8, 1.0), crop_foreground=True)
-    resampling = LoadedModel(loaded.model, prep, loaded.labels, loaded.device, preprocessing_transforms(prep, with_label=False))
+    resampling = loaded.with_preprocessing(prep)
     prediction = predict_case(resampling, discover_cases(plain[2])[0], PredictOptions(progress=False, save_probabilities=True))
     assert prediction.labels.shape == plain[0].shape == prediction.geometry.shape
     assert prediction.labels.dtype == np.uint8 and prediction.labels.max() > 0

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from seg_transfer.config import load_config
 from seg_transfer.study.arms import arm_config, check_equal_budgets
 from seg_transfer.study.config import load_study_config
 
@@ -18,8 +19,8 @@ pytestmark = [pytest.mark.hippocampus,
 
 
 @pytest.mark.parametrize("name, steps", STUDIES.items())
-def test_every_arm_takes_the_stated_steps(name, steps, monkeypatch):
-    monkeypatch.chdir(CONFIGS.parent)  # data.root is relative to the checkout, as the README runs it
+def test_every_arm_takes_the_stated_steps(name, steps, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)  # data.root is relative to the config file: any working directory will do
     study = load_study_config(CONFIGS / name)
     configs = {arm.name: arm_config(study, arm, study.seeds[0], arm.name) for arm in study.arms}
     check_equal_budgets(configs)
@@ -29,11 +30,17 @@ def test_every_arm_takes_the_stated_steps(name, steps, monkeypatch):
     assert len(study.seeds) >= 3 and study.split.model_dump() == {"test_fraction": 0.2, "val_fraction": 0.1, "seed": 0}
 
 
-def test_default_recipe_is_what_the_ablation_chose(monkeypatch):
-    monkeypatch.chdir(CONFIGS.parent)
+def test_default_recipe_is_what_the_ablation_chose(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
     study = load_study_config(CONFIGS / "study_hippocampus.yaml")
     config = arm_config(study, study.arm("imagenet"), 0, "imagenet")
     assert config.model.encoder_weights == "imagenet" and config.model.frozen_bn == "train"
     assert config.training.loss.batch_dice and [s.name for s in config.training.stages] == ["decoder", "top2", "all"]
     scratch = arm_config(study, study.arm("scratch"), 0, "scratch")
     assert scratch.model.encoder_weights == "none" and scratch.training.loss.batch_dice
+
+
+@pytest.mark.parametrize("name", ["hippocampus_2p5d_effnet_lite0.yaml", "hippocampus_2p5d_scratch.yaml"])
+def test_run_configs_find_the_data_from_any_working_directory(name, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    assert load_config(CONFIGS / name).data.root == HIPPOCAMPUS.resolve()

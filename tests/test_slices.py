@@ -5,7 +5,7 @@ import numpy as np
 import torch
 
 from seg_transfer.data.slices import SliceDataset, SliceIndex, context_indices, foreground_slices, pad_to_multiple, slab
-from seg_transfer.inference.slicewise import predict_volume
+from seg_transfer.routes.slicewise import predict_volume
 
 
 def _volume(shape=(5, 6, 7)):

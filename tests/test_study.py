@@ -122,7 +122,7 @@ def test_study_plan_fixes_test_and_val_and_shares_subsets_across_arms(tmp_path, 
 
 
 @pytest.mark.parametrize("changes, message", [
-    ({"control": "imagenet"}, "control 'imagenet' is not an arm"),
+    ({"control": "imagenet"}, "'control': 'imagenet' is not an arm; the arms are staged, scratch"),
     ({"train_sizes": [2, 50]}, r"train_sizes \[50\] exceed the 5 cases"),
     ({"arms": [{"name": "staged"}, {"name": "scratch", "set": {"training.stages.0.epochs": 3}}]}, "different training budgets"),
     ({"arms": [{"name": "staged"}, {"name": "scratch", "set": {"training.stages.0.lr": "fast"}}]}, "training.stages.0.lr"),
@@ -178,10 +178,13 @@ def test_tiny_study_end_to_end_and_resume(tmp_path, study_root, capsys):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_study_refuses_a_changed_config_for_existing_runs(tmp_path, study_root):
+def test_study_refuses_a_changed_config_for_existing_runs(tmp_path, study_root, capsys):
     study_path, out = write_study(tmp_path, study_root, train_sizes=[2]), tmp_path / "study"
     assert main(["compare", "--config", str(study_path), "--output", str(out), "--max-runs", "1"]) == 0
     base = yaml.safe_load((tmp_path / "base.yaml").read_text())
     base["training"]["stages"][1]["lr"] = 5e-4
     (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
+    capsys.readouterr()
     assert main(["compare", "--config", str(study_path), "--output", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "n002_seed0: holds a run with another config (differs in training)" in err and len(err.splitlines()) == 1

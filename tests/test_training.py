@@ -12,7 +12,7 @@ import yaml
 
 from seg_transfer.cli import main
 from seg_transfer.config import config_from_dict
-from seg_transfer.training.checkpoint import load_checkpoint
+from seg_transfer.checkpoint import Checkpoint
 from seg_transfer.training.trainer import RunDirError, train
 from tests.conftest import tiny_config
 
@@ -34,12 +34,12 @@ def test_run_folder_holds_everything_inference_needs(staged_run):
                  "checkpoints/last.pt", "checkpoints/best.pt"):
         assert (run_dir / name).is_file(), name
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
-    best = load_checkpoint(run_dir)
-    assert best["labels"] == {"0": "background", "1": "anterior", "2": "posterior"}
-    assert best["preprocessing"]["context_slices"] == 1 and best["preprocessing"]["modality"] == "mri"
-    assert best["weights_provenance"]["source"] == "none"
-    assert best["config"]["model"]["encoder"] == "tu-tf_efficientnet_lite0"
-    assert best["progress"]["best_dice"] == pytest.approx(result.best_dice)
+    best = Checkpoint.load(run_dir)
+    assert best.labels == {0: "background", 1: "anterior", 2: "posterior"}
+    assert best.preprocessing["context_slices"] == 1 and best.preprocessing["modality"] == "mri"
+    assert best.weights_provenance["source"] == "none"
+    assert best.config["model"]["encoder"] == "tu-tf_efficientnet_lite0"
+    assert best.progress["best_dice"] == pytest.approx(result.best_dice)
     assert 0.0 <= result.best_dice <= 1.0 and set(result.best_per_class) == {"anterior", "posterior"}
 
 
@@ -50,7 +50,7 @@ def test_stage_transitions_are_recorded_in_order(staged_run):
     assert [r["epoch"] for r in records] == [1, 2, 3]
     assert all("val_dice_anterior" in r and "val_dice_posterior" in r for r in records)
     best_epoch = max(records, key=lambda r: r["val_dice"])["epoch"]
-    assert load_checkpoint(run_dir)["progress"]["best_epoch"] == best_epoch
+    assert Checkpoint.load(run_dir).progress["best_epoch"] == best_epoch
 
 
 def test_splits_are_case_level_and_disjoint(staged_run):
@@ -76,7 +76,7 @@ def test_decoder_stage_leaves_encoder_untouched(phantom_root, tmp_path):
     initial_model = build_model(config.model, 3, 3)[0]
     initial = {k: v.clone() for k, v in initial_model.state_dict().items()}
     train(config, tmp_path / "run")
-    trained = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["model"]
+    trained = Checkpoint.load(tmp_path / "run" / "checkpoints" / "last.pt").model
     encoder = {k: v for k, v in trained.items() if k.startswith("encoder.")}
     assert _equal_states(encoder, {k: initial[k] for k in encoder})  # weights and BatchNorm statistics
     decoder_weights = [k for k in trained if k.startswith("decoder.") and k.endswith("weight") and trained[k].ndim == 4]
@@ -93,12 +93,12 @@ def test_resume_continues_to_the_same_result(phantom_root, tmp_path):
     straight = train(config, tmp_path / "straight")
     interrupted = tmp_path / "interrupted"
     _train_until_epoch(config, interrupted, 2)  # killed mid-stage, after epoch 2 was checkpointed
-    assert load_checkpoint(interrupted / "checkpoints" / "last.pt")["progress"]["epoch"] == 2
+    assert Checkpoint.load(interrupted / "checkpoints" / "last.pt").progress["epoch"] == 2
     resumed = train(config, interrupted, resume=True)
     assert resumed.epochs == straight.epochs == 3
-    a = load_checkpoint(tmp_path / "straight" / "checkpoints" / "last.pt")
-    b = load_checkpoint(interrupted / "checkpoints" / "last.pt")
-    assert _equal_states(a["model"], b["model"])
+    a = Checkpoint.load(tmp_path / "straight" / "checkpoints" / "last.pt")
+    b = Checkpoint.load(interrupted / "checkpoints" / "last.pt")
+    assert _equal_states(a.model, b.model)
     assert resumed.best_dice == pytest.approx(straight.best_dice, abs=1e-7)
     epochs = [json.loads(line)["epoch"] for line in (interrupted / "metrics.jsonl").read_text().splitlines()]
     assert epochs == [1, 2, 3]

@@ -69,7 +69,7 @@ def check_request(request: PredictRequest) -> None:
         raise PredictSetupError("--roi-size must be at least 1")
     if request.options.batch_size < 1:
         raise PredictSetupError("--batch-size must be at least 1")
-    if not 0.0 <= request.options.overlap < 1.0:
+    if request.options.overlap is not None and not 0.0 <= request.options.overlap < 1.0:
         raise PredictSetupError("--overlap must be in [0, 1)")
     if request.fmt == "dicom-seg":
         from seg_transfer.inference.dicom_seg import require_highdicom

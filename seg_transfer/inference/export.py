@@ -2,7 +2,7 @@
 
 Only the network is exported: a batch of 2.5D slabs ``input`` ``(batch, 2k+1, height, width)`` float32
 in, raw class scores ``logits`` ``(batch, classes, height, width)`` out (softmax over axis 1, arg-max
-gives the label). Preprocessing, slab building, padding and mapping back to the scan stay with the
+gives the label); for the 3D route ``(batch, 1, x, y, z)`` windows in, ``(batch, classes, x, y, z)`` out. Preprocessing, slab building, padding and mapping back to the scan stay with the
 caller; the JSON contract written beside the model (``<model>.onnx.json``) says exactly what they are.
 
 Batch, height and width are dynamic axes. Height and width must be multiples of the encoder's output
@@ -32,10 +32,7 @@ from torch import nn
 
 from seg_transfer import __version__
 from seg_transfer.atomic import write_atomic
-from seg_transfer.config import RunConfig
-from seg_transfer.data.transforms import Preprocessing
-from seg_transfer.models.factory import build_model, encoder_output_stride
-from seg_transfer.training.checkpoint import load_checkpoint, resolve_checkpoint
+from seg_transfer.routes.network import LoadedNetwork, load_network
 
 log = logging.getLogger(__name__)
 
@@ -75,25 +72,6 @@ class ExportResult:
         return max(check.max_abs_diff for check in self.checks)
 
 
-@dataclass
-class CheckpointNetwork:
-    """A checkpoint's eval-mode CPU network with what the contract needs to describe it."""
-
-    model: nn.Module
-    config: RunConfig
-    prep: Preprocessing
-    labels: dict[int, str]
-    path: Path
-
-    @property
-    def in_channels(self) -> int:
-        return 2 * self.prep.context_slices + 1
-
-    @property
-    def stride(self) -> int:
-        return encoder_output_stride(self.model)
-
-
 def contract_path_for(model_path: str | Path) -> Path:
     """The JSON contract beside an exported model: ``model.onnx`` → ``model.onnx.json``."""
     model_path = Path(model_path)
@@ -108,18 +86,6 @@ def require_onnx() -> tuple[Any, Any]:
     except ImportError as exc:
         raise ExportError(f"ONNX export needs onnx and onnxruntime ({exc.name or 'import'} missing): {INSTALL_HINT}") from None
     return onnx, onnxruntime
-
-
-def load_network(checkpoint: str | Path) -> CheckpointNetwork:
-    """Build the checkpoint's network on CPU (no pretrained download), load its weights, eval mode."""
-    path = resolve_checkpoint(checkpoint)
-    payload = load_checkpoint(path)
-    config = RunConfig.model_validate(payload["config"])
-    labels = dict(sorted((int(k), v) for k, v in payload["labels"].items()))
-    prep = Preprocessing.from_dict(payload["preprocessing"])
-    model, _ = build_model(config.model, config.data.in_channels, len(labels), load_pretrained=False)
-    model.load_state_dict(payload["model"])
-    return CheckpointNetwork(model.eval(), config, prep, labels, path)
 
 
 def export_checkpoint(
@@ -141,9 +107,7 @@ def export_checkpoint(
     require_onnx()
     _check_opset(opset)
     network = load_network(checkpoint)
-    _check_size(size, network.stride)
-    sample_shape = (2, network.in_channels, size, size)
-    other_shape = (1, network.in_channels, size + network.stride, size + 2 * network.stride)
+    sample_shape, other_shape = trace_shapes(network, size)
     model_bytes, checks, dynamic_spatial = export_module(network.model, sample_shape, other_shape,
                                                          opset=opset, tolerance=tolerance, seed=seed)
     output = Path(output)
@@ -153,10 +117,22 @@ def export_checkpoint(
     return ExportResult(output, contract_path, checks, dynamic_spatial, contract)
 
 
+def trace_shapes(network: LoadedNetwork, size: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Input shapes to trace and to check: 2.5D ``size`` x ``size`` slabs (batch 2), 3D the training patch (batch 1);
+    the second shape grows every spatial axis by a different multiple of the network's stride."""
+    multiple = network.multiple
+    if network.route.spatial_dims == 2:
+        _check_size(size, multiple[0])
+        return (2, network.in_channels, size, size), (1, network.in_channels, size + multiple[0], size + 2 * multiple[1])
+    patch = tuple(int(p) for p in network.spec.settings["patch_size"])
+    grown = tuple(p + (i + 1) * m for i, (p, m) in enumerate(zip(patch, multiple)))
+    return (1, network.in_channels, *patch), (1, network.in_channels, *grown)
+
+
 def export_module(
     model: nn.Module,
-    sample_shape: tuple[int, int, int, int],
-    other_shape: tuple[int, int, int, int],
+    sample_shape: tuple[int, ...],
+    other_shape: tuple[int, ...],
     *,
     opset: int = DEFAULT_OPSET,
     tolerance: float = DEFAULT_TOLERANCE,
@@ -180,8 +156,8 @@ def export_module(
         second = None
     if second is not None and second.max_abs_diff <= tolerance:
         return model_bytes, [first, second], True
-    log.warning("the traced graph does not generalise over spatial sizes; exporting with a fixed %dx%d slice",
-                *sample_shape[2:])
+    log.warning("the traced graph does not generalise over spatial sizes; exporting with a fixed %s input",
+                "x".join(str(n) for n in sample_shape[2:]))
     model_bytes = _torch_to_onnx(model, sample_shape, opset, spatial=False)
     checks = [compare_with_torch(model, model_bytes, shape, seed + i)
               for i, shape in enumerate((sample_shape, (1, *sample_shape[1:])))]
@@ -204,7 +180,7 @@ def compare_with_torch(model: nn.Module, model_bytes: bytes, shape: tuple[int, .
 
 
 def build_contract(
-    network: CheckpointNetwork,
+    network: LoadedNetwork,
     model_file: str,
     opset: int,
     dynamic_spatial: bool,
@@ -213,8 +189,8 @@ def build_contract(
     tolerance: float,
 ) -> dict[str, Any]:
     """The JSON-ready description of the exported model: input/output contract, preprocessing, labels."""
-    height, width = ("height", "width") if dynamic_spatial else (size, size)
     classes = len(network.labels)
+    spatial = _spatial_names(network.route.spatial_dims) if dynamic_spatial else list(checks[0].shape[2:])
     return {
         "format": CONTRACT_FORMAT,
         "model_file": model_file,
@@ -225,20 +201,15 @@ def build_contract(
         "input": {
             "name": INPUT_NAME,
             "dtype": "float32",
-            "shape": ["batch", network.in_channels, height, width],
+            "shape": ["batch", network.in_channels, *spatial],
             "channels": network.in_channels,
-            "context_slices": network.prep.context_slices,
-            "slice_axis": network.prep.slice_axis,
             "dynamic_spatial": dynamic_spatial,
-            "spatial_multiple": network.stride,
-            "layout": (f"channel c is slice index-{network.prep.context_slices}+c along slice_axis of the "
-                       "preprocessed (RAS) volume, edge slices repeated; height, width are the other two axes "
-                       "in order, padded at the end with the volume minimum to spatial_multiple"),
+            **_layout(network),
         },
         "output": {
             "name": OUTPUT_NAME,
             "dtype": "float32",
-            "shape": ["batch", classes, height, width],
+            "shape": ["batch", classes, *spatial],
             "classes": classes,
             "activation": "none: logits; softmax over axis 1 gives probabilities, argmax the label",
         },
@@ -254,10 +225,30 @@ def build_contract(
     }
 
 
+def _spatial_names(spatial_dims: int) -> list[str]:
+    return ["height", "width"] if spatial_dims == 2 else ["x", "y", "z"]
+
+
+def _layout(network: LoadedNetwork) -> dict[str, Any]:
+    """How the caller builds the input from the preprocessed volume (route-specific part of the contract)."""
+    if network.route.spatial_dims == 2:
+        k = network.prep.context_slices
+        return {"route": "2.5d", "context_slices": k, "slice_axis": network.prep.slice_axis,
+                "spatial_multiple": network.multiple[0],
+                "layout": (f"channel c is slice index-{k}+c along slice_axis of the preprocessed (RAS) volume, edge "
+                           "slices repeated; height, width are the other two axes in order, padded at the end with the "
+                           "volume minimum to spatial_multiple")}
+    return {"route": "3d", "spatial_multiple": list(network.multiple), "window": list(network.spec.settings["patch_size"]),
+            "layout": ("channel 0 is the preprocessed (RAS) volume (x, y, z); infer windows of `window` voxels with "
+                       "overlap 0.5 and Gaussian blending (sigma 0.125 of the window), padding with the volume minimum")}
+
+
 def _torch_to_onnx(model: nn.Module, sample_shape: tuple[int, ...], opset: int, spatial: bool) -> bytes:
-    """The checked ONNX model (bytes) of ``model`` traced at ``sample_shape``; batch (and H, W if ``spatial``) dynamic."""
+    """The checked ONNX model (bytes) of ``model`` traced at ``sample_shape``; batch (and the spatial axes if
+    ``spatial``) dynamic."""
     onnx, _ = require_onnx()
-    axes = {0: "batch", 2: "height", 3: "width"} if spatial else {0: "batch"}
+    names = _spatial_names(len(sample_shape) - 2)
+    axes = {0: "batch", **{2 + i: name for i, name in enumerate(names)}} if spatial else {0: "batch"}
     buffer = io.BytesIO()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=DeprecationWarning)  # the legacy-exporter notices

@@ -1,4 +1,4 @@
-"""One case: load the checkpoint's model and preprocessing, preprocess, infer slice-wise, map back.
+"""One case: load the checkpoint's network and preprocessing, preprocess, infer (the route's inferer), map back.
 
 The checkpoint's own :class:`~seg_transfer.data.transforms.Preprocessing` is applied with MONAI
 transforms that record what they did; the prediction is mapped back to the input's voxel grid with
@@ -19,14 +19,12 @@ from monai.transforms import Compose, Invertd
 from scipy import ndimage
 from torch import nn
 
-from seg_transfer.config import RunConfig
 from seg_transfer.data.io import NIBABEL_SUFFIXES
 from seg_transfer.data.transforms import Preprocessing, preprocessing_transforms
 from seg_transfer.inference.cases import InputCase
-from seg_transfer.inference.slicewise import predict_label_map, predict_volume
 from seg_transfer.inference.writers import InputGeometry
-from seg_transfer.models.factory import build_model, encoder_output_stride
-from seg_transfer.training.checkpoint import load_checkpoint
+from seg_transfer.routes.base import InferenceOptions
+from seg_transfer.routes.network import LoadedNetwork, load_network
 
 log = logging.getLogger(__name__)
 
@@ -39,13 +37,13 @@ class PredictSetupError(ValueError):
 
 @dataclass(frozen=True)
 class PredictOptions:
-    """How each case is inferred; defaults reproduce plain slice-wise inference."""
+    """How each case is inferred; defaults reproduce plain inference (``overlap`` None: the route's default)."""
 
     batch_size: int = 32
     amp: bool = False
     tta: bool = False
     roi_size: int | None = 512
-    overlap: float = 0.25
+    overlap: float | None = None
     postprocess: Postprocess = "none"
     save_probabilities: bool = False
     progress: bool = True
@@ -54,17 +52,31 @@ class PredictOptions:
 
 @dataclass
 class LoadedModel:
-    """A checkpoint ready to predict: eval-mode network on ``device``, its preprocessing and labels."""
+    """A checkpoint ready to predict: its network (eval mode, on its device) and the preprocessing transform."""
 
-    model: nn.Module
-    prep: Preprocessing
-    labels: dict[int, str]
-    device: torch.device
+    network: LoadedNetwork
     transform: Compose
 
     @property
-    def multiple(self) -> int:
-        return encoder_output_stride(self.model)
+    def model(self) -> nn.Module:
+        return self.network.model
+
+    @property
+    def prep(self) -> Preprocessing:
+        return self.network.prep
+
+    @property
+    def labels(self) -> dict[int, str]:
+        return self.network.labels
+
+    @property
+    def device(self) -> torch.device:
+        return self.network.device
+
+    def with_preprocessing(self, prep: Preprocessing) -> LoadedModel:
+        """The same network behind another preprocessing (its transform rebuilt)."""
+        network = LoadedNetwork(**{**self.network.__dict__, "prep": prep})
+        return LoadedModel(network, preprocessing_transforms(prep, with_label=False))
 
 
 @dataclass
@@ -93,15 +105,9 @@ def resolve_device(spec: str) -> torch.device:
 
 
 def load_model(checkpoint: str, device: torch.device) -> LoadedModel:
-    """Build the checkpoint's network (no pretrained download), load its weights, put it in eval mode."""
-    payload = load_checkpoint(checkpoint)
-    config = RunConfig.model_validate(payload["config"])
-    labels = {int(k): v for k, v in payload["labels"].items()}
-    prep = Preprocessing.from_dict(payload["preprocessing"])
-    model, _ = build_model(config.model, config.data.in_channels, len(labels), load_pretrained=False)
-    model.load_state_dict(payload["model"])
-    model.to(device).eval()
-    return LoadedModel(model, prep, dict(sorted(labels.items())), device, preprocessing_transforms(prep, with_label=False))
+    """The checkpoint's network (:func:`~seg_transfer.routes.network.load_network`) and its preprocessing transform."""
+    network = load_network(checkpoint, device)
+    return LoadedModel(network, preprocessing_transforms(network.prep, with_label=False))
 
 
 def preprocess(loaded: LoadedModel, case: InputCase) -> MetaTensor:
@@ -127,17 +133,15 @@ def input_geometry(case: InputCase, image: MetaTensor) -> InputGeometry:
 def infer(loaded: LoadedModel, image: MetaTensor, options: PredictOptions) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Model-space labels ``(X', Y', Z')`` and, if ``options.save_probabilities``, probabilities ``(C, X', Y', Z')``.
 
-    ``options.roi_size`` is rounded up to the encoder's output stride (windows must fit the network).
+    The route's inferer does the work: the same one training validation uses.
     """
-    prep = loaded.prep
-    roi = None if options.roi_size is None else -(-options.roi_size // loaded.multiple) * loaded.multiple  # round up
-    kwargs = dict(batch_size=options.batch_size, multiple=loaded.multiple, device=loaded.device, amp=options.amp,
-                  tta=options.tta, roi_size=roi, overlap=options.overlap, progress=options.progress,
-                  max_batch_pixels=options.max_batch_pixels)
+    inferer = loaded.network.inferer(InferenceOptions(
+        batch_size=options.batch_size, amp=options.amp, tta=options.tta, roi_size=options.roi_size,
+        overlap=options.overlap, progress=options.progress, max_batch_pixels=options.max_batch_pixels))
     if options.save_probabilities:
-        probs = predict_volume(loaded.model, image.as_tensor(), prep.slice_axis, prep.context_slices, **kwargs)
+        probs = inferer.probabilities(loaded.model, image.as_tensor(), loaded.device)
         return probs.argmax(0).to(torch.uint8 if probs.shape[0] <= 256 else torch.int16), probs
-    return predict_label_map(loaded.model, image.as_tensor(), prep.slice_axis, prep.context_slices, **kwargs), None
+    return inferer.label_map(loaded.model, image.as_tensor(), loaded.device), None
 
 
 def invert_to_input(loaded: LoadedModel, image: MetaTensor, array: torch.Tensor, nearest: bool) -> torch.Tensor:

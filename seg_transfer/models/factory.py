@@ -25,6 +25,8 @@ from seg_transfer.models.weights import (
 log = logging.getLogger(__name__)
 
 CLASSIFIER_PREFIXES = ("fc.", "classifier.", "last_linear.", "head.", "_fc.")
+#: smp's default U-Net decoder channels (one per encoder stage), cut to ``model.encoder_depth``
+SMP_DECODER_CHANNELS = (256, 128, 64, 32, 16)
 
 
 class ModelConfigError(ValueError):
@@ -80,6 +82,9 @@ def build_model(
 
 def _create(config: ModelConfig, in_channels: int, classes: int, encoder_weights: str | bool | None) -> nn.Module:
     kwargs = {"decoder_channels": config.decoder_channels} if config.decoder_channels else {}
+    if config.encoder_depth != 5:
+        kwargs["encoder_depth"] = config.encoder_depth
+        kwargs.setdefault("decoder_channels", list(SMP_DECODER_CHANNELS[: config.encoder_depth]))
     return smp.create_model(
         config.arch,
         encoder_name=config.encoder,

@@ -13,7 +13,7 @@ from pydantic import (
     model_validator,
 )
 
-from seg_transfer.config import ConfigError, read_yaml_mapping
+from seg_transfer.config import DATA_PATH_KEYS, ConfigError, missing_keys, read_yaml_mapping
 
 
 class _Strict(BaseModel):
@@ -73,7 +73,7 @@ class StudyConfig(_Strict):
         if len(set(names)) != len(names):
             raise ValueError(f"arm names must be unique, got {names}")
         if self.control not in names:
-            raise ValueError(f"control {self.control!r} is not an arm ({', '.join(names)})")
+            raise ValueError(f"'control': {self.control!r} is not an arm; the arms are {', '.join(names)}")
         if len(set(self.seeds)) != len(self.seeds):
             raise ValueError("seeds has duplicates")
         return self
@@ -92,10 +92,26 @@ def load_study_config(path: str | Path) -> StudyConfig:
     try:
         study = StudyConfig.model_validate(raw)
     except ValidationError as exc:
-        error = exc.errors()[0]
-        location = ".".join(str(p) for p in error["loc"])
-        raise ConfigError(f"{path}: '{location}': {error['msg']}") from None
+        raise ConfigError(f"{path}: {_describe(exc)}") from None
     base = study.base_config if study.base_config.is_absolute() else (path.parent / study.base_config).resolve()
     if not base.is_file():
         raise ConfigError(f"{path}: 'base_config' file not found: {base}")
-    return study.model_copy(update={"base_config": base})
+    arms = [arm.model_copy(update={"set": _absolute_set_paths(arm.set, path.parent)}) for arm in study.arms]
+    return study.model_copy(update={"base_config": base, "set": _absolute_set_paths(study.set, path.parent), "arms": arms})
+
+
+def _describe(exc: ValidationError) -> str:
+    """One line for a study validation error: every missing key, else the first error and its key."""
+    if (missing := missing_keys(exc)) is not None:
+        return missing
+    error = exc.errors()[0]
+    location = ".".join(str(p) for p in error["loc"])
+    message = error["msg"].removeprefix("Value error, ")
+    return f"'{location}': {message}" if location else message
+
+
+def _absolute_set_paths(settings: dict[str, Any], base: Path) -> dict[str, Any]:
+    """``set`` entries with relative data paths (``data.root: ../x``) made absolute against ``base``."""
+    paths = {f"data.{key}" for key in DATA_PATH_KEYS}
+    return {key: str((base / value).resolve()) if key in paths and isinstance(value, str) and value
+            and not Path(value).is_absolute() else value for key, value in settings.items()}

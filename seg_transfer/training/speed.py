@@ -14,6 +14,7 @@ from typing import Literal
 import torch
 
 from seg_transfer.config import TrainingConfig
+from seg_transfer.routes.precision import resolve_amp  # noqa: F401 - the one AMP rule (re-exported)
 
 
 @dataclass(frozen=True)
@@ -34,27 +35,6 @@ class SpeedSettings:
 
 #: plain float32, contiguous, eager: what every switch is off
 FULL_PRECISION = SpeedSettings()
-
-
-def resolve_amp(setting: Literal["auto", "off", "bf16", "fp16"], device: torch.device,
-                cuda_bf16_supported: bool | None = None) -> torch.dtype | None:
-    """The autocast dtype for ``training.amp`` on ``device`` (None: no autocast).
-
-    ``auto``: bfloat16 on CUDA where the GPU supports it, else float16; off on CPU. ``bf16``/``fp16``
-    force that dtype on any device (CPU autocast supports both). ``cuda_bf16_supported`` overrides
-    the query of the current GPU (tests).
-    """
-    if setting == "off":
-        return None
-    if setting == "bf16":
-        return torch.bfloat16
-    if setting == "fp16":
-        return torch.float16
-    if device.type != "cuda":
-        return None
-    if cuda_bf16_supported is None:
-        cuda_bf16_supported = torch.cuda.is_bf16_supported()
-    return torch.bfloat16 if cuda_bf16_supported else torch.float16
 
 
 def resolve_switch(setting: Literal["auto", "on", "off"], device: torch.device) -> bool:
@@ -100,6 +80,8 @@ def apply_backend_flags(settings: SpeedSettings, device: torch.device) -> None:
         torch.backends.cudnn.benchmark = settings.cudnn_benchmark
 
 
-def memory_format(settings: SpeedSettings) -> torch.memory_format:
-    """``channels_last`` when switched on, else ``preserve_format`` (tensors stay as they are)."""
-    return torch.channels_last if settings.channels_last else torch.preserve_format
+def memory_format(settings: SpeedSettings, ndim: int = 4) -> torch.memory_format:
+    """``channels_last`` (``channels_last_3d`` for 5-D tensors) when switched on, else ``preserve_format``."""
+    if not settings.channels_last:
+        return torch.preserve_format
+    return torch.channels_last_3d if ndim == 5 else torch.channels_last

@@ -35,15 +35,17 @@ from tqdm.auto import tqdm
 
 from seg_transfer.atomic import json_safe, sweep_temp_files, write_atomic
 from seg_transfer.config import ConfigError, RunConfig, StageConfig, dump_config
-from seg_transfer.data.pipeline import PreparedData, prepare_data, slice_loader, volume_dataset
+from seg_transfer.checkpoint import Checkpoint
+from seg_transfer.data.pipeline import PreparedData, prepare_data, volume_dataset
 from seg_transfer.data.transforms import Preprocessing
 from seg_transfer.evaluation.metrics import dice_per_class
-from seg_transfer.inference.slicewise import predict_volume
-from seg_transfer.models.factory import build_model, count_parameters, encoder_output_stride
+from seg_transfer.models.factory import count_parameters
 from seg_transfer.models.freezing import apply_trainable, encoder_stages, reestimate_batchnorm, set_train_mode
 from seg_transfer.models.weights import WeightsProvenance
+from seg_transfer.routes import get_route
+from seg_transfer.routes.base import Inferer, InferenceOptions, Route
+from seg_transfer.routes.network import load_weights, network_spec
 from seg_transfer.training import distributed, speed
-from seg_transfer.training.checkpoint import load_checkpoint, save_checkpoint
 from seg_transfer.training.distributed import SINGLE_PROCESS, DistributedContext
 from seg_transfer.training.metrics_log import MetricsLog
 from seg_transfer.training.optim import build_optimizer, build_scheduler
@@ -118,6 +120,9 @@ class _Session:
     speed: SpeedSettings = FULL_PRECISION
     scaler: Any = None  # torch.amp.GradScaler for float16 autocast
     train_model: nn.Module | None = None
+    route: Route | None = None
+    route_settings: dict = field(default_factory=dict)  # fixed at training time, stored in checkpoints
+    inferer: Inferer | None = None  # validation's inferer: the one ``predict`` builds from the checkpoint
 
 
 def train(config: RunConfig, run_dir: Path | None = None, *, resume: bool = False, skip_bad_cases: bool = False) -> RunResult:
@@ -139,7 +144,7 @@ def _train(config: RunConfig, run_dir: Path, context: DistributedContext, resume
     last_path = run_dir / "checkpoints" / "last.pt"
     checkpoint = distributed.run_on_every_rank(context, lambda: _prepare_run_dir(run_dir, last_path, resume, context.is_main))
     if checkpoint is not None:
-        stored = RunConfig.model_validate(checkpoint["config"])
+        stored = checkpoint.run_config(last_path)
         if dump_config(stored) != dump_config(config) and context.is_main:
             log.warning("--resume continues with the config stored in %s; the given config/overrides are ignored", last_path)
         config = stored
@@ -149,11 +154,11 @@ def _train(config: RunConfig, run_dir: Path, context: DistributedContext, resume
     session = _open_session(config, run_dir, skip_bad_cases, context)
     progress = Progress()
     if checkpoint is not None:
-        progress = Progress(**checkpoint["progress"])
-        session.model.load_state_dict(checkpoint["model"])
+        progress = Progress(**checkpoint.progress)
+        load_weights(session.model, checkpoint.model, last_path)
         _restore_rng(_rank_rng_state(checkpoint, context))
-        if session.scaler is not None and "grad_scaler" in checkpoint:
-            session.scaler.load_state_dict(checkpoint["grad_scaler"])
+        if session.scaler is not None and checkpoint.grad_scaler is not None:
+            session.scaler.load_state_dict(checkpoint.grad_scaler)
         if session.metrics is not None:
             session.metrics.truncate_after(progress.epoch)
         log.info("resuming %s after epoch %d (stage %d)", run_dir, progress.epoch, progress.stage)
@@ -165,7 +170,7 @@ def _train(config: RunConfig, run_dir: Path, context: DistributedContext, resume
     return _finish(session, progress)
 
 
-def _prepare_run_dir(run_dir: Path, last_path: Path, resume: bool, create: bool = True) -> dict | None:
+def _prepare_run_dir(run_dir: Path, last_path: Path, resume: bool, create: bool = True) -> Checkpoint | None:
     """``last.pt`` to resume from (None for a new run); ``create`` makes the folder of a new run."""
     if resume:
         if not last_path.is_file():
@@ -173,7 +178,7 @@ def _prepare_run_dir(run_dir: Path, last_path: Path, resume: bool, create: bool 
         if create:
             for stale in sweep_temp_files(run_dir):
                 log.info("removed %s (left by an interrupted write)", stale)
-        return load_checkpoint(last_path)
+        return Checkpoint.load(last_path)
     if last_path.is_file():
         raise RunDirError(f"{run_dir}: already holds a run; use --resume to continue it or choose another --output")
     if create:
@@ -192,25 +197,29 @@ def _open_session(config: RunConfig, run_dir: Path, skip_bad_cases: bool, contex
         _write_run_files(config, run_dir, data)
     labels = data.labels
     prep = Preprocessing.from_config(config.data)
-    in_channels = config.data.in_channels
-    model, provenance = build_model(config.model, in_channels, len(labels))
+    route = get_route(config.model.dims)
+    in_channels = route.in_channels(config.data)
+    model, provenance = route.build_network(config.model, in_channels, len(labels), True)
     _seed_rank_streams(config.seed, context.rank)
     device = context.device if context.enabled else _device(training.device)
     settings = speed.resolve_speed(training, device)
-    stages = encoder_stages(model.encoder, in_channels)  # traced on CPU, before the model moves
+    stages = encoder_stages(model.encoder, in_channels, spatial_dims=route.spatial_dims)  # traced on CPU, before the model moves
     model.to(device)
     if training.sync_batchnorm:
         model = distributed.convert_sync_batchnorm(model, context)
     if settings.channels_last:
-        model.to(memory_format=torch.channels_last)
+        model.to(memory_format=speed.memory_format(settings, route.spatial_dims + 2))
     speed.apply_backend_flags(settings, device)
     log.info("device %s%s; %s", device, f", {context.world_size} processes" if context.enabled else "",
              speed.describe(settings))
-    multiple = encoder_output_stride(model)
     train_volumes = volume_dataset(data.subset("train"), prep, config.data)
     val_volumes = volume_dataset(distributed.shard_items(data.subset("val"), context), prep, config.data)
-    train_set, train_loader = slice_loader(train_volumes, config.data, training.batch_size, multiple, train=True,
-                                           rank=context.rank, world_size=context.world_size, pin_memory=settings.pin_memory)
+    route_settings = route.settings(config.data, train_volumes, model)
+    train_set, train_loader = route.training_samples(train_volumes, config.data, training.batch_size, route_settings, model,
+                                                     rank=context.rank, world_size=context.world_size,
+                                                     pin_memory=settings.pin_memory)
+    inferer = route.inferer(network_spec(config, len(labels), route_settings),
+                            InferenceOptions(batch_size=training.val_batch_size, roi_size=None, max_batch_pixels=None), model)
     weights = config.training.loss.class_weights
     loss = DiceCELoss(
         to_onehot_y=True,
@@ -222,7 +231,8 @@ def _open_session(config: RunConfig, run_dir: Path, skip_bad_cases: bool, contex
     )
     metrics = MetricsLog(run_dir) if context.is_main else None
     return _Session(config, run_dir, data, prep, model, provenance, stages, device, loss, train_set, train_loader,
-                    val_volumes, metrics, context, settings, speed.grad_scaler(settings, device))
+                    val_volumes, metrics, context, settings, speed.grad_scaler(settings, device),
+                    route=route, route_settings=route_settings, inferer=inferer)
 
 
 def _write_run_files(config: RunConfig, run_dir: Path, data: PreparedData) -> None:
@@ -241,7 +251,7 @@ def _device(name: str) -> torch.device:
 # --------------------------------------------------------------------------- stages and epochs
 
 
-def _run_stages(session: _Session, progress: Progress, checkpoint: dict | None) -> None:
+def _run_stages(session: _Session, progress: Progress, checkpoint: Checkpoint | None) -> None:
     stages = session.config.training.stages
     if session.config.model.frozen_bn == "adapt" and progress.step == 0 and progress.stage == 0 and progress.stage_epoch == 0:
         _adapt_batchnorm(session, progress)
@@ -254,8 +264,8 @@ def _run_stages(session: _Session, progress: Progress, checkpoint: dict | None) 
         stage = stages[progress.stage]
         optimizer, scheduler = _begin_stage(session, stage, progress)
         if checkpoint is not None and progress.stage_epoch > 0:
-            optimizer.load_state_dict(checkpoint["optimizer"])
-            scheduler.load_state_dict(checkpoint["scheduler"])
+            optimizer.load_state_dict(checkpoint.optimizer)
+            scheduler.load_state_dict(checkpoint.scheduler)
         checkpoint = None
         _run_stage(session, stage, progress, optimizer, scheduler)
         distributed.check_ranks_agree(session.model, session.dist)
@@ -342,10 +352,11 @@ def _run_stage(session: _Session, stage: StageConfig, progress: Progress, optimi
             session.metrics.append(record)
         _save(session, progress, optimizer, scheduler, "last")
         remaining = sum(s.epochs for s in session.config.training.stages[progress.stage + 1:]) + stage.epochs - progress.stage_epoch
-        log.info("epoch %d/%d (%s, step %d): loss %.3f%s; %.0f slices/s, %.0f s, ETA %s", progress.epoch,
+        rate = steps * session.config.training.batch_size / max(record["seconds"], 1e-9)
+        log.info("epoch %d/%d (%s, step %d): loss %.3f%s; %.*f %ss/s, %.0f s, ETA %s", progress.epoch,
                  progress.epoch + remaining, record["stage"], progress.step, train_loss,
                  f", val Dice {record['val_dice']:.3f}" if "val_dice" in record else "",
-                 steps * session.config.training.batch_size / max(record["seconds"], 1e-9), record["seconds"],
+                 0 if rate >= 10 else 1, rate, session.route.sample_name, record["seconds"],
                  _clock(remaining * progress.elapsed / max(progress.epoch, 1)))
         if stop:
             return
@@ -430,14 +441,14 @@ def _train_epoch(session: _Session, optimizer, scheduler, progress: Progress, bu
 
 def train_step(model: nn.Module, loss_fn: nn.Module, optimizer, batch: dict, device: torch.device, grad_clip: float | None,
                *, settings: SpeedSettings = FULL_PRECISION, scaler=None) -> float:
-    """One optimisation step on a 2.5D batch; returns the loss value.
+    """One optimisation step on a batch of 2.5D slabs or 3D patches; returns the loss value.
 
     ``settings`` (resolved speed switches) set autocast, with the loss computed in float32 from
     the logits, and the input's memory format; ``scaler`` (float16 autocast) scales the loss,
     unscales before clipping, and skips steps whose gradients overflowed. The defaults are plain
     float32 training. ``model`` may be wrapped (DDP, compiled); its gradients are then averaged.
     """
-    image = batch["image"].to(device, non_blocking=True, memory_format=speed.memory_format(settings))
+    image = batch["image"].to(device, non_blocking=True, memory_format=speed.memory_format(settings, batch["image"].ndim))
     label = batch["label"].to(device, non_blocking=True)
     optimizer.zero_grad(set_to_none=True)
     with speed.autocast(settings, device):
@@ -471,21 +482,15 @@ def _early_stop(stage: StageConfig, progress: Progress, val_dice: float | None) 
 # --------------------------------------------------------------------------- validation
 
 
-def validate(model: nn.Module, volumes, prep: Preprocessing, num_classes: int, device: torch.device, batch_size: int, multiple: int) -> list[float]:
-    """Mean 3D Dice per foreground class over whole validation volumes (all slices predicted)."""
-    return np.mean(validation_scores(model, volumes, prep, num_classes, device, batch_size, multiple), axis=0).tolist()
-
-
-def validation_scores(model: nn.Module, volumes, prep: Preprocessing, num_classes: int, device: torch.device,
-                      batch_size: int, multiple: int, progress: bool = True) -> list[list[float]]:
-    """3D Dice per foreground class of each validation volume (all slices predicted), in order."""
+def validation_scores(model: nn.Module, volumes, inferer: Inferer, num_classes: int, device: torch.device,
+                      progress: bool = True) -> list[list[float]]:
+    """3D Dice per foreground class of each validation volume (whole volumes, the route's inferer), in order."""
     model.eval()
     scores = []
     show = progress and sys.stderr.isatty()
     for item in tqdm(volumes, desc="validation", leave=False, disable=not show):
-        probs = predict_volume(model, item["image"], prep.slice_axis, prep.context_slices,
-                               batch_size=batch_size, multiple=multiple, device=device)
-        scores.append(dice_per_class(probs.argmax(0), torch.as_tensor(np.asarray(item["label"]))[0], num_classes))
+        predicted = inferer.label_map(model, item["image"], device)
+        scores.append(dice_per_class(predicted.long(), torch.as_tensor(np.asarray(item["label"]))[0], num_classes))
     return scores
 
 
@@ -505,8 +510,7 @@ def mean_over_ranks(scores: list[list[float]], num_foreground: int, context: Dis
 def _validate_and_keep_best(session: _Session, progress: Progress) -> dict[str, float]:
     labels = session.data.labels
     with speed.autocast(session.speed, session.device):
-        scores = validation_scores(session.model, session.val_volumes, session.prep, len(labels), session.device,
-                                   session.config.training.val_batch_size, encoder_output_stride(session.model),
+        scores = validation_scores(session.model, session.val_volumes, session.inferer, len(labels), session.device,
                                    progress=session.dist.is_main)
     per_class = mean_over_ranks(scores, len(labels) - 1, session.dist)
     mean = float(np.mean(per_class))
@@ -525,32 +529,34 @@ def _save(session: _Session, progress: Progress, optimizer, scheduler, which: st
     rng_states = distributed.gather_objects(session.dist, _rng_state()) if which == "last" else None
     if not session.dist.is_main:
         return
-    payload = {
-        "config": dump_config(session.config),
-        "labels": {str(k): v for k, v in session.data.labels.items()},
-        "preprocessing": session.prep.as_dict(),
-        "weights_provenance": session.provenance.as_dict(),
-        "model": session.model.state_dict(),
-        "progress": asdict(progress),
-    }
+    checkpoint = Checkpoint(
+        config=dump_config(session.config),
+        labels=dict(session.data.labels),
+        preprocessing=session.prep.as_dict(),
+        weights_provenance=session.provenance.as_dict(),
+        model=session.model.state_dict(),
+        progress=asdict(progress),
+        route=session.route.name,
+        route_settings=session.route_settings,
+    )
     if which == "last":
-        payload.update(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), rng=rng_states[0])
+        checkpoint.optimizer, checkpoint.scheduler, checkpoint.rng = optimizer.state_dict(), scheduler.state_dict(), rng_states[0]
         if session.dist.enabled:
-            payload["rng_by_rank"] = rng_states
+            checkpoint.rng_by_rank = rng_states
         if session.scaler is not None:
-            payload["grad_scaler"] = session.scaler.state_dict()
-    save_checkpoint(payload, session.run_dir / "checkpoints" / f"{which}.pt")
+            checkpoint.grad_scaler = session.scaler.state_dict()
+    checkpoint.save(session.run_dir / "checkpoints" / f"{which}.pt")
 
 
-def _rank_rng_state(checkpoint: dict, context: DistributedContext) -> dict[str, Any]:
+def _rank_rng_state(checkpoint: Checkpoint, context: DistributedContext) -> dict[str, Any]:
     """This rank's RNG state in ``checkpoint``: its own if the run had as many ranks, else rank 0's."""
-    by_rank = checkpoint.get("rng_by_rank")
+    by_rank = checkpoint.rng_by_rank
     if by_rank is not None and len(by_rank) == context.world_size:
         return by_rank[context.rank]
     if context.enabled or by_rank is not None:
         log.warning("resuming with %d process(es) a run saved with %d: every rank continues from rank 0's RNG state",
                     context.world_size, len(by_rank or [None]))
-    return checkpoint["rng"]
+    return checkpoint.rng
 
 
 def _rng_state() -> dict[str, Any]:

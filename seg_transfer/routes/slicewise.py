@@ -6,7 +6,6 @@ and MONAI's ``sliding_window_inference`` (Gaussian blending) for slices larger t
 """
 from __future__ import annotations
 
-import contextlib
 import sys
 from collections.abc import Iterator
 
@@ -17,6 +16,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from seg_transfer.data.slices import context_indices, pad_to_multiple
+from seg_transfer.routes.precision import autocast
 
 #: flips (in-plane dims of a (B, C, H, W) batch) averaged by test-time augmentation
 TTA_FLIPS: tuple[tuple[int, ...], ...] = ((), (2,), (3,), (2, 3))
@@ -39,7 +39,7 @@ def slice_probabilities(
 
     ``tta`` averages the probabilities over :data:`TTA_FLIPS` (each flipped back). Slices with a
     side larger than ``roi_size`` go through ``sliding_window_inference`` (roi x roi windows,
-    ``overlap``, Gaussian blending); ``amp`` enables autocast on CUDA only.
+    ``overlap``, Gaussian blending); ``amp`` enables autocast on CUDA only (bfloat16 where supported, else float16).
     """
     flips = TTA_FLIPS if tta else ((),)
     total = None
@@ -52,8 +52,7 @@ def slice_probabilities(
 
 
 def _logits(model: nn.Module, batch: torch.Tensor, amp: bool, roi_size: int | None, overlap: float) -> torch.Tensor:
-    autocast = torch.autocast("cuda", dtype=torch.float16) if amp and batch.device.type == "cuda" else contextlib.nullcontext()
-    with autocast:
+    with autocast(batch.device, amp):
         if roi_size is not None and max(batch.shape[-2:]) > roi_size:
             return sliding_window_inference(batch, (roi_size, roi_size), batch.shape[0], model,
                                             overlap=overlap, mode="gaussian")

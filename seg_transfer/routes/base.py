@@ -1,0 +1,77 @@
+"""What a route is: the registry entry that makes a run 2.5D or 3D.
+
+A :class:`Route` bundles the three things that differ between routes: how the network is built
+(:attr:`Route.build_network`), what a training sample is (:attr:`Route.training_samples`) and how a
+whole volume is inferred (:attr:`Route.inferer`). Training, validation, ``predict``, export and the
+study take them from the route named by ``model.dims``; nothing else branches on the route.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from seg_transfer.config import DataConfig, ModelConfig
+from seg_transfer.models.weights import WeightsProvenance
+
+
+@dataclass(frozen=True)
+class InferenceOptions:
+    """How a volume is inferred; ``None`` means the route's default (``overlap``: 0.25 in 2.5D, 0.5 in 3D)."""
+
+    batch_size: int = 32
+    amp: bool = False
+    tta: bool = False
+    roi_size: int | None = 512
+    overlap: float | None = None
+    progress: bool = False
+    max_batch_pixels: int | None = 2**21
+
+
+class Inferer(Protocol):
+    """Infers a preprocessed volume ``(1, X, Y, Z)`` with an eval-mode network; results are on the CPU."""
+
+    def probabilities(self, model: nn.Module, image: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """Softmax probabilities ``(C, X, Y, Z)`` float32."""
+
+    def label_map(self, model: nn.Module, image: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """Arg-max labels ``(X, Y, Z)`` (uint8, or int16 beyond 256 classes)."""
+
+
+@dataclass(frozen=True)
+class NetworkSpec:
+    """What a route needs to rebuild and infer a trained network: its config and the route's own settings
+    (the 3D route's patch size), as stored in the checkpoint."""
+
+    model: ModelConfig
+    data: DataConfig
+    classes: int
+    settings: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Route:
+    """A registry entry (see :func:`seg_transfer.routes.get_route`).
+
+    - ``spatial_dims``: 2 (a 2D network on slabs) or 3; ``sample_name``: a training sample in words.
+    - ``in_channels(data)``: input channels of the network.
+    - ``build_network(model, in_channels, classes, load_pretrained)`` -> ``(network, provenance)``.
+    - ``spatial_multiple(network)``: per-axis multiple every network input must have.
+    - ``settings(data, volumes, network)``: route settings fixed at training time (stored in checkpoints).
+    - ``training_samples(volumes, data, batch_size, settings, network, rank, world_size, pin_memory)``
+      -> ``(dataset with set_epoch, loader)``; an epoch is exactly ``data.slices_per_epoch`` samples.
+    - ``inferer(spec, options, network)``: the :class:`Inferer` used by validation and ``predict`` alike.
+    """
+
+    name: str
+    spatial_dims: int
+    sample_name: str  # what one training sample is, for logs: "slice" or "patch"
+    in_channels: Callable[[DataConfig], int]
+    build_network: Callable[[ModelConfig, int, int, bool], tuple[nn.Module, WeightsProvenance]]
+    spatial_multiple: Callable[[nn.Module], tuple[int, ...]]
+    settings: Callable[..., dict[str, Any]]
+    training_samples: Callable[..., tuple[Any, Any]]
+    inferer: Callable[[NetworkSpec, InferenceOptions, nn.Module], Inferer]

@@ -1,0 +1,38 @@
+"""The one mixed-precision rule, shared by training and inference.
+
+``auto`` autocasts to bfloat16 on CUDA GPUs that support it, else float16, and not at all on CPU;
+training's ``training.amp`` and ``predict --amp`` both resolve through :func:`resolve_amp`.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Literal
+
+import torch
+
+
+def resolve_amp(setting: Literal["auto", "off", "bf16", "fp16"], device: torch.device,
+                cuda_bf16_supported: bool | None = None) -> torch.dtype | None:
+    """The autocast dtype for ``setting`` on ``device`` (None: no autocast).
+
+    ``auto``: bfloat16 on CUDA where the GPU supports it, else float16; off on CPU. ``bf16``/``fp16``
+    force that dtype on any device (CPU autocast supports both). ``cuda_bf16_supported`` overrides
+    the query of the current GPU (tests).
+    """
+    if setting == "off":
+        return None
+    if setting == "bf16":
+        return torch.bfloat16
+    if setting == "fp16":
+        return torch.float16
+    if device.type != "cuda":
+        return None
+    if cuda_bf16_supported is None:
+        cuda_bf16_supported = torch.cuda.is_bf16_supported()
+    return torch.bfloat16 if cuda_bf16_supported else torch.float16
+
+
+def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
+    """Inference autocast: ``enabled`` follows the ``auto`` rule of :func:`resolve_amp` (CUDA only)."""
+    dtype = resolve_amp("auto" if enabled else "off", torch.device(device))
+    return torch.autocast(torch.device(device).type, dtype=dtype) if dtype is not None else contextlib.nullcontext()

@@ -1,0 +1,120 @@
+"""The 3D route: the 2D ImageNet encoder inflated to 3D in a 3D U-Net, patch training, sliding windows.
+
+Inference is MONAI's ``sliding_window_inference`` with Gaussian blending of softmax probabilities
+(``overlap`` 0.5, ``sigma_scale`` 0.125 by default, as nnU-Net), windows of the training patch size,
+``batch_size`` windows per forward, mirror TTA over all three axes, and stitching on the CPU once a
+volume's probabilities exceed :data:`GPU_STITCH_MAX_VOXELS` so that GPU memory does not grow with it.
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from monai.inferers import sliding_window_inference
+from torch import nn
+
+from seg_transfer.config import DataConfig, ModelConfig
+from seg_transfer.data.patches import median_patch_size, patch_loader
+from seg_transfer.routes.base import InferenceOptions, NetworkSpec, Route
+from seg_transfer.routes.precision import autocast
+
+DEFAULT_OVERLAP = 0.5
+SIGMA_SCALE = 0.125
+#: above this many output values (classes x voxels) probabilities are stitched on the CPU
+GPU_STITCH_MAX_VOXELS = 2**28
+#: mirror axes of a (B, C, X, Y, Z) batch averaged by test-time augmentation: every subset of the three
+TTA_MIRRORS: tuple[tuple[int, ...], ...] = tuple(c for r in range(4) for c in itertools.combinations((2, 3, 4), r))
+
+
+@dataclass(frozen=True)
+class SlidingWindowInferer3d:
+    """Whole-volume inference of a 3D network by overlapping ``roi_size`` windows."""
+
+    roi_size: tuple[int, int, int]
+    options: InferenceOptions
+    classes: int = 2
+
+    @torch.no_grad()
+    def probabilities(self, model: nn.Module, image: torch.Tensor, device: torch.device) -> torch.Tensor:
+        volume = torch.as_tensor(np.asarray(image) if not isinstance(image, torch.Tensor) else image)
+        volume = volume.as_tensor() if hasattr(volume, "as_tensor") else volume
+        batch = volume.float()[None]  # (1, 1, X, Y, Z), stays on the CPU; windows move to ``device``
+        mirrors = TTA_MIRRORS if self.options.tta else ((),)
+        total = None
+        for dims in mirrors:
+            flipped = torch.flip(batch, dims) if dims else batch
+            probs = self._window_probabilities(model, flipped, device)
+            probs = torch.flip(probs, dims) if dims else probs
+            total = probs if total is None else total + probs
+        return (total / len(mirrors))[0].float().cpu()
+
+    def _window_probabilities(self, model: nn.Module, batch: torch.Tensor, device: torch.device) -> torch.Tensor:
+        def predictor(window: torch.Tensor) -> torch.Tensor:
+            with autocast(device, self.options.amp):
+                logits = model(window)
+            return torch.softmax(logits.float(), dim=1)
+
+        stitch_device = device if batch[0, 0].numel() * self.classes <= GPU_STITCH_MAX_VOXELS else torch.device("cpu")
+        overlap = DEFAULT_OVERLAP if self.options.overlap is None else self.options.overlap
+        return sliding_window_inference(batch, self.roi_size, self.options.batch_size, predictor, overlap=overlap,
+                                        mode="gaussian", sigma_scale=SIGMA_SCALE, cval=float(batch.min()),
+                                        sw_device=device, device=stitch_device, progress=self.options.progress)
+
+    def label_map(self, model: nn.Module, image: torch.Tensor, device: torch.device) -> torch.Tensor:
+        probs = self.probabilities(model, image, device)
+        return probs.argmax(0).to(torch.uint8 if probs.shape[0] <= 256 else torch.int16)
+
+
+def _in_channels(data: DataConfig) -> int:
+    return 1
+
+
+def _build(model: ModelConfig, in_channels: int, classes: int, load_pretrained: bool = True):
+    from seg_transfer.models.unet3d import build_unet3d
+
+    return build_unet3d(model, classes, load_pretrained=load_pretrained)
+
+
+def _multiple(network: nn.Module) -> tuple[int, int, int]:
+    return tuple(int(m) for m in network.spatial_multiple())
+
+
+def _settings(data: DataConfig, volumes, network: nn.Module) -> dict[str, Any]:
+    """The patch size: ``data.patch_size`` (checked against the network's multiple) or the median training shape."""
+    multiple = _multiple(network)
+    if data.patch_size is not None:
+        bad = [f"{size} (axis {axis})" for axis, (size, step) in enumerate(zip(data.patch_size, multiple)) if size % step]
+        if bad:
+            from seg_transfer.config import ConfigError
+
+            raise ConfigError(f"data.patch_size {list(data.patch_size)}: every size must be a multiple of the "
+                              f"network's {list(multiple)}; not {', '.join(bad)}")
+        return {"patch_size": [int(s) for s in data.patch_size]}
+    shapes = [tuple(item["image"].shape[1:]) for item in volumes]
+    return {"patch_size": list(median_patch_size(shapes, multiple))}
+
+
+def _training_samples(volumes, data: DataConfig, batch_size: int, settings: dict, network: nn.Module, *,
+                      rank: int = 0, world_size: int = 1, pin_memory: bool = False):
+    return patch_loader(volumes, data, batch_size, settings["patch_size"], rank=rank, world_size=world_size,
+                        pin_memory=pin_memory)
+
+
+def _inferer(spec: NetworkSpec, options: InferenceOptions, network: nn.Module) -> SlidingWindowInferer3d:
+    return SlidingWindowInferer3d(tuple(spec.settings["patch_size"]), options, spec.classes)
+
+
+VOLUME_ROUTE = Route(
+    name="3d",
+    spatial_dims=3,
+    sample_name="patch",
+    in_channels=_in_channels,
+    build_network=_build,
+    spatial_multiple=_multiple,
+    settings=_settings,
+    training_samples=_training_samples,
+    inferer=_inferer,
+)
