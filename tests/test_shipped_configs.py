@@ -12,7 +12,7 @@ from seg_transfer.study.config import load_study_config
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 HIPPOCAMPUS = CONFIGS.parent.parent / "shared" / "data" / "Task04_Hippocampus"
 STUDIES = {"ablation_hippocampus_n10.yaml": 240, "robustness_hippocampus_n10.yaml": 240,
-           "robustness_hippocampus_n10_half.yaml": 120, "study_hippocampus.yaml": 240}
+           "robustness_hippocampus_n10_half.yaml": 120, "study_hippocampus.yaml": 240, "study_hippocampus_3d.yaml": 240}
 
 pytestmark = [pytest.mark.hippocampus,
               pytest.mark.skipif(not HIPPOCAMPUS.is_dir(), reason="needs ../shared/data/Task04_Hippocampus")]
@@ -40,7 +40,18 @@ def test_default_recipe_is_what_the_ablation_chose(monkeypatch, tmp_path):
     assert scratch.model.encoder_weights == "none" and scratch.training.loss.batch_dice
 
 
-@pytest.mark.parametrize("name", ["hippocampus_2p5d_effnet_lite0.yaml", "hippocampus_2p5d_scratch.yaml"])
+@pytest.mark.parametrize("name", ["hippocampus_2p5d_effnet_lite0.yaml", "hippocampus_2p5d_scratch.yaml",
+                                  "hippocampus_3d_effnet_lite0.yaml", "hippocampus_3d_scratch.yaml"])
 def test_run_configs_find_the_data_from_any_working_directory(name, monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
     assert load_config(CONFIGS / name).data.root == HIPPOCAMPUS.resolve()
+
+
+def test_the_3d_study_mixes_routes_and_its_2p5d_arm_is_the_learning_curves_default(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    study = load_study_config(CONFIGS / "study_hippocampus_3d.yaml")
+    dims = {arm.name: arm_config(study, arm, 0, "run").model.dims for arm in study.arms}
+    assert dims == {"imagenet_3d": "3d", "scratch_3d": "3d", "imagenet_2p5d": "2.5d"}
+    curve = load_study_config(CONFIGS / "study_hippocampus.yaml")
+    assert arm_config(study, study.arm("imagenet_2p5d"), 1, "run") == arm_config(curve, curve.arm("imagenet"), 1, "run")
+    assert study.split == curve.split

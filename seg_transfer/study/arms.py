@@ -54,15 +54,24 @@ def arm_config(study: StudyConfig, arm: ArmConfig, seed: int, name: str) -> RunC
 
 
 def training_budget(config: RunConfig) -> dict[str, Any]:
-    """What a run may spend: total epochs, slices per epoch, batch size and any step/time caps."""
+    """What a run may spend: total epochs, optimiser steps per epoch and any step/time caps."""
     stages = config.training.stages
     return {
         "epochs": sum(stage.epochs for stage in stages),
-        "slices_per_epoch": config.data.slices_per_epoch,
-        "batch_size": config.training.batch_size,
+        "steps_per_epoch": steps_per_epoch(config),
         "max_steps": sum(s.max_steps for s in stages) if all(s.max_steps for s in stages) else None,
         "max_seconds": sum(s.max_seconds for s in stages) if all(s.max_seconds for s in stages) else None,
     }
+
+
+def steps_per_epoch(config: RunConfig) -> int | str:
+    """Optimiser steps of one epoch: ``slices_per_epoch // batch_size`` (the loader drops the last partial
+    batch); an epoch of one pass over the data has no fixed count, so it is described instead. Arms of
+    different routes (2.5D slices, 3D patches) are compared at equal steps, whatever a sample is."""
+    samples, batch = config.data.slices_per_epoch, config.training.batch_size
+    if samples is None:
+        return f"one pass over the training set in batches of {batch}"
+    return samples // batch if samples > batch else 1
 
 
 def check_equal_budgets(configs: dict[str, RunConfig]) -> None:
