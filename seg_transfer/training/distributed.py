@@ -279,7 +279,7 @@ def wrap_model(model: nn.Module, context: DistributedContext) -> nn.Module:
 
 
 def convert_sync_batchnorm(model: nn.Module, context: DistributedContext) -> nn.Module:
-    """BatchNorm layers (timm's BatchNormAct2d included) as SyncBatchNorm, for distributed CUDA runs.
+    """BatchNorm layers as SyncBatchNorm (see :func:`sync_batchnorm_layers`), for distributed CUDA runs.
 
     A single process gets ``model`` back unchanged. On CPU this raises :class:`ConfigError`: torch's
     SyncBatchNorm only runs on GPUs (gloo/CPU training fails at the first forward otherwise).
@@ -290,9 +290,50 @@ def convert_sync_batchnorm(model: nn.Module, context: DistributedContext) -> nn.
     if context.device.type != "cuda":
         raise ConfigError("training.sync_batchnorm needs CUDA: torch's SyncBatchNorm does not run on CPU (gloo); "
                           "set it to false for CPU runs")
-    from timm.layers import convert_sync_batchnorm as timm_convert  # keeps BatchNormAct2d's activation
+    return sync_batchnorm_layers(model)
 
-    return timm_convert(model)
+
+def sync_batchnorm_layers(module: nn.Module, process_group: Any = None) -> nn.Module:
+    """``module`` with every BatchNorm layer replaced by a synchronised one that computes the same thing.
+
+    * plain ``BatchNorm1d/2d/3d`` (and subclasses that keep ``_BatchNorm.forward``) become ``nn.SyncBatchNorm``;
+    * norm + activation layers, timm's ``BatchNormAct2d`` and the 3D route's
+      :class:`~seg_transfer.models.inflate.BatchNormAct3d`, become timm's ``SyncBatchNormAct`` with their
+      ``drop`` and ``act`` modules carried over: the converters of torch and timm turn ``BatchNormAct3d``
+      (a ``BatchNorm3d`` subclass) into a plain SyncBatchNorm that never calls ``act``, silently
+      removing every encoder activation of the 3D network;
+    * any other BatchNorm subclass with its own ``forward`` raises ``TypeError`` naming it, rather than
+      losing what that ``forward`` adds.
+
+    Parameters and buffers (running statistics, ``num_batches_tracked``) are the original tensors, not
+    copies, and each layer keeps its train/eval mode, so state-dict keys and values are unchanged. Without
+    a process group (or in eval mode) the converted layers compute exactly what the originals do.
+    """
+    from timm.layers import BatchNormAct2d
+    from timm.layers.norm_act import SyncBatchNormAct
+
+    from seg_transfer.models.inflate import BatchNormAct3d
+
+    converted = module
+    if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, nn.SyncBatchNorm):
+        if isinstance(module, (BatchNormAct2d, BatchNormAct3d)):
+            converted = SyncBatchNormAct(module.num_features, module.eps, module.momentum, module.affine,
+                                         module.track_running_stats, process_group=process_group)
+            converted.drop, converted.act = module.drop, module.act
+        elif type(module).forward is nn.modules.batchnorm._BatchNorm.forward:
+            converted = nn.SyncBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
+                                         module.track_running_stats, process_group=process_group)
+        else:
+            raise TypeError(f"cannot convert {type(module).__module__}.{type(module).__qualname__} to SyncBatchNorm: "
+                            "it overrides forward, which SyncBatchNorm would drop")
+        if module.affine:
+            converted.weight, converted.bias = module.weight, module.bias
+        converted.running_mean, converted.running_var = module.running_mean, module.running_var
+        converted.num_batches_tracked = module.num_batches_tracked
+        converted.training = module.training  # this layer only: act/drop keep their own mode
+    for name, child in module.named_children():
+        converted.add_module(name, sync_batchnorm_layers(child, process_group))
+    return converted
 
 
 def sync_buffers(model: nn.Module, context: DistributedContext) -> None:
