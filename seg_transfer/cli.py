@@ -354,8 +354,31 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(exc, _click_exceptions()):  # usage errors
             exc.show()
             return exc.exit_code
-        raise
+        if _verbose(argv):
+            raise
+        return _internal_error(exc)
     return code if isinstance(code, int) else 0
+
+
+def _verbose(argv: list[str] | None) -> bool:
+    args = sys.argv[1:] if argv is None else argv
+    return "-v" in args or "--verbose" in args
+
+
+def _internal_error(exc: BaseException) -> int:
+    """A bug or an unforeseen failure: one line naming it and where its traceback was written; exit 1."""
+    import tempfile
+    import time
+    import traceback
+
+    folder = Path(tempfile.gettempdir()) / "seg_transfer"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"error-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    path.write_text("".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
+    text = (str(exc).strip().splitlines() or [""])[0][:200]
+    typer.echo(f"internal error: {type(exc).__name__}{': ' + text if text else ''} (traceback in {path}; "
+               "rerun with -v to see it here)", err=True)
+    return 1
 
 
 if __name__ == "__main__":

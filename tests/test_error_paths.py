@@ -282,3 +282,22 @@ def test_bad_study_control_names_the_field_and_the_arms(tmp_path, capsys):
     err = _one_line_error(capsys)
     assert err == f"error: {path}: 'control': 'scrach' is not an arm; the arms are imagenet, scratch"
     assert not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------- 5. internal errors
+
+
+def test_an_internal_error_is_one_line_with_the_traceback_in_a_file(monkeypatch, capsys):
+    import seg_transfer.quickstart
+
+    def broken(*_args, **_kwargs):
+        return {}["missing key"]  # a bug, not a user error
+
+    monkeypatch.setattr(seg_transfer.quickstart, "run_quickstart", broken)
+    assert main(["quickstart"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith("internal error: KeyError: 'missing key' (traceback in ")
+    log = Path(err.split("traceback in ", 1)[1].split(";", 1)[0])
+    assert "Traceback" in log.read_text() and "broken" in log.read_text()
+    with pytest.raises(KeyError):
+        main(["quickstart", "-v"])

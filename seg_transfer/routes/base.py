@@ -68,7 +68,7 @@ class Route:
 
     name: str
     spatial_dims: int
-    sample_name: str  # what one training sample is, for logs: "slice" or "patch"
+    sample_name: str  # what training samples are, for logs: "slices" or "patches"
     in_channels: Callable[[DataConfig], int]
     build_network: Callable[[ModelConfig, int, int, bool], tuple[nn.Module, WeightsProvenance]]
     spatial_multiple: Callable[[nn.Module], tuple[int, ...]]

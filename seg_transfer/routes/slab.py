@@ -69,7 +69,7 @@ def _inferer(spec: NetworkSpec, options: InferenceOptions, network: nn.Module) -
 SLAB_ROUTE = Route(
     name="2.5d",
     spatial_dims=2,
-    sample_name="slice",
+    sample_name="slices",
     in_channels=_in_channels,
     build_network=_build,
     spatial_multiple=_multiple,

@@ -110,7 +110,7 @@ def _inferer(spec: NetworkSpec, options: InferenceOptions, network: nn.Module) -
 VOLUME_ROUTE = Route(
     name="3d",
     spatial_dims=3,
-    sample_name="patch",
+    sample_name="patches",
     in_channels=_in_channels,
     build_network=_build,
     spatial_multiple=_multiple,

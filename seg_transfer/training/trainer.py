@@ -353,7 +353,7 @@ def _run_stage(session: _Session, stage: StageConfig, progress: Progress, optimi
         _save(session, progress, optimizer, scheduler, "last")
         remaining = sum(s.epochs for s in session.config.training.stages[progress.stage + 1:]) + stage.epochs - progress.stage_epoch
         rate = steps * session.config.training.batch_size / max(record["seconds"], 1e-9)
-        log.info("epoch %d/%d (%s, step %d): loss %.3f%s; %.*f %ss/s, %.0f s, ETA %s", progress.epoch,
+        log.info("epoch %d/%d (%s, step %d): loss %.3f%s; %.*f %s/s, %.0f s, ETA %s", progress.epoch,
                  progress.epoch + remaining, record["stage"], progress.step, train_loss,
                  f", val Dice {record['val_dice']:.3f}" if "val_dice" in record else "",
                  0 if rate >= 10 else 1, rate, session.route.sample_name, record["seconds"],
