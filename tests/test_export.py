@@ -1,4 +1,5 @@
-"""ONNX export: onnxruntime reproduces torch at other batch and spatial sizes, the JSON contract, the CLI."""
+"""ONNX export: onnxruntime reproduces torch at other batch and spatial sizes, the JSON contract, the CLI;
+the 3D route's windows, and its sliding-window inference through onnxruntime against ``predict``."""
 from __future__ import annotations
 
 import json
@@ -24,6 +25,7 @@ from seg_transfer.inference.export import (
 from seg_transfer.routes.slicewise import predict_volume
 from seg_transfer.checkpoint import Checkpoint
 from tests.checkpoint_helpers import save_random_checkpoint
+from tests.test_route_3d import tiny_3d
 
 onnxruntime = pytest.importorskip("onnxruntime")
 
@@ -183,3 +185,128 @@ def test_missing_onnxruntime_names_the_extra_to_install(run_dir, tmp_path, capsy
     assert main(["export", "-m", str(run_dir), "-o", str(tmp_path / "m.onnx")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and 'pip install "seg-transfer[export]"' in err
+
+
+# --------------------------------------------------------------------------- 3D route
+
+
+@pytest.fixture(scope="module")
+def run_3d(phantom_root, tmp_path_factory) -> Path:
+    """A tiny trained 3D run (tests.test_route_3d.tiny_3d: 16^3 patches, multiple 8, 3 classes; seconds on CPU)."""
+    from seg_transfer.config import config_from_dict
+    from seg_transfer.training.trainer import train
+
+    run_dir = tmp_path_factory.mktemp("export_run3d") / "run"
+    train(config_from_dict(tiny_3d(phantom_root)), run_dir)
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def exported_3d(run_3d, tmp_path_factory):
+    """The 3D run exported (traced at its 16^3 training patch)."""
+    return export_checkpoint(run_3d, tmp_path_factory.mktemp("export3d") / "model3d.onnx")
+
+
+def test_3d_export_contract_gives_window_multiple_per_axis_and_dynamic_xyz(run_3d, exported_3d):
+    contract = json.loads(exported_3d.contract_path.read_text())
+    network = load_network(run_3d)
+    assert exported_3d.dynamic_spatial
+    # traced at the patch, checked at another batch size and a grown window (16 + 8, 16 + 16, 16 + 24)
+    assert [check.shape for check in exported_3d.checks] == [(1, 1, 16, 16, 16), (2, 1, 24, 32, 40)]
+    assert 0 <= exported_3d.max_abs_diff < TOLERANCE
+    inp, out = contract["input"], contract["output"]
+    assert inp["route"] == "3d" and inp["channels"] == 1 and inp["dynamic_spatial"]
+    assert inp["shape"] == ["batch", 1, "x", "y", "z"] and out["shape"] == ["batch", 3, "x", "y", "z"]
+    assert inp["window"] == Checkpoint.load(run_3d).route_settings["patch_size"] == [16, 16, 16]
+    assert inp["spatial_multiple"] == list(network.multiple) == [8, 8, 8]
+    assert inp["sliding_window"] == {"overlap": 0.5, "blend": "gaussian", "sigma_scale": 0.125,
+                                     "average": "softmax probabilities", "padding": "volume minimum"}
+    assert "slice_axis" not in inp and "context_slices" not in inp
+    assert contract["labels"] == {str(k): v for k, v in Checkpoint.load(run_3d).labels.items()}
+    assert contract["preprocessing"] == Checkpoint.load(run_3d).preprocessing
+    session = onnxruntime.InferenceSession(str(exported_3d.model_path), providers=["CPUExecutionProvider"])
+    assert session.get_inputs()[0].shape == ["batch", 1, "x", "y", "z"]
+    assert session.get_outputs()[0].shape == ["batch", 3, "x", "y", "z"]
+
+
+def _preprocessed_3d(run_dir: Path, image: Path):
+    from seg_transfer.inference.cases import discover_cases
+    from seg_transfer.inference.predictor import load_model, preprocess
+
+    loaded = load_model(str(run_dir), torch.device("cpu"))
+    (case,) = discover_cases(str(image))
+    return loaded, preprocess(loaded, case)
+
+
+def test_3d_onnx_logits_match_torch_on_preprocessed_phantom_windows(run_3d, exported_3d, phantom_root):
+    loaded, image = _preprocessed_3d(run_3d, phantom_root / "imagesTs" / "phantom_006.nii.gz")  # the unseen test phantom
+    volume = image.as_tensor().numpy()[0]
+    assert volume.shape == (32, 32, 12)
+    # the contract's padding: the volume minimum at the end of z up to the 16-voxel window
+    padded = np.pad(volume, [(0, 0), (0, 0), (0, 4)], constant_values=float(volume.min()))
+    windows = np.stack([padded[None, :16, :16, :16], padded[None, 8:24, 16:32, :16]]).astype(np.float32)
+    session = onnxruntime.InferenceSession(str(exported_3d.model_path), providers=["CPUExecutionProvider"])
+    (onnx_out,) = session.run(["logits"], {"input": windows})
+    torch_out = _torch_logits(loaded.model, windows)
+    assert onnx_out.shape == torch_out.shape == (2, 3, 16, 16, 16)
+    assert np.max(np.abs(onnx_out - torch_out)) < TOLERANCE
+    assert np.abs(torch_out).max() > 1e-1 and len(np.unique(torch_out.argmax(1))) > 1, "a trained, non-trivial output"
+
+
+def test_3d_sliding_window_through_onnxruntime_matches_predict(run_3d, exported_3d, phantom_root, tmp_path):
+    """MONAI's sliding window over the ONNX model, set up from the contract alone, gives predict's label map."""
+    from monai.inferers import sliding_window_inference
+
+    from seg_transfer.inference.predictor import invert_to_input
+
+    source = phantom_root / "imagesTr" / "phantom_000.nii.gz"
+    assert main(["predict", "-m", str(run_3d), "-i", str(source), "-o", str(tmp_path / "out"), "--device", "cpu"]) == 0
+    expected = np.asarray(nib.load(tmp_path / "out" / "phantom_000.nii.gz").dataobj)
+
+    contract = json.loads(exported_3d.contract_path.read_text())
+    window, sliding = contract["input"]["window"], contract["input"]["sliding_window"]
+    session = onnxruntime.InferenceSession(str(exported_3d.model_path), providers=["CPUExecutionProvider"])
+
+    def probabilities(batch: torch.Tensor) -> torch.Tensor:
+        (logits,) = session.run([contract["output"]["name"]], {contract["input"]["name"]: batch.numpy()})
+        return torch.softmax(torch.from_numpy(logits), dim=1)
+
+    loaded, image = _preprocessed_3d(run_3d, source)
+    volume = image.as_tensor().float()[None]
+    probs = sliding_window_inference(volume, window, 4, probabilities, overlap=sliding["overlap"],
+                                     mode=sliding["blend"], sigma_scale=sliding["sigma_scale"], cval=float(volume.min()))[0]
+    labels = probs.argmax(0).to(torch.uint8)
+    from_onnx = invert_to_input(loaded, image, labels[None], nearest=True)[0].numpy().round().astype(expected.dtype)
+
+    assert from_onnx.shape == expected.shape == tuple(nib.load(source).shape)
+    assert np.mean(from_onnx == expected) >= 0.999
+    assert len(np.unique(expected)) == 3, "all three classes predicted: the agreement is not that of an empty map"
+
+
+def test_3d_cli_export_prints_the_max_difference(run_3d, tmp_path, capsys):
+    output = tmp_path / "net3d.onnx"
+    assert main(["export", "-m", str(run_3d), "--format", "onnx", "-o", str(output)]) == 0
+    difference = float(re.search(r"max abs difference (\S+) \(tolerance 0.001\)", capsys.readouterr().out).group(1))
+    assert 0 <= difference < TOLERANCE
+    assert json.loads((tmp_path / "net3d.onnx.json").read_text())["input"]["window"] == [16, 16, 16]
+
+
+class _ShapeBaked3d(nn.Module):
+    """3D counterpart of :class:`_ShapeBaked`: the traced depth is baked in."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv3d(1, 2, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x) * float(x.shape[-1])
+
+
+def test_3d_graph_not_generalising_falls_back_to_the_fixed_window_and_checks_another_batch():
+    torch.manual_seed(0)
+    model_bytes, checks, dynamic_spatial = export_module(_ShapeBaked3d().eval(), (1, 1, 8, 8, 16), (2, 1, 16, 24, 32))
+    assert not dynamic_spatial
+    assert [check.shape for check in checks] == [(1, 1, 8, 8, 16), (2, 1, 8, 8, 16)]
+    assert all(check.max_abs_diff < TOLERANCE for check in checks)
+    session = onnxruntime.InferenceSession(model_bytes, providers=["CPUExecutionProvider"])
+    assert session.get_inputs()[0].shape == ["batch", 1, 8, 8, 16]

@@ -119,14 +119,15 @@ def export_checkpoint(
 
 def trace_shapes(network: LoadedNetwork, size: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """Input shapes to trace and to check: 2.5D ``size`` x ``size`` slabs (batch 2), 3D the training patch (batch 1);
-    the second shape grows every spatial axis by a different multiple of the network's stride."""
+    the second shape has another batch size (1 for 2.5D, 2 for 3D) and grows every spatial axis by a different
+    multiple of the network's stride."""
     multiple = network.multiple
     if network.route.spatial_dims == 2:
         _check_size(size, multiple[0])
         return (2, network.in_channels, size, size), (1, network.in_channels, size + multiple[0], size + 2 * multiple[1])
     patch = tuple(int(p) for p in network.spec.settings["patch_size"])
     grown = tuple(p + (i + 1) * m for i, (p, m) in enumerate(zip(patch, multiple)))
-    return (1, network.in_channels, *patch), (1, network.in_channels, *grown)
+    return (1, network.in_channels, *patch), (2, network.in_channels, *grown)
 
 
 def export_module(
@@ -159,8 +160,9 @@ def export_module(
     log.warning("the traced graph does not generalise over spatial sizes; exporting with a fixed %s input",
                 "x".join(str(n) for n in sample_shape[2:]))
     model_bytes = _torch_to_onnx(model, sample_shape, opset, spatial=False)
+    other_batch = 1 if sample_shape[0] != 1 else 2  # the batch axis stays dynamic: check it at another size
     checks = [compare_with_torch(model, model_bytes, shape, seed + i)
-              for i, shape in enumerate((sample_shape, (1, *sample_shape[1:])))]
+              for i, shape in enumerate((sample_shape, (other_batch, *sample_shape[1:])))]
     for check in checks:
         _raise_if_above(check, tolerance)
     return model_bytes, checks, False
@@ -238,9 +240,15 @@ def _layout(network: LoadedNetwork) -> dict[str, Any]:
                 "layout": (f"channel c is slice index-{k}+c along slice_axis of the preprocessed (RAS) volume, edge "
                            "slices repeated; height, width are the other two axes in order, padded at the end with the "
                            "volume minimum to spatial_multiple")}
+    from seg_transfer.routes.volume import DEFAULT_OVERLAP, SIGMA_SCALE
+
     return {"route": "3d", "spatial_multiple": list(network.multiple), "window": list(network.spec.settings["patch_size"]),
+            "sliding_window": {"overlap": DEFAULT_OVERLAP, "blend": "gaussian", "sigma_scale": SIGMA_SCALE,
+                               "average": "softmax probabilities", "padding": "volume minimum"},
             "layout": ("channel 0 is the preprocessed (RAS) volume (x, y, z); infer windows of `window` voxels with "
-                       "overlap 0.5 and Gaussian blending (sigma 0.125 of the window), padding with the volume minimum")}
+                       f"overlap {DEFAULT_OVERLAP} and Gaussian blending of the softmax probabilities (sigma "
+                       f"{SIGMA_SCALE} of the window, MONAI sliding_window_inference's sigma_scale), padding with "
+                       "the volume minimum")}
 
 
 def _torch_to_onnx(model: nn.Module, sample_shape: tuple[int, ...], opset: int, spatial: bool) -> bytes:
