@@ -18,16 +18,10 @@ from tests.test_training import _equal_states, _train_until_epoch
 
 def tiny_3d(root: Path, **overrides) -> dict:
     """A 3D run that trains in seconds: lite0 inflated (random init), 3 encoder stages, 16^3 patches."""
-    raw = tiny_config(root, **{"model.dims": "3d", "model.encoder_depth": 3, "model.decoder_channels": [16, 8, 8],
-                               "data.patch_size": [16, 16, 16], "data.slices_per_epoch": 4, "data.augment.flip_axes": [0, 1, 2],
-                               "training.batch_size": 2, "training.val_batch_size": 2})
-    for key, value in overrides.items():
-        node = raw
-        *parents, last = key.split(".")
-        for part in parents:
-            node = node[part]
-        node[last] = value
-    return raw
+    return tiny_config(root, **{"model.dims": "3d", "model.encoder_depth": 3, "model.decoder_channels": [16, 8, 8],
+                                "data.patch_size": [16, 16, 16], "data.slices_per_epoch": 4,
+                                "data.augment.flip_axes": [0, 1, 2], "training.batch_size": 2,
+                                "training.val_batch_size": 2, **overrides})
 
 
 @pytest.fixture(scope="module")

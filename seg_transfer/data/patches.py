@@ -13,10 +13,10 @@ import numpy as np
 import torch
 from monai import transforms as mt
 from monai.transforms.utils import map_binary_to_indices
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from seg_transfer.config import AugmentConfig, DataConfig
-from seg_transfer.data.slices import shard_positions
+from seg_transfer.data.slices import EpochDataset
 
 #: share of patches centred on foreground when ``data.foreground_fraction`` is unset (nnU-Net's 0.33)
 DEFAULT_FOREGROUND_FRACTION = 1 / 3
@@ -57,7 +57,7 @@ def patch_augmentation(config: AugmentConfig | None) -> list[mt.Transform]:
     ]
 
 
-class PatchDataset(Dataset):
+class PatchDataset(EpochDataset):
     """3D training patches ``{"image": float32 (1, px, py, pz), "label": int64 (1, px, py, pz)}``.
 
     ``volumes[i]`` must return ``{"image": (1,X,Y,Z), "label": (1,X,Y,Z)}``. An epoch (see
@@ -77,10 +77,7 @@ class PatchDataset(Dataset):
             self.background.append(bg)
         self.augment = augment
         self.fraction = DEFAULT_FOREGROUND_FRACTION
-        self.order = np.arange(len(self.images))
-        self.epoch_seed = 0
-        self.rank, self.world_size, self.global_batch, self.drop_last = 0, 1, 1, False
-        self.positions: np.ndarray | None = None
+        self._init_epochs(len(self.images))
         self._transform = self._build_transform(self.fraction)
 
     def _build_transform(self, fraction: float) -> mt.Compose:
@@ -94,25 +91,11 @@ class PatchDataset(Dataset):
         fraction = DEFAULT_FOREGROUND_FRACTION if foreground_fraction is None else foreground_fraction
         if fraction != self.fraction:
             self.fraction, self._transform = fraction, self._build_transform(fraction)
-        rng = np.random.default_rng([seed, epoch])
-        self.order = cycled_order(rng, len(self.images), size or len(self.images))
-        self.epoch_seed = int(np.random.default_rng([seed, epoch, 1]).integers(2**31))
-        self._update_positions()
-
-    def shard(self, rank: int, world_size: int, global_batch: int, drop_last: bool) -> None:
-        """Serve only rank ``rank``'s share of each epoch order (see :func:`shard_positions`)."""
-        self.rank, self.world_size, self.global_batch, self.drop_last = rank, world_size, global_batch, drop_last
-        self._update_positions()
-
-    def _update_positions(self) -> None:
-        self.positions = None if self.world_size == 1 else shard_positions(
-            len(self.order), self.rank, self.world_size, self.global_batch, self.drop_last)
-
-    def __len__(self) -> int:
-        return len(self.order) if self.positions is None else len(self.positions)
+        order = cycled_order(np.random.default_rng([seed, epoch]), len(self.images), size or len(self.images))
+        self._start_epoch(order, seed, epoch)
 
     def __getitem__(self, item: int) -> dict[str, torch.Tensor]:
-        position = item if self.positions is None else int(self.positions[item])
+        position = self._position(item)
         case = int(self.order[position])
         self._transform.set_random_state(seed=(self.epoch_seed + position) % 2**32)
         data = {"image": torch.from_numpy(self.images[case]), "label": torch.from_numpy(self.labels[case]),

@@ -107,7 +107,43 @@ class SliceIndex:
         return rng.permutation(picks)
 
 
-class SliceDataset(Dataset):
+class EpochDataset(Dataset):
+    """What 2.5D slices and 3D patches share: an epoch order fixed by :meth:`set_epoch` (subclasses say
+    how) and, after :meth:`shard`, the positions of that order one rank serves (see :func:`shard_positions`).
+
+    ``epoch_seed + position`` seeds a sample's augmentation, so a sample does not depend on worker count,
+    resumption, or how many ranks share the epoch.
+    """
+
+    def _init_epochs(self, pool: int) -> None:
+        self.order = np.arange(pool)
+        self.epoch_seed = 0
+        self.rank, self.world_size, self.global_batch, self.drop_last = 0, 1, 1, False
+        self.positions: np.ndarray | None = None  # this rank's positions in ``order``; None: all of them
+
+    def _start_epoch(self, order: np.ndarray, seed: int, epoch: int) -> None:
+        self.order = order
+        self.epoch_seed = int(np.random.default_rng([seed, epoch, 1]).integers(2**31))
+        self._update_positions()
+
+    def shard(self, rank: int, world_size: int, global_batch: int, drop_last: bool) -> None:
+        """From now on serve only rank ``rank``'s share of each epoch order (see :func:`shard_positions`)."""
+        self.rank, self.world_size, self.global_batch, self.drop_last = rank, world_size, global_batch, drop_last
+        self._update_positions()
+
+    def _update_positions(self) -> None:
+        self.positions = None if self.world_size == 1 else shard_positions(
+            len(self.order), self.rank, self.world_size, self.global_batch, self.drop_last)
+
+    def __len__(self) -> int:
+        return len(self.order) if self.positions is None else len(self.positions)
+
+    def _position(self, item: int) -> int:
+        """The position in this epoch's order of the loader's ``item``."""
+        return item if self.positions is None else int(self.positions[item])
+
+
+class SliceDataset(EpochDataset):
     """2.5D training samples from cached, preprocessed volumes.
 
     ``volumes[i]`` must return ``{"image": (1,X,Y,Z), "label": (1,X,Y,Z)}``. Items are
@@ -126,35 +162,18 @@ class SliceDataset(Dataset):
         augment: Callable[[np.ndarray, np.ndarray, int], tuple[np.ndarray, np.ndarray]] | None = None,
     ):
         self.volumes, self.axis, self.context, self.multiple, self.augment = volumes, axis, context, multiple, augment
-        self.epoch_seed = 0
         depths, foreground = [], []
         for item in volumes:
             depths.append(item["image"].shape[1 + axis])
             foreground.append(foreground_slices(item["label"], axis))
         self.index = SliceIndex(depths, foreground)
-        self.order = np.arange(len(self.index))
-        self.rank, self.world_size, self.global_batch, self.drop_last = 0, 1, 1, False
-        self.positions: np.ndarray | None = None  # this rank's positions in ``order``; None: all of them
+        self._init_epochs(len(self.index))
 
     def set_epoch(self, seed: int, epoch: int, size: int | None, foreground_fraction: float | None) -> None:
-        self.order = self.index.epoch_order(seed, epoch, size, foreground_fraction)
-        self.epoch_seed = int(np.random.default_rng([seed, epoch, 1]).integers(2**31))
-        self._update_positions()
-
-    def shard(self, rank: int, world_size: int, global_batch: int, drop_last: bool) -> None:
-        """From now on serve only rank ``rank``'s share of each epoch order (see :func:`shard_positions`)."""
-        self.rank, self.world_size, self.global_batch, self.drop_last = rank, world_size, global_batch, drop_last
-        self._update_positions()
-
-    def _update_positions(self) -> None:
-        self.positions = None if self.world_size == 1 else shard_positions(
-            len(self.order), self.rank, self.world_size, self.global_batch, self.drop_last)
-
-    def __len__(self) -> int:
-        return len(self.order) if self.positions is None else len(self.positions)
+        self._start_epoch(self.index.epoch_order(seed, epoch, size, foreground_fraction), seed, epoch)
 
     def __getitem__(self, item: int) -> dict[str, torch.Tensor]:
-        position = item if self.positions is None else int(self.positions[item])
+        position = self._position(item)
         case, index = self.index.pairs[self.order[position]]
         item = self.volumes[int(case)]
         image = slab(item["image"], self.axis, int(index), self.context).astype(np.float32, copy=False)

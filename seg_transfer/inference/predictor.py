@@ -36,18 +36,13 @@ class PredictSetupError(ValueError):
 
 
 @dataclass(frozen=True)
-class PredictOptions:
-    """How each case is inferred; defaults reproduce plain inference (``overlap`` None: the route's default)."""
+class PredictOptions(InferenceOptions):
+    """How each case is inferred (the route's :class:`InferenceOptions`) and what is written; defaults
+    reproduce plain inference."""
 
-    batch_size: int = 32
-    amp: bool = False
-    tta: bool = False
-    roi_size: int | None = 512
-    overlap: float | None = None
     postprocess: Postprocess = "none"
     save_probabilities: bool = False
     progress: bool = True
-    max_batch_pixels: int | None = 2**21  # 8 slices of 512 x 512: bounds activation memory on big scans
 
 
 @dataclass
@@ -135,9 +130,7 @@ def infer(loaded: LoadedModel, image: MetaTensor, options: PredictOptions) -> tu
 
     The route's inferer does the work: the same one training validation uses.
     """
-    inferer = loaded.network.inferer(InferenceOptions(
-        batch_size=options.batch_size, amp=options.amp, tta=options.tta, roi_size=options.roi_size,
-        overlap=options.overlap, progress=options.progress, max_batch_pixels=options.max_batch_pixels))
+    inferer = loaded.network.inferer(options)
     if options.save_probabilities:
         probs = inferer.probabilities(loaded.model, image.as_tensor(), loaded.device)
         return probs.argmax(0).to(torch.uint8 if probs.shape[0] <= 256 else torch.int16), probs

@@ -28,7 +28,7 @@ class InferenceOptions:
     roi_size: int | None = 512
     overlap: float | None = None
     progress: bool = False
-    max_batch_pixels: int | None = 2**21
+    max_batch_pixels: int | None = 2**21  # 2.5D: 8 slices of 512 x 512 per batch at most (bounds activation memory)
 
 
 class Inferer(Protocol):
