@@ -162,3 +162,12 @@ def test_three_d_config_validates_and_names_its_route(phantom_root):
     config = config_from_dict(tiny_config(phantom_root, **{"model.dims": "3d", "data.patch_size": [16, 16, 16]}))
     assert config.model.dims == "3d" and get_route(config.model.dims).spatial_dims == 3
     assert dump_config(config)["data"]["patch_size"] == [16, 16, 16]
+
+
+def test_windows_per_forward_are_capped_by_voxels():
+    big = SlidingWindowInferer3d((128, 128, 64), InferenceOptions(batch_size=32, max_batch_pixels=2**21), classes=3)
+    assert big.windows_per_forward() == 2  # 2 x 1 M voxels
+    small = SlidingWindowInferer3d((40, 56, 40), InferenceOptions(batch_size=4, max_batch_pixels=2**21), classes=3)
+    assert small.windows_per_forward() == 4
+    uncapped = SlidingWindowInferer3d((128, 128, 64), InferenceOptions(batch_size=32, max_batch_pixels=None), classes=3)
+    assert uncapped.windows_per_forward() == 32

@@ -2,12 +2,14 @@
 
 Inference is MONAI's ``sliding_window_inference`` with Gaussian blending of softmax probabilities
 (``overlap`` 0.5, ``sigma_scale`` 0.125 by default, as nnU-Net), windows of the training patch size,
-``batch_size`` windows per forward, mirror TTA over all three axes, and stitching on the CPU once a
+``batch_size`` windows per forward (capped at ``max_batch_pixels`` voxels), mirror TTA over all three axes, and stitching on the CPU once a
 volume's probabilities exceed :data:`GPU_STITCH_MAX_VOXELS` so that GPU memory does not grow with it.
 """
 from __future__ import annotations
 
 import itertools
+import math
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,8 +50,14 @@ class SlidingWindowInferer3d:
             flipped = torch.flip(batch, dims) if dims else batch
             probs = self._window_probabilities(model, flipped, device)
             probs = torch.flip(probs, dims) if dims else probs
-            total = probs if total is None else total + probs
-        return (total / len(mirrors))[0].float().cpu()
+            if total is None:
+                total = probs
+            else:
+                total += probs  # in place: one probability volume in memory, not two
+                del probs
+        if len(mirrors) > 1:
+            total /= len(mirrors)
+        return total[0].float().cpu()
 
     def _window_probabilities(self, model: nn.Module, batch: torch.Tensor, device: torch.device) -> torch.Tensor:
         def predictor(window: torch.Tensor) -> torch.Tensor:
@@ -59,13 +67,22 @@ class SlidingWindowInferer3d:
 
         stitch_device = device if batch[0, 0].numel() * self.classes <= GPU_STITCH_MAX_VOXELS else torch.device("cpu")
         overlap = DEFAULT_OVERLAP if self.options.overlap is None else self.options.overlap
-        return sliding_window_inference(batch, self.roi_size, self.options.batch_size, predictor, overlap=overlap,
+        return sliding_window_inference(batch, self.roi_size, self.windows_per_forward(), predictor, overlap=overlap,
                                         mode="gaussian", sigma_scale=SIGMA_SCALE, cval=float(batch.min()),
-                                        sw_device=device, device=stitch_device, progress=self.options.progress)
+                                        sw_device=device, device=stitch_device,
+                                        progress=self.options.progress and sys.stderr.isatty())
+
+    def windows_per_forward(self) -> int:
+        """``options.batch_size`` windows, capped so that windows x window voxels stays within
+        ``options.max_batch_pixels`` (at least one): activation memory stays bounded for big windows."""
+        cap = self.options.max_batch_pixels
+        if cap is None:
+            return self.options.batch_size
+        return max(1, min(self.options.batch_size, cap // math.prod(self.roi_size)))
 
     def label_map(self, model: nn.Module, image: torch.Tensor, device: torch.device) -> torch.Tensor:
         probs = self.probabilities(model, image, device)
-        return probs.argmax(0).to(torch.uint8 if probs.shape[0] <= 256 else torch.int16)
+        return torch.max(probs, 0).indices.to(torch.uint8 if probs.shape[0] <= 256 else torch.int16)
 
 
 def _in_channels(data: DataConfig) -> int:
