@@ -211,8 +211,13 @@ class TrainingConfig(_Strict):
     pin_memory: Switch = "auto"
     sync_batchnorm: bool = False  # distributed CUDA runs only: BatchNorm statistics over the global batch
     collapse: CollapseConfig = Field(default_factory=CollapseConfig)
+    #: decoder-only stages read the frozen encoder's features from a cache instead of recomputing them:
+    #: ``memory`` or ``disk`` (float16 memory maps under ``data.cache_dir``/features), with
+    #: ``feature_cache_variants`` pre-augmented variants per slice; see :mod:`seg_transfer.training.feature_cache`
+    feature_cache: Literal["off", "memory", "disk"] = "off"
+    feature_cache_variants: int = Field(4, ge=1)
 
-    @field_validator("amp", "channels_last", "cudnn_benchmark", "pin_memory", mode="before")
+    @field_validator("amp", "channels_last", "cudnn_benchmark", "pin_memory", "feature_cache", mode="before")
     @classmethod
     def _yaml_booleans(cls, value: Any) -> Any:
         """YAML reads a bare ``on``/``off`` as true/false; map them back to the switch names."""

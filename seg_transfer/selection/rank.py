@@ -6,6 +6,13 @@ project's factory with the run's architecture, eval mode) sees the 2.5D slabs of
 those voxels, padded as in training. The feature map at each chosen stride is bilinearly upsampled
 (``align_corners=False``) to the padded slice size, and the feature vector at every sampled voxel is
 read. LogME of the stacked features (n x d) against the voxel labels scores the candidate.
+
+With ``training.feature_cache: disk`` in the run config, a candidate's features come from the disk
+store its training would use (:mod:`seg_transfer.training.feature_cache`, slot 0: plain slabs, same
+key: encoder checksum, preprocessing, slab geometry, augmentation settings). Slices missing from it
+are encoded once and stored, so a second ranking, or training after it, does not run the encoder
+again for them. Cached features are float16: LogME then moves by a few 1e-5 (phantoms), far less than
+the gaps between candidates.
 """
 from __future__ import annotations
 
@@ -14,7 +21,7 @@ import logging
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -147,8 +154,11 @@ def pick_feature_map(features: Sequence[torch.Tensor], padded_hw: tuple[int, int
 def case_features(
     encoder: torch.nn.Module, image, sample: PixelSample, axis: int, context: int, multiple: int,
     strides: Sequence[int], device: torch.device, batch_size: int,
+    cached: Callable[[np.ndarray], list[torch.Tensor]] | None = None,
 ) -> dict[int, np.ndarray]:
-    """Per stride, the (m, C) float64 features at ``sample``'s voxels of one case's image (1, X, Y, Z)."""
+    """Per stride, the (m, C) float64 features at ``sample``'s voxels of one case's image (1, X, Y, Z).
+
+    ``cached`` (slice indices -> encoder levels 1.. of those slices) replaces running ``encoder``."""
     volume = _array(image)
     coords = np.unravel_index(sample.flat, volume.shape[1:])
     slice_of = coords[axis]
@@ -160,7 +170,8 @@ def case_features(
         slabs = [slab(volume, axis, int(s), context).astype(np.float32, copy=False) for s in batch]
         height, width = slabs[0].shape[-2:]
         padded = np.stack([pad_to_multiple(x, multiple, value=float(x.min())) for x in slabs])
-        features = encoder(torch.from_numpy(padded).to(device))
+        inputs = torch.from_numpy(padded)
+        features = encoder(inputs.to(device)) if cached is None else [inputs, *cached(batch)]
         members = np.flatnonzero(np.isin(slice_of, batch))
         index = tuple(torch.as_tensor(a) for a in (np.searchsorted(batch, slice_of[members]), rows[members], cols[members]))
         for stride in strides:
@@ -233,9 +244,11 @@ def score_candidate(candidate: Candidate, config: RunConfig, volumes, samples: l
     parts: dict[int, list[np.ndarray]] = {stride: [] for stride in options.strides}
     show = sys.stderr.isatty()
     with torch.inference_mode():
+        readers = _cached_readers(config, encoder, multiple, volumes, device)
         for index in tqdm(range(len(samples)), desc=candidate.text, unit="case", disable=not show):
             features = case_features(encoder, volumes[index]["image"], samples[index], config.data.slice_axis,
-                                     config.data.context_slices, multiple, options.strides, device, options.batch_size)
+                                     config.data.context_slices, multiple, options.strides, device, options.batch_size,
+                                     cached=readers[index] if readers else None)
             for stride, values in features.items():
                 parts[stride].append(values)
     labels = np.concatenate([s.labels for s in samples])
@@ -248,6 +261,21 @@ def score_candidate(candidate: Candidate, config: RunConfig, volumes, samples: l
     for score in scores:
         score.seconds = seconds
     return scores
+
+
+def _cached_readers(config: RunConfig, encoder: torch.nn.Module, multiple: int, volumes,
+                    device: torch.device) -> list[Callable[[np.ndarray], list[torch.Tensor]]] | None:
+    """Per case, a reader of its cached plain-slab features (``training.feature_cache: disk``), else None."""
+    if config.training.feature_cache != "disk":
+        return None
+    from seg_transfer.training.feature_cache import PLAIN_SLOT, open_plain_store
+
+    store = open_plain_store(config, encoder, multiple, volumes, device)
+
+    def reader(case: int) -> Callable[[np.ndarray], list[torch.Tensor]]:
+        return lambda slices: store.read([(case, PLAIN_SLOT, int(s)) for s in slices])[0]
+
+    return [reader(store.case_index[str(volumes[i].get("name", i))]) for i in range(len(volumes))]
 
 
 def rank_encoders(config: RunConfig, candidates: Sequence[Candidate], output: Path,

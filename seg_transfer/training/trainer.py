@@ -47,6 +47,7 @@ from seg_transfer.routes.base import Inferer, InferenceOptions, Route
 from seg_transfer.routes.network import load_weights, network_spec
 from seg_transfer.training import distributed, speed
 from seg_transfer.training.distributed import SINGLE_PROCESS, DistributedContext
+from seg_transfer.training.feature_cache import DecoderStageCache, decoder_step, open_decoder_cache
 from seg_transfer.training.metrics_log import MetricsLog
 from seg_transfer.training.optim import build_optimizer, build_scheduler
 from seg_transfer.training.speed import FULL_PRECISION, SpeedSettings
@@ -123,6 +124,7 @@ class _Session:
     route: Route | None = None
     route_settings: dict = field(default_factory=dict)  # fixed at training time, stored in checkpoints
     inferer: Inferer | None = None  # validation's inferer: the one ``predict`` builds from the checkpoint
+    feature_cache: DecoderStageCache | None = None  # training.feature_cache: decoder-only stages read cached features
 
 
 def train(config: RunConfig, run_dir: Path | None = None, *, resume: bool = False, skip_bad_cases: bool = False) -> RunResult:
@@ -232,7 +234,8 @@ def _open_session(config: RunConfig, run_dir: Path, skip_bad_cases: bool, contex
     metrics = MetricsLog(run_dir) if context.is_main else None
     return _Session(config, run_dir, data, prep, model, provenance, stages, device, loss, train_set, train_loader,
                     val_volumes, metrics, context, settings, speed.grad_scaler(settings, device),
-                    route=route, route_settings=route_settings, inferer=inferer)
+                    route=route, route_settings=route_settings, inferer=inferer,
+                    feature_cache=open_decoder_cache(config, model, in_channels, context.world_size))
 
 
 def _write_run_files(config: RunConfig, run_dir: Path, data: PreparedData) -> None:
@@ -422,12 +425,16 @@ def _train_epoch(session: _Session, optimizer, scheduler, progress: Progress, bu
     set_train_mode(session.model, config.model.frozen_bn)  # on the bare model: frozen BatchNorm back to eval
     total, steps = 0.0, 0
     show = sys.stderr.isatty() and session.dist.is_main
-    bar = tqdm(session.train_loader, desc=f"epoch {progress.epoch + 1}", leave=False, disable=not show)
+    cache = session.feature_cache if config.training.stages[progress.stage].train == "decoder" else None
+    batches = session.train_loader if cache is None else cache.epoch(session.model, session.train_set, session.train_loader,
+                                                                     session.device)
+    bar = tqdm(batches, desc=f"epoch {progress.epoch + 1}", leave=False, disable=not show)
     for batch in bar:
         if (budget is not None and steps >= budget) or _past(deadline, session.dist):
             break
-        loss = train_step(session.train_model, session.loss, optimizer, batch, session.device, config.training.grad_clip,
-                          settings=session.speed, scaler=session.scaler)
+        step = train_step if cache is None else decoder_step  # cached: decoder + head on the bare model
+        loss = step(session.train_model if cache is None else session.model, session.loss, optimizer, batch,
+                    session.device, config.training.grad_clip, settings=session.speed, scaler=session.scaler)
         scheduler.step()
         total += loss
         steps += 1

@@ -1,0 +1,608 @@
+"""Cached frozen-encoder features: a decoder-only stage and ``rank-encoders`` run the frozen encoder once.
+
+**Where it sits.** A cache entry needs a training sample's identity (case, slice, augmentation
+variant: :mod:`seg_transfer.data`) and the frozen encoder (:mod:`seg_transfer.models`); those two
+packages do not know each other, while training (and ``rank-encoders``, at the same level) use both.
+So the cache lives here, next to the trainer, and only for the 2.5D route (the default).
+
+**What a store holds.** For every (case, slice, slot) the encoder's outputs at every level but the
+first, computed in eval mode without gradients in float32 and stored as float16, plus the slot's
+label slice (int16). Level 0 is the input itself, which smp's U-Net decoder reads only for its shape:
+a zero-channel tensor of that shape stands in for it (checked once per model by
+:func:`check_decoder_ignores_input`; a decoder that reads it is refused). Slot 0 is the plain slab
+(no augmentation): what ``rank-encoders`` scores, and all that training uses with augmentation off.
+Slots 1..V are V fixed pre-augmented variants (``training.feature_cache_variants``), made by the run's
+own augmentation pipeline with a seed from (run seed, case name, slice, slot); each training sample
+takes slot ``1 + default_rng(sample seed).integers(V)``, the sample seed being the one
+:class:`~seg_transfer.data.slices.SliceDataset` gives its augmentation. So a cached stage sees V
+augmentations per slice instead of a fresh one per sample: another draw, so its result differs from
+the recomputing stage's by about seed noise. Without augmentation the two differ only by the float16
+storage (with float32 rows they agree bit for bit; see ``tests/test_feature_cache.py``).
+
+**Why variants and not feature-space flips.** A flip applied to the features equals the features of
+the flipped input only for a flip-equivariant encoder. CNNs are not, and not because of padding:
+learned kernels are not mirror-symmetric. Measured on 64x64 inputs, ``|E(flip x) - flip E(x)| / |E(x)|``
+is 0.5-1.3 at every level of ImageNet EfficientNet-Lite0 and of a random ResNet-18 (0 only at level 0,
+the input). Flips are therefore part of the variants, like every other augmentation.
+
+**Keys and invalidation.** A store is named by sha256 over: the encoder's checksum (its ``repr``,
+i.e. its layer settings, and every parameter and buffer: names, dtypes, shapes and bytes, so a
+changed weight or BatchNorm running statistic is a different store), the preprocessing, the slab
+geometry (slice axis, context slices, padding multiple) and, when augmentation is on, the
+augmentation config, the run seed and V. Rows are keyed by (case name, slice, slot) in its index.
+Features are computed a whole (case, slot) group at a time, in fixed chunks of at most
+:data:`FILL_BATCH` slices, so what a row holds never depends on which samples asked for it first (CNN
+outputs are not bit-identical across batch sizes, even on CPU): a resumed run refills a memory cache
+with the same bits. The price: a stage encodes every slice of every case it touches V times, so the
+cache pays off once a stage draws more samples than ~V x the training slices (see the benchmark).
+
+**Memory or disk.** ``memory`` keeps float16 arrays for the session (zero-filled on allocation, so
+untouched rows cost no RAM). ``disk`` keeps float16 ``numpy.memmap`` files under
+``data.cache_dir/features/<key>/`` (default ``~/.cache/seg_transfer/features``): one file per
+feature level (per padded slice size), created sparse as a temp file linked into place, and an
+``index.json`` written atomically after each group's rows are flushed, so an interrupted fill leaves
+rows the index does not list (recomputed on next use). Cases are known by name and a fingerprint of
+their preprocessed volumes, so changed data under an old name is a miss too. A later process, or
+``rank-encoders`` (with ``training.feature_cache: disk``; it reads slot 0 of the same store when its
+candidate's encoder checksum equals the run's), reloads without running the encoder. A store is
+rebuilt when the case list it was made for does not contain the requested cases. One writer per
+store at a time.
+
+**Batches.** Slices of one dataset usually pad to one size. Where they do not, a batch of cached
+features is padded at the end (bottom, right) with zeros per level, labels with background; the
+recomputing path pads the input symmetrically instead, so the two differ at those borders.
+
+**BatchNorm and the trainer.** Cached features are eval-mode features. With ``model.frozen_bn``
+``eval`` or ``adapt`` the frozen encoder's BatchNorm is in eval mode during a decoder-only stage
+anyway, so the cached step computes what the recomputing step computes (for encoders without
+dropout or stochastic depth in their feature path, which smp's and timm's defaults have off). With
+``frozen_bn: train`` the features depend on each batch's statistics and the running statistics move:
+:func:`open_decoder_cache` refuses with a one-line ConfigError. It also refuses distributed runs
+(the cached step bypasses DistributedDataParallel) and the 3D route. The cached step uses the bare
+model (no ``torch.compile``, no channels-last). Validation always runs the whole network.
+
+**3D.** Not done. The 3D route draws patches at random positions every epoch, so its keys would be
+(case, pre-drawn patch, variant) from a fixed set of patches per case (or whole-volume features
+cropped in feature space, exact only away from patch borders and for crops aligned to the deepest
+stride), its inflated 3D features are ~depth times larger (a disk store would be the norm), and the
+decoder placeholder would be a 5-D zero-channel tensor.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+import zlib
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from seg_transfer.atomic import write_atomic
+from seg_transfer.config import ConfigError, RunConfig
+from seg_transfer.data.slices import label_slice, pad_to_multiple, slab
+from seg_transfer.data.transforms import Preprocessing
+from seg_transfer.training import speed
+from seg_transfer.training.speed import FULL_PRECISION, SpeedSettings
+
+log = logging.getLogger(__name__)
+
+FORMAT = 1
+#: slices per encoder forward when filling a group: fixed, so a row's bits never depend on the batch it came in
+FILL_BATCH = 32
+PLAIN_SLOT = 0
+FEATURE_DTYPE = np.float16
+LABEL_DTYPE = np.int16
+
+
+# --------------------------------------------------------------------------- keys
+
+
+def encoder_checksum(encoder: nn.Module) -> str:
+    """sha256 of the encoder's ``repr`` and every parameter and buffer (name, dtype, shape, bytes)."""
+    digest = hashlib.sha256(repr(encoder).encode())
+    for name, tensor in encoder.state_dict().items():
+        value = tensor.detach().to("cpu").contiguous()
+        digest.update(f"{name}|{value.dtype}|{tuple(value.shape)}|".encode())
+        digest.update(value.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """Everything besides the encoder that decides what a slot holds (part of the store key)."""
+
+    preprocessing: dict[str, Any]
+    axis: int
+    context: int
+    multiple: int
+    variants: int  # augmented slots 1..variants; 0 with augmentation off (slot 0 only)
+    augment: dict[str, Any] | None  # the augmentation config, None when off
+    seed: int  # the run seed (augmented slots only)
+
+    @classmethod
+    def from_config(cls, config: RunConfig, multiple: int) -> CacheSpec:
+        augment = config.data.augment
+        variants = config.training.feature_cache_variants if augment.enabled else 0
+        return cls(Preprocessing.from_config(config.data).as_dict(), config.data.slice_axis, config.data.context_slices,
+                   multiple, variants, augment.model_dump(mode="json") if variants else None, config.seed if variants else 0)
+
+    @property
+    def slots(self) -> int:
+        return 1 + self.variants
+
+    def key(self, checksum: str) -> str:
+        """The store name: 24 hex digits of sha256 over the format, ``checksum`` and this spec."""
+        text = json.dumps({"format": FORMAT, "encoder": checksum, **asdict(self)}, sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+def variant_seed(seed: int, case: str, index: int, slot: int) -> int:
+    """The augmentation seed of (case, slice ``index``, ``slot``): the same in every process and epoch."""
+    return int(np.random.SeedSequence([seed, zlib.crc32(case.encode()), index, slot]).generate_state(1)[0])
+
+
+def draw_slot(sample_seed: int, variants: int) -> int:
+    """The slot a training sample reads: 1..variants drawn from its seed, or the plain slot 0 without variants."""
+    return PLAIN_SLOT if variants == 0 else 1 + int(np.random.default_rng(sample_seed).integers(variants))
+
+
+def feature_cache_dir(config: RunConfig) -> Path:
+    """Where disk stores live: ``data.cache_dir/features`` or ``~/.cache/seg_transfer/features``."""
+    base = config.data.cache_dir or Path.home() / ".cache" / "seg_transfer"
+    return Path(base) / "features"
+
+
+# --------------------------------------------------------------------------- the store
+
+
+@dataclass(frozen=True)
+class CaseLayout:
+    """A case: its name, slice count along the slice axis, padded slice size, and a fingerprint of its
+    preprocessed image and label (another volume under the same name is another case)."""
+
+    name: str
+    depth: int
+    height: int
+    width: int
+    fingerprint: str
+
+
+def volume_fingerprint(image, label, samples: int = 2**20) -> str:
+    """sha256 (16 hex digits) of the shapes and of at most ``samples`` evenly strided voxels of image and label."""
+    digest = hashlib.sha256()
+    for volume in (image, label):
+        array = np.ascontiguousarray(volume.detach().cpu().numpy() if isinstance(volume, torch.Tensor) else np.asarray(volume))
+        flat = array.reshape(-1)
+        digest.update(f"{array.shape}|{array.dtype}|".encode())
+        digest.update(np.ascontiguousarray(flat[::max(1, flat.size // samples)]).tobytes())
+    return digest.hexdigest()[:16]
+
+
+def case_layouts(volumes, axis: int, multiple: int) -> list[CaseLayout]:
+    """The layout of each ``{"image": (1,X,Y,Z), "label": ..., "name": ...}`` in ``volumes``, in order."""
+    layouts = []
+    for index in range(len(volumes)):
+        item = volumes[index]
+        shape = tuple(item["image"].shape[1:])
+        height, width = (shape[a] for a in range(3) if a != axis)
+        layouts.append(CaseLayout(str(item.get("name", index)), shape[axis], -(-height // multiple) * multiple,
+                                  -(-width // multiple) * multiple, volume_fingerprint(item["image"], item["label"])))
+    return layouts
+
+
+class FeatureStore:
+    """Rows of (case, slot, slice) features and labels, in memory or memory-mapped files.
+
+    Rows are grouped by padded slice size (a bucket), each case a contiguous block of ``slots x depth``
+    rows (slot-major), so a (case, slot) group is one contiguous write. ``levels`` lists
+    (channels, stride) of levels 1.. of the encoder output.
+    """
+
+    def __init__(self, key: str, cases: Sequence[CaseLayout], levels: Sequence[tuple[int, int]], slots: int,
+                 folder: Path | None = None, filled: set[tuple[str, int]] | None = None, meta: dict | None = None):
+        self.key, self.cases, self.levels, self.slots, self.folder = key, list(cases), [tuple(l) for l in levels], slots, folder
+        self.meta = meta or {}
+        self.filled: set[tuple[str, int]] = set(filled or ())
+        self.case_index = {case.name: i for i, case in enumerate(self.cases)}
+        self.bucket_of: list[tuple[int, int]] = [(c.height, c.width) for c in self.cases]
+        self.offset: list[int] = []
+        rows: dict[tuple[int, int], int] = {}
+        for case, bucket in zip(self.cases, self.bucket_of):
+            self.offset.append(rows.get(bucket, 0))
+            rows[bucket] = self.offset[-1] + slots * case.depth
+        self.arrays = {bucket: self._open(bucket, count) for bucket, count in rows.items()}
+
+    # ----- layout
+
+    def _shapes(self, bucket: tuple[int, int], rows: int) -> list[tuple[str, tuple[int, ...], Any]]:
+        height, width = bucket
+        shapes = [(f"level{k + 1}", (rows, channels, height // stride, width // stride), FEATURE_DTYPE)
+                  for k, (channels, stride) in enumerate(self.levels)]
+        return [*shapes, ("label", (rows, height, width), LABEL_DTYPE)]
+
+    def _open(self, bucket: tuple[int, int], rows: int) -> list[np.ndarray]:
+        arrays = []
+        for name, shape, dtype in self._shapes(bucket, rows):
+            if self.folder is None:
+                arrays.append(np.zeros(shape, dtype))
+                continue
+            path = self.folder / f"{bucket[0]}x{bucket[1]}.{name}.bin"
+            _create_sparse(path, int(np.prod(shape)) * np.dtype(dtype).itemsize)
+            arrays.append(np.memmap(path, dtype=dtype, mode="r+", shape=shape))
+        return arrays
+
+    def rows(self, case: int, slot: int, slices: np.ndarray | Sequence[int]) -> np.ndarray:
+        return self.offset[case] + slot * self.cases[case].depth + np.asarray(slices, dtype=np.int64)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of all arrays (allocated; rows never written take no RAM or disk)."""
+        return sum(array.nbytes for arrays in self.arrays.values() for array in arrays)
+
+    @property
+    def filled_bytes(self) -> int:
+        """Bytes of the rows written so far."""
+        total = 0
+        for name, slot in self.filled:
+            case = self.cases[self.case_index[name]]
+            total += sum(a[0].nbytes for a in self.arrays[(case.height, case.width)]) * case.depth
+        return total
+
+    # ----- writing and reading
+
+    def write(self, case: int, slot: int, features: Sequence[np.ndarray], labels: np.ndarray) -> None:
+        """Store a whole group: ``features[k]`` (depth, C, h, w) for level k+1 and ``labels`` (depth, H, W)."""
+        start = int(self.rows(case, slot, [0])[0])
+        block = slice(start, start + self.cases[case].depth)
+        arrays = self.arrays[self.bucket_of[case]]
+        for array, values in zip(arrays, [*features, labels]):
+            array[block] = values
+        if self.folder is not None:
+            for array in arrays:
+                array.flush()
+        self.filled.add((self.cases[case].name, slot))
+        if self.folder is not None:
+            self._write_index()
+
+    def read(self, entries: Sequence[tuple[int, int, int]]) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Features (levels 1.., float32 ``(B, C, h, w)``) and labels ``(B, 1, H, W)`` int64 of
+        ``(case, slot, slice)`` entries; mixed slice sizes are zero-padded at the end to the largest."""
+        height = max(self.bucket_of[c][0] for c, _, _ in entries)
+        width = max(self.bucket_of[c][1] for c, _, _ in entries)
+        features = [np.zeros((len(entries), ch, height // s, width // s), np.float32) for ch, s in self.levels]
+        labels = np.zeros((len(entries), 1, height, width), np.int64)
+        by_bucket: dict[tuple[int, int], list[int]] = {}
+        for position, (case, _, _) in enumerate(entries):
+            by_bucket.setdefault(self.bucket_of[case], []).append(position)
+        for (h, w), positions in by_bucket.items():
+            rows = np.array([self.rows(entries[p][0], entries[p][1], [entries[p][2]])[0] for p in positions])
+            arrays = self.arrays[(h, w)]
+            for out, array, (_, stride) in zip(features, arrays, self.levels):
+                out[positions, :, :h // stride, :w // stride] = array[rows]
+            labels[positions, 0, :h, :w] = arrays[-1][rows]
+        return [torch.from_numpy(f) for f in features], torch.from_numpy(labels)
+
+    # ----- the index (disk)
+
+    def index(self) -> dict[str, Any]:
+        return {"format": FORMAT, "key": self.key, "meta": self.meta, "slots": self.slots,
+                "levels": [list(level) for level in self.levels], "cases": [list(asdict(c).values()) for c in self.cases],
+                "filled": sorted([name, slot] for name, slot in self.filled)}
+
+    def _write_index(self) -> None:
+        path = self.folder / "index.json"
+        on_disk = _read_index(path)
+        if on_disk is not None and _same_layout(on_disk, self.index()):  # another process filled groups too
+            self.filled |= {(name, int(slot)) for name, slot in on_disk["filled"]}
+        write_atomic(path, json.dumps(self.index()) + "\n")
+
+
+def _create_sparse(path: Path, size: int) -> None:
+    """Make ``path`` a zero file of ``size`` bytes (sparse: unwritten rows take no disk space) unless it already
+    is one: a temp file, hard-linked into place (never replacing a file another process has just made) or,
+    over a file of the wrong size, renamed into place."""
+    if path.is_file() and path.stat().st_size == size:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(temp, "wb") as stream:
+        stream.truncate(size)
+    try:
+        os.link(temp, path)
+    except FileExistsError:
+        if path.stat().st_size != size:
+            os.replace(temp, path)
+    finally:
+        temp.unlink(missing_ok=True)
+
+
+def _read_index(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _same_layout(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    return all(a.get(k) == b.get(k) for k in ("format", "key", "slots", "levels", "cases"))
+
+
+def open_store(key: str, cases: Sequence[CaseLayout], levels: Callable[[], Sequence[tuple[int, int]]], slots: int,
+               folder: Path | None = None, meta: dict | None = None) -> FeatureStore:
+    """A memory store (``folder`` None), or the disk store in ``folder/key``: reloaded when its index has the
+    same key and slots and lists every requested case with the same layout, else made anew. ``levels``
+    (e.g. :func:`probe_levels`) is called only for a new store: a reload runs no encoder at all."""
+    if folder is None:
+        return FeatureStore(key, cases, levels(), slots, meta=meta)
+    where = Path(folder) / key
+    stored = _read_index(where / "index.json")
+    if stored is not None and stored.get("format") == FORMAT and stored.get("key") == key and stored.get("slots") == slots:
+        layouts = [CaseLayout(*row) for row in stored["cases"]]
+        if set(cases) <= set(layouts):
+            filled = {(name, int(slot)) for name, slot in stored["filled"]}
+            return FeatureStore(key, layouts, stored["levels"], slots, where, filled, stored.get("meta"))
+        log.info("feature cache %s: rebuilt for another case list", where)
+    store = FeatureStore(key, cases, levels(), slots, where, meta=meta)
+    write_atomic(where / "index.json", json.dumps(store.index()) + "\n")
+    return store
+
+
+# --------------------------------------------------------------------------- computing features
+
+
+@contextmanager
+def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
+    """``module`` in eval mode for the block; every submodule's own mode is restored afterwards."""
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield module
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
+def probe_levels(encoder: nn.Module, in_channels: int, size: tuple[int, int], device: torch.device) -> list[tuple[int, int]]:
+    """(channels, stride) of encoder output levels 1.. for an input of ``size`` (one zero slice, eval mode)."""
+    with eval_mode(encoder), torch.no_grad():
+        outputs = encoder(torch.zeros(1, in_channels, *size, device=device))
+    levels = []
+    for output in outputs[1:]:
+        if size[0] % output.shape[-2] or size[1] % output.shape[-1]:
+            raise ConfigError(f"feature cache: an encoder level of {tuple(output.shape[-2:])} does not divide "
+                              f"the slice size {size}")
+        levels.append((int(output.shape[1]), size[0] // int(output.shape[-2])))
+    return levels
+
+
+def group_samples(volume: dict, case: CaseLayout, slot: int, spec: CacheSpec, augment) -> tuple[np.ndarray, np.ndarray]:
+    """All slices of one case as one slot: slabs ``(depth, 2k+1, H, W)`` float32 and labels ``(depth, H, W)``,
+    made exactly as :class:`~seg_transfer.data.slices.SliceDataset` makes a sample (augmentation seeded by
+    :func:`variant_seed` for slots > 0), padded to the case's padded size."""
+    images, labels = [], []
+    for index in range(case.depth):
+        image = slab(volume["image"], spec.axis, index, spec.context).astype(np.float32, copy=False)
+        label = label_slice(volume["label"], spec.axis, index)
+        if slot != PLAIN_SLOT:
+            image, label = augment(image, label, variant_seed(spec.seed, case.name, index, slot))
+        images.append(pad_to_multiple(image, spec.multiple, value=float(image.min())))
+        labels.append(pad_to_multiple(np.asarray(label), spec.multiple))
+    return np.stack(images), np.stack(labels).astype(LABEL_DTYPE)
+
+
+def encode(encoder: nn.Module, images: np.ndarray, device: torch.device) -> list[np.ndarray]:
+    """Levels 1.. of ``encoder`` (eval mode, no gradients, float32) on ``images`` in equal chunks of at most
+    :data:`FILL_BATCH` (38 slices: 19 + 19, not 32 + 6), as float16 arrays."""
+    parts: list[list[np.ndarray]] = []
+    with eval_mode(encoder), torch.no_grad():
+        for chunk in np.array_split(images, -(-len(images) // FILL_BATCH)):
+            outputs = encoder(torch.from_numpy(np.ascontiguousarray(chunk)).to(device))
+            parts.append([o.float().cpu().numpy().astype(FEATURE_DTYPE) for o in outputs[1:]])
+    return [np.concatenate(level) for level in zip(*parts)]
+
+
+def fill(store: FeatureStore, groups: Sequence[tuple[int, int]], encoder: nn.Module, volumes, spec: CacheSpec,
+         augment, device: torch.device, store_case: Sequence[int]) -> int:
+    """Compute and store every ``(case, slot)`` group not yet in ``store`` (cases index ``volumes``;
+    ``store_case`` maps them to the store's cases). Returns the slices computed."""
+    computed = 0
+    for case, slot in sorted(set(groups)):
+        layout = store.cases[store_case[case]]
+        if (layout.name, slot) in store.filled:
+            continue
+        images, labels = group_samples(volumes[case], layout, slot, spec, augment)
+        store.write(store_case[case], slot, encode(encoder, images, device), labels)
+        computed += len(images)
+    return computed
+
+
+# --------------------------------------------------------------------------- the trainer's side
+
+
+def check_decoder_ignores_input(model: nn.Module, in_channels: int, size: tuple[int, int], device: torch.device) -> None:
+    """ConfigError unless ``model.decoder`` gives the same output with a zero-channel stand-in for the input level."""
+    with eval_mode(model), torch.no_grad():
+        features = model.encoder(torch.randn(2, in_channels, *size, generator=torch.Generator().manual_seed(0)).to(device))
+        real = model.decoder(features)
+        try:
+            stand_in = model.decoder([features[0].new_zeros((*features[0].shape[:1], 0, *features[0].shape[2:])),
+                                      *features[1:]])
+        except RuntimeError:
+            stand_in = None
+    if stand_in is None or not torch.equal(real, stand_in):
+        raise ConfigError(f"training.feature_cache: the {type(model).__name__} decoder reads the input image itself; "
+                          "the cache supports decoders that read only encoder features (smp Unet, UnetPlusPlus, "
+                          "FPN, Linknet, MAnet, DeepLabV3Plus)")
+
+
+def decode(model: nn.Module, features: Sequence[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
+    """Logits of decoder + head on cached levels 1.. (the input level is a zero-channel tensor of ``size``)."""
+    stand_in = features[0].new_zeros((features[0].shape[0], 0, *size))
+    return model.segmentation_head(model.decoder([stand_in, *features]))
+
+
+class CachedEpoch:
+    """One epoch of a decoder-only stage as cached batches ``{"features", "label", "size"}``; iterating first
+    fills the groups the epoch needs. Its length is the slice loader's (same batches, same drop_last)."""
+
+    def __init__(self, cache: DecoderStageCache, model: nn.Module, dataset, batch_size: int, drop_last: bool,
+                 device: torch.device):
+        self.cache, self.model, self.dataset, self.batch_size, self.drop_last, self.device = (
+            cache, model, dataset, batch_size, drop_last, device)
+
+    def __len__(self) -> int:
+        count = len(self.dataset)
+        return count // self.batch_size if self.drop_last else -(-count // self.batch_size)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        entries = self.cache.epoch_entries(self.dataset)
+        store = self.cache.prepare(self.model.encoder, self.dataset, entries, self.device)
+        for start in range(0, len(self) * self.batch_size, self.batch_size):
+            batch = entries[start:start + self.batch_size]
+            features, labels = store.read(batch)
+            yield {"features": features, "label": labels, "size": tuple(labels.shape[-2:])}
+
+
+class DecoderStageCache:
+    """The trainer's feature cache (``training.feature_cache``): per epoch of a decoder-only stage,
+    :meth:`epoch` gives cached batches for :func:`decoder_step`."""
+
+    def __init__(self, config: RunConfig, folder: Path | None):
+        self.config, self.folder = config, folder
+        self.store: FeatureStore | None = None
+        self._layouts: tuple[int, list[CaseLayout]] | None = None
+        self.seconds_filling, self.slices_computed = 0.0, 0
+
+    def epoch(self, model: nn.Module, dataset, loader, device: torch.device) -> CachedEpoch:
+        return CachedEpoch(self, model, dataset, loader.batch_size, loader.drop_last, device)
+
+    def epoch_entries(self, dataset) -> list[tuple[int, int, int]]:
+        """(case, slot, slice) of every sample of the dataset's current epoch, in order (cases index its volumes)."""
+        variants = self._spec(dataset).variants
+        entries = []
+        for item in range(len(dataset)):
+            position = item if dataset.positions is None else int(dataset.positions[item])
+            case, index = dataset.index.pairs[dataset.order[position]]
+            entries.append((int(case), draw_slot((dataset.epoch_seed + position) % 2**32, variants), int(index)))
+        return entries
+
+    def prepare(self, encoder: nn.Module, dataset, entries: list[tuple[int, int, int]], device: torch.device) -> _Remapped:
+        """The store for the encoder as it is now, with every group ``entries`` need filled."""
+        spec = self._spec(dataset)
+        key = spec.key(encoder_checksum(encoder))
+        layouts = self._case_layouts(dataset)
+        if self.store is None or self.store.key != key:
+            size = (layouts[0].height, layouts[0].width)
+            self.store = open_store(key, layouts, lambda: probe_levels(encoder, 2 * dataset.context + 1, size, device),
+                                    spec.slots, self.folder, {"spec": asdict(spec)})
+        store_case = [self.store.case_index[layout.name] for layout in layouts]
+        started = time.perf_counter()
+        computed = fill(self.store, [(case, slot) for case, slot, _ in entries], encoder, dataset.volumes, spec,
+                        dataset.augment, device, store_case)
+        if computed:
+            self.seconds_filling += time.perf_counter() - started
+            self.slices_computed += computed
+            log.info("feature cache: encoded %d slices in %.1f s (%.0f MB of float16 features and labels cached)",
+                     computed, time.perf_counter() - started, self.store.filled_bytes / 1e6)
+        return _Remapped(self.store, store_case)
+
+    def _spec(self, dataset) -> CacheSpec:
+        """The run's spec; the dataset's augmentation must be the config's (variants only with augmentation)."""
+        spec = CacheSpec.from_config(self.config, dataset.multiple)
+        if (dataset.augment is None) != (spec.variants == 0):
+            raise ValueError("feature cache: the training samples' augmentation does not match data.augment")
+        return spec
+
+    def _case_layouts(self, dataset) -> list[CaseLayout]:
+        if self._layouts is None or self._layouts[0] != id(dataset):
+            self._layouts = (id(dataset), case_layouts(dataset.volumes, dataset.axis, dataset.multiple))
+        return self._layouts[1]
+
+
+@dataclass(frozen=True)
+class _Remapped:
+    """A store read through the dataset's case numbering."""
+
+    store: FeatureStore
+    store_case: list[int]
+
+    def read(self, entries: Sequence[tuple[int, int, int]]) -> tuple[list[torch.Tensor], torch.Tensor]:
+        return self.store.read([(self.store_case[case], slot, index) for case, slot, index in entries])
+
+
+def open_decoder_cache(config: RunConfig, model: nn.Module, in_channels: int, world_size: int = 1) -> DecoderStageCache | None:
+    """The cache ``training.feature_cache`` asks for (None when ``off`` or no stage trains the decoder only).
+
+    One-line ConfigError for what it cannot serve: ``model.frozen_bn: train``, the 3D route, a
+    distributed run, a decoder that reads the input image.
+    """
+    mode = config.training.feature_cache
+    if mode == "off":
+        return None
+    if not any(stage.train == "decoder" for stage in config.training.stages):
+        log.info("training.feature_cache=%s: no decoder-only stage, nothing to cache", mode)
+        return None
+    if config.model.frozen_bn == "train":
+        raise ConfigError("training.feature_cache needs model.frozen_bn eval or adapt: with train, frozen BatchNorm "
+                          "normalises each batch by its own statistics, so features depend on the batch and cannot be cached")
+    if config.model.dims != "2.5d":
+        raise ConfigError(f"training.feature_cache supports model.dims 2.5d only (got {config.model.dims})")
+    if world_size > 1:
+        raise ConfigError("training.feature_cache needs a single-process run (the cached decoder step bypasses "
+                          "DistributedDataParallel)")
+    multiple = int(getattr(model.encoder, "output_stride", 32))
+    device = next(model.parameters()).device
+    check_decoder_ignores_input(model, in_channels, (2 * multiple, 2 * multiple), device)
+    return DecoderStageCache(config, feature_cache_dir(config) if mode == "disk" else None)
+
+
+def decoder_step(model: nn.Module, loss_fn: nn.Module, optimizer, batch: dict, device: torch.device,
+                 grad_clip: float | None, *, settings: SpeedSettings = FULL_PRECISION, scaler=None) -> float:
+    """One optimisation step on a cached batch: decoder + head only; otherwise as
+    :func:`seg_transfer.training.trainer.train_step` (autocast, float32 loss, scaler, clipping)."""
+    features = [f.to(device, non_blocking=True) for f in batch["features"]]
+    label = batch["label"].to(device, non_blocking=True)
+    optimizer.zero_grad(set_to_none=True)
+    with speed.autocast(settings, device):
+        logits = decode(model, features, batch["size"])
+    loss = loss_fn(logits.float(), label)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+    else:
+        loss.backward()
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], grad_clip)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    return float(loss.detach())
+
+
+# --------------------------------------------------------------------------- rank-encoders' side
+
+
+def open_plain_store(config: RunConfig, encoder: nn.Module, multiple: int, volumes, device: torch.device) -> FeatureStore:
+    """The disk store ``config``'s training would use for ``encoder`` (same key), with slot 0 (plain slabs)
+    filled for every case of ``volumes``; the cases' store indices are ``store.case_index[name]``."""
+    spec = CacheSpec.from_config(config, multiple)
+    layouts = case_layouts(volumes, spec.axis, multiple)
+    size = (layouts[0].height, layouts[0].width)
+    store = open_store(spec.key(encoder_checksum(encoder)), layouts,
+                       lambda: probe_levels(encoder, 2 * spec.context + 1, size, device), spec.slots,
+                       feature_cache_dir(config), {"spec": asdict(spec)})
+    store_case = [store.case_index[layout.name] for layout in layouts]
+    missing = sum((layout.name, PLAIN_SLOT) not in store.filled for layout in layouts)
+    fill(store, [(case, PLAIN_SLOT) for case in range(len(layouts))], encoder, volumes, spec, None, device, store_case)
+    log.info("feature cache %s: %d of %d cases read from the cache", store.folder, len(layouts) - missing, len(layouts))
+    return store

@@ -1,0 +1,274 @@
+"""Cached frozen-encoder features: equality with recomputation, keys, disk reload, the cached decoder stage, rank-encoders."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from seg_transfer.checkpoint import Checkpoint
+from seg_transfer.config import ConfigError, config_from_dict
+from seg_transfer.data.augment import SliceAugmenter
+from seg_transfer.data.pipeline import prepare_data, slice_loader, volume_dataset
+from seg_transfer.data.slices import label_slice, pad_to_multiple, slab
+from seg_transfer.data.transforms import Preprocessing
+from seg_transfer.models.factory import build_model
+from seg_transfer.training import feature_cache as fc
+from seg_transfer.training.trainer import train
+from tests.conftest import tiny_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(one_thread):
+    """Every test here on one intra-op thread (bit-equality across runs, a busy 2-core machine)."""
+
+
+def _config(phantom_root, tmp_path, **overrides):
+    raw = tiny_config(phantom_root, **{"data.cache_dir": str(tmp_path / "cache"), "model.frozen_bn": "eval", **overrides})
+    return config_from_dict(raw)
+
+
+def _setup(config, tmp_path):
+    """(model, training SliceDataset, loader) as a fresh run of ``config`` builds them (seeded model init)."""
+    data = prepare_data(config.data, tmp_path / "run")
+    volumes = volume_dataset(data.subset("train"), Preprocessing.from_config(config.data), config.data)
+    torch.manual_seed(config.seed)
+    model = build_model(config.model, config.data.in_channels, len(data.labels))[0]
+    dataset, loader = slice_loader(volumes, config.data, config.training.batch_size, 32, train=True)
+    dataset.set_epoch(config.seed, 0, config.data.slices_per_epoch, config.data.foreground_fraction)
+    return model, dataset, loader
+
+
+def _count_encoder_calls(encoder) -> list[int]:
+    calls = [0]
+    encoder.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    return calls
+
+
+def test_cached_features_equal_recomputed_ones(phantom_root, tmp_path):
+    config = _config(phantom_root, tmp_path, **{"data.augment": {"enabled": True, "flip_axes": [0]}})
+    model, dataset, loader = _setup(config, tmp_path)
+    cache = fc.DecoderStageCache(config, folder=None)
+    entries = cache.epoch_entries(dataset)
+    assert {slot for _, slot, _ in entries} <= set(range(1, 5)) and len({slot for _, slot, _ in entries}) > 1
+    picked = entries[:6] + [(entries[0][0], fc.PLAIN_SLOT, entries[0][2])]  # + a plain slab, as rank-encoders reads
+    store = cache.prepare(model.encoder, dataset, picked, torch.device("cpu"))
+    features, labels = store.read(picked)
+    augment = SliceAugmenter(config.data.augment)
+    model.eval()
+    for row, (case, slot, index) in enumerate(picked):
+        volume, name = dataset.volumes[case], dataset.volumes[case]["name"]
+        image = slab(volume["image"], 2, index, 1).astype(np.float32)
+        label = label_slice(volume["label"], 2, index)
+        if slot:
+            image, label = augment(image, label, fc.variant_seed(config.seed, name, index, slot))
+        image = pad_to_multiple(image, 32, value=float(image.min()))
+        with torch.no_grad():
+            expected = model.encoder(torch.from_numpy(image)[None])[1:]
+        for cached, fresh in zip(features, expected):
+            torch.testing.assert_close(cached[row], fresh[0], rtol=2e-3, atol=2e-3 * float(fresh.abs().max()))
+        assert torch.equal(labels[row, 0], torch.from_numpy(pad_to_multiple(np.asarray(label), 32).astype(np.int64)))
+
+
+def test_key_changes_with_a_weight_a_batchnorm_statistic_or_the_preprocessing(phantom_root, tmp_path):
+    config = _config(phantom_root, tmp_path)
+    model, dataset, _ = _setup(config, tmp_path)
+    spec = fc.CacheSpec.from_config(config, 32)
+    base = fc.encoder_checksum(model.encoder)
+    assert fc.encoder_checksum(model.encoder) == base
+    decoder_weight = next(p for n, p in model.named_parameters() if n.startswith("decoder."))
+    with torch.no_grad():
+        decoder_weight.add_(1.0)
+    assert fc.encoder_checksum(model.encoder) == base  # only the encoder counts
+    norm = next(m for m in model.encoder.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    conv = next(m for m in model.encoder.modules() if isinstance(m, torch.nn.Conv2d))
+    with torch.no_grad():
+        conv.weight.view(-1)[0] += 1e-6
+        changed_weight = fc.encoder_checksum(model.encoder)
+        conv.weight.view(-1)[0] -= 1e-6
+        norm.running_mean[0] += 1e-6
+        changed_statistic = fc.encoder_checksum(model.encoder)
+    assert len({base, changed_weight, changed_statistic}) == 3
+    other_prep = fc.CacheSpec.from_config(config.model_copy(update={"data": config.data.model_copy(
+        update={"mri_percentiles": (1.0, 99.0)})}), 32)
+    other_context = fc.CacheSpec.from_config(config.model_copy(update={"data": config.data.model_copy(
+        update={"context_slices": 2})}), 32)
+    other_seed = fc.CacheSpec.from_config(config.model_copy(update={"seed": 1}), 32)
+    keys = {s.key(base) for s in (spec, other_prep, other_context, other_seed)} | {spec.key(changed_statistic)}
+    assert len(keys) == 5
+    # a changed BatchNorm statistic is a cache miss: the trainer's cache encodes again, into another store
+    cache = fc.DecoderStageCache(config, folder=None)
+    entries = cache.epoch_entries(dataset)
+    first = cache.prepare(model.encoder, dataset, entries, torch.device("cpu")).store
+    computed = cache.slices_computed
+    assert cache.prepare(model.encoder, dataset, entries, torch.device("cpu")).store is first
+    assert cache.slices_computed == computed  # a hit
+    with torch.no_grad():
+        norm.running_var[0] *= 1.5
+    assert cache.prepare(model.encoder, dataset, entries, torch.device("cpu")).store.key != first.key
+    assert cache.slices_computed == 2 * computed
+
+
+RELOAD_SCRIPT = """
+import json, sys, numpy as np, torch
+torch.set_num_threads(1)
+from seg_transfer.config import config_from_dict
+from seg_transfer.training import feature_cache as fc
+from tests.test_feature_cache import _setup, _count_encoder_calls
+from pathlib import Path
+config = config_from_dict(json.loads(sys.argv[1]))
+model, dataset, _ = _setup(config, Path(sys.argv[2]))
+calls = _count_encoder_calls(model.encoder)
+cache = fc.DecoderStageCache(config, fc.feature_cache_dir(config))
+entries = cache.epoch_entries(dataset)
+features, labels = cache.prepare(model.encoder, dataset, entries, torch.device("cpu")).read(entries)
+np.savez(sys.argv[3], *[f.numpy() for f in features], labels=labels.numpy(), calls=calls[0])
+"""
+
+
+def test_disk_cache_round_trips_and_survives_a_new_process(phantom_root, tmp_path):
+    raw = tiny_config(phantom_root, **{"data.cache_dir": str(tmp_path / "cache"), "model.frozen_bn": "eval"})
+    config = config_from_dict(raw)
+    model, dataset, _ = _setup(config, tmp_path)
+    disk = fc.DecoderStageCache(config, fc.feature_cache_dir(config))
+    entries = disk.epoch_entries(dataset)
+    from_disk = disk.prepare(model.encoder, dataset, entries, torch.device("cpu"))
+    in_memory = fc.DecoderStageCache(config, None).prepare(model.encoder, dataset, entries, torch.device("cpu"))
+    features, labels = from_disk.read(entries)
+    for a, b in zip(features, in_memory.read(entries)[0]):
+        assert torch.equal(a, b)
+    folder = from_disk.store.folder
+    assert {p.name for p in folder.iterdir()} >= {"index.json", "32x32.level1.bin", "32x32.label.bin"}
+    assert not list(folder.glob(".*.tmp"))
+
+    out = tmp_path / "reloaded.npz"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-c", RELOAD_SCRIPT, json.dumps(raw), str(tmp_path), str(out)],
+                   check=True, cwd=REPO, env=env, capture_output=True)
+    reloaded = np.load(out)
+    assert int(reloaded["calls"]) == 0  # nothing recomputed, not even a probe
+    for k, mine in enumerate(features):
+        assert np.array_equal(reloaded[f"arr_{k}"], mine.numpy())
+    assert np.array_equal(reloaded["labels"], labels.numpy())
+
+    # a group whose rows the index does not list (an interrupted write) is encoded again, and only it
+    index = json.loads((folder / "index.json").read_text())
+    dropped = index["filled"].pop()
+    (folder / "index.json").write_text(json.dumps(index))
+    again = fc.DecoderStageCache(config, fc.feature_cache_dir(config))
+    calls = _count_encoder_calls(model.encoder)
+    again.prepare(model.encoder, dataset, entries, torch.device("cpu"))
+    depth = next(c.depth for c in again.store.cases if c.name == dropped[0])
+    assert again.slices_computed == depth and calls[0] == -(-depth // fc.FILL_BATCH)
+
+
+def _decoder_stage(epochs: int, **overrides) -> dict:
+    return {"training.stages": [{"name": "decoder", "train": "decoder", "epochs": epochs, "lr": 3e-3}], **overrides}
+
+
+def test_cached_decoder_stage_trains_the_decoder_and_leaves_every_encoder_tensor_bit_identical(phantom_root, tmp_path):
+    config = _config(phantom_root, tmp_path, **_decoder_stage(1, **{"training.feature_cache": "memory"}))
+    torch.manual_seed(config.seed)
+    initial = {k: v.clone() for k, v in build_model(config.model, 3, 3)[0].state_dict().items()}
+    train(config, tmp_path / "run")
+    trained = Checkpoint.load(tmp_path / "run" / "checkpoints" / "last.pt").model
+    encoder = [k for k in trained if k.startswith("encoder.")]
+    assert encoder and all(torch.equal(trained[k], initial[k]) for k in encoder)  # weights and BatchNorm buffers
+    decoder_weights = [k for k in trained if k.startswith("decoder.") and k.endswith("weight") and trained[k].ndim == 4]
+    assert decoder_weights and all(not torch.equal(trained[k], initial[k]) for k in decoder_weights)
+
+
+def _records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("storage", [np.float32, np.float16])
+def test_cached_decoder_stage_matches_recomputing_without_augmentation(phantom_root, tmp_path, monkeypatch, storage):
+    """Without augmentation the paths differ only by storage precision: float32 rows give the recomputing
+    stage's losses and Dice bit for bit; float16 (the cache's format) moves them by ~2e-3."""
+    monkeypatch.setattr(fc, "FEATURE_DTYPE", storage)
+    results = {}
+    for mode in ("off", "memory"):
+        config = _config(phantom_root, tmp_path, **_decoder_stage(2, **{"training.feature_cache": mode,
+                                                                         "data.augment": {"enabled": False}}))
+        train(config, tmp_path / mode)
+        results[mode] = [(r["train_loss"], r["val_dice"]) for r in _records(tmp_path / mode)]
+    if storage is np.float32:
+        assert results["memory"] == results["off"]
+    for (off_loss, off_dice), (on_loss, on_dice) in zip(results["off"], results["memory"]):
+        assert on_loss == pytest.approx(off_loss, abs=5e-3) and on_dice == pytest.approx(off_dice, abs=0.01)
+
+
+def test_cached_decoder_stage_with_variants_is_close_to_fresh_augmentation(phantom_root, tmp_path):
+    """With augmentation the cached stage sees 4 fixed variants per slice instead of a fresh draw per sample:
+    another, equally valid, draw. Measured on these 3-epoch phantom runs (seeds 0-2): final losses differ by
+    0.004-0.025 while seeds alone move them by 0.8, Dice by up to 0.05 (all Dice here are below 0.1, so
+    Dice says little; the benchmark compares Dice on real data)."""
+    results = {}
+    for mode in ("off", "memory"):
+        config = _config(phantom_root, tmp_path, **_decoder_stage(3, **{"training.feature_cache": mode}))
+        train(config, tmp_path / mode)
+        results[mode] = _records(tmp_path / mode)
+    off, on = results["off"][-1], results["memory"][-1]
+    assert on["train_loss"] == pytest.approx(off["train_loss"], abs=0.05)
+    assert on["val_dice"] == pytest.approx(off["val_dice"], abs=0.1)
+
+
+def test_resume_with_the_cache_continues_to_the_same_result(phantom_root, tmp_path):
+    from tests.test_training import _equal_states, _train_until_epoch
+
+    config = _config(phantom_root, tmp_path, **{"training.feature_cache": "memory", "training.stages": [
+        {"name": "decoder", "train": "decoder", "epochs": 2, "lr": 3e-3},
+        {"name": "all", "train": "all", "epochs": 1, "lr": 1e-3}]})
+    straight = train(config, tmp_path / "straight")
+    interrupted = tmp_path / "interrupted"
+    _train_until_epoch(config, interrupted, 1)  # mid decoder stage: the memory cache is gone with the process
+    resumed = train(config, interrupted, resume=True)
+    a = Checkpoint.load(tmp_path / "straight" / "checkpoints" / "last.pt")
+    b = Checkpoint.load(interrupted / "checkpoints" / "last.pt")
+    assert resumed.epochs == straight.epochs == 3 and _equal_states(a.model, b.model)
+    assert resumed.best_dice == pytest.approx(straight.best_dice, abs=1e-7)
+
+
+def test_what_the_cache_cannot_serve_is_a_one_line_config_error(phantom_root, tmp_path):
+    config = _config(phantom_root, tmp_path, **{"training.feature_cache": "memory", "model.frozen_bn": "train"})
+    with pytest.raises(ConfigError, match="needs model.frozen_bn eval or adapt: with train, frozen BatchNorm") as error:
+        train(config, tmp_path / "run")
+    assert "\n" not in str(error.value) and not (tmp_path / "run" / "checkpoints").exists()
+    config = _config(phantom_root, tmp_path, **{"training.feature_cache": "disk"})
+    model = build_model(config.model, 3, 3)[0]
+    with pytest.raises(ConfigError, match="single-process run"):
+        fc.open_decoder_cache(config, model, 3, world_size=2)
+    with pytest.raises(ConfigError, match="supports model.dims 2.5d only"):
+        fc.open_decoder_cache(config.model_copy(update={"model": config.model.model_copy(update={"dims": "3d"})}), model, 3)
+    assert fc.open_decoder_cache(config, model, 3).folder == tmp_path / "cache" / "features"
+    no_decoder_stage = _config(phantom_root, tmp_path, **{"training.feature_cache": "memory", "model.frozen_bn": "train",
+                                                           "training.stages": [{"train": "all", "epochs": 1}]})
+    assert fc.open_decoder_cache(no_decoder_stage, model, 3) is None
+
+
+def test_rank_encoders_reads_the_store_a_training_run_filled(phantom_root, tmp_path, monkeypatch):
+    from seg_transfer.selection.rank import RankOptions, parse_candidates, rank_encoders
+
+    overrides = {"training.feature_cache": "disk", "data.augment": {"enabled": False},
+                 "model.encoder_weights": "imagenet", "data.slices_per_epoch": 48}
+    config = _config(phantom_root, tmp_path, **_decoder_stage(1, **overrides))
+    train(config, tmp_path / "run")
+    encoded = []
+    original = fc.encode
+    monkeypatch.setattr(fc, "encode", lambda encoder, images, device: encoded.append(len(images))
+                        or original(encoder, images, device))
+    candidates = parse_candidates("tu-tf_efficientnet_lite0:imagenet")
+    cached = rank_encoders(config, candidates, tmp_path / "ranked", RankOptions(pixels=200, strides=(4, 8)))
+    assert encoded == []  # every plain slab came from the training run's store
+    fresh_config = config.model_copy(update={"training": config.training.model_copy(update={"feature_cache": "off"})})
+    fresh = rank_encoders(fresh_config, candidates, tmp_path / "fresh", RankOptions(pixels=200, strides=(4, 8)))
+    for a, b in zip(cached.scores, fresh.scores):
+        assert a.stride == b.stride and a.logme == pytest.approx(b.logme, abs=1e-3)
