@@ -91,6 +91,7 @@ from seg_transfer.data.slices import label_slice, pad_to_multiple, slab
 from seg_transfer.data.transforms import Preprocessing
 from seg_transfer.training import speed
 from seg_transfer.training.speed import FULL_PRECISION, SpeedSettings
+from seg_transfer.training.optim import backward_and_step
 
 log = logging.getLogger(__name__)
 
@@ -574,19 +575,7 @@ def decoder_step(model: nn.Module, loss_fn: nn.Module, optimizer, batch: dict, d
     with speed.autocast(settings, device):
         logits = decode(model, features, batch["size"])
     loss = loss_fn(logits.float(), label)
-    if scaler is not None:
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-    else:
-        loss.backward()
-    if grad_clip:
-        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], grad_clip)
-    if scaler is not None:
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        optimizer.step()
-    return float(loss.detach())
+    return backward_and_step(loss, model, optimizer, grad_clip, scaler)
 
 
 # --------------------------------------------------------------------------- rank-encoders' side

@@ -60,3 +60,24 @@ def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
         return 1.0
     progress = min((step - warmup) / max(total - warmup, 1), 1.0)
     return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def backward_and_step(loss: torch.Tensor, model: nn.Module, optimizer: torch.optim.Optimizer, grad_clip: float | None,
+                      scaler=None) -> float:
+    """Backward, optional gradient clipping of the trainable parameters, optimiser step; returns the loss value.
+
+    With a float16 ``scaler`` the loss is scaled, gradients are unscaled before clipping, and a step whose
+    gradients overflowed is skipped."""
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+    else:
+        loss.backward()
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], grad_clip)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    return float(loss.detach())

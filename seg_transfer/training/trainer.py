@@ -49,7 +49,7 @@ from seg_transfer.training import distributed, speed
 from seg_transfer.training.distributed import SINGLE_PROCESS, DistributedContext
 from seg_transfer.training.feature_cache import DecoderStageCache, decoder_step, open_decoder_cache
 from seg_transfer.training.metrics_log import MetricsLog
-from seg_transfer.training.optim import build_optimizer, build_scheduler
+from seg_transfer.training.optim import backward_and_step, build_optimizer, build_scheduler
 from seg_transfer.training.speed import FULL_PRECISION, SpeedSettings
 
 log = logging.getLogger(__name__)
@@ -461,19 +461,7 @@ def train_step(model: nn.Module, loss_fn: nn.Module, optimizer, batch: dict, dev
     with speed.autocast(settings, device):
         logits = model(image)
     loss = loss_fn(logits.float(), label)
-    if scaler is not None:
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-    else:
-        loss.backward()
-    if grad_clip:
-        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], grad_clip)
-    if scaler is not None:
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        optimizer.step()
-    return float(loss.detach())
+    return backward_and_step(loss, model, optimizer, grad_clip, scaler)
 
 
 def _early_stop(stage: StageConfig, progress: Progress, val_dice: float | None) -> bool:
