@@ -501,11 +501,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def check_args(args: argparse.Namespace) -> None:
-    """PeerError for impossible numbers or a missing nnunetv2."""
-    if importlib.util.find_spec("nnunetv2") is None:
-        raise PeerError("nnunetv2 is not installed (pip install 'seg-transfer[nnunet]')")
+    """PeerError for impossible numbers."""
     if min(args.epochs) < 1 or args.iterations_per_epoch < 1 or args.threads < 1:
         raise PeerError("--epochs, --iterations-per-epoch and --threads must be >= 1")
+
+
+def check_nnunet_installed() -> None:
+    """PeerError naming the extra when nnunetv2 is missing (checked after the inputs, which need no nnU-Net)."""
+    if importlib.util.find_spec("nnunetv2") is None:
+        raise PeerError("nnunetv2 is not installed (pip install 'seg-transfer[nnunet]')")
 
 
 def run(args: argparse.Namespace) -> list[dict]:
@@ -513,6 +517,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     check_args(args)
     study = load_study(args.study)
     check_request(study, args.size, args.seeds)
+    check_nnunet_installed()
     work = (args.work or args.study / "nnunet_peer").resolve()
     for name, value in nnunet_env(work, args.threads).items():  # so nnU-Net imported here finds its folders
         os.environ.setdefault(name, value)
