@@ -239,3 +239,13 @@ def _train_small_unet(torch, UNet, DiceCELoss) -> list[float]:
     with torch.no_grad():
         pred = net(x_val).argmax(1, keepdim=True)
     return [float(2 * ((pred == k) & (y_val == k)).sum() / ((pred == k).sum() + (y_val == k).sum())) for k in (1, 2)]
+
+
+def test_generating_phantoms_says_so_in_the_log(tmp_path, caplog):
+    import logging
+
+    from seg_transfer.data.phantoms import make_phantom_dataset
+
+    with caplog.at_level(logging.INFO, logger="seg_transfer.data.phantoms"):
+        make_phantom_dataset(tmp_path / "p", n_train=1, n_test=0, shape=(16, 16, 8))
+    assert f"writing 1 training + 0 test phantom cases (16x16x8 voxels) to {tmp_path / 'p'}" in caplog.text

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import logging
 from pathlib import Path
 
 import nibabel as nib
@@ -18,6 +19,8 @@ import numpy as np
 from scipy import ndimage
 
 from seg_transfer.atomic import write_atomic
+
+log = logging.getLogger(__name__)
 
 __all__ = ["make_phantom_volume", "make_phantom_dataset"]
 
@@ -218,6 +221,8 @@ def make_phantom_dataset(
     for sub in ("imagesTr", "labelsTr", "imagesTs"):
         (out / sub).mkdir(parents=True, exist_ok=True)
     affine = _affine(shape, spacing)
+    log.info("writing %d training + %d test phantom cases (%s voxels) to %s", n_train, n_test,
+             "x".join(str(n) for n in shape), out)
     training, test = [], []
     for i in range(n_train):
         name = f"phantom_{i:03d}.nii.gz"
