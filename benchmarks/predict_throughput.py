@@ -28,7 +28,7 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from seg_transfer.config import RunConfig, dump_config, load_config
+from seg_transfer.config import dump_config, load_config
 from seg_transfer.data.slices import context_indices, pad_to_multiple
 from seg_transfer.data.transforms import Preprocessing
 from seg_transfer.inference.batch import PredictRequest, run_predict

@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 import torch
-from monai.data import pad_list_data_collate
 from monai.losses import DiceCELoss
 
 from seg_transfer.config import config_from_dict

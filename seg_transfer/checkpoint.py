@@ -75,10 +75,6 @@ class Checkpoint:
         checkpoint.labels = dict(sorted((int(k), v) for k, v in checkpoint.labels.items()))
         return checkpoint
 
-    @property
-    def class_names(self) -> list[str]:
-        return list(self.labels.values())
-
     def run_config(self, source: str | Path = "checkpoint"):
         """The stored :class:`RunConfig`, validated by today's schema; :class:`CheckpointError` if it is not valid."""
         from pydantic import ValidationError
@@ -89,7 +85,6 @@ class Checkpoint:
             return RunConfig.model_validate(self.config)
         except ValidationError as exc:
             raise CheckpointError(f"{source}: stored config is not valid ({first_line(exc)})") from None
-
 
 
 def _migrate_v1(payload: dict[str, Any]) -> dict[str, Any]:

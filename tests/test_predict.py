@@ -16,7 +16,6 @@ from scipy import ndimage
 from seg_transfer.cli import main
 from seg_transfer.config import config_from_dict
 from seg_transfer.data.slices import context_indices
-from seg_transfer.data.transforms import preprocessing_transforms
 from seg_transfer.inference import batch
 from seg_transfer.inference.cases import InputError, discover_cases, shard
 from seg_transfer.inference.predictor import LoadedModel, PredictOptions, keep_largest_component, load_model, predict_case

@@ -23,7 +23,7 @@ from seg_transfer.data.io import NIBABEL_SUFFIXES
 from seg_transfer.data.transforms import Preprocessing, preprocessing_transforms
 from seg_transfer.inference.cases import InputCase
 from seg_transfer.inference.writers import InputGeometry
-from seg_transfer.routes.base import InferenceOptions
+from seg_transfer.routes.base import InferenceOptions, label_dtype
 from seg_transfer.routes.network import LoadedNetwork, load_network
 
 log = logging.getLogger(__name__)
@@ -133,7 +133,7 @@ def infer(loaded: LoadedModel, image: MetaTensor, options: PredictOptions) -> tu
     inferer = loaded.network.inferer(options)
     if options.save_probabilities:
         probs = inferer.probabilities(loaded.model, image.as_tensor(), loaded.device)
-        return probs.argmax(0).to(torch.uint8 if probs.shape[0] <= 256 else torch.int16), probs
+        return probs.argmax(0).to(label_dtype(probs.shape[0])), probs
     return inferer.label_map(loaded.model, image.as_tensor(), loaded.device), None
 
 

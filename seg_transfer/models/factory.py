@@ -7,7 +7,6 @@ from collections import OrderedDict
 
 import segmentation_models_pytorch as smp
 import timm
-import torch
 from torch import nn
 
 from seg_transfer.config import ModelConfig

@@ -7,7 +7,7 @@ study take them from the route named by ``model.dims``; nothing else branches on
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -29,6 +29,29 @@ class InferenceOptions:
     overlap: float | None = None
     progress: bool = False
     max_batch_pixels: int | None = 2**21  # 2.5D: 8 slices of 512 x 512 per batch at most (bounds activation memory)
+
+
+def label_dtype(classes: int) -> torch.dtype:
+    """The label-map dtype of every route: uint8 up to 256 classes, else int16."""
+    return torch.uint8 if classes <= 256 else torch.int16
+
+
+def flip_average(predict: Callable[[torch.Tensor], torch.Tensor], batch: torch.Tensor,
+                 flips: Sequence[tuple[int, ...]]) -> torch.Tensor:
+    """Test-time augmentation: ``predict`` on ``batch`` flipped along each entry of ``flips`` (``()`` = as is),
+    each result flipped back, averaged. Sums in place, so one result tensor is alive besides the one being made."""
+    total = None
+    for dims in flips:
+        probs = predict(torch.flip(batch, dims) if dims else batch)
+        probs = torch.flip(probs, dims) if dims else probs
+        if total is None:
+            total = probs
+        else:
+            total += probs
+            del probs
+    if len(flips) > 1:
+        total /= len(flips)
+    return total
 
 
 class Inferer(Protocol):

@@ -45,18 +45,17 @@ def network_spec(config: RunConfig, classes: int, settings: dict) -> NetworkSpec
     return NetworkSpec(config.model, config.data, classes, dict(settings))
 
 
-def load_network(checkpoint: str | Path | Checkpoint, device: torch.device | str = "cpu", *,
-                 path: Path | None = None) -> LoadedNetwork:
+def load_network(checkpoint: str | Path | Checkpoint, device: torch.device | str = "cpu") -> LoadedNetwork:
     """Build the checkpoint's network (no pretrained download), load its weights, eval mode, on ``device``.
 
     ``checkpoint`` is a file, a run folder (its best checkpoint) or a loaded :class:`Checkpoint`.
     Raises :class:`CheckpointError` (one line) when the stored config is invalid, names another route,
     or does not fit the stored weights.
     """
+    source = Path("checkpoint")
     if not isinstance(checkpoint, Checkpoint):
-        path = resolve_checkpoint(checkpoint)
-        checkpoint = Checkpoint.load(path)
-    source = path or Path("checkpoint")
+        source = resolve_checkpoint(checkpoint)
+        checkpoint = Checkpoint.load(source)
     config = checkpoint.run_config(source)
     if config.model.dims != checkpoint.route:
         raise CheckpointError(f"{source}: route {checkpoint.route!r} but its config says model.dims={config.model.dims!r}")

@@ -16,6 +16,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from seg_transfer.data.slices import context_indices, pad_to_multiple
+from seg_transfer.routes.base import flip_average, label_dtype
 from seg_transfer.routes.precision import autocast
 
 #: flips (in-plane dims of a (B, C, H, W) batch) averaged by test-time augmentation
@@ -41,14 +42,10 @@ def slice_probabilities(
     side larger than ``roi_size`` go through ``sliding_window_inference`` (roi x roi windows,
     ``overlap``, Gaussian blending); ``amp`` enables autocast on CUDA only (bfloat16 where supported, else float16).
     """
-    flips = TTA_FLIPS if tta else ((),)
-    total = None
-    for dims in flips:
-        flipped = torch.flip(batch, dims) if dims else batch
-        probs = torch.softmax(_logits(model, flipped, amp, roi_size, overlap).float(), dim=1)
-        probs = torch.flip(probs, dims) if dims else probs
-        total = probs if total is None else total + probs
-    return total / len(flips)
+    def predict(flipped: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(_logits(model, flipped, amp, roi_size, overlap).float(), dim=1)
+
+    return flip_average(predict, batch, TTA_FLIPS if tta else ((),))
 
 
 def _logits(model: nn.Module, batch: torch.Tensor, amp: bool, roi_size: int | None, overlap: float) -> torch.Tensor:
@@ -137,7 +134,7 @@ def predict_label_map(
     device: torch.device | str = "cpu",
     **forward: object,
 ) -> torch.Tensor:
-    """Arg-max labels ``(X, Y, Z)`` (uint8, or int16 beyond 255 classes) of a ``(1, X, Y, Z)`` volume.
+    """Arg-max labels ``(X, Y, Z)`` (uint8, or int16 beyond 256 classes) of a ``(1, X, Y, Z)`` volume.
 
     Same inputs as :func:`predict_volume`, but only one batch of probabilities exists at a time.
     """
@@ -146,7 +143,7 @@ def predict_label_map(
                                                  multiple=multiple, device=device, **forward):
         if out is None:
             depth = (image.shape[1:] if image.ndim == 4 else image.shape)[axis]
-            dtype = torch.uint8 if probs.shape[1] <= 256 else torch.int16
+            dtype = label_dtype(probs.shape[1])
             out = torch.empty((depth, *probs.shape[2:]), dtype=dtype)
         out[start : start + len(probs)] = probs.argmax(1).to(out.dtype)
     return torch.movedim(out, 0, axis)

@@ -20,7 +20,7 @@ from torch import nn
 
 from seg_transfer.config import DataConfig, ModelConfig
 from seg_transfer.data.patches import median_patch_size, patch_loader
-from seg_transfer.routes.base import InferenceOptions, NetworkSpec, Route
+from seg_transfer.routes.base import InferenceOptions, NetworkSpec, Route, flip_average, label_dtype
 from seg_transfer.routes.precision import autocast
 
 DEFAULT_OVERLAP = 0.5
@@ -45,18 +45,7 @@ class SlidingWindowInferer3d:
         volume = volume.as_tensor() if hasattr(volume, "as_tensor") else volume
         batch = volume.float()[None]  # (1, 1, X, Y, Z), stays on the CPU; windows move to ``device``
         mirrors = TTA_MIRRORS if self.options.tta else ((),)
-        total = None
-        for dims in mirrors:
-            flipped = torch.flip(batch, dims) if dims else batch
-            probs = self._window_probabilities(model, flipped, device)
-            probs = torch.flip(probs, dims) if dims else probs
-            if total is None:
-                total = probs
-            else:
-                total += probs  # in place: one probability volume in memory, not two
-                del probs
-        if len(mirrors) > 1:
-            total /= len(mirrors)
+        total = flip_average(lambda flipped: self._window_probabilities(model, flipped, device), batch, mirrors)
         return total[0].float().cpu()
 
     def _window_probabilities(self, model: nn.Module, batch: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -82,7 +71,7 @@ class SlidingWindowInferer3d:
 
     def label_map(self, model: nn.Module, image: torch.Tensor, device: torch.device) -> torch.Tensor:
         probs = self.probabilities(model, image, device)
-        return torch.max(probs, 0).indices.to(torch.uint8 if probs.shape[0] <= 256 else torch.int16)
+        return torch.max(probs, 0).indices.to(label_dtype(probs.shape[0]))
 
 
 def _in_channels(data: DataConfig) -> int:
