@@ -8,7 +8,7 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -65,15 +65,15 @@ def _quiet_libraries(verbose: bool) -> None:
     warnings.showwarning = _log_warning
 
 
-def _log_warning(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
+def _log_warning(message, category, filename, lineno, file=None, line=None) -> None:
     logging.getLogger("py.warnings").debug("%s: %s (%s:%s)", category.__name__, message, filename, lineno)
 
 
 @app.command()
 def train(
     config: Annotated[Path, typer.Option("--config", "-c", help="YAML run config.")],
-    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a config key: key.path=value (repeatable).")] = None,
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Run directory (default: output_dir/name).")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a config key: key.path=value (repeatable).")] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Run directory (default: output_dir/name).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in the output folder from its last checkpoint.")] = False,
     skip_bad_cases: Annotated[bool, typer.Option("--skip-bad-cases", help="Train on the good cases; record the bad ones.")] = False,
     stop_on_collapse: Annotated[bool, typer.Option("--stop-on-collapse", help="End the run (exit 3) when a class's validation Dice stays near zero once the encoder trains (training.collapse).")] = False,
@@ -81,10 +81,9 @@ def train(
 ) -> None:
     """Train a segmentation model (staged fine-tuning as the config says)."""
     _setup_logging(verbose)
+    from seg_transfer.atomic import check_writable
     from seg_transfer.config import load_config
     from seg_transfer.training.trainer import train as run_training
-
-    from seg_transfer.atomic import check_writable
 
     overrides = [*(set_ or []), *(["training.collapse.stop=true"] if stop_on_collapse else [])]
     run_config = load_config(config, overrides)
@@ -142,9 +141,9 @@ def encoders(
 def evaluate(
     pred: Annotated[Path, typer.Option("--pred", help="Folder of predicted label maps (matched to references by file name).")],
     label: Annotated[Path, typer.Option("--label", help="Folder of reference label maps.")],
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Folder for metrics.csv, metrics.json, summary.md (default: PRED/evaluation).")] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Folder for metrics.csv, metrics.json, summary.md (default: PRED/evaluation).")] = None,
     tolerance_mm: Annotated[float, typer.Option("--tolerance-mm", help="Normalised surface Dice tolerance in mm.")] = 2.0,
-    labels: Annotated[Optional[Path], typer.Option("--labels", help="dataset.json or JSON label map naming the classes (default: the names predict wrote beside PRED, or dataset.json beside LABEL, else class_1..class_K).")] = None,
+    labels: Annotated[Path | None, typer.Option("--labels", help="dataset.json or JSON label map naming the classes (default: the names predict wrote beside PRED, or dataset.json beside LABEL, else class_1..class_K).")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Per-case Dice, HD95, ASSD, surface Dice and volume difference, with per-class aggregates and bootstrap CIs."""
@@ -169,7 +168,7 @@ def predict(
     amp: Annotated[bool, typer.Option("--amp", help="CUDA autocast (bfloat16 where supported, else float16, as training); ignored on CPU.")] = False,
     tta: Annotated[bool, typer.Option("--tta", help="Average the probabilities over flips: 2.5D in-plane (4 passes), 3D every axis (8 passes).")] = False,
     roi_size: Annotated[int, typer.Option("--roi-size", help="2.5D: slices with a side larger than this use sliding windows of this size (3D: windows are the training patch).")] = 512,
-    overlap: Annotated[Optional[float], typer.Option("--overlap", help="Sliding-window overlap (Gaussian blending); default 0.25 in 2.5D, 0.5 in 3D.")] = None,
+    overlap: Annotated[float | None, typer.Option("--overlap", help="Sliding-window overlap (Gaussian blending); default 0.25 in 2.5D, 0.5 in 3D.")] = None,
     postprocess: Annotated[str, typer.Option("--postprocess", help="none, or largest-component (per class).")] = "none",
     save_probabilities: Annotated[bool, typer.Option("--save-probabilities", help="Also write <case>_probabilities (float32, one component per class).")] = False,
     fmt: Annotated[str, typer.Option("--format", help="nii.gz, nrrd, mha, or dicom-seg (DICOM inputs; needs the 'dicom' extra).")] = "nii.gz",
@@ -210,7 +209,11 @@ def export(
     """Export the network (dynamic batch/height/width) and check it against onnxruntime; writes OUTPUT.json beside it."""
     _setup_logging(verbose)
     from seg_transfer.atomic import check_writable
-    from seg_transfer.inference.export import ExportError, contract_path_for, export_checkpoint
+    from seg_transfer.inference.export import (
+        ExportError,
+        contract_path_for,
+        export_checkpoint,
+    )
 
     if fmt.lower() != "onnx":
         raise ExportError(f"--format {fmt!r}: only onnx is supported")
@@ -229,7 +232,7 @@ def compare(
     config: Annotated[Path, typer.Option("--config", "-c", help="Study YAML (base run config, arms, train_sizes, seeds).")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Study folder: runs/, test_cases/, report.md/.html, results.json.")],
     device: Annotated[str, typer.Option("--device", help="Device for test-case prediction: auto, cpu, cuda or cuda:N.")] = "auto",
-    max_runs: Annotated[Optional[int], typer.Option("--max-runs", min=0, help="Train at most N new runs now, then report (spread a study over jobs).")] = None,
+    max_runs: Annotated[int | None, typer.Option("--max-runs", min=0, help="Train at most N new runs now, then report (spread a study over jobs).")] = None,
     shard: Annotated[str, typer.Option("--shard", help="I/N: train only every N-th run from the I-th (0-based), so N processes share one study folder.")] = "0/1",
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
@@ -253,7 +256,7 @@ def rank_encoders(
     candidates: Annotated[str, typer.Option("--candidates", help="Comma-separated encoder:weights, weights imagenet, none or a file, e.g. tu-tf_efficientnet_lite0:imagenet.")],
     pixels: Annotated[int, typer.Option("--pixels", min=1, help="Class-balanced pixels sampled per training case.")] = 1000,
     strides: Annotated[str, typer.Option("--strides", help="Feature-map strides to score, e.g. 4,8,16 (one row each).")] = "8",
-    max_cases: Annotated[Optional[int], typer.Option("--max-cases", min=1, help="Use only the first N training cases (default: all).")] = None,
+    max_cases: Annotated[int | None, typer.Option("--max-cases", min=1, help="Use only the first N training cases (default: all).")] = None,
     output: Annotated[Path, typer.Option("--output", "-o", help="Folder for ranking.json and ranking.md.")] = Path("runs/rank_encoders"),
     seed: Annotated[int, typer.Option("--seed", help="Pixel sampling seed.")] = 0,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "cpu",
@@ -263,7 +266,12 @@ def rank_encoders(
     """Rank candidate encoders for a run config by LogME on its training pixels, before any fine-tuning."""
     _setup_logging(verbose)
     from seg_transfer.config import load_config
-    from seg_transfer.selection.rank import RankOptions, format_table, parse_candidates, parse_strides
+    from seg_transfer.selection.rank import (
+        RankOptions,
+        format_table,
+        parse_candidates,
+        parse_strides,
+    )
     from seg_transfer.selection.rank import rank_encoders as run_ranking
 
     options = RankOptions(pixels=pixels, strides=parse_strides(strides), seed=seed, device=device,

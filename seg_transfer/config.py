@@ -12,7 +12,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 
 class ConfigError(ValueError):
@@ -123,7 +130,7 @@ class ModelConfig(_Strict):
     @classmethod
     def _normalise_weights(cls, value: str) -> str:
         lowered = value.strip().lower()
-        return lowered if lowered in {"imagenet", "none"} else value
+        return lowered if lowered in NAMED_WEIGHTS else value
 
     @property
     def pretrained(self) -> bool:
@@ -270,28 +277,37 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
     type them; ``output_dir`` stays relative to the working directory.
     Raises :class:`ConfigError` with a one-line message naming the file and the offending key.
     """
-    raw = absolute_data_paths(read_yaml_mapping(path, "config file"), Path(path).parent, str(path))
+    raw = absolute_config_paths(read_yaml_mapping(path, "config file"), Path(path).parent, str(path))
     return config_from_dict(raw, overrides, source=str(path))
 
 
 #: data keys holding paths (resolved against the file that names them)
 DATA_PATH_KEYS = ("root", "csv", "images_dir", "labels_dir", "cache_dir")
+#: Every config key that may hold a path, dotted (a weights file for ``model.encoder_weights``).
+PATH_KEYS = (*(f"data.{key}" for key in DATA_PATH_KEYS), "model.encoder_weights")
+NAMED_WEIGHTS = frozenset({"imagenet", "none"})
 
 
-def absolute_data_paths(raw: dict[str, Any], base: Path, source: str = "config") -> dict[str, Any]:
-    """``raw`` with its relative ``data`` paths made absolute against ``base`` (a config file's folder).
+def is_relative_path(key: str, value: Any) -> bool:
+    """Whether ``value`` of the dotted ``key`` is a relative path to resolve against a config's folder."""
+    if key not in PATH_KEYS or not isinstance(value, str) or not value or Path(value).is_absolute():
+        return False
+    return not (key == "model.encoder_weights" and value.lower() in NAMED_WEIGHTS)
+
+
+def absolute_config_paths(raw: dict[str, Any], base: Path, source: str = "config") -> dict[str, Any]:
+    """``raw`` with its relative paths (``data`` paths, an ``encoder_weights`` file) made absolute against
+    ``base`` (a config file's folder).
 
     A path missing there but present relative to the working directory (configs written before paths
     were file-relative) is kept relative to the working directory, with a warning."""
-    data = raw.get("data")
-    if not isinstance(data, dict):
-        return raw
-    data = dict(data)
-    for key in DATA_PATH_KEYS:
-        value = data.get(key)
-        if isinstance(value, str) and value and not Path(value).is_absolute():
-            data[key] = str(_resolve_from(base, value, f"{source}: 'data.{key}'"))
-    return {**raw, "data": data}
+    raw = dict(raw)
+    for dotted in PATH_KEYS:
+        section, key = dotted.split(".")
+        block = raw.get(section)
+        if isinstance(block, dict) and is_relative_path(dotted, block.get(key)):
+            raw[section] = {**block, key: str(_resolve_from(base, block[key], f"{source}: '{dotted}'"))}
+    return raw
 
 
 def _resolve_from(base: Path, value: str, what: str) -> Path:
@@ -438,7 +454,7 @@ def _check_paths_exist(config: RunConfig, source: str) -> None:
         if value is not None and not Path(value).exists():
             raise ConfigError(f"{source}: 'data.{key}' path does not exist: {value}")
     weights = config.model.encoder_weights
-    if weights not in {"imagenet", "none"} and not Path(weights).is_file():
+    if weights not in NAMED_WEIGHTS and not Path(weights).is_file():
         raise ConfigError(f"{source}: 'model.encoder_weights' is neither imagenet, none, nor an existing file: {weights}")
 
 

@@ -13,6 +13,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import yaml
+import torch
 
 from seg_transfer.atomic import OutputPathError, check_writable
 from seg_transfer.cli import main
@@ -182,6 +183,21 @@ def test_relative_data_root_resolves_against_the_config_folder(phantom_root, tmp
     # --set is what the user typed: relative to the working directory
     monkeypatch.chdir(tmp_path)
     assert load_config(path, ["data.root=data"]).data.root == (tmp_path / "data").resolve()
+
+
+def test_relative_encoder_weights_file_resolves_against_the_config_folder(phantom_root, tmp_path, monkeypatch):
+    """A weights file next to the config (``encoder_weights: ../weights/x.pth``) is found from any folder;
+    the named weights ``imagenet``/``none`` are never taken for paths."""
+    (tmp_path / "weights").mkdir()
+    torch.save({}, tmp_path / "weights" / "enc.pth")
+    folder = tmp_path / "configs"
+    folder.mkdir()
+    raw = tiny_config(phantom_root)
+    raw["model"]["encoder_weights"] = "../weights/enc.pth"
+    (folder / "run.yaml").write_text(yaml.safe_dump(raw))
+    monkeypatch.chdir(phantom_root)
+    assert load_config(folder / "run.yaml").model.encoder_weights == str((tmp_path / "weights" / "enc.pth").resolve())
+    assert load_config(folder / "run.yaml", ["model.encoder_weights=none"]).model.encoder_weights == "none"
 
 
 def test_working_directory_path_still_works_with_a_warning(phantom_root, tmp_path, monkeypatch, caplog):

@@ -149,3 +149,20 @@ def test_unknown_names_list_valid_ones():
         build_model(ModelConfig(encoder="tu-tf_efficientnet_lite00"), 3, 2)
     with pytest.raises(ModelConfigError, match="resnet18"):
         build_model(ModelConfig(encoder="resnet19"), 3, 2)
+
+
+def test_encoder_of_a_seg_transfer_checkpoint_is_reused(tmp_path):
+    """A run's best.pt (a whole U-Net) as encoder weights: exactly its encoder tensors land, its decoder does not."""
+    from seg_transfer.checkpoint import Checkpoint
+
+    torch.manual_seed(1)
+    donor = build_model(ModelConfig(encoder=LITE0, encoder_weights="none"), 3, 3)[0]
+    path = Checkpoint(config={}, labels={0: "background"}, preprocessing={}, weights_provenance={},
+                      model=donor.state_dict(), progress={}).save(tmp_path / "best.pt")
+    torch.manual_seed(2)
+    model, provenance = build_model(ModelConfig(encoder=LITE0, encoder_weights=str(path)), 3, 2)
+    assert provenance.source == "file" and provenance.dropped_keys == ()
+    for key, value in donor.encoder.state_dict().items():
+        assert torch.equal(model.encoder.state_dict()[key], value), key
+    donor_head = donor.decoder.state_dict()
+    assert not all(torch.equal(v, donor_head[k]) for k, v in model.decoder.state_dict().items())

@@ -9,9 +9,9 @@ from __future__ import annotations
 import csv
 import json
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
 from seg_transfer.data.io import SUPPORTED_SUFFIXES, is_volume_file, strip_volume_suffix
 

@@ -22,7 +22,7 @@ from seg_transfer.atomic import write_atomic
 
 log = logging.getLogger(__name__)
 
-__all__ = ["make_phantom_volume", "make_phantom_dataset"]
+__all__ = ["make_phantom_dataset", "make_phantom_volume"]
 
 DEFAULT_SHAPE = (48, 48, 32)
 DEFAULT_SPACING = (1.0, 1.0, 1.5)

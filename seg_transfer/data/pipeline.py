@@ -13,7 +13,13 @@ from torch.utils.data import DataLoader
 
 from seg_transfer.config import DataConfig
 from seg_transfer.data.augment import SliceAugmenter
-from seg_transfer.data.cases import Case, DatasetError, cases_from_csv, cases_from_folders, cases_from_msd
+from seg_transfer.data.cases import (
+    Case,
+    DatasetError,
+    cases_from_csv,
+    cases_from_folders,
+    cases_from_msd,
+)
 from seg_transfer.data.checks import BadCase, find_bad_cases, format_bad_cases
 from seg_transfer.data.slices import SliceDataset
 from seg_transfer.data.splits import load_splits, make_splits, save_splits

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import json
 import numbers
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 

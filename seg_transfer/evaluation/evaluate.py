@@ -15,9 +15,10 @@ import json
 import logging
 import math
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -76,7 +77,7 @@ class Geometry:
     direction: tuple[float, ...]  # 3x3, row-major
 
     @classmethod
-    def from_affine(cls, shape: Sequence[int], affine: np.ndarray) -> "Geometry":
+    def from_affine(cls, shape: Sequence[int], affine: np.ndarray) -> Geometry:
         """Geometry of a volume of ``shape`` with the 4x4 voxel-to-world ``affine``."""
         linear = np.asarray(affine, dtype=float)[:3, :3]
         spacing = np.linalg.norm(linear, axis=0)
@@ -228,7 +229,7 @@ def check_geometry(case: str, pred: Geometry, ref: Geometry, atol: float = GEOME
     for what in ("spacing", "origin", "direction"):
         a, b = np.asarray(getattr(pred, what)), np.asarray(getattr(ref, what))
         if not np.allclose(a, b, rtol=0.0, atol=atol):
-            fmt = lambda v: "(" + ", ".join(f"{x:.4g}" for x in v) + ")"  # noqa: E731
+            fmt = lambda v: "(" + ", ".join(f"{x:.4g}" for x in v) + ")"
             raise EvaluationError(f"case {case}: prediction {what} {fmt(a)} differs from reference {what} {fmt(b)}")
 
 

@@ -6,8 +6,8 @@ NaN values are treated as missing and dropped (pairs with a NaN on either side i
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from typing import Callable, Sequence
 
 import numpy as np
 from scipy import stats as sps

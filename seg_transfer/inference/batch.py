@@ -17,9 +17,26 @@ from tqdm.auto import tqdm
 
 from seg_transfer.atomic import sweep_temp_files
 from seg_transfer.inference.cases import InputCase, discover_cases, shard
-from seg_transfer.inference.predictor import LoadedModel, PredictOptions, PredictSetupError, load_model, predict_case, resolve_device
-from seg_transfer.inference.summary import CaseResult, previous_results, summary_stem, write_summary
-from seg_transfer.inference.writers import FORMATS, output_path, write_label_map, write_probabilities
+from seg_transfer.inference.predictor import (
+    LoadedModel,
+    PredictOptions,
+    PredictSetupError,
+    load_model,
+    predict_case,
+    resolve_device,
+)
+from seg_transfer.inference.summary import (
+    CaseResult,
+    previous_results,
+    summary_stem,
+    write_summary,
+)
+from seg_transfer.inference.writers import (
+    FORMATS,
+    output_path,
+    write_label_map,
+    write_probabilities,
+)
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +155,7 @@ def _process(loaded: LoadedModel, case: InputCase, request: PredictRequest, earl
     started = time.perf_counter()
     try:
         voxels, input_voxels = predict_and_write(loaded, case, request, target)
-    except Exception as exc:  # noqa: BLE001 - every per-case problem is recorded, the run goes on
+    except Exception as exc:
         log.warning("%s failed: %s", case.name, failure_reason(exc))
         log.debug("%s traceback", case.name, exc_info=True)
         return CaseResult(case.name, str(case.source), "", "failed", failure_reason(exc), time.perf_counter() - started)

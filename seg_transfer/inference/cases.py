@@ -16,7 +16,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from seg_transfer.data.cases import CHANNEL_SUFFIX
-from seg_transfer.data.io import SUPPORTED_SUFFIXES, dicom_series, is_volume_file, looks_like_dicom, strip_volume_suffix
+from seg_transfer.data.io import (
+    SUPPORTED_SUFFIXES,
+    dicom_series,
+    is_volume_file,
+    looks_like_dicom,
+    strip_volume_suffix,
+)
 
 log = logging.getLogger(__name__)
 

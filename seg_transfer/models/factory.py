@@ -13,6 +13,7 @@ from seg_transfer.config import ModelConfig
 from seg_transfer.models.weights import (
     WeightsError,
     WeightsProvenance,
+    encoder_part,
     imagenet_weight_source,
     map_state_dict,
     no_weights_message,
@@ -108,10 +109,12 @@ def _from_hub(config: ModelConfig, in_channels: int, classes: int, model: nn.Mod
 def load_encoder_file(encoder: nn.Module, encoder_name: str, path) -> tuple[str, ...]:
     """Load a weights file into ``encoder`` (key names, else order and shape); returns dropped head keys.
 
+    A whole network's checkpoint (a seg_transfer ``best.pt``) gives its encoder part.
+
     For timm encoders a full-classifier file is first mapped onto timm's classifier (so a file
     in another naming maps one-to-one), then onto the features-only encoder by name.
     """
-    source = read_state_dict(path)
+    source = encoder_part(read_state_dict(path))
     target = OrderedDict((k, v) for k, v in encoder.state_dict().items())
     if encoder_name.startswith("tu-"):
         source, target = _prefixed(source, target)

@@ -32,9 +32,9 @@ import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import timm.layers.activations as timm_activations
 import torch
 import torch.nn.functional as F
-import timm.layers.activations as timm_activations
 from segmentation_models_pytorch.encoders.resnet import ResNetEncoder
 from segmentation_models_pytorch.encoders.timm_universal import TimmUniversalEncoder
 from timm.layers import BatchNormAct2d
@@ -53,12 +53,12 @@ from torch.nn.modules.utils import _pair
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
 __all__ = [
-    "ACSConv",
     "AGNOSTIC_MODULES",
-    "BatchNormAct3d",
     "CONVERTERS",
-    "Conv3dSame",
     "INFLATION_MODES",
+    "ACSConv",
+    "BatchNormAct3d",
+    "Conv3dSame",
     "InflationError",
     "SqueezeExcite3d",
     "inflate_encoder",
@@ -383,7 +383,9 @@ def _register_defaults() -> None:
         register_agnostic(cls)
     register_agnostic(TimmUniversalEncoder, _timm_universal_check)
     try:
-        from timm.layers import DropPath  # per-sample mask of shape (B, 1, ..., 1): any number of dims
+        from timm.layers import (
+            DropPath,  # per-sample mask of shape (B, 1, ..., 1): any number of dims
+        )
     except ImportError:  # pragma: no cover - timm always has it
         return
     register_agnostic(DropPath)
@@ -539,7 +541,7 @@ def _probe_3d(encoder: nn.Module, channels: int, size: int) -> list[torch.Tensor
     try:
         with _eval(encoder), torch.no_grad():
             output = encoder(probe)
-    except Exception as exc:  # noqa: BLE001 - any failure of the probe names the module it happened in
+    except Exception as exc:
         culprit = stack[-1] if stack else "<encoder>"
         message = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise InflationError(f"the 3D probe forward failed in {culprit}: {type(exc).__name__}: {message}") from exc

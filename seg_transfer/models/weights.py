@@ -58,7 +58,7 @@ def weights_dir() -> Path:
 
 def timm_name(encoder: str) -> str:
     """The timm model behind an smp encoder name (``tu-x`` -> ``x``; native smp names unchanged)."""
-    return encoder[3:] if encoder.startswith("tu-") else encoder
+    return encoder.removeprefix("tu-")
 
 
 def sha256_file(path: str | Path) -> str:
@@ -162,6 +162,15 @@ def read_state_dict(path: str | Path) -> OrderedDict[str, torch.Tensor]:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise WeightsError(f"{path}: not a state dict of tensors")
     return OrderedDict(state)
+
+
+def encoder_part(state: OrderedDict[str, torch.Tensor]) -> OrderedDict[str, torch.Tensor]:
+    """The ``encoder.*`` tensors (prefix removed) of a whole segmentation network's state dict (a
+    seg_transfer checkpoint or an smp model, whose other keys are ``decoder.*`` and heads); any other
+    state dict unchanged. This is how an encoder trained by this project on other data is reused."""
+    if not any(key.startswith("encoder.") for key in state):
+        return state
+    return OrderedDict((key.removeprefix("encoder."), value) for key, value in state.items() if key.startswith("encoder."))
 
 
 def map_state_dict(

@@ -11,7 +11,7 @@ from seg_transfer.checkpoint import Checkpoint, CheckpointError, resolve_checkpo
 from seg_transfer.config import RunConfig
 from seg_transfer.data.transforms import Preprocessing
 from seg_transfer.routes import get_route
-from seg_transfer.routes.base import Inferer, InferenceOptions, NetworkSpec, Route
+from seg_transfer.routes.base import InferenceOptions, Inferer, NetworkSpec, Route
 
 
 @dataclass

@@ -20,7 +20,13 @@ from torch import nn
 
 from seg_transfer.config import DataConfig, ModelConfig
 from seg_transfer.data.patches import median_patch_size, patch_loader
-from seg_transfer.routes.base import InferenceOptions, NetworkSpec, Route, flip_average, label_dtype
+from seg_transfer.routes.base import (
+    InferenceOptions,
+    NetworkSpec,
+    Route,
+    flip_average,
+    label_dtype,
+)
 from seg_transfer.routes.precision import autocast
 
 DEFAULT_OVERLAP = 0.5

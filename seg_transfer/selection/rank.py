@@ -31,7 +31,7 @@ import torch.nn.functional as nnf
 from tqdm.auto import tqdm
 
 from seg_transfer.atomic import json_safe, write_atomic
-from seg_transfer.config import ConfigError, ModelConfig, RunConfig
+from seg_transfer.config import NAMED_WEIGHTS, ConfigError, ModelConfig, RunConfig
 from seg_transfer.data.cases import DatasetError
 from seg_transfer.data.slices import pad_to_multiple, slab
 from seg_transfer.selection.logme import logme
@@ -62,7 +62,7 @@ def parse_candidate(text: str) -> Candidate:
     encoder, weights = encoder.strip(), weights.strip()
     if not sep or not encoder or not weights:
         raise ConfigError(f"candidate {text!r}: expected encoder:weights, e.g. {CANDIDATE_EXAMPLE}")
-    if weights.lower() in {"imagenet", "none"}:
+    if weights.lower() in NAMED_WEIGHTS:
         weights = weights.lower()
     elif not Path(weights).expanduser().is_file():
         raise ConfigError(f"candidate {text!r}: weights must be imagenet, none or an existing weights file")

@@ -6,7 +6,13 @@ from typing import Any
 
 import yaml
 
-from seg_transfer.config import ConfigError, RunConfig, absolute_data_paths, config_from_dict, read_yaml_mapping
+from seg_transfer.config import (
+    ConfigError,
+    RunConfig,
+    absolute_config_paths,
+    config_from_dict,
+    read_yaml_mapping,
+)
 from seg_transfer.study.config import ArmConfig, StudyConfig
 
 
@@ -39,7 +45,7 @@ def as_overrides(settings: dict[str, Any]) -> list[str]:
 def base_raw(study: StudyConfig) -> dict:
     """The base run config as plain data, its relative data paths resolved against its folder."""
     raw = read_yaml_mapping(study.base_config, "base config")
-    return absolute_data_paths(raw, study.base_config.parent, str(study.base_config))
+    return absolute_config_paths(raw, study.base_config.parent, str(study.base_config))
 
 
 def arm_config(study: StudyConfig, arm: ArmConfig, seed: int, name: str) -> RunConfig:

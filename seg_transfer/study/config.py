@@ -13,7 +13,12 @@ from pydantic import (
     model_validator,
 )
 
-from seg_transfer.config import DATA_PATH_KEYS, ConfigError, missing_keys, read_yaml_mapping
+from seg_transfer.config import (
+    ConfigError,
+    is_relative_path,
+    missing_keys,
+    read_yaml_mapping,
+)
 
 
 class _Strict(BaseModel):
@@ -111,7 +116,6 @@ def _describe(exc: ValidationError) -> str:
 
 
 def _absolute_set_paths(settings: dict[str, Any], base: Path) -> dict[str, Any]:
-    """``set`` entries with relative data paths (``data.root: ../x``) made absolute against ``base``."""
-    paths = {f"data.{key}" for key in DATA_PATH_KEYS}
-    return {key: str((base / value).resolve()) if key in paths and isinstance(value, str) and value
-            and not Path(value).is_absolute() else value for key, value in settings.items()}
+    """``set`` entries with relative paths (``data.root: ../x``, a weights file) made absolute against ``base``."""
+    return {key: str((base / value).resolve()) if is_relative_path(key, value) else value
+            for key, value in settings.items()}

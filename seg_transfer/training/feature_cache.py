@@ -90,8 +90,8 @@ from seg_transfer.config import ConfigError, RunConfig
 from seg_transfer.data.slices import label_slice, pad_to_multiple, slab
 from seg_transfer.data.transforms import Preprocessing
 from seg_transfer.training import speed
-from seg_transfer.training.speed import FULL_PRECISION, SpeedSettings
 from seg_transfer.training.optim import backward_and_step
+from seg_transfer.training.speed import FULL_PRECISION, SpeedSettings
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from typing import Literal
 import torch
 
 from seg_transfer.config import TrainingConfig
-from seg_transfer.routes.precision import resolve_amp  # noqa: F401 - the one AMP rule (re-exported)
+from seg_transfer.routes.precision import resolve_amp
 
 
 @dataclass(frozen=True)

@@ -34,22 +34,35 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from seg_transfer.atomic import json_safe, sweep_temp_files, write_atomic
-from seg_transfer.config import ConfigError, RunConfig, StageConfig, dump_config
 from seg_transfer.checkpoint import Checkpoint
+from seg_transfer.config import ConfigError, RunConfig, StageConfig, dump_config
 from seg_transfer.data.pipeline import PreparedData, prepare_data, volume_dataset
 from seg_transfer.data.transforms import Preprocessing
 from seg_transfer.evaluation.metrics import dice_per_class
 from seg_transfer.models.factory import count_parameters
-from seg_transfer.models.freezing import apply_trainable, encoder_stages, reestimate_batchnorm, set_train_mode
+from seg_transfer.models.freezing import (
+    apply_trainable,
+    encoder_stages,
+    reestimate_batchnorm,
+    set_train_mode,
+)
 from seg_transfer.models.weights import WeightsProvenance
 from seg_transfer.routes import get_route
-from seg_transfer.routes.base import Inferer, InferenceOptions, Route
+from seg_transfer.routes.base import InferenceOptions, Inferer, Route
 from seg_transfer.routes.network import load_weights, network_spec
 from seg_transfer.training import distributed, speed
 from seg_transfer.training.distributed import SINGLE_PROCESS, DistributedContext
-from seg_transfer.training.feature_cache import DecoderStageCache, decoder_step, open_decoder_cache
+from seg_transfer.training.feature_cache import (
+    DecoderStageCache,
+    decoder_step,
+    open_decoder_cache,
+)
 from seg_transfer.training.metrics_log import MetricsLog
-from seg_transfer.training.optim import backward_and_step, build_optimizer, build_scheduler
+from seg_transfer.training.optim import (
+    backward_and_step,
+    build_optimizer,
+    build_scheduler,
+)
 from seg_transfer.training.speed import FULL_PRECISION, SpeedSettings
 
 log = logging.getLogger(__name__)
