@@ -188,3 +188,47 @@ def test_study_refuses_a_changed_config_for_existing_runs(tmp_path, study_root, 
     assert main(["compare", "--config", str(study_path), "--output", str(out)]) == 2
     err = capsys.readouterr().err.strip()
     assert "n002_seed0: holds a run with another config (differs in training)" in err and len(err.splitlines()) == 1
+
+
+# ----------------------------------------------------------------------------- encoder ranking as study arms
+
+
+def test_ranking_agreement_on_known_scores():
+    """tau +1 when LogME orders the arms as their test Dice does; a swapped pair is named and lowers tau."""
+    from seg_transfer.study.transferability import agreement
+
+    dice = {"a": 0.80, "b": 0.75, "c": 0.70, "d": 0.60}
+    records = [record(arm, 10, seed, [value + 0.01 * seed] * 4) for arm, value in dice.items() for seed in (0, 1, 2)]
+    for record_ in records:
+        record_.seconds = 200.0
+    logme = {"a": 1.0, "b": 0.9, "c": 0.5, "d": 0.1}
+    scores = {(r.arm, 10, r.seed): {"logme": logme[r.arm], "seconds": 10.0, "stride": 8} for r in records}
+    (row,) = agreement(records, scores)
+    assert row["kendall_tau"] == pytest.approx(1.0) and row["discordant"] == [] and row["seed_kendall_tau"] == [1.0] * 3
+    assert row["best_by_score"] == row["best_by_dice"] == "a" and row["cost_ratio"] == pytest.approx(0.05)
+    scores.update({("d", 10, s): {"logme": 2.0, "seconds": 10.0, "stride": 8} for s in (0, 1, 2)})  # d looks best, is worst
+    (row,) = agreement(records, scores)
+    assert row["kendall_tau"] == pytest.approx(0.0) and row["best_by_score"] == "d"
+    assert row["discordant"] == ["d over a", "d over b", "d over c"]
+
+
+def test_study_ranks_the_arms_encoders_on_each_training_subset(tmp_path, study_root):
+    arms = [{"name": "imagenet", "set": {"model.encoder_weights": "imagenet"}}, {"name": "staged"},
+            {"name": "scratch", "scratch_control": True}]
+    study_path = write_study(tmp_path, study_root, train_sizes=[2], seeds=[0, 1], arms=arms,
+                             rank_encoders={"pixels": 60, "strides": [8]})
+    out = tmp_path / "study"
+    assert main(["compare", "--config", str(study_path), "--output", str(out)]) == 0
+    logme = {}
+    for seed in (0, 1):
+        ranking = json.loads((out / "rank_encoders" / f"n002_seed{seed}" / "ranking.json").read_text())
+        splits = load_splits(out / "runs" / "staged" / f"n002_seed{seed}" / "splits.json")
+        assert sorted(ranking["cases"]) == sorted(splits["train"])  # the runs' own training cases, nothing else
+        assert sorted(row["candidate"] for row in ranking["ranking"]) == ["imagenet", "staged, scratch"]  # one score per encoder
+        logme[seed] = {row["candidate"]: row["logme"] for row in ranking["ranking"]}
+    (row,) = json.loads((out / "results.json").read_text())["transferability"]
+    by_arm = {arm["arm"]: arm for arm in row["arms"]}
+    assert by_arm["imagenet"]["seed_logme"] == [logme[0]["imagenet"], logme[1]["imagenet"]]
+    assert by_arm["staged"]["seed_logme"] == by_arm["scratch"]["seed_logme"] == [logme[0]["staged, scratch"], logme[1]["staged, scratch"]]
+    assert "## Encoder ranking (LogME) against fine-tuning, 2 training cases" in (out / "report.md").read_text()
+    assert (out / "transferability.png").read_bytes()[:4] == b"\x89PNG"

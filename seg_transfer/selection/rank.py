@@ -46,7 +46,7 @@ CANDIDATE_EXAMPLE = "tu-tf_efficientnet_lite0:imagenet"
 
 @dataclass(frozen=True)
 class Candidate:
-    """``encoder:weights`` with weights ``imagenet``, ``none`` or a weights file path."""
+    """``encoder:weights`` with weights ``imagenet``, ``none`` or a weights file path; ``text`` is how it is shown."""
 
     text: str
     encoder: str
@@ -208,14 +208,19 @@ class Ranking:
     labels: dict[int, str]
     class_counts: dict[int, int]
     options: RankOptions
+    seconds: float = 0.0  # the whole ranking: data loading, pixel sampling and every candidate
     files: dict[str, Path] = field(default_factory=dict)
 
 
-def training_cases(config: RunConfig, options: RankOptions):
-    """The run's training cases (split as a fresh training run splits them), the first ``max_cases``, and the label map."""
+def training_cases(config: RunConfig, options: RankOptions, splits: dict[str, list[str]] | None = None):
+    """The run's training cases (split as a fresh training run splits them, or by ``splits``), the first
+    ``max_cases``, and the label map."""
     from seg_transfer.data.pipeline import prepare_data
+    from seg_transfer.data.splits import save_splits
 
     with tempfile.TemporaryDirectory(prefix="rank_encoders_") as run_dir:
+        if splits is not None:
+            save_splits(splits, Path(run_dir) / "splits.json")
         data = prepare_data(config.data, Path(run_dir), options.skip_bad_cases)
     cases = data.subset("train")[:options.max_cases]
     if not cases:
@@ -279,15 +284,17 @@ def _cached_readers(config: RunConfig, encoder: torch.nn.Module, multiple: int, 
 
 
 def rank_encoders(config: RunConfig, candidates: Sequence[Candidate], output: Path,
-                  options: RankOptions = RankOptions()) -> Ranking:
-    """Score every candidate (see the module docstring), rank by LogME (highest first), and write
-    ``ranking.json`` and ``ranking.md`` to ``output`` atomically."""
+                  options: RankOptions = RankOptions(), splits: dict[str, list[str]] | None = None) -> Ranking:
+    """Score every candidate (see the module docstring) on the training cases of ``config`` (or of
+    ``splits``, as a study fixes them), rank by LogME (highest first), and write ``ranking.json`` and
+    ``ranking.md`` to ``output`` atomically. ``Ranking.seconds`` is the whole time, data loading included."""
     from seg_transfer.data.pipeline import volume_dataset
     from seg_transfer.data.transforms import Preprocessing
     from seg_transfer.inference.predictor import resolve_device
 
+    started = time.perf_counter()
     device = resolve_device(options.device)
-    cases, labels = training_cases(config, options)
+    cases, labels = training_cases(config, options, splits)
     volumes = volume_dataset(cases, Preprocessing.from_config(config.data), config.data)
     samples = sample_cases(volumes, options.pixels, options.seed)
     log.info("%d training cases, %d sampled pixels", len(cases), sum(len(s.flat) for s in samples))
@@ -296,7 +303,8 @@ def rank_encoders(config: RunConfig, candidates: Sequence[Candidate], output: Pa
     for rank, score in enumerate(scores, start=1):
         score.rank = rank
     values, counts = np.unique(np.concatenate([s.labels for s in samples]), return_counts=True)
-    ranking = Ranking(scores, [c.name for c in cases], labels, dict(zip(values.tolist(), counts.tolist())), options)
+    ranking = Ranking(scores, [c.name for c in cases], labels, dict(zip(values.tolist(), counts.tolist())), options,
+                      seconds=time.perf_counter() - started)
     ranking.files = write_ranking(ranking, Path(output))
     return ranking
 
@@ -326,6 +334,7 @@ def ranking_payload(ranking: Ranking) -> dict:
         "cases": ranking.cases,
         "labels": ranking.labels,
         "sampled_pixels_per_class": ranking.class_counts,
+        "seconds": ranking.seconds,
         "ranking": [asdict(score) for score in ranking.scores],
     })
 
@@ -338,6 +347,8 @@ def ranking_markdown(ranking: Ranking) -> str:
         f"{len(ranking.cases)} training cases, up to {options.pixels} class-balanced pixels per case (seed {options.seed}); "
         "features bilinearly upsampled from the stride's feature map. Higher LogME is better; seconds is each "
         "candidate's whole time (build, features, LogME).",
+        "",
+        f"Whole ranking: {ranking.seconds:.1f} s, loading and preprocessing the cases included.",
         "",
         "| " + " | ".join(COLUMNS) + " |",
         "|" + "---|" * len(COLUMNS),

@@ -10,6 +10,7 @@ from seg_transfer.study.analysis import analyse
 from seg_transfer.study.config import StudyConfig, load_study_config
 from seg_transfer.study.report import write_report
 from seg_transfer.study.runner import StudyProgress, check_equal_steps, run_study
+from seg_transfer.study.transferability import agreement, rank_subsets, read_scores
 
 
 @dataclass
@@ -27,9 +28,11 @@ def compare(study_path: str | Path, output: str | Path, *, device: str = "auto",
     output.mkdir(parents=True, exist_ok=True)
     write_atomic(output / "study.json", json.dumps(study.model_dump(mode="json"), indent=2) + "\n")
     progress = run_study(study, output, device=device, max_runs=max_runs, shard=shard)
+    if study.rank_encoders is not None and shard[0] == 0:
+        rank_subsets(progress.specs, output, study.rank_encoders, device)
     check_equal_steps(progress.records, study.allow_unequal_budgets)
     results = {"study": study_summary(study, output, progress), **analyse(progress.records, study),
-               "peers": read_peer_rows(output)}
+               "peers": read_peer_rows(output), "transferability": agreement(progress.records, read_scores(output, progress.records))}
     files = write_report(results, output) if progress.records else {}
     return CompareOutcome(progress, results, files)
 

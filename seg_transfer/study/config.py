@@ -46,6 +46,15 @@ class StudySplit(_Strict):
     seed: int = 0
 
 
+class RankEncodersConfig(_Strict):
+    """LogME of every arm's encoder on each training subset before fine-tuning (``seg-transfer rank-encoders``
+    with these options); the report says how well the score's ranking agrees with the fine-tuned test Dice."""
+
+    pixels: int = Field(1000, ge=10)
+    strides: list[int] = Field(default_factory=lambda: [8], min_length=1)
+    seed: int = 0
+
+
 class StudyConfig(_Strict):
     """A transfer study: every run is an ordinary ``train`` run of ``base_config`` + study ``set`` + arm ``set``."""
 
@@ -62,6 +71,7 @@ class StudyConfig(_Strict):
     tolerance_mm: float = Field(1.0, ge=0.0)
     allow_unequal_budgets: bool = False
     predict_batch_size: int = Field(64, ge=1)
+    rank_encoders: RankEncodersConfig | None = None
 
     @field_validator("train_sizes")
     @classmethod

@@ -20,7 +20,8 @@ from seg_transfer.atomic import atomic_open, json_safe, write_atomic
 PLOTS = {"learning_curve": "Test Dice against training cases",
          "dice_vs_time": "Test Dice against training wall-clock minutes (our runs and peers)",
          "paired_difference": "Arm minus control, paired by test case",
-         "convergence": "Validation Dice against wall-clock seconds and epochs"}
+         "convergence": "Validation Dice against wall-clock seconds and epochs",
+         "transferability": "LogME before fine-tuning against test Dice after it"}
 
 
 # ----------------------------------------------------------------------------- tables
@@ -77,6 +78,29 @@ def peer_table(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
              fmt(r["test_dice_mean"]), fmt(r["train_seconds"] / 60, 1), str(r.get("threads", "n/a"))]
             for r in results.get("peers", [])]
     return header, rows
+
+
+def transferability_table(row: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """One size's arms, best LogME first, with their test Dice rank next to it."""
+    header = ["arm", "LogME (mean)", "LogME per seed", "test Dice (mean)", "test Dice per seed", "rank by LogME", "rank by Dice"]
+    by_dice = sorted(row["arms"], key=lambda a: -a["test_dice"])
+    dice_rank = {a["arm"]: i for i, a in enumerate(by_dice, 1)}
+    rows = [[a["arm"], fmt(a["logme"], 4), seed_values(a["seed_logme"], row["seeds"], digits=4), fmt(a["test_dice"]),
+             seed_values(a["seed_dice"], row["seeds"]), str(i), str(dice_rank[a["arm"]])] for i, a in enumerate(row["arms"], 1)]
+    return header, rows
+
+
+def transferability_lines(row: dict[str, Any]) -> list[str]:
+    """What the ranking got right and wrong at one size, and what it cost."""
+    per_seed = " · ".join(f"s{seed} {fmt(tau, 2)}" for seed, tau in zip(row["seeds"], row["seed_kendall_tau"]))
+    wrong = "; ".join(row["discordant"]) or "none"
+    return [f"{row['size']} training cases, {len(row['arms'])} encoders, LogME at stride {row['stride']}: Kendall tau "
+            f"{fmt(row['kendall_tau'], 2)} (p = {fmt(row['kendall_p'], 3)}), Spearman rho {fmt(row['spearman_rho'], 2)} "
+            f"(p = {fmt(row['spearman_p'], 3)}) between mean LogME and mean test Dice; tau within each seed: {per_seed}.",
+            f"LogME picks {row['best_by_score']}; fine-tuning's best is {row['best_by_dice']}. Pairs the score orders "
+            f"wrongly (its pick first): {wrong}.",
+            f"Ranking all encoders took {fmt(row['ranking_seconds'], 0)} s, {fmt(100 * row['cost_ratio'], 1) if row['cost_ratio'] else 'n/a'}% "
+            f"of one fine-tuning run ({fmt(row['train_seconds'], 0)} s)."]
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -198,6 +222,24 @@ def plot_convergence(results: dict[str, Any], path: Path) -> Path:
     return _save(fig, path)
 
 
+def plot_transferability(results: dict[str, Any], path: Path) -> Path:
+    """Per size, each arm's per-seed (LogME, test Dice) points and its mean."""
+    rows = results["transferability"]
+    arms = list(dict.fromkeys(a["arm"] for row in rows for a in row["arms"]))
+    colors = _arm_colors(arms)
+    fig, axes = plt.subplots(1, len(rows), figsize=(4.5 * len(rows), 3.8), squeeze=False)
+    for ax, row in zip(axes[0], rows):
+        for arm in row["arms"]:
+            ax.scatter(arm["seed_logme"], arm["seed_dice"], color=colors[arm["arm"]], s=14, alpha=0.5)
+            ax.scatter([arm["logme"]], [arm["test_dice"]], color=colors[arm["arm"]], s=50, edgecolor="black", label=arm["arm"])
+        ax.set_title(f"{row['size']} training cases: Kendall tau {fmt(row['kendall_tau'], 2)}")
+        ax.set_xlabel(f"LogME (stride {row['stride']}, before fine-tuning)")
+        ax.set_ylabel("test Dice after fine-tuning")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    return _save(fig, path)
+
+
 def _save(fig, path: Path) -> Path:
     fig.tight_layout()
     try:
@@ -250,6 +292,11 @@ def markdown_report(results: dict[str, Any]) -> str:
              "## Test Dice against training time", "", "![dice vs time](dice_vs_time.png)", "",
              "## Time to target validation Dice", "", markdown_table(*target_table(results)), "",
              "## Convergence", "", "![convergence](convergence.png)", ""]
+    for row in results.get("transferability", []):
+        parts += [f"## Encoder ranking (LogME) against fine-tuning, {row['size']} training cases", "",
+                  markdown_table(*transferability_table(row)), "", *[f"- {line}" for line in transferability_lines(row)], ""]
+    if results.get("transferability"):
+        parts += ["![transferability](transferability.png)", ""]
     return "\n".join(parts)
 
 
@@ -263,12 +310,18 @@ def html_report(results: dict[str, Any], images: dict[str, Path]) -> str:
     paragraphs = "".join(f"<p>{html.escape(line.replace('`', ''))}</p>" for line in header_lines(results))
     finding_items = "".join(f"<li>{html.escape(line)}</li>" for line in findings(results))
     title = html.escape(f"Transfer study: {results['study']['name']}")
+    ranking = "".join(f"<h2>Encoder ranking (LogME) against fine-tuning, {row['size']} training cases</h2>"
+                      f"{html_table(*transferability_table(row))}<ul>"
+                      + "".join(f"<li>{html.escape(line)}</li>" for line in transferability_lines(row)) + "</ul>"
+                      for row in results.get("transferability", []))
+    if "transferability" in images:
+        ranking += image("transferability")
     return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{title}</title><style>{style}</style></head><body>"
             f"<h1>{title}</h1>{paragraphs}<h2>Learning curves</h2>{html_table(*learning_table(results))}{image('learning_curve')}"
             f"<h2>Paired comparison with the control</h2>{html_table(*comparison_table(results))}{image('paired_difference')}"
             f"<ul>{finding_items}</ul><h2>Test Dice against training time</h2>{html_table(*peer_table(results))}{image('dice_vs_time')}"
             f"<h2>Time to target validation Dice</h2>{html_table(*target_table(results))}"
-            f"<h2>Convergence</h2>{image('convergence')}</body></html>")
+            f"<h2>Convergence</h2>{image('convergence')}{ranking}</body></html>")
 
 
 def write_report(results: dict[str, Any], output: Path) -> dict[str, Path]:
@@ -278,6 +331,8 @@ def write_report(results: dict[str, Any], output: Path) -> dict[str, Path]:
               "paired_difference": plot_paired_difference(results, output / "paired_difference.png"),
               "dice_vs_time": plot_dice_vs_time(results, output / "dice_vs_time.png"),
               "convergence": plot_convergence(results, output / "convergence.png")}
+    if results.get("transferability"):
+        images["transferability"] = plot_transferability(results, output / "transferability.png")
     return {
         "json": write_atomic(output / "results.json", json.dumps(json_safe(results), indent=2) + "\n"),
         "markdown": write_atomic(output / "report.md", markdown_report(results)),

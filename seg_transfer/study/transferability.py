@@ -1,0 +1,138 @@
+"""Encoder ranking inside a study: LogME of every arm's encoder on each training subset, and whether that
+ranking agrees with the arms' fine-tuned test Dice.
+
+Before fine-tuning, ``seg-transfer rank-encoders`` runs once per (training-set size, seed) on exactly the
+training cases that seed's runs train on, with every distinct (encoder, weights) of the arms as a
+candidate; its files go to ``output/rank_encoders/n010_seed0/``. Arms that share an encoder and weights
+(e.g. staged and unstaged ImageNet) share a score. 3D arms, and arms whose data settings differ from the
+first rankable arm's, are not ranked (the ranking sees 2.5D slabs of one preprocessing).
+
+After fine-tuning, agreement is measured per size over the arms: Kendall's tau and Spearman's rho between
+the arm's LogME and its test Dice, both averaged over seeds, plus tau within each seed; the pairs the
+score orders wrongly are listed; the ranking's cost is its seconds over one fine-tuning run's seconds.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from itertools import combinations
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from seg_transfer.study.config import RankEncodersConfig
+from seg_transfer.study.plan import RunSpec
+from seg_transfer.study.runner import RunRecord
+
+log = logging.getLogger(__name__)
+
+FOLDER = "rank_encoders"
+
+
+def subset_folder(output: Path, size: int, seed: int) -> Path:
+    return Path(output) / FOLDER / f"n{size:03d}_seed{seed}"
+
+
+def rankable(group: Sequence[RunSpec]) -> list[RunSpec]:
+    """The 2.5D runs of one (size, seed) whose data settings equal the first such run's."""
+    slab = [spec for spec in group if spec.config.model.dims == "2.5d"]
+    return [spec for spec in slab if spec.config.data == slab[0].config.data]
+
+
+def rank_subsets(specs: Sequence[RunSpec], output: Path, settings: RankEncodersConfig, device: str = "auto") -> None:
+    """Rank the arms' encoders on every (size, seed) training subset that has no ranking yet."""
+    from seg_transfer.selection.rank import Candidate, RankOptions, rank_encoders
+
+    options = RankOptions(pixels=settings.pixels, strides=tuple(settings.strides), seed=settings.seed, device=device)
+    for (size, seed), group in _by_subset(specs).items():
+        folder = subset_folder(output, size, seed)
+        runs = rankable(group)
+        if (folder / "ranking.json").is_file() or len(runs) < 2:
+            continue
+        keys = dict.fromkeys((spec.config.model.encoder, spec.config.model.encoder_weights) for spec in runs)
+        names = {key: ", ".join(s.arm for s in runs if (s.config.model.encoder, s.config.model.encoder_weights) == key)
+                 for key in keys}
+        candidates = [Candidate(names[key], *key) for key in keys]
+        log.info("ranking %d encoders by LogME on the %d training cases of n=%d seed %d", len(candidates), size, size, seed)
+        rank_encoders(runs[0].config, candidates, folder, options, splits=runs[0].splits)
+
+
+def _by_subset(specs: Sequence[RunSpec]) -> dict[tuple[int, int], list[RunSpec]]:
+    grouped: dict[tuple[int, int], list[RunSpec]] = {}
+    for spec in specs:
+        grouped.setdefault((spec.size, spec.seed), []).append(spec)
+    return grouped
+
+
+def read_scores(output: Path, records: Sequence[RunRecord]) -> dict[tuple[str, int, int], dict[str, float]]:
+    """{(arm, size, seed): {"logme": score at the first stride, "seconds": the whole ranking, "stride"}} for
+    every finished run whose subset was ranked with its encoder among the candidates."""
+    scores = {}
+    for record in records:
+        path = subset_folder(output, record.size, record.seed) / "ranking.json"
+        if not path.is_file():
+            continue
+        ranking = json.loads(path.read_text())
+        stride = ranking["options"]["strides"][0]
+        for row in ranking["ranking"]:
+            if row["stride"] == stride and record.arm in [name.strip() for name in row["candidate"].split(",")]:
+                scores[(record.arm, record.size, record.seed)] = {"logme": row["logme"], "seconds": ranking["seconds"],
+                                                                   "stride": stride}
+    return scores
+
+
+def kendall_spearman(x: Sequence[float], y: Sequence[float]) -> dict[str, float | None]:
+    """Kendall's tau-b and Spearman's rho (scipy) with their p-values; None below three points."""
+    from scipy.stats import kendalltau, spearmanr
+
+    if len(x) < 3:
+        return {"kendall_tau": None, "kendall_p": None, "spearman_rho": None, "spearman_p": None}
+    tau, tau_p = kendalltau(x, y)
+    rho, rho_p = spearmanr(x, y)
+    return {"kendall_tau": float(tau), "kendall_p": float(tau_p), "spearman_rho": float(rho), "spearman_p": float(rho_p)}
+
+
+def discordant_pairs(arms: Sequence[str], score: Sequence[float], dice: Sequence[float]) -> list[str]:
+    """``"a over b"`` for every pair the score orders one way and the test Dice the other (a: the score's pick)."""
+    wrong = []
+    for i, j in combinations(range(len(arms)), 2):
+        if (score[i] - score[j]) * (dice[i] - dice[j]) < 0:
+            first, second = (i, j) if score[i] > score[j] else (j, i)
+            wrong.append(f"{arms[first]} over {arms[second]}")
+    return wrong
+
+
+def agreement(records: Sequence[RunRecord], scores: dict[tuple[str, int, int], dict[str, float]]) -> list[dict[str, Any]]:
+    """Per training-set size: each ranked arm's mean LogME and test Dice over its seeds, tau/rho between
+    them, tau within each seed, the discordant pairs, and the ranking's cost relative to fine-tuning."""
+    from seg_transfer.study.analysis import run_mean
+
+    rows = []
+    for size in sorted({r.size for r in records}):
+        runs = [r for r in records if r.size == size and (r.arm, r.size, r.seed) in scores]
+        arms = list(dict.fromkeys(r.arm for r in runs))
+        seeds = sorted(set.intersection(*({r.seed for r in runs if r.arm == arm} for arm in arms))) if arms else []
+        if len(arms) < 2 or not seeds:
+            continue
+        chosen = [r for r in runs if r.seed in seeds]
+        per_arm = [{"arm": arm,
+                    "logme": float(np.mean([scores[(arm, size, s)]["logme"] for s in seeds])),
+                    "seed_logme": [scores[(arm, size, s)]["logme"] for s in seeds],
+                    "test_dice": float(np.mean([run_mean(r) for r in chosen if r.arm == arm])),
+                    "seed_dice": [run_mean(r) for s in seeds for r in chosen if r.arm == arm and r.seed == s]}
+                   for arm in arms]
+        per_arm.sort(key=lambda row: -row["logme"])
+        names, score, dice = ([row[k] for row in per_arm] for k in ("arm", "logme", "test_dice"))
+        per_seed = [kendall_spearman([row["seed_logme"][i] for row in per_arm], [row["seed_dice"][i] for row in per_arm])["kendall_tau"]
+                    for i in range(len(seeds))]
+        ranking_seconds = float(np.mean([scores[(arms[0], size, s)]["seconds"] for s in seeds]))
+        train_seconds = float(np.mean([r.seconds for r in chosen]))
+        rows.append({"size": size, "seeds": seeds, "arms": per_arm, **kendall_spearman(score, dice),
+                     "seed_kendall_tau": per_seed, "discordant": discordant_pairs(names, score, dice),
+                     "best_by_score": names[0], "best_by_dice": names[int(np.argmax(dice))],
+                     "ranking_seconds": ranking_seconds, "train_seconds": train_seconds,
+                     "cost_ratio": ranking_seconds / train_seconds if train_seconds else None,
+                     "stride": scores[(arms[0], size, seeds[0])]["stride"]})
+    return rows
