@@ -130,3 +130,54 @@ def test_rank_encoders_cli_rejects_a_bad_candidate(config_file, tmp_path, capsys
     err = capsys.readouterr().err.strip()
     assert "lite0-imagenet" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_inflation_candidates_parse():
+    assert parse_candidate("tu-tf_efficientnet_lite0:imagenet:mean").inflation == "mean"
+    assert parse_candidate("tu-tf_efficientnet_lite0:imagenet").inflation is None
+    with pytest.raises(ConfigError, match="inflation must be one of centre, mean, acs"):
+        parse_candidate("tu-tf_efficientnet_lite0:imagenet:sideways")
+
+
+def test_3d_features_at_voxels_equal_the_upsampled_feature_map():
+    """Trilinear reads at voxel centres = the stride-8 map upsampled (align_corners=False) to the padded
+    volume, read at the voxels (the 2.5D rule, in 3D); odd sizes exercise the padding."""
+    import torch
+    import torch.nn.functional as nnf
+
+    from seg_transfer.config import ModelConfig
+    from seg_transfer.models.unet3d import build_unet3d
+    from seg_transfer.selection.rank import PixelSample, volume_features
+
+    torch.manual_seed(0)
+    model = build_unet3d(ModelConfig(dims="3d", encoder="tu-tf_efficientnet_lite0", encoder_weights="none", encoder_depth=3,
+                                     decoder_channels=[16, 8, 8]), 3, load_pretrained=False)[0]
+    encoder = model.encoder.eval()
+    image = np.random.default_rng(0).normal(size=(1, 19, 21, 13)).astype(np.float32)
+    flat = np.sort(np.random.default_rng(1).choice(image[0].size, 40, replace=False))
+    with torch.inference_mode():
+        got = volume_features(encoder, image, PixelSample(flat, np.zeros(40, np.int64)), [8], torch.device("cpu"))[8]
+        padded = np.full((1, 1, 24, 24, 16), image.min(), np.float32)
+        padded[0, :, :19, :21, :13] = image
+        level = next(f for f, s in zip(encoder(torch.from_numpy(padded)), encoder.feature_strides) if s[0] == 8)
+        upsampled = nnf.interpolate(level, size=(24, 24, 16), mode="trilinear", align_corners=False)[0]
+    x, y, z = np.unravel_index(flat, image.shape[1:])
+    expected = upsampled[:, x, y, z].T.double().numpy()
+    assert got.shape == (40, level.shape[1])
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+def test_rank_encoders_ranks_3d_inflation_modes(phantom_root, tmp_path, one_thread):
+    from tests.test_route_3d import tiny_3d
+
+    config = tmp_path / "run3d.yaml"
+    config.write_text(yaml.safe_dump(tiny_3d(phantom_root)))
+    candidates = "tu-tf_efficientnet_lite0:imagenet:centre,tu-tf_efficientnet_lite0:imagenet:mean,tu-tf_efficientnet_lite0:none"
+    assert main(["rank-encoders", "--config", str(config), "--candidates", candidates, "--pixels", "40",
+                 "--strides", "4,8", "--output", str(tmp_path / "out")]) == 0
+    rows = json.loads((tmp_path / "out" / "ranking.json").read_text())["ranking"]
+    by = {(r["candidate"], r["stride"]): r for r in rows}
+    assert len(by) == 6 and all(math.isfinite(r["logme"]) for r in rows)
+    assert {r["feature_dim"] for r in rows if r["stride"] == 8} == {40}
+    centre, mean = (by[(f"tu-tf_efficientnet_lite0:imagenet:{m}", 8)]["logme"] for m in ("centre", "mean"))
+    assert centre != mean  # the inflation mode reaches the encoder that is scored

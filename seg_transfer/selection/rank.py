@@ -46,33 +46,48 @@ CANDIDATE_EXAMPLE = "tu-tf_efficientnet_lite0:imagenet"
 
 @dataclass(frozen=True)
 class Candidate:
-    """``encoder:weights`` with weights ``imagenet``, ``none`` or a weights file path; ``text`` is how it is shown."""
+    """``encoder:weights[:inflation]`` with weights ``imagenet``, ``none`` or a weights file path, and for a
+    3D run config the inflation mode (default: the config's); ``text`` is how the candidate is shown."""
 
     text: str
     encoder: str
     weights: str
+    inflation: str | None = None
+
+    @property
+    def key(self) -> tuple[str, str, str | None]:
+        return self.encoder, self.weights, self.inflation
+
+    def model_config(self, base: ModelConfig) -> ModelConfig:
+        """``base`` (the run's model settings: route, architecture, depth) with this candidate's encoder."""
+        update = {"encoder": self.encoder, "encoder_weights": self.weights}
+        return base.model_copy(update=update if self.inflation is None else {**update, "inflation": self.inflation})
 
 
 def parse_candidate(text: str) -> Candidate:
-    """Parse ``encoder:weights``; raises a one-line :class:`ConfigError` naming ``text`` for any other form,
-    a weights file that does not exist, or an encoder name the factory does not know."""
+    """Parse ``encoder:weights[:inflation]``; raises a one-line :class:`ConfigError` naming ``text`` for any
+    other form, a weights file that does not exist, an unknown inflation mode, or an encoder name the
+    factory does not know."""
     from seg_transfer.models.factory import ModelConfigError, validate_names
+    from seg_transfer.models.inflate import INFLATION_MODES
 
-    encoder, sep, weights = text.strip().partition(":")
-    encoder, weights = encoder.strip(), weights.strip()
-    if not sep or not encoder or not weights:
-        raise ConfigError(f"candidate {text!r}: expected encoder:weights, e.g. {CANDIDATE_EXAMPLE}")
+    parts = [part.strip() for part in text.strip().split(":")]
+    if len(parts) not in (2, 3) or not all(parts):
+        raise ConfigError(f"candidate {text!r}: expected encoder:weights[:inflation], e.g. {CANDIDATE_EXAMPLE}")
+    encoder, weights, inflation = parts[0], parts[1], (parts[2] if len(parts) == 3 else None)
     if weights.lower() in NAMED_WEIGHTS:
         weights = weights.lower()
     elif not Path(weights).expanduser().is_file():
         raise ConfigError(f"candidate {text!r}: weights must be imagenet, none or an existing weights file")
     else:
         weights = str(Path(weights).expanduser())
+    if inflation is not None and inflation not in INFLATION_MODES:
+        raise ConfigError(f"candidate {text!r}: inflation must be one of {', '.join(INFLATION_MODES)}")
     try:
         validate_names(ModelConfig(encoder=encoder, encoder_weights=weights))
     except ModelConfigError as exc:
         raise ConfigError(f"candidate {text!r}: {exc}") from None
-    return Candidate(text.strip(), encoder, weights)
+    return Candidate(text.strip(), encoder, weights, inflation)
 
 
 def parse_candidates(text: str) -> list[Candidate]:
@@ -81,12 +96,11 @@ def parse_candidates(text: str) -> list[Candidate]:
     if not items:
         raise ConfigError(f"--candidates is empty; give encoder:weights items, e.g. {CANDIDATE_EXAMPLE}")
     candidates = [parse_candidate(item) for item in items]
-    seen: set[tuple[str, str]] = set()
+    seen: set[tuple[str, str, str | None]] = set()
     for candidate in candidates:
-        key = (candidate.encoder, candidate.weights)
-        if key in seen:
+        if candidate.key in seen:
             raise ConfigError(f"candidate {candidate.text!r} is given twice")
-        seen.add(key)
+        seen.add(candidate.key)
     return candidates
 
 
@@ -234,27 +248,57 @@ def sample_cases(volumes, pixels: int, seed: int) -> list[PixelSample]:
             for index, item in enumerate(volumes)]
 
 
+def volume_features(encoder: torch.nn.Module, image, sample: PixelSample, strides: Sequence[int],
+                    device: torch.device) -> dict[int, np.ndarray]:
+    """3D route: per stride, the (m, C) float64 features at ``sample``'s voxels of one case's image
+    (1, X, Y, Z), read from the whole volume's feature map (padded at the end to the encoder's multiple
+    with the image minimum) by trilinear interpolation at the voxel centres, which is what upsampling
+    the map (``align_corners=False``) and reading the voxel gives."""
+    volume = _array(image).astype(np.float32, copy=False)
+    multiple = tuple(int(m) for m in encoder.feature_strides[-1])
+    padded = [-(-size // m) * m for size, m in zip(volume.shape[1:], multiple)]
+    inputs = np.full((1, 1, *padded), float(volume.min()), dtype=np.float32)
+    inputs[0, :, :volume.shape[1], :volume.shape[2], :volume.shape[3]] = volume
+    features = encoder(torch.from_numpy(inputs).to(device))
+    coords = np.unravel_index(sample.flat, volume.shape[1:])
+    # grid_sample's last axis is (W, H, D) = (Z, Y, X) here, in [-1, 1] at voxel centres
+    grid = np.stack([(2 * coords[axis] + 1) / padded[axis] - 1 for axis in (2, 1, 0)], axis=-1)
+    grid_tensor = torch.from_numpy(grid).float().to(device).view(1, -1, 1, 1, 3)
+    out = {}
+    for stride in strides:
+        levels = [f for f, s in zip(features, encoder.feature_strides) if int(s[0]) == stride]
+        if not levels:
+            raise ConfigError(f"stride {stride}: the encoder has no such feature map (strides: "
+                              f"{', '.join(str(int(s[0])) for s in encoder.feature_strides)})")
+        picked = nnf.grid_sample(levels[0].float(), grid_tensor, mode="bilinear", padding_mode="border", align_corners=False)
+        out[stride] = picked.view(picked.shape[1], -1).T.double().cpu().numpy()
+    return out
+
+
 def score_candidate(candidate: Candidate, config: RunConfig, volumes, samples: list[PixelSample],
                     num_classes: int, options: RankOptions, device: torch.device) -> list[Score]:
-    """Build ``candidate``'s encoder, extract features at every stride, score each with LogME."""
-    from seg_transfer.models.factory import build_model, encoder_output_stride
+    """Build ``candidate``'s encoder as the run's route builds it (2.5D, or inflated to 3D), extract features
+    at every stride, score each with LogME."""
+    from seg_transfer.routes import get_route
 
     started = time.perf_counter()
     torch.manual_seed(options.seed)  # a randomly initialised encoder is the same on every call
-    model_config = ModelConfig(arch=config.model.arch, decoder_channels=config.model.decoder_channels,
-                               encoder=candidate.encoder, encoder_weights=candidate.weights)
-    model, _ = build_model(model_config, config.data.in_channels, num_classes)
+    route = get_route(config.model.dims)
+    model, _ = route.build_network(candidate.model_config(config.model), route.in_channels(config.data), num_classes, True)
     encoder = model.encoder.eval().to(device)
-    multiple = encoder_output_stride(model)
     parts: dict[int, list[np.ndarray]] = {stride: [] for stride in options.strides}
     show = sys.stderr.isatty()
     with torch.inference_mode():
-        readers = _cached_readers(config, encoder, multiple, volumes, device)
+        if route.spatial_dims == 3:
+            read = lambda index: volume_features(encoder, volumes[index]["image"], samples[index], options.strides, device)  # noqa: E731
+        else:
+            multiple = int(route.spatial_multiple(model)[0])
+            readers = _cached_readers(config, encoder, multiple, volumes, device)
+            read = lambda index: case_features(  # noqa: E731
+                encoder, volumes[index]["image"], samples[index], config.data.slice_axis, config.data.context_slices,
+                multiple, options.strides, device, options.batch_size, cached=readers[index] if readers else None)
         for index in tqdm(range(len(samples)), desc=candidate.text, unit="case", disable=not show):
-            features = case_features(encoder, volumes[index]["image"], samples[index], config.data.slice_axis,
-                                     config.data.context_slices, multiple, options.strides, device, options.batch_size,
-                                     cached=readers[index] if readers else None)
-            for stride, values in features.items():
+            for stride, values in read(index).items():
                 parts[stride].append(values)
     labels = np.concatenate([s.labels for s in samples])
     scores = []

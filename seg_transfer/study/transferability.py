@@ -3,9 +3,9 @@ ranking agrees with the arms' fine-tuned test Dice.
 
 Before fine-tuning, ``seg-transfer rank-encoders`` runs once per (training-set size, seed) on exactly the
 training cases that seed's runs train on, with every distinct (encoder, weights) of the arms as a
-candidate; its files go to ``output/rank_encoders/n010_seed0/``. Arms that share an encoder and weights
-(e.g. staged and unstaged ImageNet) share a score. 3D arms, and arms whose data settings differ from the
-first rankable arm's, are not ranked (the ranking sees 2.5D slabs of one preprocessing).
+candidate (for 3D arms also the inflation mode); its files go to ``output/rank_encoders/n010_seed0/``.
+Arms that share an encoder and weights (e.g. staged and unstaged ImageNet) share a score. Only arms of the
+first arm's route and data settings are ranked (one ranking sees one kind of input).
 
 After fine-tuning, agreement is measured per size over the arms: Kendall's tau and Spearman's rho between
 the arm's LogME and its test Dice, both averaged over seeds, plus tau within each seed; the pairs the
@@ -36,9 +36,15 @@ def subset_folder(output: Path, size: int, seed: int) -> Path:
 
 
 def rankable(group: Sequence[RunSpec]) -> list[RunSpec]:
-    """The 2.5D runs of one (size, seed) whose data settings equal the first such run's."""
-    slab = [spec for spec in group if spec.config.model.dims == "2.5d"]
-    return [spec for spec in slab if spec.config.data == slab[0].config.data]
+    """The runs of one (size, seed) whose route and data settings equal the first run's."""
+    first = group[0].config
+    return [spec for spec in group if spec.config.model.dims == first.model.dims and spec.config.data == first.data]
+
+
+def candidate_key(spec: RunSpec) -> tuple[str, str, str | None]:
+    """What the ranking scores of a run: its encoder, weights and (3D) inflation mode."""
+    model = spec.config.model
+    return model.encoder, model.encoder_weights, model.inflation if model.dims == "3d" else None
 
 
 def rank_subsets(specs: Sequence[RunSpec], output: Path, settings: RankEncodersConfig, device: str = "auto") -> None:
@@ -51,9 +57,8 @@ def rank_subsets(specs: Sequence[RunSpec], output: Path, settings: RankEncodersC
         runs = rankable(group)
         if (folder / "ranking.json").is_file() or len(runs) < 2:
             continue
-        keys = dict.fromkeys((spec.config.model.encoder, spec.config.model.encoder_weights) for spec in runs)
-        names = {key: ", ".join(s.arm for s in runs if (s.config.model.encoder, s.config.model.encoder_weights) == key)
-                 for key in keys}
+        keys = dict.fromkeys(candidate_key(spec) for spec in runs)
+        names = {key: ", ".join(spec.arm for spec in runs if candidate_key(spec) == key) for key in keys}
         candidates = [Candidate(names[key], *key) for key in keys]
         log.info("ranking %d encoders by LogME on the %d training cases of n=%d seed %d", len(candidates), size, size, seed)
         rank_encoders(runs[0].config, candidates, folder, options, splits=runs[0].splits)
