@@ -9,6 +9,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
+from seg_transfer.errors import UserError
+
 
 @contextmanager
 def atomic_open(path: str | Path, mode: str = "w") -> Iterator[IO]:
@@ -57,7 +59,7 @@ def json_safe(value: Any) -> Any:
     return value
 
 
-class OutputPathError(ValueError):
+class OutputPathError(UserError, ValueError):
     """An output path that cannot be written: a file where a folder is needed (or the reverse), or no write access."""
 
 

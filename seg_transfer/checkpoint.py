@@ -16,11 +16,12 @@ from typing import Any
 import torch
 
 from seg_transfer.atomic import atomic_open
+from seg_transfer.errors import UserError
 
 FORMAT = "seg_transfer/2"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint is missing, unreadable, not one of ours, or inconsistent (one-line message)."""
 
 

@@ -12,36 +12,12 @@ from typing import Annotated
 
 import typer
 
+from seg_transfer.errors import UserError
+
 # plain click help: no rich import on --help, and flags are not rendered as ``--help <bool>``
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
                   context_settings={"max_content_width": 120}, help="Transfer learning for medical image segmentation.")
 log = logging.getLogger("seg_transfer.cli")
-
-#: exceptions whose message is meant for the user (module -> class names): one line, exit code 2
-USER_ERRORS = {
-    "seg_transfer.atomic": ("OutputPathError",),
-    "seg_transfer.config": ("ConfigError",),
-    "seg_transfer.data.cases": ("DatasetError",),
-    "seg_transfer.evaluation.evaluate": ("EvaluationError",),
-    "seg_transfer.inference.cases": ("InputError",),
-    "seg_transfer.inference.export": ("ExportError",),
-    "seg_transfer.inference.predictor": ("PredictSetupError",),
-    "seg_transfer.models.factory": ("ModelConfigError",),
-    "seg_transfer.models.inflate": ("InflationError",),
-    "seg_transfer.models.weights": ("WeightsError",),
-    "seg_transfer.checkpoint": ("CheckpointError",),
-    "seg_transfer.study.runner": ("StudyError",),
-    "seg_transfer.training.trainer": ("RunDirError",),
-}
-
-
-def _user_errors() -> tuple[type[Exception], ...]:
-    """The user-error classes of the modules imported so far (an exception's class is always among them);
-    nothing is imported here, so ``--help`` and early errors stay fast."""
-    found = (getattr(sys.modules[module], name, None) for module, names in USER_ERRORS.items()
-             if module in sys.modules for name in names)
-    return tuple(cls for cls in found if isinstance(cls, type))
-
 
 def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(
@@ -356,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
         typer.echo("aborted", err=True)
         return 130
     except Exception as exc:
-        if isinstance(exc, _user_errors()):
+        if isinstance(exc, UserError):
             typer.echo(f"error: {exc}", err=True)
             return 2
         if isinstance(exc, _click_exceptions()):  # usage errors

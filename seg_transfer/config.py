@@ -21,8 +21,10 @@ from pydantic import (
     model_validator,
 )
 
+from seg_transfer.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A configuration problem, reported in one line before any work starts."""
 
 

@@ -262,8 +262,9 @@ def test_junk_dicom_folder_gives_no_itk_warning(run_dir, tmp_path, capfd):
 def test_python_warnings_go_to_the_debug_log():
     script = textwrap.dedent("""
         import sys, types, warnings
+        from seg_transfer.errors import UserError
         fake = types.ModuleType("seg_transfer.evaluation.evaluate")
-        class EvaluationError(ValueError):
+        class EvaluationError(UserError, ValueError):
             pass
         def evaluate_folders(*args, **kwargs):
             warnings.warn("You are using `torch.load` with `weights_only=False`", FutureWarning)
@@ -317,3 +318,23 @@ def test_an_internal_error_is_one_line_with_the_traceback_in_a_file(monkeypatch,
     assert "Traceback" in log.read_text() and "broken" in log.read_text()
     with pytest.raises(KeyError):
         main(["quickstart", "-v"])
+
+
+def test_every_error_class_of_the_package_is_a_user_error():
+    """One base class: every exception class the package defines derives from UserError (one line, exit 2)."""
+    import importlib
+    import inspect
+    import pkgutil
+
+    import seg_transfer
+    from seg_transfer.errors import UserError
+
+    classes = {}
+    for module_info in pkgutil.walk_packages(seg_transfer.__path__, "seg_transfer."):
+        if module_info.name.endswith("__main__"):
+            continue
+        module = importlib.import_module(module_info.name)
+        classes.update({f"{module.__name__}.{name}": cls for name, cls in inspect.getmembers(module, inspect.isclass)
+                        if issubclass(cls, Exception) and cls.__module__ == module.__name__})
+    assert len(classes) >= 14
+    assert [name for name, cls in classes.items() if not issubclass(cls, UserError)] == []

@@ -202,12 +202,15 @@ def test_ranking_agreement_on_known_scores():
     for record_ in records:
         record_.seconds = 200.0
     logme = {"a": 1.0, "b": 0.9, "c": 0.5, "d": 0.1}
-    scores = {(r.arm, 10, r.seed): {"logme": logme[r.arm], "seconds": 10.0, "stride": 8} for r in records}
-    (row,) = agreement(records, scores)
+    scores = {(r.arm, 10, r.seed): {"logme": {8: logme[r.arm], 4: -logme[r.arm]}, "seconds": 10.0, "strides": [8, 4]}
+              for r in records}
+    row, reversed_row = agreement(records, scores)
+    assert row["stride"] == 8 and reversed_row["stride"] == 4 and reversed_row["kendall_tau"] == pytest.approx(-1.0)
     assert row["kendall_tau"] == pytest.approx(1.0) and row["discordant"] == [] and row["seed_kendall_tau"] == [1.0] * 3
     assert row["best_by_score"] == row["best_by_dice"] == "a" and row["cost_ratio"] == pytest.approx(0.05)
-    scores.update({("d", 10, s): {"logme": 2.0, "seconds": 10.0, "stride": 8} for s in (0, 1, 2)})  # d looks best, is worst
-    (row,) = agreement(records, scores)
+    for seed in (0, 1, 2):
+        scores[("d", 10, seed)]["logme"][8] = 2.0  # d looks best, is worst
+    row, _ = agreement(records, scores)
     assert row["kendall_tau"] == pytest.approx(0.0) and row["best_by_score"] == "d"
     assert row["discordant"] == ["d over a", "d over b", "d over c"]
 
@@ -226,7 +229,7 @@ def test_study_ranks_the_arms_encoders_on_each_training_subset(tmp_path, study_r
         assert sorted(ranking["cases"]) == sorted(splits["train"])  # the runs' own training cases, nothing else
         assert sorted(row["candidate"] for row in ranking["ranking"]) == ["imagenet", "staged, scratch"]  # one score per encoder
         logme[seed] = {row["candidate"]: row["logme"] for row in ranking["ranking"]}
-    (row,) = json.loads((out / "results.json").read_text())["transferability"]
+    (row,) = json.loads((out / "results.json").read_text())["transferability"]  # one size, one stride
     by_arm = {arm["arm"]: arm for arm in row["arms"]}
     assert by_arm["imagenet"]["seed_logme"] == [logme[0]["imagenet"], logme[1]["imagenet"]]
     assert by_arm["staged"]["seed_logme"] == by_arm["scratch"]["seed_logme"] == [logme[0]["staged, scratch"], logme[1]["staged, scratch"]]

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from seg_transfer.data.io import SUPPORTED_SUFFIXES, is_volume_file, strip_volume_suffix
+from seg_transfer.errors import UserError
 
 CHANNEL_SUFFIX = "_0000"  # nnU-Net/MSD-converted single-channel image suffix
 _MAX_LISTED = 10
@@ -28,7 +29,7 @@ class Case:
     label: Path | None = None
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError, ValueError):
     """One-line, user-facing message naming the file and the problem."""
 
 

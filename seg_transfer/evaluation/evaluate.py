@@ -30,6 +30,7 @@ from seg_transfer.data.io import (
     read_volume,
     strip_volume_suffix,
 )
+from seg_transfer.errors import UserError
 from seg_transfer.evaluation.case_metrics import (
     BOTH_EMPTY,
     BOTH_PRESENT,
@@ -54,7 +55,7 @@ CSV_NAME, JSON_NAME, MARKDOWN_NAME = "metrics.csv", "metrics.json", "summary.md"
 CSV_FIELDS = ("case", "class_index", "class_name", "status", *METRICS, "ref_volume_ml", "pred_volume_ml")
 
 
-class EvaluationError(ValueError):
+class EvaluationError(UserError, ValueError):
     """Inputs that cannot be evaluated (missing prediction, geometry mismatch, bad labels...): one-line message."""
 
 

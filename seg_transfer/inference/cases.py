@@ -23,6 +23,7 @@ from seg_transfer.data.io import (
     looks_like_dicom,
     strip_volume_suffix,
 )
+from seg_transfer.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +31,7 @@ LIST_SUFFIXES = (".txt", ".csv", ".lst")
 _GLOB_CHARS = "*?["
 
 
-class InputError(ValueError):
+class InputError(UserError, ValueError):
     """The input cannot be turned into a case list (one-line, user-facing)."""
 
 

@@ -32,6 +32,7 @@ from torch import nn
 
 from seg_transfer import __version__
 from seg_transfer.atomic import write_atomic
+from seg_transfer.errors import UserError
 from seg_transfer.routes.network import LoadedNetwork, load_network
 
 log = logging.getLogger(__name__)
@@ -45,7 +46,7 @@ DEFAULT_TOLERANCE = 1e-3
 INSTALL_HINT = 'pip install "seg-transfer[export]"'
 
 
-class ExportError(RuntimeError):
+class ExportError(UserError, RuntimeError):
     """Export impossible or not faithful (missing packages, bad options, onnxruntime disagrees): one line."""
 
 

@@ -21,6 +21,7 @@ from torch import nn
 
 from seg_transfer.data.io import NIBABEL_SUFFIXES
 from seg_transfer.data.transforms import Preprocessing, preprocessing_transforms
+from seg_transfer.errors import UserError
 from seg_transfer.inference.cases import InputCase
 from seg_transfer.inference.writers import InputGeometry
 from seg_transfer.routes.base import InferenceOptions, label_dtype
@@ -31,7 +32,7 @@ log = logging.getLogger(__name__)
 Postprocess = Literal["none", "largest-component"]
 
 
-class PredictSetupError(ValueError):
+class PredictSetupError(UserError, ValueError):
     """A problem with the run as a whole (device, options): one line for the user, nothing predicted."""
 
 

@@ -10,6 +10,7 @@ import timm
 from torch import nn
 
 from seg_transfer.config import ModelConfig
+from seg_transfer.errors import UserError
 from seg_transfer.models.weights import (
     WeightsError,
     WeightsProvenance,
@@ -29,7 +30,7 @@ CLASSIFIER_PREFIXES = ("fc.", "classifier.", "last_linear.", "head.", "_fc.")
 SMP_DECODER_CHANNELS = (256, 128, 64, 32, 16)
 
 
-class ModelConfigError(ValueError):
+class ModelConfigError(UserError, ValueError):
     """Unknown architecture or encoder name (message lists the valid ones)."""
 
 

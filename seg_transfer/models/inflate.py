@@ -52,6 +52,8 @@ from torch import nn
 from torch.nn.modules.utils import _pair
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
+from seg_transfer.errors import UserError
+
 __all__ = [
     "AGNOSTIC_MODULES",
     "CONVERTERS",
@@ -70,7 +72,7 @@ __all__ = [
 PROBE_2D = 64  # side of the 2D probe that finds the order of the downsamplings
 
 
-class InflationError(RuntimeError):
+class InflationError(UserError, RuntimeError):
     """A 2D encoder could not be inflated completely; the one-line message names what did not land."""
 
 

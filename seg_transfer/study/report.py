@@ -103,6 +103,36 @@ def transferability_lines(row: dict[str, Any]) -> list[str]:
             f"of one fine-tuning run ({fmt(row['train_seconds'], 0)} s)."]
 
 
+def primary_rankings(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per training-set size, the agreement row of the study's first LogME stride."""
+    rows: dict[int, dict[str, Any]] = {}
+    for row in results.get("transferability", []):
+        rows.setdefault(row["size"], row)
+    return list(rows.values())
+
+
+def stride_table(results: dict[str, Any], size: int) -> tuple[list[str], list[list[str]]]:
+    """Agreement with fine-tuning at every LogME stride of one size (the first is the study's choice)."""
+    header = ["LogME stride", "Kendall tau", "Spearman rho", "tau per seed", "LogME's pick", "pairs ordered wrongly"]
+    rows = [[str(r["stride"]), fmt(r["kendall_tau"], 2), fmt(r["spearman_rho"], 2),
+             " · ".join(f"s{seed} {fmt(tau, 2)}" for seed, tau in zip(r["seeds"], r["seed_kendall_tau"])),
+             r["best_by_score"], f"{len(r['discordant'])} of {len(r['arms']) * (len(r['arms']) - 1) // 2}"]
+            for r in results.get("transferability", []) if r["size"] == size]
+    return header, rows
+
+
+def ranking_sections(results: dict[str, Any]) -> list[tuple[str, list[tuple[list[str], list[list[str]]]], list[str]]]:
+    """(title, tables, lines) per training-set size for the encoder-ranking part of the report."""
+    sections = []
+    for row in primary_rankings(results):
+        tables = [transferability_table(row)]
+        if len(stride_table(results, row["size"])[1]) > 1:
+            tables.append(stride_table(results, row["size"]))
+        sections.append((f"Encoder ranking (LogME) against fine-tuning, {row['size']} training cases", tables,
+                         transferability_lines(row)))
+    return sections
+
+
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
@@ -224,7 +254,7 @@ def plot_convergence(results: dict[str, Any], path: Path) -> Path:
 
 def plot_transferability(results: dict[str, Any], path: Path) -> Path:
     """Per size, each arm's per-seed (LogME, test Dice) points and its mean."""
-    rows = results["transferability"]
+    rows = primary_rankings(results)
     arms = list(dict.fromkeys(a["arm"] for row in rows for a in row["arms"]))
     colors = _arm_colors(arms)
     fig, axes = plt.subplots(1, len(rows), figsize=(4.5 * len(rows), 3.8), squeeze=False)
@@ -292,9 +322,11 @@ def markdown_report(results: dict[str, Any]) -> str:
              "## Test Dice against training time", "", "![dice vs time](dice_vs_time.png)", "",
              "## Time to target validation Dice", "", markdown_table(*target_table(results)), "",
              "## Convergence", "", "![convergence](convergence.png)", ""]
-    for row in results.get("transferability", []):
-        parts += [f"## Encoder ranking (LogME) against fine-tuning, {row['size']} training cases", "",
-                  markdown_table(*transferability_table(row)), "", *[f"- {line}" for line in transferability_lines(row)], ""]
+    for title, tables, lines in ranking_sections(results):
+        parts += [f"## {title}", ""]
+        for table in tables:
+            parts += [markdown_table(*table), ""]
+        parts += [*[f"- {line}" for line in lines], ""]
     if results.get("transferability"):
         parts += ["![transferability](transferability.png)", ""]
     return "\n".join(parts)
@@ -310,10 +342,9 @@ def html_report(results: dict[str, Any], images: dict[str, Path]) -> str:
     paragraphs = "".join(f"<p>{html.escape(line.replace('`', ''))}</p>" for line in header_lines(results))
     finding_items = "".join(f"<li>{html.escape(line)}</li>" for line in findings(results))
     title = html.escape(f"Transfer study: {results['study']['name']}")
-    ranking = "".join(f"<h2>Encoder ranking (LogME) against fine-tuning, {row['size']} training cases</h2>"
-                      f"{html_table(*transferability_table(row))}<ul>"
-                      + "".join(f"<li>{html.escape(line)}</li>" for line in transferability_lines(row)) + "</ul>"
-                      for row in results.get("transferability", []))
+    ranking = "".join(f"<h2>{html.escape(title)}</h2>" + "".join(html_table(*table) for table in tables)
+                      + "<ul>" + "".join(f"<li>{html.escape(line)}</li>" for line in lines) + "</ul>"
+                      for title, tables, lines in ranking_sections(results))
     if "transferability" in images:
         ranking += image("transferability")
     return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{title}</title><style>{style}</style></head><body>"

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from seg_transfer.data.io import volume_suffix
 from seg_transfer.data.splits import load_splits, save_splits
+from seg_transfer.errors import UserError
 from seg_transfer.evaluation.evaluate import JSON_NAME, evaluate_folders
 from seg_transfer.inference.batch import PredictRequest, run_predict
 from seg_transfer.inference.predictor import PredictOptions
@@ -25,7 +26,7 @@ from seg_transfer.training.reuse import finished_result, train_or_reuse
 log = logging.getLogger(__name__)
 
 
-class StudyError(RuntimeError):
+class StudyError(UserError, RuntimeError):
     """The study cannot go on as configured (one line for the user)."""
 
 

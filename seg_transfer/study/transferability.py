@@ -48,20 +48,28 @@ def candidate_key(spec: RunSpec) -> tuple[str, str, str | None]:
 
 
 def rank_subsets(specs: Sequence[RunSpec], output: Path, settings: RankEncodersConfig, device: str = "auto") -> None:
-    """Rank the arms' encoders on every (size, seed) training subset that has no ranking yet."""
+    """Rank the arms' encoders on every (size, seed) training subset that has no ranking with these settings yet."""
     from seg_transfer.selection.rank import Candidate, RankOptions, rank_encoders
 
     options = RankOptions(pixels=settings.pixels, strides=tuple(settings.strides), seed=settings.seed, device=device)
     for (size, seed), group in _by_subset(specs).items():
         folder = subset_folder(output, size, seed)
         runs = rankable(group)
-        if (folder / "ranking.json").is_file() or len(runs) < 2:
+        if _ranked_with(folder / "ranking.json", options) or len(runs) < 2:
             continue
         keys = dict.fromkeys(candidate_key(spec) for spec in runs)
         names = {key: ", ".join(spec.arm for spec in runs if candidate_key(spec) == key) for key in keys}
         candidates = [Candidate(names[key], *key) for key in keys]
         log.info("ranking %d encoders by LogME on the %d training cases of n=%d seed %d", len(candidates), size, size, seed)
         rank_encoders(runs[0].config, candidates, folder, options, splits=runs[0].splits)
+
+
+def _ranked_with(path: Path, options) -> bool:
+    """Whether ``path`` holds a ranking made with these pixels, strides and seed (else it is redone)."""
+    if not path.is_file():
+        return False
+    made = json.loads(path.read_text()).get("options", {})
+    return (made.get("pixels"), made.get("strides"), made.get("seed")) == (options.pixels, list(options.strides), options.seed)
 
 
 def _by_subset(specs: Sequence[RunSpec]) -> dict[tuple[int, int], list[RunSpec]]:
@@ -71,20 +79,20 @@ def _by_subset(specs: Sequence[RunSpec]) -> dict[tuple[int, int], list[RunSpec]]
     return grouped
 
 
-def read_scores(output: Path, records: Sequence[RunRecord]) -> dict[tuple[str, int, int], dict[str, float]]:
-    """{(arm, size, seed): {"logme": score at the first stride, "seconds": the whole ranking, "stride"}} for
-    every finished run whose subset was ranked with its encoder among the candidates."""
-    scores = {}
+def read_scores(output: Path, records: Sequence[RunRecord]) -> dict[tuple[str, int, int], dict[str, Any]]:
+    """{(arm, size, seed): {"logme": {stride: score}, "seconds": the whole ranking, "strides": in ranking
+    order}} for every finished run whose subset was ranked with its encoder among the candidates."""
+    scores: dict[tuple[str, int, int], dict[str, Any]] = {}
     for record in records:
         path = subset_folder(output, record.size, record.seed) / "ranking.json"
         if not path.is_file():
             continue
         ranking = json.loads(path.read_text())
-        stride = ranking["options"]["strides"][0]
         for row in ranking["ranking"]:
-            if row["stride"] == stride and record.arm in [name.strip() for name in row["candidate"].split(",")]:
-                scores[(record.arm, record.size, record.seed)] = {"logme": row["logme"], "seconds": ranking["seconds"],
-                                                                   "stride": stride}
+            if record.arm in [name.strip() for name in row["candidate"].split(",")]:
+                entry = scores.setdefault((record.arm, record.size, record.seed),
+                                          {"logme": {}, "seconds": ranking["seconds"], "strides": ranking["options"]["strides"]})
+                entry["logme"][int(row["stride"])] = row["logme"]
     return scores
 
 
@@ -109,11 +117,10 @@ def discordant_pairs(arms: Sequence[str], score: Sequence[float], dice: Sequence
     return wrong
 
 
-def agreement(records: Sequence[RunRecord], scores: dict[tuple[str, int, int], dict[str, float]]) -> list[dict[str, Any]]:
-    """Per training-set size: each ranked arm's mean LogME and test Dice over its seeds, tau/rho between
-    them, tau within each seed, the discordant pairs, and the ranking's cost relative to fine-tuning."""
-    from seg_transfer.study.analysis import run_mean
-
+def agreement(records: Sequence[RunRecord], scores: dict[tuple[str, int, int], dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per training-set size and LogME stride (the study's first stride first): each ranked arm's mean LogME
+    and test Dice over its seeds, tau/rho between them, tau within each seed, the discordant pairs, and
+    the ranking's cost relative to fine-tuning."""
     rows = []
     for size in sorted({r.size for r in records}):
         runs = [r for r in records if r.size == size and (r.arm, r.size, r.seed) in scores]
@@ -122,22 +129,30 @@ def agreement(records: Sequence[RunRecord], scores: dict[tuple[str, int, int], d
         if len(arms) < 2 or not seeds:
             continue
         chosen = [r for r in runs if r.seed in seeds]
-        per_arm = [{"arm": arm,
-                    "logme": float(np.mean([scores[(arm, size, s)]["logme"] for s in seeds])),
-                    "seed_logme": [scores[(arm, size, s)]["logme"] for s in seeds],
-                    "test_dice": float(np.mean([run_mean(r) for r in chosen if r.arm == arm])),
-                    "seed_dice": [run_mean(r) for s in seeds for r in chosen if r.arm == arm and r.seed == s]}
-                   for arm in arms]
-        per_arm.sort(key=lambda row: -row["logme"])
-        names, score, dice = ([row[k] for row in per_arm] for k in ("arm", "logme", "test_dice"))
-        per_seed = [kendall_spearman([row["seed_logme"][i] for row in per_arm], [row["seed_dice"][i] for row in per_arm])["kendall_tau"]
-                    for i in range(len(seeds))]
-        ranking_seconds = float(np.mean([scores[(arms[0], size, s)]["seconds"] for s in seeds]))
-        train_seconds = float(np.mean([r.seconds for r in chosen]))
-        rows.append({"size": size, "seeds": seeds, "arms": per_arm, **kendall_spearman(score, dice),
-                     "seed_kendall_tau": per_seed, "discordant": discordant_pairs(names, score, dice),
-                     "best_by_score": names[0], "best_by_dice": names[int(np.argmax(dice))],
-                     "ranking_seconds": ranking_seconds, "train_seconds": train_seconds,
-                     "cost_ratio": ranking_seconds / train_seconds if train_seconds else None,
-                     "stride": scores[(arms[0], size, seeds[0])]["stride"]})
+        for stride in scores[(arms[0], size, seeds[0])]["strides"]:
+            rows.append(_agreement_at(size, stride, arms, seeds, chosen, scores))
     return rows
+
+
+def _agreement_at(size: int, stride: int, arms: list[str], seeds: list[int], runs: list[RunRecord],
+                  scores: dict[tuple[str, int, int], dict[str, Any]]) -> dict[str, Any]:
+    from seg_transfer.study.analysis import run_mean
+
+    dice_of = {(r.arm, r.seed): run_mean(r) for r in runs}
+    per_arm = [{"arm": arm,
+                "logme": float(np.mean([scores[(arm, size, s)]["logme"][stride] for s in seeds])),
+                "seed_logme": [scores[(arm, size, s)]["logme"][stride] for s in seeds],
+                "test_dice": float(np.mean([dice_of[(arm, s)] for s in seeds])),
+                "seed_dice": [dice_of[(arm, s)] for s in seeds]}
+               for arm in arms]
+    per_arm.sort(key=lambda row: -row["logme"])
+    names, score, dice = ([row[k] for row in per_arm] for k in ("arm", "logme", "test_dice"))
+    per_seed = [kendall_spearman([row["seed_logme"][i] for row in per_arm], [row["seed_dice"][i] for row in per_arm])["kendall_tau"]
+                for i in range(len(seeds))]
+    ranking_seconds = float(np.mean([scores[(arms[0], size, s)]["seconds"] for s in seeds]))
+    train_seconds = float(np.mean([r.seconds for r in runs]))
+    return {"size": size, "stride": stride, "seeds": seeds, "arms": per_arm, **kendall_spearman(score, dice),
+            "seed_kendall_tau": per_seed, "discordant": discordant_pairs(names, score, dice),
+            "best_by_score": names[0], "best_by_dice": names[int(np.argmax(dice))],
+            "ranking_seconds": ranking_seconds, "train_seconds": train_seconds,
+            "cost_ratio": ranking_seconds / train_seconds if train_seconds else None}

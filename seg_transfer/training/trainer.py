@@ -38,6 +38,7 @@ from seg_transfer.checkpoint import Checkpoint
 from seg_transfer.config import ConfigError, RunConfig, StageConfig, dump_config
 from seg_transfer.data.pipeline import PreparedData, prepare_data, volume_dataset
 from seg_transfer.data.transforms import Preprocessing
+from seg_transfer.errors import UserError
 from seg_transfer.evaluation.metrics import dice_per_class
 from seg_transfer.models.factory import count_parameters
 from seg_transfer.models.freezing import (
@@ -68,7 +69,7 @@ from seg_transfer.training.speed import FULL_PRECISION, SpeedSettings
 log = logging.getLogger(__name__)
 
 
-class RunDirError(RuntimeError):
+class RunDirError(UserError, RuntimeError):
     """The output folder holds another run (one-line message)."""
 
 
