@@ -222,7 +222,7 @@ class Ranking:
     labels: dict[int, str]
     class_counts: dict[int, int]
     options: RankOptions
-    seconds: float = 0.0  # the whole ranking: data loading, pixel sampling and every candidate
+    seconds: float = 0.0  # loading the training cases, pixel sampling and every candidate
     files: dict[str, Path] = field(default_factory=dict)
 
 
@@ -331,14 +331,16 @@ def rank_encoders(config: RunConfig, candidates: Sequence[Candidate], output: Pa
                   options: RankOptions = RankOptions(), splits: dict[str, list[str]] | None = None) -> Ranking:
     """Score every candidate (see the module docstring) on the training cases of ``config`` (or of
     ``splits``, as a study fixes them), rank by LogME (highest first), and write ``ranking.json`` and
-    ``ranking.md`` to ``output`` atomically. ``Ranking.seconds`` is the whole time, data loading included."""
+    ``ranking.md`` to ``output`` atomically. ``Ranking.seconds`` covers loading and preprocessing the training
+    cases, sampling and every candidate; not finding and checking the dataset (a training run's clock
+    starts after that too)."""
     from seg_transfer.data.pipeline import volume_dataset
     from seg_transfer.data.transforms import Preprocessing
     from seg_transfer.inference.predictor import resolve_device
 
-    started = time.perf_counter()
     device = resolve_device(options.device)
     cases, labels = training_cases(config, options, splits)
+    started = time.perf_counter()  # after finding and checking the dataset, which training does before its clock too
     volumes = volume_dataset(cases, Preprocessing.from_config(config.data), config.data)
     samples = sample_cases(volumes, options.pixels, options.seed)
     log.info("%d training cases, %d sampled pixels", len(cases), sum(len(s.flat) for s in samples))
@@ -392,7 +394,7 @@ def ranking_markdown(ranking: Ranking) -> str:
         "features bilinearly upsampled from the stride's feature map. Higher LogME is better; seconds is each "
         "candidate's whole time (build, features, LogME).",
         "",
-        f"Whole ranking: {ranking.seconds:.1f} s, loading and preprocessing the cases included.",
+        f"Whole ranking: {ranking.seconds:.1f} s (loading and preprocessing the training cases included).",
         "",
         "| " + " | ".join(COLUMNS) + " |",
         "|" + "---|" * len(COLUMNS),
