@@ -339,6 +339,8 @@ def rank_encoders(config: RunConfig, candidates: Sequence[Candidate], output: Pa
     from seg_transfer.inference.predictor import resolve_device
 
     device = resolve_device(options.device)
+    if config.training.num_threads:
+        torch.set_num_threads(config.training.num_threads)  # the run's CPU threads, as its training uses
     cases, labels = training_cases(config, options, splits)
     started = time.perf_counter()  # after finding and checking the dataset, which training does before its clock too
     volumes = volume_dataset(cases, Preprocessing.from_config(config.data), config.data)
