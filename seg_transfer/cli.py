@@ -229,7 +229,8 @@ def compare(
 @app.command("rank-encoders")
 def rank_encoders(
     config: Annotated[Path, typer.Option("--config", "-c", help="YAML run config (its training cases and preprocessing).")],
-    candidates: Annotated[str, typer.Option("--candidates", help="Comma-separated encoder:weights, weights imagenet, none or a file, e.g. tu-tf_efficientnet_lite0:imagenet.")],
+    candidates: Annotated[str, typer.Option("--candidates", help="Comma-separated encoder:weights[:inflation], weights imagenet, none or a file, e.g. tu-tf_efficientnet_lite0:imagenet.")],
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a run-config key: key.path=value (repeatable).")] = None,
     pixels: Annotated[int, typer.Option("--pixels", min=1, help="Class-balanced pixels sampled per training case.")] = 1000,
     strides: Annotated[str, typer.Option("--strides", help="Feature-map strides to score, e.g. 4,8,16 (one row each).")] = "8",
     max_cases: Annotated[int | None, typer.Option("--max-cases", min=1, help="Use only the first N training cases (default: all).")] = None,
@@ -253,7 +254,7 @@ def rank_encoders(
     options = RankOptions(pixels=pixels, strides=parse_strides(strides), seed=seed, device=device,
                           max_cases=max_cases, skip_bad_cases=skip_bad_cases)
     chosen = parse_candidates(candidates)
-    ranking = run_ranking(load_config(config), chosen, output, options)
+    ranking = run_ranking(load_config(config, set_ or []), chosen, output, options)
     typer.echo(format_table(ranking))
     typer.echo(f"{len(ranking.cases)} training cases; ranking: {ranking.files['json']} and {ranking.files['markdown']}")
 
