@@ -233,5 +233,5 @@ def test_study_ranks_the_arms_encoders_on_each_training_subset(tmp_path, study_r
     by_arm = {arm["arm"]: arm for arm in row["arms"]}
     assert by_arm["imagenet"]["seed_logme"] == [logme[0]["imagenet"], logme[1]["imagenet"]]
     assert by_arm["staged"]["seed_logme"] == by_arm["scratch"]["seed_logme"] == [logme[0]["staged, scratch"], logme[1]["staged, scratch"]]
-    assert "## Encoder ranking (LogME) against fine-tuning, 2 training cases" in (out / "report.md").read_text()
+    assert "## Encoder ranking (LogME) against fine-tuning, 2 training cases" in (out / "report.md").read_text(encoding="utf-8")
     assert (out / "transferability.png").read_bytes()[:4] == b"\x89PNG"
