@@ -217,7 +217,9 @@ def plot_dice_vs_time(results: dict[str, Any], path: Path) -> Path:
     minutes = [r["seconds"] / 60 for r in runs] + [r["train_seconds"] / 60 for r in results.get("peers", [])]
     if minutes and max(minutes) > 5 * max(min(minutes), 1e-9):  # log axis only where the range is wide
         ax.set_xscale("log")
-        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")
+        ax.xaxis.set_major_formatter(plain)
+        ax.xaxis.set_minor_formatter(plain)
     ax.set_xlabel("training wall-clock minutes (per run, as logged)")
     ax.set_ylabel("test Dice (mean over classes and cases)")
     ax.set_title("Test Dice against training time")
