@@ -12,16 +12,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    ValidationError,
-    field_validator,
-    model_validator,
-)
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from seg_transfer.errors import UserError
+
+
+#: ``model.encoder_weights`` values that name weights rather than a file
+NAMED_WEIGHTS = frozenset({"imagenet", "none"})
 
 
 class ConfigError(UserError, ValueError):
@@ -287,8 +284,6 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
 DATA_PATH_KEYS = ("root", "csv", "images_dir", "labels_dir", "cache_dir")
 #: Every config key that may hold a path, dotted (a weights file for ``model.encoder_weights``).
 PATH_KEYS = (*(f"data.{key}" for key in DATA_PATH_KEYS), "model.encoder_weights")
-NAMED_WEIGHTS = frozenset({"imagenet", "none"})
-
 
 def is_relative_path(key: str, value: Any) -> bool:
     """Whether ``value`` of the dotted ``key`` is a relative path to resolve against a config's folder."""

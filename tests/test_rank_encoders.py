@@ -156,7 +156,8 @@ def test_3d_features_at_voxels_equal_the_upsampled_feature_map():
     image = np.random.default_rng(0).normal(size=(1, 19, 21, 13)).astype(np.float32)
     flat = np.sort(np.random.default_rng(1).choice(image[0].size, 40, replace=False))
     with torch.inference_mode():
-        got = volume_features(encoder, image, PixelSample(flat, np.zeros(40, np.int64)), [8], torch.device("cpu"))[8]
+        got = volume_features(encoder, image, PixelSample(flat, np.zeros(40, np.int64)), model.spatial_multiple(), [8],
+                              torch.device("cpu"))[8]
         padded = np.full((1, 1, 24, 24, 16), image.min(), np.float32)
         padded[0, :, :19, :21, :13] = image
         level = next(f for f, s in zip(encoder(torch.from_numpy(padded)), encoder.feature_strides) if s[0] == 8)

@@ -248,14 +248,13 @@ def sample_cases(volumes, pixels: int, seed: int) -> list[PixelSample]:
             for index, item in enumerate(volumes)]
 
 
-def volume_features(encoder: torch.nn.Module, image, sample: PixelSample, strides: Sequence[int],
-                    device: torch.device) -> dict[int, np.ndarray]:
+def volume_features(encoder: torch.nn.Module, image, sample: PixelSample, multiple: Sequence[int],
+                    strides: Sequence[int], device: torch.device) -> dict[int, np.ndarray]:
     """3D route: per stride, the (m, C) float64 features at ``sample``'s voxels of one case's image
-    (1, X, Y, Z), read from the whole volume's feature map (padded at the end to the encoder's multiple
-    with the image minimum) by trilinear interpolation at the voxel centres, which is what upsampling
-    the map (``align_corners=False``) and reading the voxel gives."""
+    (1, X, Y, Z), read from the whole volume's feature map (padded at the end to the network's per-axis
+    ``multiple`` with the image minimum) by trilinear interpolation at the voxel centres, which is what
+    upsampling the map (``align_corners=False``) and reading the voxel gives."""
     volume = _array(image).astype(np.float32, copy=False)
-    multiple = tuple(int(m) for m in encoder.feature_strides[-1])
     padded = [-(-size // m) * m for size, m in zip(volume.shape[1:], multiple)]
     inputs = np.full((1, 1, *padded), float(volume.min()), dtype=np.float32)
     inputs[0, :, :volume.shape[1], :volume.shape[2], :volume.shape[3]] = volume
@@ -289,14 +288,17 @@ def score_candidate(candidate: Candidate, config: RunConfig, volumes, samples: l
     parts: dict[int, list[np.ndarray]] = {stride: [] for stride in options.strides}
     show = sys.stderr.isatty()
     with torch.inference_mode():
+        multiple = route.spatial_multiple(model)
         if route.spatial_dims == 3:
-            read = lambda index: volume_features(encoder, volumes[index]["image"], samples[index], options.strides, device)  # noqa: E731
+            def read(index: int) -> dict[int, np.ndarray]:
+                return volume_features(encoder, volumes[index]["image"], samples[index], multiple, options.strides, device)
         else:
-            multiple = int(route.spatial_multiple(model)[0])
-            readers = _cached_readers(config, encoder, multiple, volumes, device)
-            read = lambda index: case_features(  # noqa: E731
-                encoder, volumes[index]["image"], samples[index], config.data.slice_axis, config.data.context_slices,
-                multiple, options.strides, device, options.batch_size, cached=readers[index] if readers else None)
+            readers = _cached_readers(config, encoder, multiple[0], volumes, device)
+
+            def read(index: int) -> dict[int, np.ndarray]:
+                return case_features(encoder, volumes[index]["image"], samples[index], config.data.slice_axis,
+                                     config.data.context_slices, multiple[0], options.strides, device,
+                                     options.batch_size, cached=readers[index] if readers else None)
         for index in tqdm(range(len(samples)), desc=candidate.text, unit="case", disable=not show):
             for stride, values in read(index).items():
                 parts[stride].append(values)

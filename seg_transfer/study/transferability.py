@@ -83,13 +83,17 @@ def read_scores(output: Path, records: Sequence[RunRecord]) -> dict[tuple[str, i
     """{(arm, size, seed): {"logme": {stride: score}, "seconds": the whole ranking, "strides": in ranking
     order}} for every finished run whose subset was ranked with its encoder among the candidates."""
     scores: dict[tuple[str, int, int], dict[str, Any]] = {}
+    rankings: dict[tuple[int, int], dict | None] = {}  # each subset's ranking.json, read once
     for record in records:
-        path = subset_folder(output, record.size, record.seed) / "ranking.json"
-        if not path.is_file():
+        subset = (record.size, record.seed)
+        if subset not in rankings:
+            path = subset_folder(output, *subset) / "ranking.json"
+            rankings[subset] = json.loads(path.read_text()) if path.is_file() else None
+        ranking = rankings[subset]
+        if ranking is None:
             continue
-        ranking = json.loads(path.read_text())
         for row in ranking["ranking"]:
-            if record.arm in [name.strip() for name in row["candidate"].split(",")]:
+            if record.arm in [name.strip() for name in row["candidate"].split(",")]:  # arm names hold no commas
                 entry = scores.setdefault((record.arm, record.size, record.seed),
                                           {"logme": {}, "seconds": ranking["seconds"], "strides": ranking["options"]["strides"]})
                 entry["logme"][int(row["stride"])] = row["logme"]
