@@ -78,7 +78,8 @@ def random_checkpoint(path: Path, window: tuple[int, int, int]) -> Path:
     from seg_transfer.data.transforms import Preprocessing
     from seg_transfer.routes import get_route
 
-    config = load_config(CONFIG, ["model.encoder_weights=none", f"data.patch_size={list(window)}"])
+    # no data is read: the repository stands in for data.root so that this works where the dataset is absent
+    config = load_config(CONFIG, ["model.encoder_weights=none", f"data.patch_size={list(window)}", f"data.root={ROOT}"])
     torch.manual_seed(0)
     model, _ = get_route("3d").build_network(config.model, 1, len(LABELS), False)
     return Checkpoint(config=dump_config(config), labels=LABELS, preprocessing=Preprocessing.from_config(config.data).as_dict(),
@@ -170,7 +171,7 @@ def stage_breakdown(checkpoint: str, volume: str, out: str, batch_size: int, ove
     geometry = input_geometry(case, image)
     inferer = loaded.network.inferer(InferenceOptions(batch_size=batch_size, overlap=overlap))
     probs = step("sliding window (probabilities)", lambda: inferer.probabilities(loaded.model, image.as_tensor(), loaded.device))
-    labels = step("arg-max -> uint8 label map", lambda: probs.argmax(0).to(torch.uint8))
+    labels = step("arg-max -> uint8 label map", lambda probs=probs: probs.argmax(0).to(torch.uint8))
     del probs
     gc.collect()
     restored = step("Invertd (nearest) + rint", lambda: np.rint(
@@ -299,8 +300,8 @@ def time_ratio(args: argparse.Namespace, work: Path) -> None:
     load_model(str(checkpoint), torch.device("cpu"))
     load_seconds = time.perf_counter() - start
     steps = step_seconds(loaded, cases, args.batch_size, work / "steps")
-    print(f"  where end to end goes (the steps of predict_case timed one by one, ms/case; the rest is checkpoint "
-          f"loading and summaries):")
+    print("  where end to end goes (the steps of predict_case timed one by one, ms/case; the rest is checkpoint "
+          "loading and summaries):")
     for name, seconds in steps.items():
         print(f"    {name:40s} {seconds / len(cases) * 1e3:7.1f} ms/case")
     print(f"    {'sum of steps':40s} {sum(steps.values()) / len(cases) * 1e3:7.1f} ms/case")

@@ -11,7 +11,15 @@ import yaml
 
 from seg_transfer.config import ConfigError, ModelConfig, TrainingConfig, config_from_dict, load_config
 from seg_transfer.models.factory import build_model
-from seg_transfer.training.speed import FULL_PRECISION, SpeedSettings, grad_scaler, resolve_amp, resolve_speed
+from seg_transfer.training.speed import (
+    FULL_PRECISION,
+    SpeedSettings,
+    apply_backend_flags,
+    grad_scaler,
+    process_settings_restored,
+    resolve_amp,
+    resolve_speed,
+)
 from seg_transfer.training.trainer import train, train_step
 from tests.conftest import tiny_config
 
@@ -92,3 +100,24 @@ def test_bf16_channels_last_run_on_cpu_trains_and_validates(phantom_root, tmp_pa
     record = json.loads((tmp_path / "run" / "metrics.jsonl").read_text())
     assert math.isfinite(record["train_loss"]) and 0.0 <= result.best_dice <= 1.0
     assert set(result.best_per_class) == {"anterior", "posterior"}
+
+
+def test_cudnn_benchmark_set_for_a_cuda_run_is_put_back_afterwards():
+    """Seen on an H200: a ``predict`` after ``train`` in one process inherited ``cudnn.benchmark`` and
+    re-tuned kernels for every new slice shape. Setting the flag needs no GPU, so this runs anywhere."""
+    before = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = False
+    try:
+        with process_settings_restored():
+            apply_backend_flags(SpeedSettings(cudnn_benchmark=True), CUDA)
+            assert torch.backends.cudnn.benchmark is True
+        assert torch.backends.cudnn.benchmark is False
+    finally:
+        torch.backends.cudnn.benchmark = before
+
+
+def test_train_leaves_the_process_thread_count_as_it_found_it(phantom_root, tmp_path, one_thread):
+    raw = tiny_config(phantom_root, **{"data.slices_per_epoch": 8})
+    raw["training"].update(num_threads=2, stages=[{"train": "all", "epochs": 1}])
+    train(config_from_dict(raw), tmp_path / "run")
+    assert torch.get_num_threads() == 1

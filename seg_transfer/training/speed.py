@@ -8,6 +8,7 @@ off on CPU, so a CPU run computes exactly what it did before these switches exis
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal
 
@@ -78,6 +79,19 @@ def apply_backend_flags(settings: SpeedSettings, device: torch.device) -> None:
     """Set ``torch.backends.cudnn.benchmark`` for CUDA runs (a CPU run leaves global state alone)."""
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = settings.cudnn_benchmark
+
+
+@contextlib.contextmanager
+def process_settings_restored() -> Iterator[None]:
+    """Run a block that may change process-wide torch settings (``cudnn.benchmark``, intra-op threads) and
+    put them back afterwards: ``train`` called from a library or notebook leaves the process as it found it
+    (a later ``predict`` on images of varying shapes must not inherit the training run's cuDNN benchmark)."""
+    benchmark, threads = torch.backends.cudnn.benchmark, torch.get_num_threads()
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = benchmark
+        torch.set_num_threads(threads)
 
 
 def memory_format(settings: SpeedSettings, ndim: int = 4) -> torch.memory_format:

@@ -151,7 +151,8 @@ def train(config: RunConfig, run_dir: Path | None = None, *, resume: bool = Fals
     run_dir = Path(run_dir or config.output_dir / config.name)
     context = distributed.init_distributed(config.training.device)
     try:
-        return _train(config, run_dir, context, resume, skip_bad_cases)
+        with speed.process_settings_restored():
+            return _train(config, run_dir, context, resume, skip_bad_cases)
     finally:
         distributed.shutdown(context)
 
