@@ -392,7 +392,7 @@ def _check_collapse(session: _Session, stage: StageConfig, progress: Progress, r
     """Classes that look collapsed at this validation (logged and kept in ``progress``), see :func:`collapsed_classes`."""
     rule = session.config.training.collapse
     planned = sum(s.epochs for s in session.config.training.stages if s.train != "decoder")
-    if stage.train == "decoder" or progress.encoder_epochs < max(1, math.ceil(rule.after_fraction * planned)):
+    if stage.train == "decoder" or not collapse_check_due(progress.encoder_epochs, planned, rule.after_fraction):
         return []
     names = list(session.data.labels.values())[1:]
     per_class = {name: record[f"val_dice_{name}"] for name in names}
@@ -405,6 +405,12 @@ def _check_collapse(session: _Session, stage: StageConfig, progress: Progress, r
                         ", ".join(f"class {n} val Dice {per_class[n]:.3f}" for n in low), progress.encoder_epochs, planned,
                         stage.label(progress.stage), "; stopping (training.collapse.stop)" if rule.stop else "")
     return low
+
+
+def collapse_check_due(encoder_epochs: int, planned_encoder_epochs: int, after_fraction: float) -> bool:
+    """Whether validations are checked for collapse yet: once the encoder has trained for ``after_fraction``
+    of the run's planned encoder-training epochs (at least one)."""
+    return encoder_epochs >= max(1, math.ceil(after_fraction * planned_encoder_epochs))
 
 
 def collapsed_classes(per_class: dict[str, float], min_class_dice: float, relative_dice: float = 0.0) -> list[str]:
