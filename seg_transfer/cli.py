@@ -236,11 +236,12 @@ def rank_encoders(
     max_cases: Annotated[int | None, typer.Option("--max-cases", min=1, help="Use only the first N training cases (default: all).")] = None,
     output: Annotated[Path, typer.Option("--output", "-o", help="Folder for ranking.json and ranking.md.")] = Path("runs/rank_encoders"),
     seed: Annotated[int, typer.Option("--seed", help="Pixel sampling seed.")] = 0,
+    scores: Annotated[str, typer.Option("--scores", help="Comma-separated transferability scores: logme, gbc; the first orders the ranking.")] = "logme",
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "cpu",
     skip_bad_cases: Annotated[bool, typer.Option("--skip-bad-cases", help="Use the good cases; ignore the bad ones.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
-    """Rank candidate encoders for a run config by LogME on its training pixels, before any fine-tuning."""
+    """Rank candidate encoders for a run config by LogME (or GBC) on its training pixels, before any fine-tuning."""
     _setup_logging(verbose)
     from seg_transfer.config import load_config
     from seg_transfer.selection.rank import (
@@ -252,7 +253,8 @@ def rank_encoders(
     from seg_transfer.selection.rank import rank_encoders as run_ranking
 
     options = RankOptions(pixels=pixels, strides=parse_strides(strides), seed=seed, device=device,
-                          max_cases=max_cases, skip_bad_cases=skip_bad_cases)
+                          max_cases=max_cases, skip_bad_cases=skip_bad_cases,
+                          scores=tuple(name.strip() for name in scores.split(",") if name.strip()))
     chosen = parse_candidates(candidates)
     ranking = run_ranking(load_config(config, set_ or []), chosen, output, options)
     typer.echo(format_table(ranking))

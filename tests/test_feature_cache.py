@@ -271,4 +271,4 @@ def test_rank_encoders_reads_the_store_a_training_run_filled(phantom_root, tmp_p
     fresh_config = config.model_copy(update={"training": config.training.model_copy(update={"feature_cache": "off"})})
     fresh = rank_encoders(fresh_config, candidates, tmp_path / "fresh", RankOptions(pixels=200, strides=(4, 8)))
     for a, b in zip(cached.scores, fresh.scores):
-        assert a.stride == b.stride and a.logme == pytest.approx(b.logme, abs=1e-3)
+        assert a.stride == b.stride and a.values["logme"] == pytest.approx(b.values["logme"], abs=1e-3)

@@ -11,6 +11,7 @@ from scipy.stats import multivariate_normal
 
 from seg_transfer.cli import main
 from seg_transfer.config import ConfigError
+from seg_transfer.selection.gbc import VARIANCE_FLOOR, gbc
 from seg_transfer.selection.logme import Spectrum, log_evidence, logme, maximise_evidence, project
 from seg_transfer.selection.rank import parse_candidate, parse_strides, sample_pixels
 from tests.conftest import tiny_config
@@ -39,6 +40,31 @@ def test_logme_handles_fewer_samples_than_dimensions_and_one_hot_targets():
     assert logme(features, labels) == pytest.approx(logme(features, one_hot))
     with pytest.raises(ValueError, match="20 feature rows but 19 labels"):
         logme(features, labels[:-1])
+
+
+def test_gbc_is_near_zero_for_separated_classes_and_near_minus_pairs_for_identical_ones():
+    rng = np.random.default_rng(2)
+    features, labels = _blobs(rng, n=6000, d=20, classes=3)
+    assert gbc(features * 10, labels) > -1e-3  # far apart: no overlap between any pair
+    assert gbc(features, rng.permutation(labels)) == pytest.approx(-6.0, abs=0.1)  # 3 classes, 6 ordered pairs, BC ~ 1
+    assert gbc(features, labels) > gbc(features, rng.permutation(labels))
+
+
+def test_gbc_matches_the_closed_form_bhattacharyya_coefficient_in_one_dimension():
+    """Two 1-D classes with sample means m0, m1 and variances v0, v1: D_B = (m0 - m1)^2 / (4 (v0 + v1))
+    + 1/2 ln((v0 + v1) / (2 sqrt(v0 v1))), and GBC = -2 exp(-D_B)."""
+    a, b = np.array([0.0, 1.0, 2.0, 3.0]), np.array([2.0, 4.0, 6.0])
+    features, labels = np.concatenate([a, b])[:, None], np.array([0] * 4 + [1] * 3)
+    v0, v1 = a.var() + VARIANCE_FLOOR, b.var() + VARIANCE_FLOOR
+    distance = (a.mean() - b.mean()) ** 2 / (4 * (v0 + v1)) + 0.5 * np.log((v0 + v1) / (2 * np.sqrt(v0 * v1)))
+    assert gbc(features, labels) == pytest.approx(-2 * np.exp(-distance), rel=1e-12)
+
+
+def test_unknown_score_is_a_one_line_error(config_file, tmp_path, capsys):
+    code = main(["rank-encoders", "--config", str(config_file), "--candidates", "tu-tf_efficientnet_lite0:none",
+                 "--scores", "hscore", "--output", str(tmp_path / "x")])
+    assert code == 2
+    assert "unknown transferability score 'hscore'; choose from logme, gbc" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("n, d", [(15, 3), (8, 12)])
@@ -107,20 +133,22 @@ def test_rank_encoders_cli_on_phantoms(config_file, tmp_path, one_thread, capsys
     output = tmp_path / "ranking"
     candidates = "tu-tf_efficientnet_lite0:imagenet,tu-tf_efficientnet_lite0:none"
     code = main(["rank-encoders", "--config", str(config_file), "--candidates", candidates,
-                 "--pixels", "50", "--strides", "8,16", "--output", str(output)])
+                 "--pixels", "50", "--strides", "8,16", "--scores", "logme,gbc", "--output", str(output)])
     assert code == 0
     payload = json.loads((output / "ranking.json").read_text())
     rows = payload["ranking"]
     assert {r["candidate"] for r in rows} == set(candidates.split(","))
     assert sorted((r["candidate"], r["stride"]) for r in rows) == sorted(
         (c, s) for c in candidates.split(",") for s in (8, 16))
-    scores = [r["logme"] for r in rows]
+    scores = [r["values"]["logme"] for r in rows]  # the first score orders the ranking
     assert all(math.isfinite(s) for s in scores) and scores == sorted(scores, reverse=True)
+    assert all(r["values"]["gbc"] <= 0 for r in rows)
     assert [r["rank"] for r in rows] == [1, 2, 3, 4]
     assert {r["feature_dim"] for r in rows if r["stride"] == 8} == {40}
     assert len(set(payload["sampled_pixels_per_class"].values())) == 1  # the same count for every class
     assert (output / "ranking.md").read_text().count("tu-tf_efficientnet_lite0:") == 4
-    assert "LogME" in capsys.readouterr().out
+    header = capsys.readouterr().out.splitlines()[0].split()
+    assert header[2:4] == ["LogME", "GBC"]
 
 
 def test_rank_encoders_cli_rejects_a_bad_candidate(config_file, tmp_path, capsys):
@@ -178,7 +206,7 @@ def test_rank_encoders_ranks_3d_inflation_modes(phantom_root, tmp_path, one_thre
                  "--strides", "4,8", "--output", str(tmp_path / "out")]) == 0
     rows = json.loads((tmp_path / "out" / "ranking.json").read_text())["ranking"]
     by = {(r["candidate"], r["stride"]): r for r in rows}
-    assert len(by) == 6 and all(math.isfinite(r["logme"]) for r in rows)
+    assert len(by) == 6 and all(math.isfinite(r["values"]["logme"]) for r in rows)
     assert {r["feature_dim"] for r in rows if r["stride"] == 8} == {40}
-    centre, mean = (by[(f"tu-tf_efficientnet_lite0:imagenet:{m}", 8)]["logme"] for m in ("centre", "mean"))
+    centre, mean = (by[(f"tu-tf_efficientnet_lite0:imagenet:{m}", 8)]["values"]["logme"] for m in ("centre", "mean"))
     assert centre != mean  # the inflation mode reaches the encoder that is scored

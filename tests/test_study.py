@@ -194,7 +194,8 @@ def test_study_refuses_a_changed_config_for_existing_runs(tmp_path, study_root, 
 
 
 def test_ranking_agreement_on_known_scores():
-    """tau +1 when LogME orders the arms as their test Dice does; a swapped pair is named and lowers tau."""
+    """tau +1 when a score orders the arms as their test Dice does; a swapped pair is named and lowers tau;
+    every (score, stride) gets its row, the first score's strides first."""
     from seg_transfer.study.transferability import agreement
 
     dice = {"a": 0.80, "b": 0.75, "c": 0.70, "d": 0.60}
@@ -202,15 +203,19 @@ def test_ranking_agreement_on_known_scores():
     for record_ in records:
         record_.seconds = 200.0
     logme = {"a": 1.0, "b": 0.9, "c": 0.5, "d": 0.1}
-    scores = {(r.arm, 10, r.seed): {"logme": {8: logme[r.arm], 4: -logme[r.arm]}, "seconds": 10.0, "strides": [8, 4]}
+    scores = {(r.arm, 10, r.seed): {"values": {("logme", 8): logme[r.arm], ("logme", 4): -logme[r.arm], ("gbc", 8): -logme[r.arm],
+                                               ("gbc", 4): logme[r.arm]},
+                                    "seconds": 10.0, "strides": [8, 4], "scores": ["logme", "gbc"]}
               for r in records}
-    row, reversed_row = agreement(records, scores)
+    row, reversed_row, gbc_8, gbc_4 = agreement(records, scores)
     assert row["stride"] == 8 and reversed_row["stride"] == 4 and reversed_row["kendall_tau"] == pytest.approx(-1.0)
+    assert (gbc_8["score"], gbc_8["stride"], gbc_4["stride"]) == ("gbc", 8, 4)
+    assert gbc_8["kendall_tau"] == pytest.approx(-1.0) and gbc_4["kendall_tau"] == pytest.approx(1.0)
     assert row["kendall_tau"] == pytest.approx(1.0) and row["discordant"] == [] and row["seed_kendall_tau"] == [1.0] * 3
     assert row["best_by_score"] == row["best_by_dice"] == "a" and row["cost_ratio"] == pytest.approx(0.05)
     for seed in (0, 1, 2):
-        scores[("d", 10, seed)]["logme"][8] = 2.0  # d looks best, is worst
-    row, _ = agreement(records, scores)
+        scores[("d", 10, seed)]["values"][("logme", 8)] = 2.0  # d looks best, is worst
+    row, *_ = agreement(records, scores)
     assert row["kendall_tau"] == pytest.approx(0.0) and row["best_by_score"] == "d"
     assert row["discordant"] == ["d over a", "d over b", "d over c"]
 
@@ -228,10 +233,10 @@ def test_study_ranks_the_arms_encoders_on_each_training_subset(tmp_path, study_r
         splits = load_splits(out / "runs" / "staged" / f"n002_seed{seed}" / "splits.json")
         assert sorted(ranking["cases"]) == sorted(splits["train"])  # the runs' own training cases, nothing else
         assert sorted(row["candidate"] for row in ranking["ranking"]) == ["imagenet", "staged, scratch"]  # one score per encoder
-        logme[seed] = {row["candidate"]: row["logme"] for row in ranking["ranking"]}
+        logme[seed] = {row["candidate"]: row["values"]["logme"] for row in ranking["ranking"]}
     (row,) = json.loads((out / "results.json").read_text())["transferability"]  # one size, one stride
     by_arm = {arm["arm"]: arm for arm in row["arms"]}
-    assert by_arm["imagenet"]["seed_logme"] == [logme[0]["imagenet"], logme[1]["imagenet"]]
-    assert by_arm["staged"]["seed_logme"] == by_arm["scratch"]["seed_logme"] == [logme[0]["staged, scratch"], logme[1]["staged, scratch"]]
+    assert by_arm["imagenet"]["seed_scores"] == [logme[0]["imagenet"], logme[1]["imagenet"]]
+    assert by_arm["staged"]["seed_scores"] == by_arm["scratch"]["seed_scores"] == [logme[0]["staged, scratch"], logme[1]["staged, scratch"]]
     assert "## Encoder ranking (LogME) against fine-tuning, 2 training cases" in (out / "report.md").read_text(encoding="utf-8")
     assert (out / "transferability.png").read_bytes()[:4] == b"\x89PNG"

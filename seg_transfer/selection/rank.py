@@ -1,11 +1,13 @@
-"""Rank candidate source encoders for a run config by LogME on the run's training pixels, before any fine-tuning.
+"""Rank candidate source encoders for a run config by a transferability score (LogME by default, see
+:mod:`seg_transfer.selection.scores`) on the run's training pixels, before any fine-tuning.
 
 For every training case (as training preprocesses it, no augmentation) a class-balanced set of voxels
 is drawn once, from ``np.random.default_rng([seed, case_index])``. Each candidate encoder (built by the
 project's factory with the run's architecture, eval mode) sees the 2.5D slabs of the slices holding
 those voxels, padded as in training. The feature map at each chosen stride is bilinearly upsampled
 (``align_corners=False``) to the padded slice size, and the feature vector at every sampled voxel is
-read. LogME of the stacked features (n x d) against the voxel labels scores the candidate.
+read. Each asked-for score of the stacked features (n x d) against the voxel labels scores the
+candidate; the first orders the ranking.
 
 With ``training.feature_cache: disk`` in the run config, a candidate's features come from the disk
 store its training would use (:mod:`seg_transfer.training.feature_cache`, slot 0: plain slabs, same
@@ -34,7 +36,7 @@ from seg_transfer.atomic import json_safe, write_atomic
 from seg_transfer.config import NAMED_WEIGHTS, ConfigError, ModelConfig, RunConfig
 from seg_transfer.data.cases import DatasetError
 from seg_transfer.data.slices import pad_to_multiple, slab
-from seg_transfer.selection.logme import logme
+from seg_transfer.selection.scores import get_scores, score_label
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +123,7 @@ class RankOptions:
     max_cases: int | None = None
     skip_bad_cases: bool = False
     batch_size: int = 16  # slices per encoder forward pass
+    scores: tuple[str, ...] = ("logme",)  # registry names (selection/scores.py); the first orders the ranking
 
 
 # --------------------------------------------------------------------------- pixel sampling
@@ -202,13 +205,13 @@ def case_features(
 @dataclass
 class Score:
     """One (candidate, stride) row of the ranking; ``seconds`` is the candidate's whole time
-    (model build, features for every stride, LogME)."""
+    (model build, features for every stride, every score); ``values`` maps score names to values."""
 
     candidate: str
     encoder: str
     weights: str
     stride: int
-    logme: float
+    values: dict[str, float]
     seconds: float = 0.0
     n_pixels: int = 0
     feature_dim: int = 0
@@ -277,7 +280,7 @@ def volume_features(encoder: torch.nn.Module, image, sample: PixelSample, multip
 def score_candidate(candidate: Candidate, config: RunConfig, volumes, samples: list[PixelSample],
                     num_classes: int, options: RankOptions, device: torch.device) -> list[Score]:
     """Build ``candidate``'s encoder as the run's route builds it (2.5D, or inflated to 3D), extract features
-    at every stride, score each with LogME."""
+    at every stride, and compute every asked-for score at each."""
     from seg_transfer.routes import get_route
 
     started = time.perf_counter()
@@ -306,7 +309,8 @@ def score_candidate(candidate: Candidate, config: RunConfig, volumes, samples: l
     scores = []
     for stride in options.strides:
         matrix = np.concatenate(parts[stride])
-        scores.append(Score(candidate.text, candidate.encoder, candidate.weights, stride, logme(matrix, labels),
+        values = {score.name: score.compute(matrix, labels) for score in get_scores(options.scores)}
+        scores.append(Score(candidate.text, candidate.encoder, candidate.weights, stride, values,
                             n_pixels=matrix.shape[0], feature_dim=matrix.shape[1]))
     seconds = time.perf_counter() - started
     for score in scores:
@@ -332,7 +336,7 @@ def _cached_readers(config: RunConfig, encoder: torch.nn.Module, multiple: int, 
 def rank_encoders(config: RunConfig, candidates: Sequence[Candidate], output: Path,
                   options: RankOptions = RankOptions(), splits: dict[str, list[str]] | None = None) -> Ranking:
     """Score every candidate (see the module docstring) on the training cases of ``config`` (or of
-    ``splits``, as a study fixes them), rank by LogME (highest first), and write ``ranking.json`` and
+    ``splits``, as a study fixes them), rank by the first of ``options.scores`` (highest first), and write ``ranking.json`` and
     ``ranking.md`` to ``output`` atomically. ``Ranking.seconds`` covers loading and preprocessing the training
     cases, sampling and every candidate; not finding and checking the dataset (a training run's clock
     starts after that too)."""
@@ -340,6 +344,7 @@ def rank_encoders(config: RunConfig, candidates: Sequence[Candidate], output: Pa
     from seg_transfer.data.transforms import Preprocessing
     from seg_transfer.inference.predictor import resolve_device
 
+    get_scores(options.scores)  # an unknown name fails before any work
     device = resolve_device(options.device)
     if config.training.num_threads:
         torch.set_num_threads(config.training.num_threads)  # the run's CPU threads, as its training uses
@@ -349,7 +354,8 @@ def rank_encoders(config: RunConfig, candidates: Sequence[Candidate], output: Pa
     samples = sample_cases(volumes, options.pixels, options.seed)
     log.info("%d training cases, %d sampled pixels", len(cases), sum(len(s.flat) for s in samples))
     scores = [row for c in candidates for row in score_candidate(c, config, volumes, samples, len(labels), options, device)]
-    scores.sort(key=lambda s: -s.logme if np.isfinite(s.logme) else np.inf)
+    primary = options.scores[0]
+    scores.sort(key=lambda s: -s.values[primary] if np.isfinite(s.values[primary]) else np.inf)
     for rank, score in enumerate(scores, start=1):
         score.rank = rank
     values, counts = np.unique(np.concatenate([s.labels for s in samples]), return_counts=True)
@@ -361,25 +367,33 @@ def rank_encoders(config: RunConfig, candidates: Sequence[Candidate], output: Pa
 
 # --------------------------------------------------------------------------- output
 
-COLUMNS = ("rank", "candidate", "LogME", "seconds", "stride", "n pixels", "feature dim")
+def columns(ranking: Ranking) -> list[str]:
+    return ["rank", "candidate", *(score_label(name) for name in ranking.options.scores), "seconds", "stride", "n pixels",
+            "feature dim"]
 
 
 def table_rows(ranking: Ranking) -> list[list[str]]:
-    return [[str(s.rank), s.candidate, f"{s.logme:.4f}", f"{s.seconds:.1f}", str(s.stride), str(s.n_pixels),
-             str(s.feature_dim)] for s in ranking.scores]
+    return [[str(s.rank), s.candidate, *(f"{s.values[name]:.4f}" for name in ranking.options.scores), f"{s.seconds:.1f}",
+             str(s.stride), str(s.n_pixels), str(s.feature_dim)] for s in ranking.scores]
 
 
 def format_table(ranking: Ranking) -> str:
     """The ranking as an aligned plain-text table (for the terminal)."""
-    rows = [list(COLUMNS), *table_rows(ranking)]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
+    rows = [columns(ranking), *table_rows(ranking)]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(cell.ljust(w) if i == 1 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
                      for row in rows)
 
 
+def _method(options: RankOptions) -> str:
+    scores = get_scores(options.scores)
+    return ("; ".join(f"{s.label} ({s.reference})" for s in scores) + " on class-balanced training pixels; higher is "
+            f"better; ranked by {scores[0].label}")
+
+
 def ranking_payload(ranking: Ranking) -> dict:
     return json_safe({
-        "method": "LogME (You et al., ICML 2021) on class-balanced training pixels; higher is better",
+        "method": _method(ranking.options),
         "options": asdict(ranking.options),
         "cases": ranking.cases,
         "labels": ranking.labels,
@@ -391,17 +405,18 @@ def ranking_payload(ranking: Ranking) -> dict:
 
 def ranking_markdown(ranking: Ranking) -> str:
     options = ranking.options
+    primary = score_label(options.scores[0])
     lines = [
-        "# Encoder ranking (LogME)",
+        f"# Encoder ranking ({primary})",
         "",
         f"{len(ranking.cases)} training cases, up to {options.pixels} class-balanced pixels per case (seed {options.seed}); "
-        "features bilinearly upsampled from the stride's feature map. Higher LogME is better; seconds is each "
-        "candidate's whole time (build, features, LogME).",
+        f"features bilinearly upsampled from the stride's feature map. {_method(options)}. Seconds is each "
+        "candidate's whole time (build, features, scores).",
         "",
         f"Whole ranking: {ranking.seconds:.1f} s (loading and preprocessing the training cases included).",
         "",
-        "| " + " | ".join(COLUMNS) + " |",
-        "|" + "---|" * len(COLUMNS),
+        "| " + " | ".join(columns(ranking)) + " |",
+        "|" + "---|" * len(columns(ranking)),
         *("| " + " | ".join(row) + " |" for row in table_rows(ranking)),
     ]
     return "\n".join(lines) + "\n"

@@ -47,12 +47,22 @@ class StudySplit(_Strict):
 
 
 class RankEncodersConfig(_Strict):
-    """LogME of every arm's encoder on each training subset before fine-tuning (``seg-transfer rank-encoders``
-    with these options); the report says how well the score's ranking agrees with the fine-tuned test Dice."""
+    """Transferability scores of every arm's encoder on each training subset before fine-tuning
+    (``seg-transfer rank-encoders`` with these options); the report says how well each score's ranking
+    agrees with the fine-tuned test Dice."""
 
     pixels: int = Field(1000, ge=10)
     strides: list[int] = Field(default_factory=lambda: [8], min_length=1)
     seed: int = 0
+    scores: list[str] = Field(default_factory=lambda: ["logme"], min_length=1)  # selection/scores.py names
+
+    @field_validator("scores")
+    @classmethod
+    def _known_scores(cls, names: list[str]) -> list[str]:
+        from seg_transfer.selection.scores import get_scores
+
+        get_scores(names)
+        return names
 
 
 class StudyConfig(_Strict):

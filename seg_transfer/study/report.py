@@ -16,12 +16,13 @@ import matplotlib.pyplot as plt
 import matplotlib.ticker
 
 from seg_transfer.atomic import atomic_open, json_safe, write_atomic
+from seg_transfer.selection.scores import score_label
 
 PLOTS = {"learning_curve": "Test Dice against training cases",
          "dice_vs_time": "Test Dice against training wall-clock minutes (our runs and peers)",
          "paired_difference": "Arm minus control, paired by test case",
          "convergence": "Validation Dice against wall-clock seconds and epochs",
-         "transferability": "LogME before fine-tuning against test Dice after it"}
+         "transferability": "transferability score before fine-tuning against test Dice after it"}
 
 
 # ----------------------------------------------------------------------------- tables
@@ -81,11 +82,12 @@ def peer_table(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
 
 
 def transferability_table(row: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    """One size's arms, best LogME first, with their test Dice rank next to it."""
-    header = ["arm", "LogME (mean)", "LogME per seed", "test Dice (mean)", "test Dice per seed", "rank by LogME", "rank by Dice"]
+    """One size's arms, best score first, with their test Dice rank next to it."""
+    label = score_label(row["score"])
+    header = ["arm", f"{label} (mean)", f"{label} per seed", "test Dice (mean)", "test Dice per seed", f"rank by {label}", "rank by Dice"]
     by_dice = sorted(row["arms"], key=lambda a: -a["test_dice"])
     dice_rank = {a["arm"]: i for i, a in enumerate(by_dice, 1)}
-    rows = [[a["arm"], fmt(a["logme"], 4), seed_values(a["seed_logme"], row["seeds"], digits=4), fmt(a["test_dice"]),
+    rows = [[a["arm"], fmt(a["score"], 4), seed_values(a["seed_scores"], row["seeds"], digits=4), fmt(a["test_dice"]),
              seed_values(a["seed_dice"], row["seeds"]), str(i), str(dice_rank[a["arm"]])] for i, a in enumerate(row["arms"], 1)]
     return header, rows
 
@@ -94,27 +96,28 @@ def transferability_lines(row: dict[str, Any]) -> list[str]:
     """What the ranking got right and wrong at one size, and what it cost."""
     per_seed = " · ".join(f"s{seed} {fmt(tau, 2)}" for seed, tau in zip(row["seeds"], row["seed_kendall_tau"]))
     wrong = "; ".join(row["discordant"]) or "none"
-    return [f"{row['size']} training cases, {len(row['arms'])} encoders, LogME at stride {row['stride']}: Kendall tau "
+    label = score_label(row["score"])
+    return [f"{row['size']} training cases, {len(row['arms'])} encoders, {label} at stride {row['stride']}: Kendall tau "
             f"{fmt(row['kendall_tau'], 2)} (p = {fmt(row['kendall_p'], 3)}), Spearman rho {fmt(row['spearman_rho'], 2)} "
-            f"(p = {fmt(row['spearman_p'], 3)}) between mean LogME and mean test Dice; tau within each seed: {per_seed}.",
-            f"LogME picks {row['best_by_score']}; fine-tuning's best is {row['best_by_dice']}. Pairs the score orders "
+            f"(p = {fmt(row['spearman_p'], 3)}) between mean {label} and mean test Dice; tau within each seed: {per_seed}.",
+            f"{label} picks {row['best_by_score']}; fine-tuning's best is {row['best_by_dice']}. Pairs the score orders "
             f"wrongly (its pick first): {wrong}.",
             f"Ranking all encoders took {fmt(row['ranking_seconds'], 0)} s, {fmt(100 * row['cost_ratio'], 1) if row['cost_ratio'] else 'n/a'}% "
             f"of one fine-tuning run ({fmt(row['train_seconds'], 0)} s)."]
 
 
 def primary_rankings(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """Per training-set size, the agreement row of the study's first LogME stride."""
+    """Per training-set size, the agreement row of the study's first score at its first stride."""
     rows: dict[int, dict[str, Any]] = {}
     for row in results.get("transferability", []):
         rows.setdefault(row["size"], row)
     return list(rows.values())
 
 
-def stride_table(results: dict[str, Any], size: int) -> tuple[list[str], list[list[str]]]:
-    """Agreement with fine-tuning at every LogME stride of one size (the first is the study's choice)."""
-    header = ["LogME stride", "Kendall tau", "Spearman rho", "tau per seed", "LogME's pick", "pairs ordered wrongly"]
-    rows = [[str(r["stride"]), fmt(r["kendall_tau"], 2), fmt(r["spearman_rho"], 2),
+def agreement_table(results: dict[str, Any], size: int) -> tuple[list[str], list[list[str]]]:
+    """Agreement with fine-tuning for every score and stride of one size (the first row is the study's choice)."""
+    header = ["score", "stride", "Kendall tau", "Spearman rho", "tau per seed", "score's pick", "pairs ordered wrongly"]
+    rows = [[score_label(r["score"]), str(r["stride"]), fmt(r["kendall_tau"], 2), fmt(r["spearman_rho"], 2),
              " · ".join(f"s{seed} {fmt(tau, 2)}" for seed, tau in zip(r["seeds"], r["seed_kendall_tau"])),
              r["best_by_score"], f"{len(r['discordant'])} of {len(r['arms']) * (len(r['arms']) - 1) // 2}"]
             for r in results.get("transferability", []) if r["size"] == size]
@@ -126,9 +129,9 @@ def ranking_sections(results: dict[str, Any]) -> list[tuple[str, list[tuple[list
     sections = []
     for row in primary_rankings(results):
         tables = [transferability_table(row)]
-        if len(stride_table(results, row["size"])[1]) > 1:
-            tables.append(stride_table(results, row["size"]))
-        sections.append((f"Encoder ranking (LogME) against fine-tuning, {row['size']} training cases", tables,
+        if len(agreement_table(results, row["size"])[1]) > 1:
+            tables.append(agreement_table(results, row["size"]))
+        sections.append((f"Encoder ranking ({score_label(row['score'])}) against fine-tuning, {row['size']} training cases", tables,
                          transferability_lines(row)))
     return sections
 
@@ -255,17 +258,17 @@ def plot_convergence(results: dict[str, Any], path: Path) -> Path:
 
 
 def plot_transferability(results: dict[str, Any], path: Path) -> Path:
-    """Per size, each arm's per-seed (LogME, test Dice) points and its mean."""
+    """Per size, each arm's per-seed (score, test Dice) points and its mean, for the study's first score and stride."""
     rows = primary_rankings(results)
     arms = list(dict.fromkeys(a["arm"] for row in rows for a in row["arms"]))
     colors = _arm_colors(arms)
     fig, axes = plt.subplots(1, len(rows), figsize=(4.5 * len(rows), 3.8), squeeze=False)
     for ax, row in zip(axes[0], rows):
         for arm in row["arms"]:
-            ax.scatter(arm["seed_logme"], arm["seed_dice"], color=colors[arm["arm"]], s=14, alpha=0.5)
-            ax.scatter([arm["logme"]], [arm["test_dice"]], color=colors[arm["arm"]], s=50, edgecolor="black", label=arm["arm"])
+            ax.scatter(arm["seed_scores"], arm["seed_dice"], color=colors[arm["arm"]], s=14, alpha=0.5)
+            ax.scatter([arm["score"]], [arm["test_dice"]], color=colors[arm["arm"]], s=50, edgecolor="black", label=arm["arm"])
         ax.set_title(f"{row['size']} training cases: Kendall tau {fmt(row['kendall_tau'], 2)}")
-        ax.set_xlabel(f"LogME (stride {row['stride']}, before fine-tuning)")
+        ax.set_xlabel(f"{score_label(row['score'])} (stride {row['stride']}, before fine-tuning)")
         ax.set_ylabel("test Dice after fine-tuning")
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)

@@ -1,5 +1,5 @@
-"""Encoder ranking inside a study: LogME of every arm's encoder on each training subset, and whether that
-ranking agrees with the arms' fine-tuned test Dice.
+"""Encoder ranking inside a study: transferability scores (LogME, GBC) of every arm's encoder on each training
+subset, and whether each score's ranking agrees with the arms' fine-tuned test Dice.
 
 Before fine-tuning, ``seg-transfer rank-encoders`` runs once per (training-set size, seed) on exactly the
 training cases that seed's runs train on, with every distinct (encoder, weights) of the arms as a
@@ -7,8 +7,8 @@ candidate (for 3D arms also the inflation mode); its files go to ``output/rank_e
 Arms that share an encoder and weights (e.g. staged and unstaged ImageNet) share a score. Only arms of the
 first arm's route and data settings are ranked (one ranking sees one kind of input).
 
-After fine-tuning, agreement is measured per size over the arms: Kendall's tau and Spearman's rho between
-the arm's LogME and its test Dice, both averaged over seeds, plus tau within each seed; the pairs the
+After fine-tuning, agreement is measured per size, score and stride over the arms: Kendall's tau and
+Spearman's rho between the arm's score and its test Dice, both averaged over seeds, plus tau within each seed; the pairs the
 score orders wrongly are listed; the ranking's cost is its seconds over one fine-tuning run's seconds.
 """
 from __future__ import annotations
@@ -51,7 +51,8 @@ def rank_subsets(specs: Sequence[RunSpec], output: Path, settings: RankEncodersC
     """Rank the arms' encoders on every (size, seed) training subset that has no ranking with these settings yet."""
     from seg_transfer.selection.rank import Candidate, RankOptions, rank_encoders
 
-    options = RankOptions(pixels=settings.pixels, strides=tuple(settings.strides), seed=settings.seed, device=device)
+    options = RankOptions(pixels=settings.pixels, strides=tuple(settings.strides), seed=settings.seed, device=device,
+                          scores=tuple(settings.scores))
     for (size, seed), group in _by_subset(specs).items():
         folder = subset_folder(output, size, seed)
         runs = rankable(group)
@@ -60,16 +61,18 @@ def rank_subsets(specs: Sequence[RunSpec], output: Path, settings: RankEncodersC
         keys = dict.fromkeys(candidate_key(spec) for spec in runs)
         names = {key: ", ".join(spec.arm for spec in runs if candidate_key(spec) == key) for key in keys}
         candidates = [Candidate(names[key], *key) for key in keys]
-        log.info("ranking %d encoders by LogME on the %d training cases of n=%d seed %d", len(candidates), size, size, seed)
+        log.info("ranking %d encoders by %s on the %d training cases of n=%d seed %d", len(candidates),
+                 "/".join(options.scores), size, size, seed)
         rank_encoders(runs[0].config, candidates, folder, options, splits=runs[0].splits)
 
 
 def _ranked_with(path: Path, options) -> bool:
-    """Whether ``path`` holds a ranking made with these pixels, strides and seed (else it is redone)."""
+    """Whether ``path`` holds a ranking made with these pixels, strides, seed and scores (else it is redone)."""
     if not path.is_file():
         return False
     made = json.loads(path.read_text()).get("options", {})
-    return (made.get("pixels"), made.get("strides"), made.get("seed")) == (options.pixels, list(options.strides), options.seed)
+    return ((made.get("pixels"), made.get("strides"), made.get("seed"), made.get("scores", ["logme"]))
+            == (options.pixels, list(options.strides), options.seed, list(options.scores)))
 
 
 def _by_subset(specs: Sequence[RunSpec]) -> dict[tuple[int, int], list[RunSpec]]:
@@ -80,8 +83,9 @@ def _by_subset(specs: Sequence[RunSpec]) -> dict[tuple[int, int], list[RunSpec]]
 
 
 def read_scores(output: Path, records: Sequence[RunRecord]) -> dict[tuple[str, int, int], dict[str, Any]]:
-    """{(arm, size, seed): {"logme": {stride: score}, "seconds": the whole ranking, "strides": in ranking
-    order}} for every finished run whose subset was ranked with its encoder among the candidates."""
+    """{(arm, size, seed): {"values": {(score name, stride): value}, "seconds": the whole ranking, "strides": in
+    ranking order, "scores": names in ranking order}} for every finished run whose subset was ranked with its
+    encoder among the candidates (a ranking.json from before scores were named holds LogME alone)."""
     scores: dict[tuple[str, int, int], dict[str, Any]] = {}
     rankings: dict[tuple[int, int], dict | None] = {}  # each subset's ranking.json, read once
     for record in records:
@@ -95,8 +99,10 @@ def read_scores(output: Path, records: Sequence[RunRecord]) -> dict[tuple[str, i
         for row in ranking["ranking"]:
             if record.arm in [name.strip() for name in row["candidate"].split(",")]:  # arm names hold no commas
                 entry = scores.setdefault((record.arm, record.size, record.seed),
-                                          {"logme": {}, "seconds": ranking["seconds"], "strides": ranking["options"]["strides"]})
-                entry["logme"][int(row["stride"])] = row["logme"]
+                                          {"values": {}, "seconds": ranking["seconds"], "strides": ranking["options"]["strides"],
+                                           "scores": ranking["options"].get("scores", ["logme"])})
+                for name, value in row.get("values", {"logme": row.get("logme")}).items():
+                    entry["values"][(name, int(row["stride"]))] = value
     return scores
 
 
@@ -122,8 +128,8 @@ def discordant_pairs(arms: Sequence[str], score: Sequence[float], dice: Sequence
 
 
 def agreement(records: Sequence[RunRecord], scores: dict[tuple[str, int, int], dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per training-set size and LogME stride (the study's first stride first): each ranked arm's mean LogME
-    and test Dice over its seeds, tau/rho between them, tau within each seed, the discordant pairs, and
+    """Per training-set size, score and stride (the study's first score and stride first): each ranked arm's
+    mean score and test Dice over its seeds, tau/rho between them, tau within each seed, the discordant pairs, and
     the ranking's cost relative to fine-tuning."""
     rows = []
     for size in sorted({r.size for r in records}):
@@ -133,29 +139,31 @@ def agreement(records: Sequence[RunRecord], scores: dict[tuple[str, int, int], d
         if len(arms) < 2 or not seeds:
             continue
         chosen = [r for r in runs if r.seed in seeds]
-        for stride in scores[(arms[0], size, seeds[0])]["strides"]:
-            rows.append(_agreement_at(size, stride, arms, seeds, chosen, scores))
+        first = scores[(arms[0], size, seeds[0])]
+        for name in first["scores"]:
+            for stride in first["strides"]:
+                rows.append(_agreement_at(size, name, stride, arms, seeds, chosen, scores))
     return rows
 
 
-def _agreement_at(size: int, stride: int, arms: list[str], seeds: list[int], runs: list[RunRecord],
+def _agreement_at(size: int, name: str, stride: int, arms: list[str], seeds: list[int], runs: list[RunRecord],
                   scores: dict[tuple[str, int, int], dict[str, Any]]) -> dict[str, Any]:
     from seg_transfer.study.analysis import run_mean
 
     dice_of = {(r.arm, r.seed): run_mean(r) for r in runs}
     per_arm = [{"arm": arm,
-                "logme": float(np.mean([scores[(arm, size, s)]["logme"][stride] for s in seeds])),
-                "seed_logme": [scores[(arm, size, s)]["logme"][stride] for s in seeds],
+                "score": float(np.mean([scores[(arm, size, s)]["values"][(name, stride)] for s in seeds])),
+                "seed_scores": [scores[(arm, size, s)]["values"][(name, stride)] for s in seeds],
                 "test_dice": float(np.mean([dice_of[(arm, s)] for s in seeds])),
                 "seed_dice": [dice_of[(arm, s)] for s in seeds]}
                for arm in arms]
-    per_arm.sort(key=lambda row: -row["logme"])
-    names, score, dice = ([row[k] for row in per_arm] for k in ("arm", "logme", "test_dice"))
-    per_seed = [kendall_spearman([row["seed_logme"][i] for row in per_arm], [row["seed_dice"][i] for row in per_arm])["kendall_tau"]
+    per_arm.sort(key=lambda row: -row["score"])
+    names, score, dice = ([row[k] for row in per_arm] for k in ("arm", "score", "test_dice"))
+    per_seed = [kendall_spearman([row["seed_scores"][i] for row in per_arm], [row["seed_dice"][i] for row in per_arm])["kendall_tau"]
                 for i in range(len(seeds))]
     ranking_seconds = float(np.mean([scores[(arms[0], size, s)]["seconds"] for s in seeds]))
     train_seconds = float(np.mean([r.seconds for r in runs]))
-    return {"size": size, "stride": stride, "seeds": seeds, "arms": per_arm, **kendall_spearman(score, dice),
+    return {"size": size, "score": name, "stride": stride, "seeds": seeds, "arms": per_arm, **kendall_spearman(score, dice),
             "seed_kendall_tau": per_seed, "discordant": discordant_pairs(names, score, dice),
             "best_by_score": names[0], "best_by_dice": names[int(np.argmax(dice))],
             "ranking_seconds": ranking_seconds, "train_seconds": train_seconds,
