@@ -190,6 +190,26 @@ def test_reuse_accepts_runs_from_before_a_field_was_added(phantom_root, tmp_path
         check_same_config(config, tmp_path)
 
 
+def test_reuse_ignores_collapse_thresholds_that_only_warn(phantom_root, tmp_path):
+    """Raising the collapse default (0.4 -> 0.6) must not orphan finished studies: warning thresholds do not
+    change the trained weights. A run that may have stopped early on collapse is another run."""
+    import yaml
+
+    from seg_transfer.config import dump_config
+    from seg_transfer.training.reuse import check_same_config
+    from seg_transfer.training.trainer import RunDirError
+
+    config = config_from_dict(tiny_config(phantom_root))
+    older = dump_config(config)
+    older["training"]["collapse"]["after_fraction"] = 0.4
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(older))
+    check_same_config(config, tmp_path)
+    older["training"]["collapse"]["stop"] = True
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(older))
+    with pytest.raises(RunDirError, match=r"differs in training"):
+        check_same_config(config, tmp_path)
+
+
 # ----------------------------------------------------------------------------- checkpoint errors (issue 13.3, 13.5)
 
 

@@ -34,11 +34,21 @@ def check_same_config(config: RunConfig, run_dir: Path) -> None:
         stored = dump_config(RunConfig.model_validate(stored))
     except ValidationError:
         pass
-    current = dump_config(config)
+    stored, current = _what_trains(stored), _what_trains(dump_config(config))
     if stored != current:
         changed = sorted(k for k in set(stored) | set(current) if stored.get(k) != current.get(k))
         raise RunDirError(f"{run_dir}: holds a run with another config (differs in {', '.join(changed)}); "
                           "use a new output folder")
+
+
+def _what_trains(dumped: dict) -> dict:
+    """A dumped config without the settings that cannot change the trained weights: collapse detection
+    that only warns (``training.collapse`` with ``stop: false``). A run made under other warning
+    thresholds is the same run; one that may have been stopped early is not."""
+    collapse = dumped.get("training", {}).get("collapse")
+    if not isinstance(collapse, dict) or collapse.get("stop"):
+        return dumped
+    return {**dumped, "training": {k: v for k, v in dumped["training"].items() if k != "collapse"}}
 
 
 def train_or_reuse(config: RunConfig, run_dir: Path, check_config: bool = False) -> RunResult:
