@@ -180,7 +180,7 @@ def test_cli_end_to_end(folders, tmp_path, capsys):
     assert by_class["class_2"]["dice"]["mean"] == pytest.approx(0.5)
     assert report["cases"][1]["classes"]["class_2"]["hd95_mm"] is None
     assert report["cases"][0]["spacing_mm"] == pytest.approx(list(SPACING))
-    summary = (out / "summary.md").read_text()
+    summary = (out / "summary.md").read_text(encoding="utf-8")
     assert "Empty-mask policy" in summary and "## class_2 (label 2)" in summary
 
 

@@ -146,7 +146,7 @@ def test_rank_encoders_cli_on_phantoms(config_file, tmp_path, one_thread, capsys
     assert [r["rank"] for r in rows] == [1, 2, 3, 4]
     assert {r["feature_dim"] for r in rows if r["stride"] == 8} == {40}
     assert len(set(payload["sampled_pixels_per_class"].values())) == 1  # the same count for every class
-    assert (output / "ranking.md").read_text().count("tu-tf_efficientnet_lite0:") == 4
+    assert (output / "ranking.md").read_text(encoding="utf-8").count("tu-tf_efficientnet_lite0:") == 4
     header = capsys.readouterr().out.splitlines()[0].split()
     assert header[2:4] == ["LogME", "GBC"]
 
