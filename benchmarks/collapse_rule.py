@@ -4,7 +4,8 @@
     python benchmarks/collapse_rule.py runs/ [--fractions 0.4 0.5 0.6 0.7 0.8]
 
 Every run folder below the given folders with ``metrics.jsonl``, ``config.yaml`` and ``summary.json`` is
-replayed through the trainer's own rule (:func:`collapse_check_due`, :func:`collapsed_classes`) at each
+replayed through the trainer's own rule (:func:`planned_encoder_epochs`, :func:`collapse_check_due`,
+:func:`collapsed_classes`) at each
 ``after_fraction``, with the run's ``min_class_dice`` and ``relative_dice``. A run *collapsed* when its
 ``summary.json`` lists a class below the rule at its best epoch (the study report's verdict); any other
 run that the rule warns about is a false alarm: with ``--stop-on-collapse`` it would have been stopped.
@@ -18,7 +19,8 @@ from pathlib import Path
 
 import yaml
 
-from seg_transfer.training.trainer import collapse_check_due, collapsed_classes
+from seg_transfer.config import StageConfig
+from seg_transfer.training.trainer import collapse_check_due, collapsed_classes, planned_encoder_epochs
 
 
 def load_run(run_dir: Path) -> dict | None:
@@ -32,14 +34,14 @@ def load_run(run_dir: Path) -> dict | None:
     if not classes:
         return None
     records = [json.loads(line) for line in files[0].read_text().splitlines() if line.strip()]
-    stages = training["stages"]
+    stages = [StageConfig.model_validate(stage) for stage in training["stages"]]  # the trainer's defaults
     rule = training.get("collapse") or {}
     return {
         "run": run_dir,
         "collapsed": bool(summary.get("collapsed")),
-        "epochs": [(stages[r["stage_index"]].get("train", "all") != "decoder",
+        "epochs": [(stages[r["stage_index"]].train != "decoder",
                     {c: r[f"val_dice_{c}"] for c in classes} if "val_dice" in r else None) for r in records],
-        "planned": sum(s.get("epochs", 1) for s in stages if s.get("train", "all") != "decoder"),
+        "planned": planned_encoder_epochs(stages),
         "min_class_dice": rule.get("min_class_dice", 0.1),
         "relative_dice": rule.get("relative_dice", 0.3),
     }

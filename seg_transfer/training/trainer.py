@@ -22,6 +22,7 @@ import math
 import random
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -391,7 +392,7 @@ def _clock(seconds: float) -> str:
 def _check_collapse(session: _Session, stage: StageConfig, progress: Progress, record: dict) -> list[str]:
     """Classes that look collapsed at this validation (logged and kept in ``progress``), see :func:`collapsed_classes`."""
     rule = session.config.training.collapse
-    planned = sum(s.epochs for s in session.config.training.stages if s.train != "decoder")
+    planned = planned_encoder_epochs(session.config.training.stages)
     if stage.train == "decoder" or not collapse_check_due(progress.encoder_epochs, planned, rule.after_fraction):
         return []
     names = list(session.data.labels.values())[1:]
@@ -405,6 +406,11 @@ def _check_collapse(session: _Session, stage: StageConfig, progress: Progress, r
                         ", ".join(f"class {n} val Dice {per_class[n]:.3f}" for n in low), progress.encoder_epochs, planned,
                         stage.label(progress.stage), "; stopping (training.collapse.stop)" if rule.stop else "")
     return low
+
+
+def planned_encoder_epochs(stages: Sequence[StageConfig]) -> int:
+    """Epochs of the stages that train (part of) the encoder, i.e. every stage but decoder-only ones."""
+    return sum(stage.epochs for stage in stages if stage.train != "decoder")
 
 
 def collapse_check_due(encoder_epochs: int, planned_encoder_epochs: int, after_fraction: float) -> bool:
