@@ -155,7 +155,7 @@ class CollapseConfig(_Strict):
 
     min_class_dice: float = Field(0.1, ge=0, lt=1)
     relative_dice: float = Field(0.3, ge=0, le=1)
-    after_fraction: float = Field(0.6, gt=0, le=1)  # README: 0.4 warned 16 of 131 runs that did not collapse, 0.6 two
+    after_fraction: float = Field(0.6, gt=0, le=1)  # README: 0.4 warned 18 of 150 runs that did not collapse, 0.6 two
     stop: bool = False
 
 
