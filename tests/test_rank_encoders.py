@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from scipy.stats import multivariate_normal
 
@@ -58,6 +59,17 @@ def test_gbc_matches_the_closed_form_bhattacharyya_coefficient_in_one_dimension(
     v0, v1 = a.var() + VARIANCE_FLOOR, b.var() + VARIANCE_FLOOR
     distance = (a.mean() - b.mean()) ** 2 / (4 * (v0 + v1)) + 0.5 * np.log((v0 + v1) / (2 * np.sqrt(v0 * v1)))
     assert gbc(features, labels) == pytest.approx(-2 * np.exp(-distance), rel=1e-12)
+
+
+def test_ranking_leaves_the_callers_thread_count(phantom_root, tmp_path, one_thread):
+    """rank_encoders uses the run config's threads while it works (a study calls it between trainings)."""
+    from seg_transfer.config import config_from_dict
+    from seg_transfer.selection.rank import RankOptions, parse_candidates, rank_encoders
+
+    raw = tiny_config(phantom_root)
+    raw["training"]["num_threads"] = 2
+    rank_encoders(config_from_dict(raw), parse_candidates("tu-tf_efficientnet_lite0:none"), tmp_path / "r", RankOptions(pixels=20))
+    assert torch.get_num_threads() == 1
 
 
 def test_unknown_score_is_a_one_line_error(config_file, tmp_path, capsys):

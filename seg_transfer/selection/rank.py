@@ -339,15 +339,24 @@ def rank_encoders(config: RunConfig, candidates: Sequence[Candidate], output: Pa
     ``splits``, as a study fixes them), rank by the first of ``options.scores`` (highest first), and write ``ranking.json`` and
     ``ranking.md`` to ``output`` atomically. ``Ranking.seconds`` covers loading and preprocessing the training
     cases, sampling and every candidate; not finding and checking the dataset (a training run's clock
-    starts after that too)."""
-    from seg_transfer.data.pipeline import volume_dataset
-    from seg_transfer.data.transforms import Preprocessing
+    starts after that too). Process-wide torch settings (thread count) are as before when it returns."""
     from seg_transfer.inference.predictor import resolve_device
+
+    from seg_transfer.training.speed import process_settings_restored
 
     get_scores(options.scores)  # an unknown name fails before any work
     device = resolve_device(options.device)
-    if config.training.num_threads:
-        torch.set_num_threads(config.training.num_threads)  # the run's CPU threads, as its training uses
+    with process_settings_restored():  # the thread count below is the run's, not the caller's afterwards
+        if config.training.num_threads:
+            torch.set_num_threads(config.training.num_threads)  # the run's CPU threads, as its training uses
+        return _rank_and_write(config, candidates, Path(output), options, splits, device)
+
+
+def _rank_and_write(config: RunConfig, candidates: Sequence[Candidate], output: Path, options: RankOptions,
+                    splits: dict[str, list[str]] | None, device: torch.device) -> Ranking:
+    from seg_transfer.data.pipeline import volume_dataset
+    from seg_transfer.data.transforms import Preprocessing
+
     cases, labels = training_cases(config, options, splits)
     started = time.perf_counter()  # after finding and checking the dataset, which training does before its clock too
     volumes = volume_dataset(cases, Preprocessing.from_config(config.data), config.data)
@@ -361,7 +370,7 @@ def rank_encoders(config: RunConfig, candidates: Sequence[Candidate], output: Pa
     values, counts = np.unique(np.concatenate([s.labels for s in samples]), return_counts=True)
     ranking = Ranking(scores, [c.name for c in cases], labels, dict(zip(values.tolist(), counts.tolist())), options,
                       seconds=time.perf_counter() - started)
-    ranking.files = write_ranking(ranking, Path(output))
+    ranking.files = write_ranking(ranking, output)
     return ranking
 
 

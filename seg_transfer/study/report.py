@@ -129,8 +129,9 @@ def ranking_sections(results: dict[str, Any]) -> list[tuple[str, list[tuple[list
     sections = []
     for row in primary_rankings(results):
         tables = [transferability_table(row)]
-        if len(agreement_table(results, row["size"])[1]) > 1:
-            tables.append(agreement_table(results, row["size"]))
+        agreements = agreement_table(results, row["size"])
+        if len(agreements[1]) > 1:
+            tables.append(agreements)
         sections.append((f"Encoder ranking ({score_label(row['score'])}) against fine-tuning, {row['size']} training cases", tables,
                          transferability_lines(row)))
     return sections
