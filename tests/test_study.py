@@ -220,6 +220,13 @@ def test_ranking_agreement_on_known_scores():
     assert row["discordant"] == ["d over a", "d over b", "d over c"]
 
 
+def test_unknown_study_score_is_refused_before_any_training(tmp_path, study_root, capsys):
+    study_path = write_study(tmp_path, study_root, train_sizes=[2], seeds=[0], rank_encoders={"scores": ["logme", "hscore"]})
+    assert main(["compare", "--config", str(study_path), "--output", str(tmp_path / "study")]) == 2
+    assert "'rank_encoders.scores': unknown transferability score 'hscore'; choose from logme, gbc" in capsys.readouterr().err
+    assert not (tmp_path / "study" / "runs").exists()
+
+
 def test_study_ranks_the_arms_encoders_on_each_training_subset(tmp_path, study_root):
     arms = [{"name": "imagenet", "set": {"model.encoder_weights": "imagenet"}}, {"name": "staged"},
             {"name": "scratch", "scratch_control": True}]
