@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -14,12 +16,13 @@ import torch
 from scipy import ndimage
 
 from seg_transfer.cli import main
-from seg_transfer.config import config_from_dict
+from seg_transfer.config import DataConfig, config_from_dict
 from seg_transfer.data.slices import context_indices
 from seg_transfer.inference import batch
 from seg_transfer.inference.cases import InputError, discover_cases, shard
 from seg_transfer.inference.predictor import LoadedModel, PredictOptions, keep_largest_component, load_model, predict_case
-from seg_transfer.routes.slicewise import TTA_FLIPS, predict_label_map, predict_volume, slice_probabilities
+from seg_transfer.routes.base import InferenceOptions, trained_mirrorings
+from seg_transfer.routes.slicewise import predict_label_map, predict_volume, slice_probabilities
 from seg_transfer.inference.writers import atomic_output, sitk_image
 from seg_transfer.training.trainer import train
 from tests.conftest import tiny_config
@@ -324,18 +327,54 @@ def test_user_errors_are_one_line_exit_2(checkpoint, plain, tmp_path, capsys):
 # --------------------------------------------------------------------------- TTA, post-processing, sliding windows
 
 
-def test_tta_averages_the_four_in_plane_flips(loaded, plain):
+IN_PLANE_FLIPS = ((), (2,), (3,), (2, 3))
+
+
+def _standardised(plain) -> torch.Tensor:
     volume = torch.from_numpy(plain[0].astype(np.float32))
-    image = ((volume - volume.mean()) / volume.std())[None]
-    with_tta = predict_volume(loaded.model, image, 2, 1, tta=True, batch_size=5, multiple=32)
+    return ((volume - volume.mean()) / volume.std())[None]
+
+
+def test_tta_averages_the_given_in_plane_flips(loaded, plain):
+    image = _standardised(plain)
+    with_tta = predict_volume(loaded.model, image, 2, 1, flips=IN_PLANE_FLIPS, batch_size=5, multiple=32)
     without = predict_volume(loaded.model, image, 2, 1, batch_size=5, multiple=32)
     slabs = torch.stack([image[0][..., context_indices(k, 12, 1)].permute(2, 0, 1) for k in range(12)])  # (12, 3, 32, 32)
     with torch.no_grad():
-        manual = torch.stack([torch.flip(torch.softmax(loaded.model(torch.flip(slabs, d)), 1), d) for d in TTA_FLIPS]).mean(0)
+        manual = torch.stack([torch.flip(torch.softmax(loaded.model(torch.flip(slabs, d)), 1), d) for d in IN_PLANE_FLIPS]).mean(0)
     np.testing.assert_allclose(with_tta.numpy(), manual.permute(1, 2, 3, 0).numpy(), atol=1e-5)
     assert not torch.allclose(with_tta, without, atol=1e-3)
-    labels = predict_label_map(loaded.model, image, 2, 1, tta=True, batch_size=5, multiple=32)
+    labels = predict_label_map(loaded.model, image, 2, 1, flips=IN_PLANE_FLIPS, batch_size=5, multiple=32)
     np.testing.assert_array_equal(labels.numpy(), with_tta.argmax(0).numpy())
+
+
+def test_tta_uses_only_the_flips_the_network_was_trained_with(loaded, plain, caplog):
+    """A flip the network never saw is not label-safe (Hippocampus: anterior and posterior swap), so --tta
+    averages only the combinations of ``data.augment.flip_axes``; none trained -> plain inference, said once."""
+    image, cpu = _standardised(plain), torch.device("cpu")
+    spec = loaded.network.spec
+    assert spec.data.augment.flip_axes == []
+    plain_probs = loaded.network.inferer(InferenceOptions(batch_size=5)).probabilities(loaded.model, image, cpu)
+    with caplog.at_level(logging.WARNING):
+        untrained = loaded.network.inferer(InferenceOptions(batch_size=5, tta=True)).probabilities(loaded.model, image, cpu)
+    torch.testing.assert_close(untrained, plain_probs)
+    assert "no flip is label-safe" in caplog.text
+    augment = spec.data.augment.model_copy(update={"flip_axes": [0]})
+    flipped_spec = dataclasses.replace(spec, data=spec.data.model_copy(update={"augment": augment}))
+    inferer = loaded.network.route.inferer(flipped_spec, InferenceOptions(batch_size=5, tta=True), loaded.model)
+    with_tta = inferer.probabilities(loaded.model, image, cpu)
+    expected = predict_volume(loaded.model, image, 2, 1, flips=((), (2,)), batch_size=5, multiple=32)
+    torch.testing.assert_close(with_tta, expected)
+    assert not torch.allclose(with_tta, plain_probs, atol=1e-3)
+    every_flip = predict_volume(loaded.model, image, 2, 1, flips=IN_PLANE_FLIPS, batch_size=5, multiple=32)
+    assert not torch.allclose(with_tta, every_flip, atol=1e-3)
+
+
+def test_trained_mirrorings_are_every_combination_of_the_trained_flip_axes():
+    three_d = DataConfig.model_validate({"root": ".", "augment": {"enabled": True, "flip_axes": [2, 0]}})
+    assert trained_mirrorings(three_d) == ((), (2,), (4,), (2, 4))
+    off = three_d.model_copy(update={"augment": three_d.augment.model_copy(update={"enabled": False})})
+    assert trained_mirrorings(off) == ((),)
 
 
 def test_largest_component_keeps_the_biggest_blob_per_class():

@@ -7,12 +7,12 @@ import torch
 from torch import nn
 
 from seg_transfer.checkpoint import FORMAT, Checkpoint, CheckpointError
-from seg_transfer.config import AugmentConfig, config_from_dict, dump_config
+from seg_transfer.config import AugmentConfig, DataConfig, config_from_dict, dump_config
 from seg_transfer.data.patches import PatchDataset, cycled_order, median_patch_size
 from seg_transfer.routes import get_route, route_names
-from seg_transfer.routes.base import InferenceOptions
+from seg_transfer.routes.base import InferenceOptions, trained_mirrorings
 from seg_transfer.routes.network import load_network
-from seg_transfer.routes.volume import TTA_MIRRORS, SlidingWindowInferer3d
+from seg_transfer.routes.volume import SlidingWindowInferer3d
 from tests.checkpoint_helpers import save_random_checkpoint
 from tests.conftest import tiny_config
 
@@ -140,12 +140,13 @@ def test_sliding_windows_and_mirror_tta_reproduce_a_full_forward():
     model = _Pointwise().eval()
     image = torch.randn(1, 40, 36, 28)
     expected = torch.softmax(model(image[None]), 1)[0]
-    for tta in (False, True):
-        inferer = SlidingWindowInferer3d((16, 16, 16), InferenceOptions(batch_size=3, tta=tta), classes=3)
+    every_mirroring = trained_mirrorings(DataConfig.model_validate({"root": ".", "augment": {"enabled": True, "flip_axes": [0, 1, 2]}}))
+    assert len(every_mirroring) == 8
+    for mirrors in (((),), every_mirroring):  # a pointwise network is mirror-equivariant: TTA changes nothing
+        inferer = SlidingWindowInferer3d((16, 16, 16), InferenceOptions(batch_size=3), classes=3, mirrors=mirrors)
         probs = inferer.probabilities(model, image, torch.device("cpu"))
         assert probs.shape == (3, 40, 36, 28)
         torch.testing.assert_close(probs, expected, atol=1e-5, rtol=1e-5)
-    assert len(TTA_MIRRORS) == 8
     labels = inferer.label_map(model, image, torch.device("cpu"))
     assert labels.dtype == torch.uint8 and torch.equal(labels, expected.argmax(0).to(torch.uint8))
 

@@ -7,6 +7,8 @@ study take them from the route named by ``model.dims``; nothing else branches on
 """
 from __future__ import annotations
 
+import itertools
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -17,6 +19,8 @@ from torch import nn
 from seg_transfer.config import DataConfig, ModelConfig
 from seg_transfer.models.weights import WeightsProvenance
 
+log = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class InferenceOptions:
@@ -24,7 +28,7 @@ class InferenceOptions:
 
     batch_size: int = 32
     amp: bool = False
-    tta: bool = False
+    tta: bool = False  # average over the flips the network was trained with (:func:`trained_mirrorings`)
     roi_size: int | None = 512
     overlap: float | None = None
     progress: bool = False
@@ -34,6 +38,27 @@ class InferenceOptions:
 def label_dtype(classes: int) -> torch.dtype:
     """The label-map dtype of every route: uint8 up to 256 classes, else int16."""
     return torch.uint8 if classes <= 256 else torch.int16
+
+
+def trained_mirrorings(data: DataConfig, first_dim: int = 2) -> tuple[tuple[int, ...], ...]:
+    """The label-safe test-time flips of a network trained with ``data``: every combination of the axes it
+    saw flipped in training (``data.augment.flip_axes``; spatial axis ``a`` is batch dim ``a + first_dim``),
+    ``()`` (as is) first. A flip the network never saw is not label-safe: on Hippocampus, whose classes are
+    the anterior and posterior part, flipping along that axis makes the network swap them."""
+    axes = sorted(set(data.augment.flip_axes)) if data.augment.enabled else []
+    dims = [axis + first_dim for axis in axes]
+    return tuple(combo for size in range(len(dims) + 1) for combo in itertools.combinations(dims, size))
+
+
+def tta_flips(data: DataConfig, options: InferenceOptions) -> tuple[tuple[int, ...], ...]:
+    """The flips an inferer averages: :func:`trained_mirrorings` when ``options.tta``, else only ``()``."""
+    if not options.tta:
+        return ((),)
+    flips = trained_mirrorings(data)
+    if len(flips) == 1:
+        log.warning("--tta: the network was trained without flips (data.augment.flip_axes is empty), so no flip is "
+                    "label-safe; predicting without test-time augmentation")
+    return flips
 
 
 def flip_average(predict: Callable[[torch.Tensor], torch.Tensor], batch: torch.Tensor,

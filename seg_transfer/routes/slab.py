@@ -10,7 +10,7 @@ from torch import nn
 from seg_transfer.config import DataConfig
 from seg_transfer.data.pipeline import slice_loader
 from seg_transfer.models.factory import build_model, encoder_output_stride
-from seg_transfer.routes.base import InferenceOptions, NetworkSpec, Route
+from seg_transfer.routes.base import InferenceOptions, NetworkSpec, Route, tta_flips
 from seg_transfer.routes.slicewise import predict_label_map, predict_volume
 
 DEFAULT_OVERLAP = 0.25
@@ -24,11 +24,12 @@ class SlabInferer:
     context: int
     multiple: int
     options: InferenceOptions
+    flips: tuple[tuple[int, ...], ...] = ((),)  # test-time flips (dims of a (B, C, H, W) batch)
 
     def _kwargs(self, device: torch.device) -> dict[str, Any]:
         options = self.options
         roi = None if options.roi_size is None else -(-options.roi_size // self.multiple) * self.multiple  # round up
-        return dict(batch_size=options.batch_size, multiple=self.multiple, device=device, amp=options.amp, tta=options.tta,
+        return dict(batch_size=options.batch_size, multiple=self.multiple, device=device, amp=options.amp, flips=self.flips,
                     roi_size=roi, overlap=DEFAULT_OVERLAP if options.overlap is None else options.overlap,
                     progress=options.progress, max_batch_pixels=options.max_batch_pixels)
 
@@ -63,7 +64,8 @@ def _training_samples(volumes, data: DataConfig, batch_size: int, settings: dict
 
 
 def _inferer(spec: NetworkSpec, options: InferenceOptions, network: nn.Module) -> SlabInferer:
-    return SlabInferer(spec.data.slice_axis, spec.data.context_slices, encoder_output_stride(network), options)
+    return SlabInferer(spec.data.slice_axis, spec.data.context_slices, encoder_output_stride(network), options,
+                       tta_flips(spec.data, options))
 
 
 SLAB_ROUTE = Route(

@@ -7,7 +7,7 @@ and MONAI's ``sliding_window_inference`` (Gaussian blending) for slices larger t
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -19,9 +19,6 @@ from seg_transfer.data.slices import context_indices, pad_to_multiple
 from seg_transfer.routes.base import flip_average, label_dtype
 from seg_transfer.routes.precision import autocast
 
-#: flips (in-plane dims of a (B, C, H, W) batch) averaged by test-time augmentation
-TTA_FLIPS: tuple[tuple[int, ...], ...] = ((), (2,), (3,), (2, 3))
-
 #: volumes with at least this many voxels get a progress bar over their slices
 PROGRESS_MIN_VOXELS = 2**24
 
@@ -32,20 +29,21 @@ def slice_probabilities(
     batch: torch.Tensor,
     *,
     amp: bool = False,
-    tta: bool = False,
+    flips: Sequence[tuple[int, ...]] = ((),),
     roi_size: int | None = None,
     overlap: float = 0.25,
 ) -> torch.Tensor:
     """Softmax probabilities ``(B, C, H, W)`` float32 for a batch of slabs ``(B, 2k+1, H, W)``.
 
-    ``tta`` averages the probabilities over :data:`TTA_FLIPS` (each flipped back). Slices with a
+    The probabilities are averaged over ``flips`` (in-plane dims 2, 3 of the batch; each flipped back; test-time
+    augmentation, see :func:`~seg_transfer.routes.base.trained_mirrorings`). Slices with a
     side larger than ``roi_size`` go through ``sliding_window_inference`` (roi x roi windows,
     ``overlap``, Gaussian blending); ``amp`` enables autocast on CUDA only (bfloat16 where supported, else float16).
     """
     def predict(flipped: torch.Tensor) -> torch.Tensor:
         return torch.softmax(_logits(model, flipped, amp, roi_size, overlap).float(), dim=1)
 
-    return flip_average(predict, batch, TTA_FLIPS if tta else ((),))
+    return flip_average(predict, batch, flips)
 
 
 def _logits(model: nn.Module, batch: torch.Tensor, amp: bool, roi_size: int | None, overlap: float) -> torch.Tensor:
@@ -109,7 +107,7 @@ def predict_volume(
 
     Each slice along spatial ``axis`` is fed with ``context`` neighbours per side (edges repeat),
     padded to ``multiple``; the padding is cropped from the output. ``model`` must be in eval mode.
-    ``forward`` (``amp``, ``tta``, ``roi_size``, ``overlap``, ``progress``) as in
+    ``forward`` (``amp``, ``flips``, ``roi_size``, ``overlap``, ``progress``) as in
     :func:`iter_slice_probabilities`; the defaults reproduce plain inference.
     """
     out: torch.Tensor | None = None

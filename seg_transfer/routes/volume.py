@@ -2,12 +2,12 @@
 
 Inference is MONAI's ``sliding_window_inference`` with Gaussian blending of softmax probabilities
 (``overlap`` 0.5, ``sigma_scale`` 0.125 by default, as nnU-Net), windows of the training patch size,
-``batch_size`` windows per forward (capped at ``max_batch_pixels`` voxels), mirror TTA over all three axes, and stitching on the CPU once a
+``batch_size`` windows per forward (capped at ``max_batch_pixels`` voxels), mirror TTA over the axes flipped in
+training, and stitching on the CPU once a
 volume's probabilities exceed :data:`GPU_STITCH_MAX_VOXELS` so that GPU memory does not grow with it.
 """
 from __future__ import annotations
 
-import itertools
 import math
 import sys
 from dataclasses import dataclass
@@ -26,6 +26,7 @@ from seg_transfer.routes.base import (
     Route,
     flip_average,
     label_dtype,
+    tta_flips,
 )
 from seg_transfer.routes.precision import autocast
 
@@ -33,8 +34,6 @@ DEFAULT_OVERLAP = 0.5
 SIGMA_SCALE = 0.125
 #: above this many output values (classes x voxels) probabilities are stitched on the CPU
 GPU_STITCH_MAX_VOXELS = 2**28
-#: mirror axes of a (B, C, X, Y, Z) batch averaged by test-time augmentation: every subset of the three
-TTA_MIRRORS: tuple[tuple[int, ...], ...] = tuple(c for r in range(4) for c in itertools.combinations((2, 3, 4), r))
 
 
 @dataclass(frozen=True)
@@ -44,14 +43,14 @@ class SlidingWindowInferer3d:
     roi_size: tuple[int, int, int]
     options: InferenceOptions
     classes: int = 2
+    mirrors: tuple[tuple[int, ...], ...] = ((),)  # test-time mirrorings (dims of a (B, C, X, Y, Z) batch)
 
     @torch.no_grad()
     def probabilities(self, model: nn.Module, image: torch.Tensor, device: torch.device) -> torch.Tensor:
         volume = torch.as_tensor(np.asarray(image) if not isinstance(image, torch.Tensor) else image)
         volume = volume.as_tensor() if hasattr(volume, "as_tensor") else volume
         batch = volume.float()[None]  # (1, 1, X, Y, Z), stays on the CPU; windows move to ``device``
-        mirrors = TTA_MIRRORS if self.options.tta else ((),)
-        total = flip_average(lambda flipped: self._window_probabilities(model, flipped, device), batch, mirrors)
+        total = flip_average(lambda flipped: self._window_probabilities(model, flipped, device), batch, self.mirrors)
         return total[0].float().cpu()
 
     def _window_probabilities(self, model: nn.Module, batch: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -116,7 +115,7 @@ def _training_samples(volumes, data: DataConfig, batch_size: int, settings: dict
 
 
 def _inferer(spec: NetworkSpec, options: InferenceOptions, network: nn.Module) -> SlidingWindowInferer3d:
-    return SlidingWindowInferer3d(tuple(spec.settings["patch_size"]), options, spec.classes)
+    return SlidingWindowInferer3d(tuple(spec.settings["patch_size"]), options, spec.classes, tta_flips(spec.data, options))
 
 
 VOLUME_ROUTE = Route(
