@@ -20,7 +20,7 @@ draw per sample; the two seeds show how much Dice moves with the seed alone), th
 the process RSS, and where a recomputing batch's CPU time goes: the cache skips the loading with
 augmentation and the encoder forward, nothing else.
 
-    OMP_NUM_THREADS=1 python benchmarks/feature_cache.py [--data MSD_ROOT] [--epochs 10] [--threads 1]
+    OMP_NUM_THREADS=1 python benchmarks/feature_cache.py [--data MSD_ROOT] [--epochs 10] [--threads 1] [--device cuda]
 
 Without ``--data``, ``../shared/data/Task04_Hippocampus`` is used if present, else generated phantoms.
 
@@ -76,7 +76,7 @@ def case_csv(root: Path, cases: int, out: Path) -> dict:
     return {"csv": str(out), "labels": labels}
 
 
-def run_config(data: dict, epochs: int, mode: str, cache_dir: Path, threads: int, seed: int = 0):
+def run_config(data: dict, epochs: int, mode: str, cache_dir: Path, threads: int, seed: int = 0, device: str = "cpu"):
     raw = {
         "name": f"feature_cache_{mode}",
         "seed": seed,
@@ -86,7 +86,7 @@ def run_config(data: dict, epochs: int, mode: str, cache_dir: Path, threads: int
                  "augment": {"enabled": True, "flip_axes": [0]}},
         "model": {"encoder": "tu-tf_efficientnet_lite0", "encoder_weights": "imagenet",
                   "decoder_channels": [128, 64, 32, 16, 16], "frozen_bn": "adapt"},
-        "training": {"batch_size": 32, "val_batch_size": 64, "num_threads": threads, "val_every": 2,
+        "training": {"batch_size": 32, "val_batch_size": 64, "num_threads": threads, "val_every": 2, "device": device,
                      "feature_cache": mode, "feature_cache_variants": 4, "loss": {"batch_dice": True},
                      "stages": [{"name": "decoder", "train": "decoder", "epochs": epochs, "lr": 1e-2,
                                  "warmup_epochs": 0.2, "schedule": "cosine"}]},
@@ -165,6 +165,7 @@ def main() -> None:
     parser.add_argument("--cases", type=int, default=20, help="cases used: half train, half validation")
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu", help="cuda: time the stage on the GPU (the CPU breakdown is skipped)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
@@ -177,15 +178,17 @@ def main() -> None:
         else:
             name = f"{root.name} (first {args.cases} cases)"
         data = case_csv(Path(root), args.cases, tmp / "cases.csv")
-        runs = {label: timed_run(run_config(data, args.epochs, mode, tmp / "cache", args.threads, seed),
+        runs = {label: timed_run(run_config(data, args.epochs, mode, tmp / "cache", args.threads, seed, args.device),
                                  tmp / label.replace(" ", "_")) for label, (mode, seed) in MODES.items()}
-        breakdown = step_breakdown(run_config(data, args.epochs, "off", tmp / "cache", args.threads), tmp / "probe")
-    report(name, args, runs, *breakdown)
+        breakdown = None
+        if args.device == "cpu":
+            breakdown = step_breakdown(run_config(data, args.epochs, "off", tmp / "cache", args.threads), tmp / "probe")
+    report(name, args, runs, breakdown)
 
 
-def report(name: str, args, runs: dict, load_s: float, encoder_s: float, decoder_s: float) -> None:
+def report(name: str, args, runs: dict, breakdown: tuple[float, float, float] | None) -> None:
     print(f"data: {name}; 10 train / 10 validation cases, 320 slices per epoch, batch 32, {args.epochs} epochs of a "
-          f"decoder-only stage, {args.threads} thread(s)")
+          f"decoder-only stage, {args.threads} thread(s), device {args.device}")
     for clock in ("seconds", "cpu"):
         print(f"{'wall-clock' if clock == 'seconds' else 'CPU'} seconds of training per epoch:")
         print(f"  {'run':12} {'epoch 1':>8} {'epochs 2+':>10} {'stage':>7}  per epoch")
@@ -209,6 +212,9 @@ def report(name: str, args, runs: dict, load_s: float, encoder_s: float, decoder
     print("process RSS growth during each run: " + ", ".join(f"{label} {run['rss_growth'] / 1e6:.0f} MB"
                                                               for label, run in runs.items())
           + f"; peak RSS of the process {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3:.0f} MB")
+    if breakdown is None:
+        return
+    load_s, encoder_s, decoder_s = breakdown
     print(f"one recomputing batch, CPU s (median of 9): loading + augmentation {load_s:.3f}, encoder forward "
           f"{encoder_s:.3f}, decoder + head forward and backward {decoder_s:.3f}; the cache removes the first two, "
           f"the decoder's work (with the loss and optimiser step, which both paths have) stays")

@@ -210,6 +210,7 @@ def compare(
     device: Annotated[str, typer.Option("--device", help="Device for test-case prediction: auto, cpu, cuda or cuda:N.")] = "auto",
     max_runs: Annotated[int | None, typer.Option("--max-runs", min=0, help="Train at most N new runs now, then report (spread a study over jobs).")] = None,
     shard: Annotated[str, typer.Option("--shard", help="I/N: train only every N-th run from the I-th (0-based), so N processes share one study folder.")] = "0/1",
+    processes: Annotated[int, typer.Option("--processes", min=1, help="Train N shards at once in parallel processes on this machine (one GPU or several cores), then report; logs in OUTPUT/logs.")] = 1,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Transfer study: arms x training-set sizes x seeds, paired comparison with the control, report. Resumable."""
@@ -217,13 +218,17 @@ def compare(
     from seg_transfer.study.compare import compare as run_compare
     from seg_transfer.study.report import findings
 
-    outcome = run_compare(config, output, device=device, max_runs=max_runs, shard=_parse_shard(shard))
+    outcome = run_compare(config, output, device=device, max_runs=max_runs, shard=_parse_shard(shard), processes=processes)
     progress = outcome.progress
     typer.echo(f"{len(progress.records)} of {progress.total_runs} runs finished")
     for line in findings(outcome.results):
         typer.echo(line)
     if outcome.files:
         typer.echo(f"report: {outcome.files['markdown']} and {outcome.files['html']}")
+    for failed in outcome.failed_shards:
+        typer.echo(f"error: {failed} failed; its runs are missing from the report", err=True)
+    if outcome.failed_shards:
+        raise typer.Exit(1)
 
 
 @app.command("rank-encoders")

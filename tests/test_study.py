@@ -190,6 +190,36 @@ def test_study_refuses_a_changed_config_for_existing_runs(tmp_path, study_root, 
     assert "n002_seed0: holds a run with another config (differs in training)" in err and len(err.splitlines()) == 1
 
 
+def test_parallel_processes_train_the_same_runs_as_one_process(tmp_path, study_root, capsys):
+    """--processes 2 spreads the runs over two spawned shards and reports them: same runs, same test Dice."""
+    study_path = write_study(tmp_path, study_root, train_sizes=[2])
+    assert main(["compare", "--config", str(study_path), "--output", str(tmp_path / "serial")]) == 0
+    assert main(["compare", "--config", str(study_path), "--output", str(tmp_path / "parallel"), "--processes", "2"]) == 0
+    assert "2 of 2 runs finished" in capsys.readouterr().out
+    serial, parallel = (json.loads((tmp_path / name / "results.json").read_text())["runs"] for name in ("serial", "parallel"))
+    assert [(r["arm"], r["seed"]) for r in parallel] == [(r["arm"], r["seed"]) for r in serial]
+    for ours, theirs in zip(parallel, serial):
+        assert ours["test_dice_mean"] == pytest.approx(theirs["test_dice_mean"], abs=1e-4)
+    logs = {path.name: path.read_text() for path in (tmp_path / "parallel" / "logs").iterdir()}
+    assert sorted(logs) == ["shard_0_of_2.log", "shard_1_of_2.log"]
+    assert "n002_seed0" in logs["shard_0_of_2.log"] and "n002_seed0" in logs["shard_1_of_2.log"]
+
+
+def test_a_failed_parallel_shard_is_reported_in_one_line_and_the_rest_still_counts(tmp_path, study_root, capsys):
+    study_path, out = write_study(tmp_path, study_root, train_sizes=[2]), tmp_path / "study"
+    _, specs = plan_runs(load_study_config(study_path), out)
+    broken = specs[1].run_dir / "splits.json"  # shard 1/2's only run finds other splits in its folder
+    broken.parent.mkdir(parents=True)
+    broken.write_text(json.dumps({"train": ["x"], "val": ["y"], "test": ["z"]}))
+    assert main(["compare", "--config", str(study_path), "--output", str(out), "--processes", "2"]) == 1
+    captured = capsys.readouterr()
+    assert "1 of 2 runs finished" in captured.out
+    (line,) = captured.err.strip().splitlines()
+    assert line.startswith("error: shard 1/2 (exit code 1; log ") and "shard_1_of_2.log" in line
+    assert "holds other splits" in (out / "logs" / "shard_1_of_2.log").read_text()
+    assert json.loads((out / "results.json").read_text())["study"]["finished_runs"] == 1
+
+
 # ----------------------------------------------------------------------------- encoder ranking as study arms
 
 

@@ -2,15 +2,19 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import logging
+import multiprocessing
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from seg_transfer.atomic import write_atomic
 from seg_transfer.study.analysis import analyse
 from seg_transfer.study.config import StudyConfig, load_study_config
 from seg_transfer.study.report import write_report
-from seg_transfer.study.runner import StudyProgress, check_equal_steps, run_study
+from seg_transfer.study.runner import StudyError, StudyProgress, check_equal_steps, run_study
 from seg_transfer.study.transferability import agreement, rank_subsets, read_scores
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -18,15 +22,26 @@ class CompareOutcome:
     progress: StudyProgress
     results: dict
     files: dict[str, Path]
+    failed_shards: list[str] = field(default_factory=list)  # "shard I/N (exit code; log file)" of parallel shards that failed
 
 
 def compare(study_path: str | Path, output: str | Path, *, device: str = "auto", max_runs: int | None = None,
-            shard: tuple[int, int] = (0, 1)) -> CompareOutcome:
-    """Run (or continue) the study in ``study_path`` into ``output`` and write its report from the finished runs."""
+            shard: tuple[int, int] = (0, 1), processes: int = 1) -> CompareOutcome:
+    """Run (or continue) the study in ``study_path`` into ``output`` and write its report from the finished runs.
+
+    ``processes > 1`` trains the study as that many shards in parallel processes on this machine (each logs to
+    ``output/logs/shard_I_of_N.log``; ``max_runs`` applies to each), then reports what finished; shards that
+    failed are listed in :attr:`CompareOutcome.failed_shards`, the other shards' runs still count."""
     study = load_study_config(study_path)
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     write_atomic(output / "study.json", json.dumps(study.model_dump(mode="json"), indent=2) + "\n")
+    failed = []
+    if processes > 1:
+        if shard != (0, 1):
+            raise StudyError("use either --shard or --processes, not both")
+        failed = run_shards_in_parallel(Path(study_path), output, processes, device=device, max_runs=max_runs)
+        max_runs = 0  # the shards trained what they could; this process only collects and reports
     progress = run_study(study, output, device=device, max_runs=max_runs, shard=shard)
     if study.rank_encoders is not None and shard[0] == 0:
         rank_subsets(progress.specs, output, study.rank_encoders, device)
@@ -34,7 +49,44 @@ def compare(study_path: str | Path, output: str | Path, *, device: str = "auto",
     results = {"study": study_summary(study, output, progress), **analyse(progress.records, study),
                "peers": read_peer_rows(output), "transferability": agreement(progress.records, read_scores(output, progress.records))}
     files = write_report(results, output) if progress.records else {}
-    return CompareOutcome(progress, results, files)
+    return CompareOutcome(progress, results, files, failed)
+
+
+def run_shards_in_parallel(study_path: Path, output: Path, processes: int, *, device: str,
+                           max_runs: int | None) -> list[str]:
+    """Train shards ``0/N .. N-1/N`` of the study in ``N`` spawned processes (CUDA-safe; each may start its own
+    data-loading workers) and wait for all; returns the failed ones, described. Ctrl-C stops every shard."""
+    logs = output / "logs"
+    logs.mkdir(exist_ok=True)
+    context = multiprocessing.get_context("spawn")
+    workers = []
+    for index in range(processes):
+        log_file = logs / f"shard_{index}_of_{processes}.log"
+        worker = context.Process(target=_train_shard, name=f"shard {index}/{processes}",
+                                 args=(str(study_path), str(output), device, max_runs, (index, processes), str(log_file)))
+        worker.start()
+        workers.append((worker, log_file))
+    log.info("training %s in %d parallel processes; logs in %s", study_path, processes, logs)
+    try:
+        for worker, _ in workers:
+            worker.join()
+    finally:
+        for worker, _ in workers:
+            if worker.is_alive():
+                worker.terminate()
+                worker.join()
+    return [f"{worker.name} (exit code {worker.exitcode}; log {log_file})" for worker, log_file in workers if worker.exitcode != 0]
+
+
+def _train_shard(study_path: str, output: str, device: str, max_runs: int | None, shard: tuple[int, int], log_file: str) -> None:
+    """Body of one parallel shard: train its runs (and their test evaluations), logging to ``log_file``."""
+    logging.basicConfig(filename=log_file, level=logging.INFO, force=True,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        run_study(load_study_config(study_path), Path(output), device=device, max_runs=max_runs, shard=shard)
+    except Exception:  # the log holds the traceback; the parent reports the shard in one line
+        logging.getLogger(__name__).exception("shard %d/%d failed", *shard)
+        raise SystemExit(1) from None
 
 
 PEER_FILE = "peer_nnunet.json"  # written by benchmarks/nnunet_peer.py on the same cases

@@ -99,3 +99,16 @@ def memory_format(settings: SpeedSettings, ndim: int = 4) -> torch.memory_format
     if not settings.channels_last:
         return torch.preserve_format
     return torch.channels_last_3d if ndim == 5 else torch.channels_last
+
+
+def reset_peak_gpu_memory(device: torch.device) -> None:
+    """Start counting the peak CUDA memory of ``device`` from now (nothing on other devices)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_gpu_memory_gb(device: torch.device) -> float | None:
+    """Peak memory allocated by tensors on CUDA ``device`` since the last reset, in GB; None off CUDA."""
+    if device.type != "cuda":
+        return None
+    return torch.cuda.max_memory_allocated(device) / 1e9

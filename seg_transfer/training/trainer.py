@@ -108,6 +108,7 @@ class RunResult:
     collapsed: list[str] = field(default_factory=list)  # classes below the collapse threshold at the best epoch
     collapse_warnings: list[dict] = field(default_factory=list)
     stopped: str | None = None
+    peak_gpu_gb: float | None = None  # peak CUDA memory of this process's tensors during the run; None off CUDA
 
 
 @dataclass
@@ -223,6 +224,7 @@ def _open_session(config: RunConfig, run_dir: Path, skip_bad_cases: bool, contex
     settings = speed.resolve_speed(training, device)
     stages = encoder_stages(model.encoder, in_channels, spatial_dims=route.spatial_dims)  # traced on CPU, before the model moves
     model.to(device)
+    speed.reset_peak_gpu_memory(device)
     if training.sync_batchnorm:
         model = distributed.convert_sync_batchnorm(model, context)
     if settings.channels_last:
@@ -635,6 +637,7 @@ def _finish(session: _Session, progress: Progress) -> RunResult:
                                     session.config.training.collapse.relative_dice),
         collapse_warnings=progress.collapse_warnings,
         stopped=progress.stopped,
+        peak_gpu_gb=speed.peak_gpu_memory_gb(session.device),
     )
     summary = {**asdict(result), "run_dir": str(result.run_dir), "weights": session.provenance.as_dict(),
                "arch": session.config.model.arch, "encoder": session.config.model.encoder}
