@@ -2,7 +2,7 @@
 ``seg-transfer compare`` study and scored with our own evaluator, so the report can put it next to the arms.
 
     python benchmarks/nnunet_peer.py --study runs/study_hippocampus --size 10 --seeds 0 1 2 --epochs 1 5
-        [--configuration 3d_fullres] [--work DIR] [--device cpu] [--threads N] [--iterations-per-epoch 250]
+        [--configuration 3d_fullres] [--work DIR] [--device cpu] [--threads N] [--iterations-per-epoch 250] [--tta]
 
 For each (size, seed) the study's training subset plus its validation cases become an nnU-Net raw dataset
 (symlinks only, id 501 + the subset's position in ``results.json``) under ``--work`` (default
@@ -10,7 +10,8 @@ For each (size, seed) the study's training subset plus its validation cases beco
 --verify_dataset_integrity -np 1 -npfp 1``), and ``splits_final.json`` holds one fold: train = the subset,
 val = the study's validation cases. For each epoch count fold 0 is trained as ``nnUNetv2_train ID CONFIG 0
 -tr TRAINER`` would (``nnunetv2.run.run_training.run_training``, final validation included), the test cases
-are predicted as ``nnUNetv2_predict -f 0 --disable_tta -npp 0 -nps 0`` would (``nnUNetPredictor``), and scored
+are predicted as ``nnUNetv2_predict -f 0 --disable_tta -npp 0 -nps 0`` would (``nnUNetPredictor``; with ``--tta``
+nnU-Net's own mirroring, its default, in a row of its own), and scored
 with ``seg_transfer.evaluation.evaluate_folders``. Training and prediction go through nnU-Net's Python API
 in a child process only so that torch uses ``--threads`` threads (the nnU-Net CLIs take every core on CPU).
 
@@ -60,7 +61,7 @@ import json, sys, torch
 a = json.loads(sys.argv[1])
 torch.set_num_threads(a["threads"])
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
-p = nnUNetPredictor(use_mirroring=False, perform_everything_on_device=a["device"] != "cpu",
+p = nnUNetPredictor(use_mirroring=a["tta"], perform_everything_on_device=a["device"] != "cpu",
                     device=torch.device(a["device"]), allow_tqdm=False)
 p.initialize_from_trained_model_folder(a["model"], use_folds=(0,), checkpoint_name="checkpoint_final.pth")
 p.predict_from_files_sequential(a["input"], a["output"], save_probabilities=False, overwrite=True)
@@ -120,10 +121,11 @@ class Job:
     iterations: int
     device: str
     threads: int
+    tta: bool = False  # predict with nnU-Net's mirroring (its default; off unless --tta)
 
     @property
     def key(self) -> tuple:
-        return (self.configuration, self.size, self.seed, self.epochs)
+        return (self.configuration, self.size, self.seed, self.epochs, self.tta)
 
 
 # ----------------------------------------------------------------------------- study inputs
@@ -379,7 +381,7 @@ def predict(job: Job, name: str, trainer: str, test_input: Path, output: Path, e
     """Predict the test cases with fold 0 into ``output``; its seconds."""
     output.mkdir(parents=True, exist_ok=True)  # nnU-Net's sequential predictor does not make it
     args = {"model": str(model_folder(job, name, trainer)), "input": str(test_input), "output": str(output),
-            "device": job.device, "threads": job.threads}
+            "device": job.device, "threads": job.threads, "tta": job.tta}
     return timed(python_step(PREDICT_CODE, args), env, job.work / "logs" / f"{name}__{trainer}__{job.configuration}__predict.log", "prediction")
 
 
@@ -407,8 +409,8 @@ def load_rows(path: Path) -> list[dict]:
 
 
 def row_key(row: dict) -> tuple:
-    """(configuration, size, seed, epochs) of a row."""
-    return (row["configuration"], row["size"], row["seed"], row["epochs"])
+    """(configuration, size, seed, epochs, tta) of a row (rows written before --tta existed had none)."""
+    return (row["configuration"], row["size"], row["seed"], row["epochs"], row.get("tta", False))
 
 
 def finished_row(path: Path, job: Job) -> dict | None:
@@ -470,9 +472,10 @@ def run_job(study: Study, job: Job, sources: dict[str, tuple[Path, Path]]) -> di
     train_seconds = train(job, number, name, trainer, env)
     run_dir = job.work / "runs" / name / f"{trainer}__{job.configuration}"
     test_input = link_test_inputs(job.work / "test_input", study.test_images)
-    predict_seconds = predict(job, name, trainer, test_input, run_dir / "test_predictions", env)
-    test_dice = score(study, run_dir / "test_predictions", run_dir / "test_evaluation")
-    return {"peer": PEER, "configuration": job.configuration, "trainer": trainer, "size": job.size, "seed": job.seed,
+    suffix = "_tta" if job.tta else ""
+    predict_seconds = predict(job, name, trainer, test_input, run_dir / f"test_predictions{suffix}", env)
+    test_dice = score(study, run_dir / f"test_predictions{suffix}", run_dir / f"test_evaluation{suffix}")
+    return {"peer": PEER + (" + mirror TTA" if job.tta else ""), "tta": job.tta, "configuration": job.configuration, "trainer": trainer, "size": job.size, "seed": job.seed,
             "epochs": job.epochs, "iterations_per_epoch": job.iterations, "val_iterations_per_epoch": val_its,
             "train_seconds": train_seconds, "preprocess_seconds": preprocess_seconds, "predict_seconds": predict_seconds,
             "threads": job.threads, "da_workers": int(env["nnUNet_n_proc_DA"]), "device": job.device,
@@ -497,6 +500,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="torch threads of nnU-Net (default $OMP_NUM_THREADS, else every core)")
     parser.add_argument("--iterations-per-epoch", type=int, default=DEFAULT_ITERATIONS,
                         help=f"training iterations per epoch (nnU-Net's default {DEFAULT_ITERATIONS})")
+    parser.add_argument("--tta", action="store_true", help="predict with nnU-Net's mirroring test-time augmentation "
+                        "(its default; a separate row; a finished training is reused)")
     return parser.parse_args(argv)
 
 
@@ -525,7 +530,8 @@ def run(args: argparse.Namespace) -> list[dict]:
     for size in args.size:
         for seed in args.seeds:
             for epochs in args.epochs:
-                job = Job(work, args.configuration, size, seed, epochs, args.iterations_per_epoch, args.device, args.threads)
+                job = Job(work, args.configuration, size, seed, epochs, args.iterations_per_epoch, args.device, args.threads,
+                          args.tta)
                 row = finished_row(results, job)
                 if row is None:
                     sources = sources or source_cases(study.dataset)

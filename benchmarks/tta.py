@@ -1,6 +1,6 @@
 """Does mirror test-time augmentation help? Finished study runs re-predicted with and without ``--tta``.
 
-    python benchmarks/tta.py runs/budget_n10 --arms imagenet_1875,scratch_1875 [--data MSD_ROOT]
+    python benchmarks/tta.py runs/budget_n10 --arms imagenet_1875,scratch_1875 [--runs 'n010_seed*'] [--data MSD_ROOT]
 
 For every run of the given arms (``STUDY/runs/ARM/nNNN_seedS``), its best checkpoint predicts the run's
 own **validation** cases (``splits.json``: what a user may choose the option on) and the study's
@@ -68,13 +68,14 @@ def main() -> None:
     parser.add_argument("study", type=Path, help="a finished study folder (seg-transfer compare --output)")
     parser.add_argument("--arms", required=True, help="comma-separated arm names")
     parser.add_argument("--data", type=Path, default=HIPPOCAMPUS, help="MSD folder the study's cases come from")
+    parser.add_argument("--runs", default="n*_seed*", help="run folders of each arm to use (glob), e.g. n010_seed*")
     parser.add_argument("--batch-size", type=int, default=64)
     args = parser.parse_args()
     print("| arm | run | val plain | val TTA | val change | test plain | test TTA | test change |")
     print("|---|---|---|---|---|---|---|---|")
     for arm in args.arms.split(","):
         changes = {"val": [], "test": []}
-        for run_dir in sorted((args.study / "runs" / arm).glob("n*_seed*")):
+        for run_dir in sorted((args.study / "runs" / arm).glob(args.runs)):
             s = score_run(run_dir, args.study, args.data, args.batch_size)
             for subset in changes:
                 changes[subset].append(s[f"{subset} tta"] - s[f"{subset} plain"])

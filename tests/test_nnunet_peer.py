@@ -112,3 +112,11 @@ def test_tiny_nnunet_peer_end_to_end(tmp_path):
     again = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
     assert again.returncode == 0 and "skipped" in again.stdout
     assert json.loads((study / "peer_nnunet.json").read_text())["rows"] == rows
+
+    mirrored = subprocess.run([*command, "--tta"], capture_output=True, text=True, env=env, timeout=300)
+    assert mirrored.returncode == 0, mirrored.stderr[-2000:]
+    plain, tta = json.loads((study / "peer_nnunet.json").read_text())["rows"]
+    assert plain == row and tta["tta"] is True and tta["peer"] == "nnU-Net v2 + mirror TTA"
+    assert tta["train_seconds"] == row["train_seconds"]  # the trained model was reused, only prediction ran
+    predicted = list(study.glob("nnunet_peer/runs/*/*/test_predictions_tta/*.nii.gz"))
+    assert sorted(p.name for p in predicted) == [f"phantom_00{i}.nii.gz" for i in range(3)]
