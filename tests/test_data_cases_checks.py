@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -168,6 +169,16 @@ def test_msd_discovery(tmp_path):
     assert train[0] == Case("c_0", tmp_path / "imagesTr/c_0.nii.gz", tmp_path / "labelsTr/c_0.nii.gz")
     assert [c.name for c in test] == ["t_0", "t_1"] and all(c.label is None for c in test)
     assert labels == {0: "background", 1: "a", 2: "b"}
+
+
+def test_msd_without_its_test_images_still_gives_its_training_cases(tmp_path, caplog):
+    """A copy of imagesTr/labelsTr alone (as sent to a cluster) trains; the missing test images are named once."""
+    root = make_msd(tmp_path)
+    (root / "imagesTs" / "t_1.nii.gz").unlink()
+    with caplog.at_level(logging.WARNING):
+        train, test, _ = cases_from_msd(root)
+    assert len(train) == 3 and [c.name for c in test] == ["t_0"]
+    assert "1 of 2 listed test image(s) not found" in caplog.text and "t_1.nii.gz" in caplog.text
 
 
 def test_msd_nnunet_v2_label_map(tmp_path):

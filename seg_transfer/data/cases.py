@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -18,6 +19,8 @@ from seg_transfer.errors import UserError
 
 CHANNEL_SUFFIX = "_0000"  # nnU-Net/MSD-converted single-channel image suffix
 _MAX_LISTED = 10
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -154,7 +157,9 @@ def cases_from_msd(root: str | Path) -> tuple[list[Case], list[Case], dict[int, 
 
     Returns (training cases, test cases, label map {int: name}), cases in dataset.json
     order. Paths in dataset.json are relative to ``root``. Training must be non-empty
-    and labelled; test may be absent or empty. Case names must be unique across both.
+    and labelled, every file present; test may be absent or empty, and listed test images
+    that are missing (a copy of imagesTr/labelsTr alone, as on a cluster) are left out
+    with a warning: nothing that uses these cases needs them. Case names must be unique across both.
     """
     root = Path(root)
     source = root / "dataset.json"
@@ -170,8 +175,11 @@ def cases_from_msd(root: str | Path) -> tuple[list[Case], list[Case], dict[int, 
     ]
     _validate(train, source, "training cases")
     _check_unique_names(train + test, source)
-    _check_files_exist(test, source)
-    return train, test, labels
+    present = [c for c in test if c.image.is_file()]
+    if len(present) < len(test):
+        log.warning("%s: %d of %d listed test image(s) not found, left out (e.g. %s)", source, len(test) - len(present),
+                    len(test), next(c.image for c in test if not c.image.is_file()))
+    return train, present, labels
 
 
 # ----------------------------------------------------------------------------- CSV
