@@ -15,12 +15,14 @@ import SimpleITK as sitk
 import torch
 from scipy import ndimage
 
+from seg_transfer.checkpoint import Checkpoint
 from seg_transfer.cli import main
 from seg_transfer.config import DataConfig, config_from_dict
 from seg_transfer.data.slices import context_indices
 from seg_transfer.inference import batch
 from seg_transfer.inference.cases import InputError, discover_cases, shard
 from seg_transfer.inference.predictor import LoadedModel, PredictOptions, keep_largest_component, load_model, predict_case
+from seg_transfer.routes import base as route_base
 from seg_transfer.routes.base import InferenceOptions, trained_mirrorings
 from seg_transfer.routes.slicewise import predict_label_map, predict_volume, slice_probabilities
 from seg_transfer.inference.writers import atomic_output, sitk_image
@@ -355,6 +357,7 @@ def test_tta_uses_only_the_flips_the_network_was_trained_with(loaded, plain, cap
     spec = loaded.network.spec
     assert spec.data.augment.flip_axes == []
     plain_probs = loaded.network.inferer(InferenceOptions(batch_size=5)).probabilities(loaded.model, image, cpu)
+    route_base._warn_no_label_safe_flip.cache_clear()  # said once per process: maybe already, by an earlier test
     with caplog.at_level(logging.WARNING):
         untrained = loaded.network.inferer(InferenceOptions(batch_size=5, tta=True)).probabilities(loaded.model, image, cpu)
     torch.testing.assert_close(untrained, plain_probs)
@@ -368,6 +371,20 @@ def test_tta_uses_only_the_flips_the_network_was_trained_with(loaded, plain, cap
     assert not torch.allclose(with_tta, plain_probs, atol=1e-3)
     every_flip = predict_volume(loaded.model, image, 2, 1, flips=IN_PLANE_FLIPS, batch_size=5, multiple=32)
     assert not torch.allclose(with_tta, every_flip, atol=1e-3)
+
+
+def test_cli_predicts_with_the_trained_flips_by_default_and_not_with_no_tta(checkpoint, plain, tmp_path):
+    stored = Checkpoint.load(checkpoint)
+    stored.config["data"]["augment"]["flip_axes"] = [0]  # as if trained with left-right flips
+    flipped = stored.save(tmp_path / "flipped" / "checkpoints" / "best.pt")
+    assert _predict(plain[2], tmp_path / "default", flipped) == 0
+    assert _predict(plain[2], tmp_path / "plain", flipped, "--no-tta") == 0
+    summaries = {name: json.loads((tmp_path / name / "summary.json").read_text()) for name in ("default", "plain")}
+    assert summaries["default"]["tta_flips"] == [[], [2]] and summaries["plain"]["tta_flips"] == [[]]
+    loaded, case = load_model(str(flipped), torch.device("cpu")), discover_cases(plain[2])[0]
+    for name, tta in (("default", True), ("plain", False)):
+        expected = predict_case(loaded, case, PredictOptions(tta=tta, progress=False)).labels
+        np.testing.assert_array_equal(np.asarray(nib.load(tmp_path / name / "phantom_000.nii.gz").dataobj), expected)
 
 
 def test_trained_mirrorings_are_every_combination_of_the_trained_flip_axes():

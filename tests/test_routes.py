@@ -143,7 +143,7 @@ def test_sliding_windows_and_mirror_tta_reproduce_a_full_forward():
     every_mirroring = trained_mirrorings(DataConfig.model_validate({"root": ".", "augment": {"enabled": True, "flip_axes": [0, 1, 2]}}))
     assert len(every_mirroring) == 8
     for mirrors in (((),), every_mirroring):  # a pointwise network is mirror-equivariant: TTA changes nothing
-        inferer = SlidingWindowInferer3d((16, 16, 16), InferenceOptions(batch_size=3), classes=3, mirrors=mirrors)
+        inferer = SlidingWindowInferer3d((16, 16, 16), InferenceOptions(batch_size=3), classes=3, flips=mirrors)
         probs = inferer.probabilities(model, image, torch.device("cpu"))
         assert probs.shape == (3, 40, 36, 28)
         torch.testing.assert_close(probs, expected, atol=1e-5, rtol=1e-5)

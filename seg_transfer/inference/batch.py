@@ -132,7 +132,8 @@ def run_predict(request: PredictRequest) -> PredictReport:
         for stale in sweep_temp_files(request.out_dir):
             log.info("removed %s (left by an interrupted write)", stale)
     extra = {"checkpoint": str(request.checkpoint), "format": request.fmt, "device": str(loaded.device),
-             "labels": {str(k): v for k, v in loaded.labels.items()}, "part": [request.part_id, request.num_parts]}
+             "labels": {str(k): v for k, v in loaded.labels.items()}, "part": [request.part_id, request.num_parts],
+             "tta_flips": [list(dims) for dims in loaded.network.inferer(request.options).flips]}
     results: list[CaseResult] = []
     start = time.perf_counter()
     show = request.options.progress and sys.stderr.isatty()

@@ -7,6 +7,7 @@ study take them from the route named by ``model.dims``; nothing else branches on
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 from collections.abc import Callable, Sequence
@@ -56,9 +57,15 @@ def tta_flips(data: DataConfig, options: InferenceOptions) -> tuple[tuple[int, .
         return ((),)
     flips = trained_mirrorings(data)
     if len(flips) == 1:
-        log.warning("--tta: the network was trained without flips (data.augment.flip_axes is empty), so no flip is "
-                    "label-safe; predicting without test-time augmentation")
+        _warn_no_label_safe_flip()
     return flips
+
+
+@functools.cache
+def _warn_no_label_safe_flip() -> None:
+    """Once per process (an inferer is built for every case)."""
+    log.warning("test-time augmentation: the network was trained without flips (data.augment.flip_axes is empty), "
+                "so no flip is label-safe; predicting without it")
 
 
 def flip_average(predict: Callable[[torch.Tensor], torch.Tensor], batch: torch.Tensor,

@@ -43,14 +43,14 @@ class SlidingWindowInferer3d:
     roi_size: tuple[int, int, int]
     options: InferenceOptions
     classes: int = 2
-    mirrors: tuple[tuple[int, ...], ...] = ((),)  # test-time mirrorings (dims of a (B, C, X, Y, Z) batch)
+    flips: tuple[tuple[int, ...], ...] = ((),)  # test-time mirrorings (dims of a (B, C, X, Y, Z) batch)
 
     @torch.no_grad()
     def probabilities(self, model: nn.Module, image: torch.Tensor, device: torch.device) -> torch.Tensor:
         volume = torch.as_tensor(np.asarray(image) if not isinstance(image, torch.Tensor) else image)
         volume = volume.as_tensor() if hasattr(volume, "as_tensor") else volume
         batch = volume.float()[None]  # (1, 1, X, Y, Z), stays on the CPU; windows move to ``device``
-        total = flip_average(lambda flipped: self._window_probabilities(model, flipped, device), batch, self.mirrors)
+        total = flip_average(lambda flipped: self._window_probabilities(model, flipped, device), batch, self.flips)
         return total[0].float().cpu()
 
     def _window_probabilities(self, model: nn.Module, batch: torch.Tensor, device: torch.device) -> torch.Tensor:
