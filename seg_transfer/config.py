@@ -142,6 +142,14 @@ class EncoderTop(_Strict):
     encoder_top: int = Field(ge=1)
 
 
+class EncoderFraction(_Strict):
+    """Unfreeze the deepest encoder layers (whole layers, deepest first) until at least ``encoder_fraction`` of
+    the encoder's parameters train (plus the decoder and head): unfreezing by parameter share, finer than
+    stages (EfficientNet-Lite0's top stage alone holds 79% of its encoder parameters)."""
+
+    encoder_fraction: float = Field(gt=0, le=1)
+
+
 class EarlyStopping(_Strict):
     patience: int = Field(ge=1)
     min_delta: float = Field(0.0, ge=0)
@@ -163,7 +171,7 @@ class StageConfig(_Strict):
     """One fine-tuning stage: what trains, for how long, at which learning rates."""
 
     name: str | None = None
-    train: Literal["decoder", "all"] | EncoderTop = "all"
+    train: Literal["decoder", "all"] | EncoderTop | EncoderFraction = "all"
     epochs: int = Field(1, ge=1)
     max_steps: int | None = Field(None, ge=1)
     max_seconds: float | None = Field(None, gt=0)

@@ -5,9 +5,15 @@ import pytest
 import torch
 from monai.losses import DiceCELoss
 
-from seg_transfer.config import ModelConfig, StageConfig
+from seg_transfer.config import EncoderFraction, EncoderTop, ModelConfig, StageConfig
 from seg_transfer.models.factory import build_model
-from seg_transfer.models.freezing import apply_trainable, encoder_stages, set_train_mode, trainable_encoder_params
+from seg_transfer.models.freezing import (
+    apply_trainable,
+    describe_spec,
+    encoder_stages,
+    set_train_mode,
+    trainable_encoder_params,
+)
 from seg_transfer.training.optim import build_optimizer, lr_factor, parameter_groups
 
 
@@ -84,6 +90,33 @@ def test_all_trains_everything():
     assert trainable_encoder_params(stages, "all") == {n for n, _ in model.encoder.named_parameters()}
     with pytest.raises(ValueError, match="6"):
         trainable_encoder_params(stages, 6)
+
+
+@pytest.mark.parametrize("fraction", [0.05, 0.25, 0.5])
+def test_parameter_share_trains_the_deepest_whole_layers_reaching_the_share(fraction):
+    model, stages = _model()
+    before = _snapshot(model.encoder)
+    _steps(model, stages, EncoderFraction(encoder_fraction=fraction))
+    after = model.encoder.state_dict()
+    sizes = dict((n, p.numel()) for n, p in model.encoder.named_parameters())
+    moved = {n for n in sizes if not torch.equal(before[n], after[n])}
+    order = [n for stage in stages for n in stage]  # shallow to deep
+    share = sum(sizes[n] for n in moved) / sum(sizes.values())
+    assert share >= fraction and moved == set(order[len(order) - len(moved):])  # a suffix: the deepest layers
+    first_moved = order[len(order) - len(moved)]
+    last_layer_added = {n for n in moved if n.rsplit(".", 1)[0] == first_moved.rsplit(".", 1)[0]}
+    assert share - sum(sizes[n] for n in last_layer_added) / sum(sizes.values()) < fraction  # no layer more than needed
+    assert 0 < len(moved) < len(order)
+    top1 = trainable_encoder_params(stages, EncoderTop(encoder_top=1))
+    assert (moved < top1) if fraction < 0.5 else True  # finer than the top stage (79% of Lite0's encoder)
+
+
+def test_a_stage_config_takes_a_parameter_share():
+    stage = StageConfig.model_validate({"train": {"encoder_fraction": 0.3}, "epochs": 2})
+    assert stage.train == EncoderFraction(encoder_fraction=0.3)
+    assert describe_spec(stage.train) == "deepest 30% of encoder parameters + decoder"
+    with pytest.raises(ValueError, match="encoder_fraction"):
+        StageConfig.model_validate({"train": {"encoder_fraction": 1.5}})
 
 
 def test_layer_decay_and_encoder_multiplier():

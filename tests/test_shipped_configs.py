@@ -15,7 +15,8 @@ STUDIES = {"ablation_hippocampus_n10.yaml": 240, "robustness_hippocampus_n10.yam
            "robustness_hippocampus_n10_half.yaml": 120, "study_hippocampus.yaml": 240, "study_hippocampus_3d.yaml": 240,
            "encoder_choice_hippocampus_n10.yaml": 240, "inflation_hippocampus_3d_n10.yaml": 240,
            "budget_hippocampus_3d_n10.yaml": 960, "budget_hippocampus_n10.yaml": 1875,
-           "ablation_stages_hippocampus_n10.yaml": 240, "study_hippocampus_3d_all_long.yaml": 2400}
+           "ablation_stages_hippocampus_n10.yaml": 240, "study_hippocampus_3d_all_long.yaml": 2400,
+           "ablation_unfreeze_hippocampus_n10.yaml": 240}
 
 
 def without_missing_weights(arm):

@@ -2,7 +2,8 @@
 
 An encoder *stage* is the set of layers whose output lives at one spatial resolution (stride 2, 4,
 8, 16, 32). This definition is found by tracing one forward pass, so it works for every smp and timm
-CNN encoder without per-family tables. ``encoder_top: N`` trains the deepest N stages.
+CNN encoder without per-family tables. ``encoder_top: N`` trains the deepest N stages;
+``encoder_fraction: F`` trains the deepest layers holding at least a share F of the encoder's parameters.
 
 Frozen layers keep BatchNorm in eval mode (``frozen_bn: eval``, the default): their running mean and
 variance stay the ImageNet statistics the frozen weights were trained with. Updating them from small
@@ -13,13 +14,17 @@ then keeps them fixed while their layers are frozen.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
 
-TrainSpec = Literal["decoder", "all"] | int  # int: number of deepest encoder stages to train
+from seg_transfer.config import EncoderFraction, EncoderTop
+
+#: what a stage trains besides the decoder and head; an int is ``EncoderTop(encoder_top=int)``
+TrainSpec = Literal["decoder", "all"] | EncoderTop | EncoderFraction | int
 
 
 def encoder_stages(
@@ -65,20 +70,59 @@ def _record_stride(name: str, strides: dict[str, int], probe_size: int, spatial_
     return hook
 
 
-def trainable_encoder_params(stages: list[list[str]], spec: TrainSpec) -> set[str]:
-    """Names of encoder parameters that train under ``spec``."""
+def trainable_encoder_params(stages: list[list[str]], spec: TrainSpec, sizes: dict[str, int] | None = None) -> set[str]:
+    """Names of encoder parameters that train under ``spec``; ``sizes`` ({name: numel}) is needed by
+    :class:`EncoderFraction` only."""
     if spec == "decoder":
         return set()
     if spec == "all":
         return {name for stage in stages for name in stage}
-    if not 1 <= spec <= len(stages):
-        raise ValueError(f"encoder_top={spec} but the encoder has {len(stages)} stages")
-    return {name for stage in stages[-spec:] for name in stage}
+    if isinstance(spec, int):
+        spec = EncoderTop(encoder_top=spec)
+    return _SELECTORS[type(spec)](stages, spec, sizes or {})
+
+
+def _top_stages(stages: list[list[str]], spec: EncoderTop, sizes: dict[str, int]) -> set[str]:
+    if not 1 <= spec.encoder_top <= len(stages):
+        raise ValueError(f"encoder_top={spec.encoder_top} but the encoder has {len(stages)} stages")
+    return {name for stage in stages[-spec.encoder_top:] for name in stage}
+
+
+def _deepest_share(stages: list[list[str]], spec: EncoderFraction, sizes: dict[str, int]) -> set[str]:
+    """Whole layers (a module's own parameters), deepest first, until their parameters reach the share."""
+    layers: dict[str, list[str]] = {}
+    for name in (name for stage in stages for name in stage):  # shallow to deep
+        layers.setdefault(name.rsplit(".", 1)[0], []).append(name)
+    target = spec.encoder_fraction * sum(sizes[name] for names in layers.values() for name in names)
+    chosen, count = set(), 0
+    for names in reversed(list(layers.values())):
+        if count >= target:
+            break
+        chosen.update(names)
+        count += sum(sizes[name] for name in names)
+    return chosen
+
+
+_SELECTORS: dict[type, Callable[[list[list[str]], object, dict[str, int]], set[str]]] = {
+    EncoderTop: _top_stages, EncoderFraction: _deepest_share}
+
+
+def describe_spec(spec: TrainSpec) -> str:
+    """What a stage trains, in words."""
+    if spec == "decoder":
+        return "decoder and head"
+    if spec == "all":
+        return "everything"
+    if isinstance(spec, EncoderFraction):
+        return f"deepest {spec.encoder_fraction:.0%} of encoder parameters + decoder"
+    top = spec if isinstance(spec, int) else spec.encoder_top
+    return f"top {top} encoder stage{'s' if top != 1 else ''} + decoder"
 
 
 def apply_trainable(model: nn.Module, stages: list[list[str]], spec: TrainSpec) -> None:
     """Set ``requires_grad``: decoder and head always train; encoder parameters as ``spec`` says."""
-    trainable = trainable_encoder_params(stages, spec)
+    sizes = {name: param.numel() for name, param in model.encoder.named_parameters()}
+    trainable = trainable_encoder_params(stages, spec, sizes)
     for name, param in model.encoder.named_parameters():
         param.requires_grad_(name in trainable)
     for name, param in model.named_parameters():

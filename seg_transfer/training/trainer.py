@@ -44,6 +44,7 @@ from seg_transfer.evaluation.metrics import dice_per_class
 from seg_transfer.models.factory import count_parameters
 from seg_transfer.models.freezing import (
     apply_trainable,
+    describe_spec,
     encoder_stages,
     reestimate_batchnorm,
     set_train_mode,
@@ -312,7 +313,7 @@ def _next_stage(progress: Progress) -> None:
 
 
 def _begin_stage(session: _Session, stage: StageConfig, progress: Progress):
-    spec = stage.train if isinstance(stage.train, str) else stage.train.encoder_top
+    spec = stage.train
     apply_trainable(session.model, session.stages, spec)
     session.train_model = None  # drop the previous stage's DDP reducer before building this stage's
     session.train_model = _training_module(session)
@@ -325,15 +326,6 @@ def _begin_stage(session: _Session, stage: StageConfig, progress: Progress):
              stage.label(progress.stage), describe_spec(spec), stage.epochs, "" if stage.epochs == 1 else "s",
              len(session.train_loader), trainable / 1e6, total / 1e6, 100 * trainable / max(total, 1))
     return optimizer, scheduler
-
-
-def describe_spec(spec: str | int) -> str:
-    """What a stage trains, in words."""
-    if spec == "decoder":
-        return "decoder and head"
-    if spec == "all":
-        return "everything"
-    return f"top {spec} encoder stage{'s' if spec != 1 else ''} + decoder"
 
 
 def _training_module(session: _Session) -> nn.Module:
