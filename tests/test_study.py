@@ -3,6 +3,7 @@ end on phantoms, and resuming a half-finished study."""
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -190,12 +191,14 @@ def test_study_refuses_a_changed_config_for_existing_runs(tmp_path, study_root, 
     assert "n002_seed0: holds a run with another config (differs in training)" in err and len(err.splitlines()) == 1
 
 
-def test_parallel_processes_train_the_same_runs_as_one_process(tmp_path, study_root, capsys):
+def test_parallel_processes_train_the_same_runs_as_one_process(tmp_path, study_root, capsys, caplog):
     """--processes 2 spreads the runs over two spawned shards and reports them: same runs, same test Dice."""
     study_path = write_study(tmp_path, study_root, train_sizes=[2])
     assert main(["compare", "--config", str(study_path), "--output", str(tmp_path / "serial")]) == 0
-    assert main(["compare", "--config", str(study_path), "--output", str(tmp_path / "parallel"), "--processes", "2"]) == 0
+    with caplog.at_level(logging.INFO, logger="seg_transfer.study.compare"):
+        assert main(["compare", "--config", str(study_path), "--output", str(tmp_path / "parallel"), "--processes", "2"]) == 0
     assert "2 of 2 runs finished" in capsys.readouterr().out
+    assert "2 run(s) finished; 0 shard(s) still training" in caplog.text  # progress while the shards train
     serial, parallel = (json.loads((tmp_path / name / "results.json").read_text())["runs"] for name in ("serial", "parallel"))
     assert [(r["arm"], r["seed"]) for r in parallel] == [(r["arm"], r["seed"]) for r in serial]
     for ours, theirs in zip(parallel, serial):

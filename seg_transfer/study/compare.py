@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from seg_transfer.atomic import write_atomic
+from seg_transfer.evaluation.evaluate import JSON_NAME
 from seg_transfer.study.analysis import analyse
 from seg_transfer.study.config import StudyConfig, load_study_config
 from seg_transfer.study.report import write_report
@@ -68,14 +69,26 @@ def run_shards_in_parallel(study_path: Path, output: Path, processes: int, *, de
         workers.append((worker, log_file))
     log.info("training %s in %d parallel processes; logs in %s", study_path, processes, logs)
     try:
-        for worker, _ in workers:
-            worker.join()
+        _wait_reporting_progress([worker for worker, _ in workers], output)
     finally:
         for worker, _ in workers:
             if worker.is_alive():
                 worker.terminate()
                 worker.join()
     return [f"{worker.name} (exit code {worker.exitcode}; log {log_file})" for worker, log_file in workers if worker.exitcode != 0]
+
+
+def _wait_reporting_progress(workers: list, output: Path, poll_seconds: float = 30.0) -> None:
+    """Wait for every worker; log each time the count of finished runs (test evaluation written) changes."""
+    reported = -1
+    while any(worker.is_alive() for worker in workers):
+        for worker in workers:
+            worker.join(timeout=poll_seconds / len(workers))
+        finished = len(list(output.glob(f"runs/*/*/test_evaluation/{JSON_NAME}")))
+        if finished != reported:
+            running = sum(worker.is_alive() for worker in workers)
+            log.info("%d run(s) finished; %d shard(s) still training", finished, running)
+            reported = finished
 
 
 def _train_shard(study_path: str, output: str, device: str, max_runs: int | None, shard: tuple[int, int], log_file: str) -> None:
