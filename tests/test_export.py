@@ -254,7 +254,8 @@ def test_3d_onnx_logits_match_torch_on_preprocessed_phantom_windows(run_3d, expo
 
 
 def test_3d_sliding_window_through_onnxruntime_matches_predict(run_3d, exported_3d, phantom_root, tmp_path):
-    """MONAI's sliding window over the ONNX model, set up from the contract alone, gives predict's label map."""
+    """MONAI's sliding window over the ONNX model, set up from the contract alone (test-time flips included),
+    gives predict's label map."""
     from monai.inferers import sliding_window_inference
 
     from seg_transfer.inference.predictor import invert_to_input
@@ -273,8 +274,14 @@ def test_3d_sliding_window_through_onnxruntime_matches_predict(run_3d, exported_
 
     loaded, image = _preprocessed_3d(run_3d, source)
     volume = image.as_tensor().float()[None]
-    probs = sliding_window_inference(volume, window, 4, probabilities, overlap=sliding["overlap"],
-                                     mode=sliding["blend"], sigma_scale=sliding["sigma_scale"], cval=float(volume.min()))[0]
+
+    def window_average(batch: torch.Tensor) -> torch.Tensor:
+        return sliding_window_inference(batch, window, 4, probabilities, overlap=sliding["overlap"], mode=sliding["blend"],
+                                        sigma_scale=sliding["sigma_scale"], cval=float(volume.min()))
+
+    flips = contract["output"]["test_time_flips"]
+    assert flips[0] == [] and len(flips) > 1, "the tiny 3D run is trained with flips: predict averages them by default"
+    probs = sum(torch.flip(window_average(torch.flip(volume, dims)), dims) for dims in flips)[0] / len(flips)
     labels = probs.argmax(0).to(torch.uint8)
     from_onnx = invert_to_input(loaded, image, labels[None], nearest=True)[0].numpy().round().astype(expected.dtype)
 

@@ -33,6 +33,7 @@ from torch import nn
 from seg_transfer import __version__
 from seg_transfer.atomic import write_atomic
 from seg_transfer.errors import UserError
+from seg_transfer.routes.base import trained_mirrorings
 from seg_transfer.routes.network import LoadedNetwork, load_network
 
 log = logging.getLogger(__name__)
@@ -215,6 +216,10 @@ def build_contract(
             "shape": ["batch", classes, *spatial],
             "classes": classes,
             "activation": "none: logits; softmax over axis 1 gives probabilities, argmax the label",
+            "test_time_flips": [list(dims) for dims in trained_mirrorings(network.config.data)],
+            "test_time_augmentation": ("seg-transfer predict's default: the softmax probabilities averaged over the "
+                                       "input flipped along each entry of test_time_flips (dims of the input; [] = as "
+                                       "is), each flipped back; the flips the network was trained with"),
         },
         "labels": {str(k): v for k, v in network.labels.items()},
         "preprocessing": network.prep.as_dict(),
