@@ -17,7 +17,7 @@ from seg_transfer.data.splits import load_splits, training_subset
 from seg_transfer.study.analysis import NEGATIVE, NEUTRAL, POSITIVE, learning_curves, paired_comparisons, time_to_target
 from seg_transfer.study.config import load_study_config
 from seg_transfer.study.plan import plan_runs
-from seg_transfer.study.runner import RunRecord
+from seg_transfer.study.runner import RunRecord, spread_pending
 from tests.conftest import tiny_config
 
 
@@ -206,6 +206,18 @@ def test_parallel_processes_train_the_same_runs_as_one_process(tmp_path, study_r
     logs = {path.name: path.read_text() for path in (tmp_path / "parallel" / "logs").iterdir()}
     assert sorted(logs) == ["shard_0_of_2.log", "shard_1_of_2.log"]
     assert "n002_seed0" in logs["shard_0_of_2.log"] and "n002_seed0" in logs["shard_1_of_2.log"]
+
+
+def test_parallel_processes_share_the_unfinished_runs_evenly(tmp_path, study_root):
+    """Runs 2 and 4 of the plan are evaluated: the two left (1 and 3) go one to each process, where a static
+    --shard 0/2 would give both to shard 0 and nothing to shard 1."""
+    _, specs = plan_runs(load_study_config(write_study(tmp_path, study_root)), tmp_path / "study")
+    assert len(specs) == 4
+    for spec in specs[1::2]:
+        (spec.run_dir / "test_evaluation").mkdir(parents=True)
+        (spec.run_dir / "test_evaluation" / "metrics.json").write_text("{}")
+    assert spread_pending(specs, 2) == [[0], [2]]
+    assert spread_pending(specs, 3) == [[0], [2], []]
 
 
 def test_a_failed_parallel_shard_is_reported_in_one_line_and_the_rest_still_counts(tmp_path, study_root, capsys):

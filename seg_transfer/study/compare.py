@@ -12,7 +12,8 @@ from seg_transfer.evaluation.evaluate import JSON_NAME
 from seg_transfer.study.analysis import analyse
 from seg_transfer.study.config import StudyConfig, load_study_config
 from seg_transfer.study.report import write_report
-from seg_transfer.study.runner import StudyError, StudyProgress, check_equal_steps, run_study
+from seg_transfer.study.plan import plan_runs
+from seg_transfer.study.runner import StudyError, StudyProgress, check_equal_steps, run_study, spread_pending
 from seg_transfer.study.transferability import agreement, rank_subsets, read_scores
 
 log = logging.getLogger(__name__)
@@ -30,8 +31,8 @@ def compare(study_path: str | Path, output: str | Path, *, device: str = "auto",
             shard: tuple[int, int] = (0, 1), processes: int = 1) -> CompareOutcome:
     """Run (or continue) the study in ``study_path`` into ``output`` and write its report from the finished runs.
 
-    ``processes > 1`` trains the study as that many shards in parallel processes on this machine (each logs to
-    ``output/logs/shard_I_of_N.log``; ``max_runs`` applies to each), then reports what finished; shards that
+    ``processes > 1`` trains the unfinished runs in that many parallel processes on this machine, dealt evenly
+    (each logs to ``output/logs/shard_I_of_N.log``; ``max_runs`` applies to each), then reports what finished; shards that
     failed are listed in :attr:`CompareOutcome.failed_shards`, the other shards' runs still count."""
     study = load_study_config(study_path)
     output = Path(output)
@@ -41,7 +42,7 @@ def compare(study_path: str | Path, output: str | Path, *, device: str = "auto",
     if processes > 1:
         if shard != (0, 1):
             raise StudyError("use either --shard or --processes, not both")
-        failed = run_shards_in_parallel(Path(study_path), output, processes, device=device, max_runs=max_runs)
+        failed = run_shards_in_parallel(study, Path(study_path), output, processes, device=device, max_runs=max_runs)
         max_runs = 0  # the shards trained what they could; this process only collects and reports
     progress = run_study(study, output, device=device, max_runs=max_runs, shard=shard)
     if study.rank_encoders is not None and shard[0] == 0:
@@ -53,21 +54,26 @@ def compare(study_path: str | Path, output: str | Path, *, device: str = "auto",
     return CompareOutcome(progress, results, files, failed)
 
 
-def run_shards_in_parallel(study_path: Path, output: Path, processes: int, *, device: str,
+def run_shards_in_parallel(study: StudyConfig, study_path: Path, output: Path, processes: int, *, device: str,
                            max_runs: int | None) -> list[str]:
-    """Train shards ``0/N .. N-1/N`` of the study in ``N`` spawned processes (CUDA-safe; each may start its own
-    data-loading workers) and wait for all; returns the failed ones, described. Ctrl-C stops every shard."""
+    """Train the study's unfinished runs in ``N`` spawned processes (CUDA-safe; each may start its own
+    data-loading workers), dealt round-robin (:func:`spread_pending`), and wait for all; returns the failed
+    ones, described. Ctrl-C stops every shard."""
     logs = output / "logs"
     logs.mkdir(exist_ok=True)
+    shares = spread_pending(plan_runs(study, output)[1], processes)
     context = multiprocessing.get_context("spawn")
     workers = []
-    for index in range(processes):
+    for index, runs in enumerate(shares):
+        if not runs:
+            continue
         log_file = logs / f"shard_{index}_of_{processes}.log"
         worker = context.Process(target=_train_shard, name=f"shard {index}/{processes}",
-                                 args=(str(study_path), str(output), device, max_runs, (index, processes), str(log_file)))
+                                 args=(str(study_path), str(output), device, max_runs, runs, str(log_file)))
         worker.start()
         workers.append((worker, log_file))
-    log.info("training %s in %d parallel processes; logs in %s", study_path, processes, logs)
+    log.info("training %d unfinished run(s) of %s in %d parallel processes; logs in %s",
+             sum(map(len, shares)), study_path, len(workers), logs)
     try:
         _wait_reporting_progress([worker for worker, _ in workers], output)
     finally:
@@ -91,14 +97,14 @@ def _wait_reporting_progress(workers: list, output: Path, poll_seconds: float = 
             reported = finished
 
 
-def _train_shard(study_path: str, output: str, device: str, max_runs: int | None, shard: tuple[int, int], log_file: str) -> None:
-    """Body of one parallel shard: train its runs (and their test evaluations), logging to ``log_file``."""
+def _train_shard(study_path: str, output: str, device: str, max_runs: int | None, runs: list[int], log_file: str) -> None:
+    """Body of one parallel shard: train its runs (plan positions) and their test evaluations, logging to ``log_file``."""
     logging.basicConfig(filename=log_file, level=logging.INFO, force=True,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
-        run_study(load_study_config(study_path), Path(output), device=device, max_runs=max_runs, shard=shard)
+        run_study(load_study_config(study_path), Path(output), device=device, max_runs=max_runs, runs=set(runs))
     except Exception:  # the log holds the traceback; the parent reports the shard in one line
-        logging.getLogger(__name__).exception("shard %d/%d failed", *shard)
+        logging.getLogger(__name__).exception("shard with runs %s failed", [r + 1 for r in runs])
         raise SystemExit(1) from None
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -83,19 +84,21 @@ class StudyProgress:
 
 
 def run_study(study: StudyConfig, output: Path, *, device: str = "auto", max_runs: int | None = None,
-              shard: tuple[int, int] = (0, 1)) -> StudyProgress:
+              shard: tuple[int, int] = (0, 1), runs: Collection[int] | None = None) -> StudyProgress:
     """Train, predict and evaluate every run not yet finished; ``max_runs`` caps how many new runs train now
     (a study can be spread over several time-limited jobs). ``shard=(i, n)``: this process trains only
-    runs ``i, i+n, i+2n, ...`` of the plan, so ``n`` processes (or jobs) share a study folder; runs of
-    other shards count once their test evaluation is written. Returns the finished runs."""
+    runs ``i, i+n, i+2n, ...`` of the plan, so ``n`` processes (or jobs) share a study folder; ``runs``
+    (0-based plan positions) names this process's runs instead. Runs of other processes count once their
+    test evaluation is written. Returns the finished runs."""
     output = Path(output)
     cases, specs = plan_runs(study, output)
     test_images, test_labels, labels_file = write_test_inputs(cases, output)
     records, trained = [], 0
     mine, shards = shard
     for index, spec in enumerate(specs, 1):
-        if (index - 1) % shards != mine:
-            if (spec.run_dir / "test_evaluation" / JSON_NAME).is_file():
+        trains_here = (index - 1) in runs if runs is not None else (index - 1) % shards == mine
+        if not trains_here:
+            if is_evaluated(spec):
                 records.append(complete_run(spec, test_images, test_labels, labels_file, study, device))
             continue
         is_new = finished_result(spec.run_dir) is None
@@ -107,6 +110,19 @@ def run_study(study: StudyConfig, output: Path, *, device: str = "auto", max_run
     if max_runs is not None and len(records) < len(specs):
         log.info("%d new run(s) trained (--max-runs %d); %d of %d runs finished", trained, max_runs, len(records), len(specs))
     return StudyProgress(cases, specs, records)
+
+
+def is_evaluated(spec: RunSpec) -> bool:
+    """Whether the run is finished for the study: trained, and its test cases predicted and evaluated."""
+    return (spec.run_dir / "test_evaluation" / JSON_NAME).is_file()
+
+
+def spread_pending(specs: Sequence[RunSpec], processes: int) -> list[list[int]]:
+    """The plan positions of the runs not yet evaluated, dealt round-robin to ``processes`` lists, so that
+    processes get equal shares of the work left (a static ``--shard`` split can give one of them all of an
+    arm added later)."""
+    pending = [index for index, spec in enumerate(specs) if not is_evaluated(spec)]
+    return [pending[k::processes] for k in range(processes)]
 
 
 def complete_run(spec: RunSpec, test_images: Path, test_labels: Path, labels_file: Path, study: StudyConfig, device: str) -> RunRecord:
