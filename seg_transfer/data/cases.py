@@ -175,11 +175,11 @@ def cases_from_msd(root: str | Path) -> tuple[list[Case], list[Case], dict[int, 
     ]
     _validate(train, source, "training cases")
     _check_unique_names(train + test, source)
-    present = [c for c in test if c.image.is_file()]
-    if len(present) < len(test):
-        log.warning("%s: %d of %d listed test image(s) not found, left out (e.g. %s)", source, len(test) - len(present),
-                    len(test), next(c.image for c in test if not c.image.is_file()))
-    return train, present, labels
+    missing = [c for c in test if not c.image.is_file()]
+    if missing:
+        log.warning("%s: %d of %d listed test image(s) not found, left out (e.g. %s)", source, len(missing),
+                    len(test), missing[0].image)
+    return train, [c for c in test if c not in missing], labels
 
 
 # ----------------------------------------------------------------------------- CSV

@@ -37,6 +37,7 @@ from seg_transfer.inference.writers import (
     write_label_map,
     write_probabilities,
 )
+from seg_transfer.routes.base import tta_flips
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +134,7 @@ def run_predict(request: PredictRequest) -> PredictReport:
             log.info("removed %s (left by an interrupted write)", stale)
     extra = {"checkpoint": str(request.checkpoint), "format": request.fmt, "device": str(loaded.device),
              "labels": {str(k): v for k, v in loaded.labels.items()}, "part": [request.part_id, request.num_parts],
-             "tta_flips": [list(dims) for dims in loaded.network.inferer(request.options).flips]}
+             "tta_flips": [list(dims) for dims in tta_flips(loaded.network.spec.data, request.options)]}
     results: list[CaseResult] = []
     start = time.perf_counter()
     show = request.options.progress and sys.stderr.isatty()

@@ -4,16 +4,23 @@ from __future__ import annotations
 import json
 import logging
 import multiprocessing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from seg_transfer.atomic import write_atomic
-from seg_transfer.evaluation.evaluate import JSON_NAME
 from seg_transfer.study.analysis import analyse
 from seg_transfer.study.config import StudyConfig, load_study_config
 from seg_transfer.study.report import write_report
-from seg_transfer.study.plan import plan_runs
-from seg_transfer.study.runner import StudyError, StudyProgress, check_equal_steps, run_study, spread_pending
+from seg_transfer.study.plan import RunSpec, plan_runs
+from seg_transfer.study.runner import (
+    StudyError,
+    StudyProgress,
+    check_equal_steps,
+    is_evaluated,
+    run_study,
+    spread_pending,
+)
 from seg_transfer.study.transferability import agreement, rank_subsets, read_scores
 
 log = logging.getLogger(__name__)
@@ -61,7 +68,8 @@ def run_shards_in_parallel(study: StudyConfig, study_path: Path, output: Path, p
     ones, described. Ctrl-C stops every shard."""
     logs = output / "logs"
     logs.mkdir(exist_ok=True)
-    shares = spread_pending(plan_runs(study, output)[1], processes)
+    specs = plan_runs(study, output)[1]
+    shares = spread_pending(specs, processes)
     context = multiprocessing.get_context("spawn")
     workers = []
     for index, runs in enumerate(shares):
@@ -75,7 +83,7 @@ def run_shards_in_parallel(study: StudyConfig, study_path: Path, output: Path, p
     log.info("training %d unfinished run(s) of %s in %d parallel processes; logs in %s",
              sum(map(len, shares)), study_path, len(workers), logs)
     try:
-        _wait_reporting_progress([worker for worker, _ in workers], output)
+        _wait_reporting_progress([worker for worker, _ in workers], specs)
     finally:
         for worker, _ in workers:
             if worker.is_alive():
@@ -84,13 +92,13 @@ def run_shards_in_parallel(study: StudyConfig, study_path: Path, output: Path, p
     return [f"{worker.name} (exit code {worker.exitcode}; log {log_file})" for worker, log_file in workers if worker.exitcode != 0]
 
 
-def _wait_reporting_progress(workers: list, output: Path, poll_seconds: float = 30.0) -> None:
-    """Wait for every worker; log each time the count of finished runs (test evaluation written) changes."""
+def _wait_reporting_progress(workers: list, specs: Sequence[RunSpec], poll_seconds: float = 30.0) -> None:
+    """Wait for every worker; log each time the count of the plan's finished runs (:func:`is_evaluated`) changes."""
     reported = -1
     while any(worker.is_alive() for worker in workers):
         for worker in workers:
             worker.join(timeout=poll_seconds / len(workers))
-        finished = len(list(output.glob(f"runs/*/*/test_evaluation/{JSON_NAME}")))
+        finished = sum(map(is_evaluated, specs))
         if finished != reported:
             running = sum(worker.is_alive() for worker in workers)
             log.info("%d run(s) finished; %d shard(s) still training", finished, running)

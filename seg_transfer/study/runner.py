@@ -130,7 +130,7 @@ def complete_run(spec: RunSpec, test_images: Path, test_labels: Path, labels_fil
     write_run_splits(spec)
     result = train_or_reuse(spec.config, spec.run_dir, check_config=True)
     evaluation = spec.run_dir / "test_evaluation" / JSON_NAME
-    if not evaluation.is_file():
+    if not is_evaluated(spec):
         predictions = predict_test_cases(spec.run_dir, test_images, study.predict_batch_size, device)
         evaluate_folders(predictions, test_labels, evaluation.parent, tolerance_mm=study.tolerance_mm, labels=labels_file)
     return RunRecord(spec.arm, spec.size, spec.seed, spec.run_dir, result.best_dice, result.epochs, result.seconds,
