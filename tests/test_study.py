@@ -220,6 +220,14 @@ def test_parallel_processes_share_the_unfinished_runs_evenly(tmp_path, study_roo
     assert spread_pending(specs, 3) == [[0], [2], []]
 
 
+def test_shard_and_processes_together_are_refused_in_one_line(tmp_path, study_root, capsys):
+    study_path, out = write_study(tmp_path, study_root, train_sizes=[2]), tmp_path / "study"
+    assert main(["compare", "--config", str(study_path), "--output", str(out), "--shard", "1/2", "--processes", "2"]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "use either --shard or --processes, not both" in line
+    assert not list(out.glob("runs/*/*/checkpoints"))  # refused before any training
+
+
 def test_a_failed_parallel_shard_is_reported_in_one_line_and_the_rest_still_counts(tmp_path, study_root, capsys):
     study_path, out = write_study(tmp_path, study_root, train_sizes=[2]), tmp_path / "study"
     _, specs = plan_runs(load_study_config(study_path), out)
