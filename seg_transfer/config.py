@@ -131,6 +131,13 @@ class ModelConfig(_Strict):
         lowered = value.strip().lower()
         return lowered if lowered in NAMED_WEIGHTS else value
 
+    @model_validator(mode="after")
+    def _depth_stride_is_3d_only(self) -> ModelConfig:
+        if self.depth_stride_one_stages and self.dims != "3d":
+            raise ValueError("depth_stride_one_stages applies to the 3D route only (model.dims: 3d); "
+                             "set it to 0 for model.dims: 2.5d")
+        return self
+
     @property
     def pretrained(self) -> bool:
         return self.encoder_weights != "none"

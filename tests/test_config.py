@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import pytest
 import yaml
+from pydantic import ValidationError
 
-from seg_transfer.config import ConfigError, config_from_dict, load_config
+from seg_transfer.config import ConfigError, ModelConfig, config_from_dict, load_config
 from tests.conftest import tiny_config
 
 
@@ -70,3 +71,9 @@ def test_pretrained_and_scratch_differ_in_one_field(phantom_root):
     assert scratch["data"] == pretrained["data"]
     assert [s["train"] for s in scratch["training"]["stages"]] == ["all"]
     assert scratch["training"]["stages"][0]["epochs"] == sum(s["epochs"] for s in pretrained["training"]["stages"])
+
+
+def test_depth_stride_one_stages_is_refused_outside_the_3d_route():
+    with pytest.raises(ValidationError, match="3D route only"):
+        ModelConfig(dims="2.5d", depth_stride_one_stages=1)
+    assert ModelConfig(dims="3d", depth_stride_one_stages=1).depth_stride_one_stages == 1

@@ -68,3 +68,18 @@ def test_the_3d_study_mixes_routes_and_its_2p5d_arm_is_the_learning_curves_defau
     curve = load_study_config(CONFIGS / "study_hippocampus.yaml")
     assert arm_config(study, study.arm("imagenet_2p5d"), 1, "run") == arm_config(curve, curve.arm("imagenet"), 1, "run")
     assert study.split == curve.split
+
+
+def test_3d_default_keeps_z_in_its_first_downsampling_and_earlier_studies_stay_as_they_ran(monkeypatch, tmp_path):
+    """The 3D default (and its scratch control) keep stride 1 along z in the first stage, as the inflation and
+    budget studies chose; those two studies pin the earlier geometry so that their recorded runs still match."""
+    monkeypatch.chdir(tmp_path)
+    for name in ("hippocampus_3d_effnet_lite0.yaml", "hippocampus_3d_scratch.yaml"):
+        assert load_config(CONFIGS / name).model.depth_stride_one_stages == 1
+    main = load_study_config(CONFIGS / "study_hippocampus_3d.yaml")
+    assert {arm_config(main, arm, 0, "r").model.depth_stride_one_stages
+            for arm in main.arms if arm.name.endswith("_3d")} == {1}
+    for name in ("inflation_hippocampus_3d_n10.yaml", "budget_hippocampus_3d_n10.yaml"):
+        study = load_study_config(CONFIGS / name)
+        strides = {arm.name: arm_config(study, arm, 0, "r").model.depth_stride_one_stages for arm in study.arms}
+        assert {arm for arm, stride in strides.items() if stride == 1} == {a for a in strides if "zstride1" in a}
