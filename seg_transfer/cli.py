@@ -241,7 +241,7 @@ def rank_encoders(
     max_cases: Annotated[int | None, typer.Option("--max-cases", min=1, help="Use only the first N training cases (default: all).")] = None,
     output: Annotated[Path, typer.Option("--output", "-o", help="Folder for ranking.json and ranking.md.")] = Path("runs/rank_encoders"),
     seed: Annotated[int, typer.Option("--seed", help="Pixel sampling seed.")] = 0,
-    scores: Annotated[str, typer.Option("--scores", help="Comma-separated transferability scores: logme, gbc; the first orders the ranking.")] = "logme",
+    scores: Annotated[str, typer.Option("--scores", help="Comma-separated transferability scores: logme, gbc, variety; the first orders the ranking.")] = "logme",
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "cpu",
     skip_bad_cases: Annotated[bool, typer.Option("--skip-bad-cases", help="Use the good cases; ignore the bad ones.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,

@@ -15,6 +15,7 @@ from seg_transfer.config import ConfigError
 from seg_transfer.selection.gbc import VARIANCE_FLOOR, gbc
 from seg_transfer.selection.logme import Spectrum, log_evidence, logme, maximise_evidence, project
 from seg_transfer.selection.rank import parse_candidate, parse_strides, sample_pixels
+from seg_transfer.selection.variety import feature_variety
 from tests.conftest import tiny_config
 
 
@@ -61,6 +62,26 @@ def test_gbc_matches_the_closed_form_bhattacharyya_coefficient_in_one_dimension(
     assert gbc(features, labels) == pytest.approx(-2 * np.exp(-distance), rel=1e-12)
 
 
+def test_feature_variety_is_log_2_for_features_on_one_line_and_near_2t_for_random_directions():
+    """Features along one line are, once centred, two opposite directions: half the pairs at distance 0, half at 2."""
+    rng = np.random.default_rng(3)
+    direction = rng.normal(size=16)
+    collapsed = np.concatenate([np.outer(rng.uniform(1, 2, 200), direction), np.outer(-rng.uniform(1, 2, 200), direction)])
+    assert feature_variety(collapsed) == pytest.approx(-np.log(0.5 + 0.5 * np.exp(-8.0)), abs=0.02)
+    spread = rng.normal(size=(2000, 512))  # random directions in many dimensions are nearly orthogonal: ||a - b||^2 ~ 2
+    assert feature_variety(spread) == pytest.approx(4.0, abs=0.05)
+    assert feature_variety(spread[:, :2]) < feature_variety(spread[:, :8]) < feature_variety(spread)
+    assert feature_variety(spread, max_rows=500) == feature_variety(spread, max_rows=500)  # seeded subsample
+
+
+def test_feature_variety_matches_the_pairwise_definition():
+    points = np.array([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])  # already centred: mean (0, 1/3) is removed first
+    centred = points - points.mean(axis=0)
+    unit = centred / np.linalg.norm(centred, axis=1, keepdims=True)
+    pairs = [np.sum((unit[i] - unit[j]) ** 2) for i in range(3) for j in range(i + 1, 3)]
+    assert feature_variety(points) == pytest.approx(-np.log(np.mean(np.exp(-2.0 * np.array(pairs)))), rel=1e-12)
+
+
 def test_ranking_leaves_the_callers_thread_count(phantom_root, tmp_path, one_thread):
     """rank_encoders uses the run config's threads while it works (a study calls it between trainings)."""
     from seg_transfer.config import config_from_dict
@@ -76,7 +97,7 @@ def test_unknown_score_is_a_one_line_error(config_file, tmp_path, capsys):
     code = main(["rank-encoders", "--config", str(config_file), "--candidates", "tu-tf_efficientnet_lite0:none",
                  "--scores", "hscore", "--output", str(tmp_path / "x")])
     assert code == 2
-    assert "unknown transferability score 'hscore'; choose from logme, gbc" in capsys.readouterr().err
+    assert "unknown transferability score 'hscore'; choose from logme, gbc, variety" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("n, d", [(15, 3), (8, 12)])

@@ -210,6 +210,20 @@ def test_reuse_ignores_collapse_thresholds_that_only_warn(phantom_root, tmp_path
         check_same_config(config, tmp_path)
 
 
+
+def test_a_reused_run_keeps_its_recorded_fields_including_peak_gpu_memory(tmp_path):
+    """A finished run read back from summary.json carries every recorded field; summaries of older versions
+    (without steps or peak GPU memory) still load, with the defaults (0 steps, no GPU memory)."""
+    from seg_transfer.training.reuse import finished_result
+
+    summary = {"best_dice": 0.81, "best_per_class": {"1": 0.8, "2": 0.82}, "best_epoch": 11, "epochs": 12,
+               "seconds": 300.0, "steps": 2400, "peak_gpu_gb": 1.25}
+    (tmp_path / "summary.json").write_text(json.dumps(summary))
+    result = finished_result(tmp_path)
+    assert (result.steps, result.peak_gpu_gb, result.best_dice) == (2400, 1.25, 0.81)
+    (tmp_path / "summary.json").write_text(json.dumps({k: v for k, v in summary.items() if k not in ("steps", "peak_gpu_gb")}))
+    assert (finished_result(tmp_path).steps, finished_result(tmp_path).peak_gpu_gb) == (0, None)
+
 # ----------------------------------------------------------------------------- checkpoint errors (issue 13.3, 13.5)
 
 

@@ -77,9 +77,13 @@ def trainable_encoder_params(stages: list[list[str]], spec: TrainSpec, sizes: di
         return set()
     if spec == "all":
         return {name for stage in stages for name in stage}
-    if isinstance(spec, int):
-        spec = EncoderTop(encoder_top=spec)
+    spec = _normalised(spec)
     return _SELECTORS[type(spec)](stages, spec, sizes or {})
+
+
+def _normalised(spec: TrainSpec) -> TrainSpec:
+    """``spec`` with a bare int written as the :class:`EncoderTop` it stands for."""
+    return EncoderTop(encoder_top=spec) if isinstance(spec, int) else spec
 
 
 def _top_stages(stages: list[list[str]], spec: EncoderTop, sizes: dict[str, int]) -> set[str]:
@@ -113,9 +117,10 @@ def describe_spec(spec: TrainSpec) -> str:
         return "decoder and head"
     if spec == "all":
         return "everything"
+    spec = _normalised(spec)
     if isinstance(spec, EncoderFraction):
         return f"deepest {spec.encoder_fraction:.0%} of encoder parameters + decoder"
-    top = spec if isinstance(spec, int) else spec.encoder_top
+    top = spec.encoder_top
     return f"top {top} encoder stage{'s' if top != 1 else ''} + decoder"
 
 

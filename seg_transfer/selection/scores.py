@@ -10,6 +10,7 @@ import numpy as np
 from seg_transfer.config import ConfigError
 from seg_transfer.selection.gbc import gbc
 from seg_transfer.selection.logme import logme
+from seg_transfer.selection.variety import feature_variety
 
 
 @dataclass(frozen=True)
@@ -23,6 +24,8 @@ class TransferabilityScore:
 SCORES: dict[str, TransferabilityScore] = {
     "logme": TransferabilityScore("logme", "LogME", "You et al., ICML 2021: evidence of a Bayesian linear model", logme),
     "gbc": TransferabilityScore("gbc", "GBC", "Pándey et al., CVPR 2022: Gaussian Bhattacharyya class separability, 64 PCA dims", gbc),
+    "variety": TransferabilityScore("variety", "Variety", "Wang & Isola, ICML 2020 uniformity as feature variety "
+                                    "(Yang et al., MICCAI 2023 CC-FV): how evenly features spread, label-free", feature_variety),
 }
 
 
