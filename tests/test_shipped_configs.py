@@ -16,7 +16,7 @@ STUDIES = {"ablation_hippocampus_n10.yaml": 240, "robustness_hippocampus_n10.yam
            "encoder_choice_hippocampus_n10.yaml": 240, "inflation_hippocampus_3d_n10.yaml": 240,
            "budget_hippocampus_3d_n10.yaml": 960, "budget_hippocampus_n10.yaml": 1875,
            "ablation_stages_hippocampus_n10.yaml": 240, "study_hippocampus_3d_all_long.yaml": 2400,
-           "ablation_unfreeze_hippocampus_n10.yaml": 240}
+           "ablation_unfreeze_hippocampus_n10.yaml": 240, "robustness_hippocampus_3d_n10.yaml": 240}
 
 
 def without_missing_weights(arm):
