@@ -4,8 +4,9 @@
 
 For every run of the given arms (``STUDY/runs/ARM/nNNN_seedS``), its best checkpoint predicts the run's
 own **validation** cases (``splits.json``: what a user may choose the option on) and the study's
-**test** cases (``STUDY/test_cases``), once plainly and once with ``tta`` (2.5D: the 4 in-plane flips;
-3D: all 8 mirrorings), through the library functions ``seg-transfer predict`` / ``evaluate`` call.
+**test** cases (``STUDY/test_cases``), once plainly and once with ``tta`` (every combination of the flips
+the run was trained with, ``routes.base.tta_flips``), through the library functions ``seg-transfer
+predict`` / ``evaluate`` call.
 Prints mean Dice per case (classes averaged, then cases) for each seed and the change TTA makes;
 the decision belongs to the validation columns, the test columns show whether it held.
 """

@@ -145,6 +145,19 @@ def test_constant_difference_has_a_degenerate_interval_and_zero_p():
     assert result.p_value == 0.0 and result.p_bootstrap == pytest.approx(1 / 2000) and result.consistent_sign == 1
 
 
+def test_one_wild_seed_sinks_the_t_test_but_not_the_seed_signed_rank_test():
+    """The 3D robustness study's shape: 8 seeds all gaining +0.015 to +0.03, one control seed collapsed
+    (+0.35). The crossed t-test's seed variance explodes (p > 0.05); the exact signed-rank test over the
+    8 seed differences, all positive, gives 2 / 2^8."""
+    gains = np.array([0.022, 0.015, 0.032, 0.024, 0.352, 0.109, 0.015, 0.027])
+    grid = gains[:, None] + np.random.default_rng(4).normal(0, 0.03, (8, 40))
+    grid -= grid.mean(axis=1, keepdims=True) - gains[:, None]
+    result = hierarchical_bootstrap(grid, n_resamples=2000)
+    assert result.p_value > 0.05 and result.consistent_sign == 1
+    assert result.p_seeds_signed_rank == pytest.approx(2 / 256)
+    assert hierarchical_bootstrap(grid[:3], n_resamples=2000).p_seeds_signed_rank == pytest.approx(0.25)
+
+
 def test_three_agreeing_seeds_are_not_enough_for_p_below_001():
     """Per-seed gains +0.038, +0.029, +0.070 (the ablation's staged-bn-eval): every bootstrap resample is
     positive (p at its floor), but three seeds with this spread support p ~ 0.04, not 1e-4."""

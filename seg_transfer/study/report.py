@@ -289,6 +289,14 @@ def _save(fig, path: Path) -> Path:
 # ----------------------------------------------------------------------------- documents
 
 
+def _signed_rank(comparison: dict[str, Any]) -> str:
+    """The seed-level signed-rank p as a clause, from 6 seeds on (below that it cannot fall under 0.03)."""
+    p = comparison.get("p_seeds_signed_rank")
+    if comparison["n_seeds"] < 6 or p is None or not math.isfinite(p):
+        return ""
+    return f"; exact signed-rank p over the {comparison['n_seeds']} seed differences = {fmt(p, 4)}"
+
+
 def findings(results: dict[str, Any]) -> list[str]:
     """One plain sentence per comparison (what the numbers say, including where transfer does not help)."""
     lines = []
@@ -296,7 +304,7 @@ def findings(results: dict[str, Any]) -> list[str]:
         lines.append(f"{r['arm']} vs {r['control']} with {r['size']} training cases: {r['mean_difference']:+.3f} Dice "
                      f"(per seed {seed_values(r['seed_differences'], r['seeds'], signed=True)}; 95% CI {fmt(r['ci_low'])} to "
                      f"{fmt(r['ci_high'])} by a bootstrap over {r['n_seeds']} seeds and {r['n']} test cases; p = {fmt(r['p_value'], 4)}, "
-                     f"t-test over seeds and cases, {fmt(r['degrees_of_freedom'], 1)} df): {r['verdict']}.")
+                     f"t-test over seeds and cases, {fmt(r['degrees_of_freedom'], 1)} df{_signed_rank(r)}): {r['verdict']}.")
     for r in results["learning_curves"]:
         if r["collapsed_seeds"]:
             lines.append(f"{r['arm']} with {r['size']} training cases: seed(s) {', '.join(map(str, r['collapsed_seeds']))} "
