@@ -83,3 +83,12 @@ def test_3d_default_keeps_z_in_its_first_downsampling_and_earlier_studies_stay_a
         study = load_study_config(CONFIGS / name)
         strides = {arm.name: arm_config(study, arm, 0, "r").model.depth_stride_one_stages for arm in study.arms}
         assert {arm for arm, stride in strides.items() if stride == 1} == {a for a in strides if "zstride1" in a}
+
+
+def test_the_3d_budget_study_compares_each_geometry_with_its_own_scratch_network(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    study = load_study_config(CONFIGS / "budget_hippocampus_3d_n10.yaml")
+    assert study.controls() == {"imagenet_3d_x4": "scratch_3d_x4", "imagenet_3d_zstride1_x4": "scratch_3d_zstride1_x4",
+                                "scratch_3d_zstride1_x4": "scratch_3d_x4"}
+    control = arm_config(study, study.arm("scratch_3d_zstride1_x4"), 0, "r")
+    assert control.model.encoder_weights == "none" and control.model.depth_stride_one_stages == 1

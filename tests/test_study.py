@@ -83,6 +83,19 @@ def test_seeds_are_averaged_per_case_before_pairing():
     assert row["n"] == 2 and row["mean_difference"] == pytest.approx(0.1)  # (0.8-0.6 + 0.8-0.8) / 2
 
 
+def test_an_arm_can_name_its_own_control():
+    """Two geometries, each against its own scratch network: every pair is compared with its own control,
+    the study's control still with the study's; a mapping leaves out arms it does not name."""
+    base = [0.6, 0.7, 0.8]
+    records = [record(arm, 10, seed, [b + shift for b in base]) for seed in (0, 1)
+               for arm, shift in (("scratch", 0.0), ("imagenet", 0.01), ("scratch_z1", 0.05), ("imagenet_z1", 0.08))]
+    rows = {r["arm"]: r for r in paired_comparisons(records, {"imagenet": "scratch", "imagenet_z1": "scratch_z1",
+                                                              "scratch_z1": "scratch"}, alpha=0.05)}
+    assert {arm: (r["control"], round(r["mean_difference"], 3)) for arm, r in rows.items()} == {
+        "imagenet": ("scratch", 0.01), "imagenet_z1": ("scratch_z1", 0.03), "scratch_z1": ("scratch", 0.05)}
+    assert {r["arm"] for r in paired_comparisons(records, {"imagenet": "scratch"}, alpha=0.05)} == {"imagenet"}
+
+
 def test_time_to_target_uses_the_first_epoch_reaching_it():
     fast = [{"epoch": 1, "elapsed": 10.0, "val_dice": 0.5}, {"epoch": 2, "elapsed": 20.0, "val_dice": 0.85}]
     slow = [{"epoch": 1, "elapsed": 12.0, "val_dice": 0.2}, {"epoch": 2, "elapsed": 24.0, "val_dice": 0.7}]
@@ -128,6 +141,7 @@ def test_study_plan_fixes_test_and_val_and_shares_subsets_across_arms(tmp_path, 
     ({"arms": [{"name": "staged"}, {"name": "scratch", "set": {"training.stages.0.epochs": 3}}]}, "different training budgets"),
     ({"arms": [{"name": "staged"}, {"name": "scratch", "set": {"training.stages.0.lr": "fast"}}]}, "training.stages.0.lr"),
     ({"seeds": [0, 0]}, "seeds has duplicates"),
+    ({"arms": [{"name": "staged", "control": "nope"}, {"name": "scratch"}]}, "arm 'staged': 'control': 'nope' is not another arm"),
 ])
 def test_study_config_errors_are_one_line(tmp_path, study_root, changes, message):
     path = write_study(tmp_path, study_root, **changes)

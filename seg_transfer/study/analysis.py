@@ -8,7 +8,7 @@ and a case seen under three seeds is not three independent samples.
 """
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -93,14 +93,17 @@ def verdict(comparison: dict[str, Any], alpha: float) -> str:
     return NEUTRAL
 
 
-def paired_comparisons(records: Sequence[RunRecord], control: str, alpha: float, confidence: float = 0.95) -> list[dict[str, Any]]:
-    """Each arm against the control at each size on their shared seeds and test cases: mean difference
-    (arm - control), per-seed differences, two-level bootstrap CI and p, verdict, negative-transfer flag."""
+def paired_comparisons(records: Sequence[RunRecord], control: str | Mapping[str, str], alpha: float,
+                       confidence: float = 0.95) -> list[dict[str, Any]]:
+    """Each arm against its control at each size on their shared seeds and test cases: mean difference
+    (arm - control), per-seed differences, two-level bootstrap CI and p, verdict, negative-transfer flag.
+    ``control``: one control arm for all others, or ``{arm: its control}`` (arms not in it are not compared)."""
     arms, sizes = arms_and_sizes(records)
+    controls = {arm: control for arm in arms if arm != control} if isinstance(control, str) else dict(control)
     rows = []
-    for arm in (a for a in arms if a != control):
+    for arm in (a for a in arms if a in controls):
         for size in sizes:
-            mine, theirs = select(records, arm, size), select(records, control, size)
+            mine, theirs = select(records, arm, size), select(records, controls[arm], size)
             if not mine or not theirs:
                 continue
             seeds, cases = shared_axes(mine, theirs)
@@ -108,7 +111,7 @@ def paired_comparisons(records: Sequence[RunRecord], control: str, alpha: float,
                 continue
             grid = score_grid(mine, seeds, cases) - score_grid(theirs, seeds, cases)
             result = hierarchical_bootstrap(grid, confidence=confidence).as_dict()
-            row = {"arm": arm, "control": control, "size": size, "seeds": seeds, "n": result["n_cases"], **result}
+            row = {"arm": arm, "control": controls[arm], "size": size, "seeds": seeds, "n": result["n_cases"], **result}
             row["verdict"] = verdict(row, alpha)
             row["negative_transfer"] = row["verdict"] == NEGATIVE
             rows.append(row)
@@ -135,7 +138,7 @@ def analyse(records: Sequence[RunRecord], study: StudyConfig) -> dict[str, Any]:
     """Everything the report shows, as JSON-ready data."""
     return {
         "learning_curves": learning_curves(records),
-        "comparisons": paired_comparisons(records, study.control, study.alpha),
+        "comparisons": paired_comparisons(records, study.controls(), study.alpha),
         "time_to_target": time_to_target(records, study.target_dice),
         "runs": [{"arm": r.arm, "size": r.size, "seed": r.seed, "run_dir": str(r.run_dir), "best_val_dice": r.best_val_dice,
                   "epochs": r.epochs, "steps": r.steps, "seconds": r.seconds, "test_dice_mean": run_mean(r),

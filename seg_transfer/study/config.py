@@ -30,12 +30,15 @@ class ArmConfig(_Strict):
 
     ``set`` maps dotted config keys to values (``model.encoder_weights: none``). ``scratch_control: true``
     derives the from-scratch control from the (overridden) base: ``encoder_weights: none`` and one ``all``
-    stage with the same total epochs, learning rate and schedule as the first stage.
+    stage with the same total epochs, learning rate and schedule as the first stage. ``control``: the arm
+    this one is compared with, where that is not the study's ``control`` (e.g. each architecture against
+    its own scratch network).
     """
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     set: dict[str, Any] = Field(default_factory=dict)
     scratch_control: bool = False
+    control: str | None = None
 
 
 class StudySplit(_Strict):
@@ -99,12 +102,20 @@ class StudyConfig(_Strict):
             raise ValueError(f"arm names must be unique, got {names}")
         if self.control not in names:
             raise ValueError(f"'control': {self.control!r} is not an arm; the arms are {', '.join(names)}")
+        for arm in self.arms:
+            if arm.control is not None and (arm.control not in names or arm.control == arm.name):
+                raise ValueError(f"arm {arm.name!r}: 'control': {arm.control!r} is not another arm; "
+                                 f"the arms are {', '.join(names)}")
         if len(set(self.seeds)) != len(self.seeds):
             raise ValueError("seeds has duplicates")
         return self
 
     def arm(self, name: str) -> ArmConfig:
         return next(arm for arm in self.arms if arm.name == name)
+
+    def controls(self) -> dict[str, str]:
+        """{arm: the arm it is compared with} for every arm but the study's control."""
+        return {arm.name: arm.control or self.control for arm in self.arms if arm.name != self.control}
 
 
 def load_study_config(path: str | Path) -> StudyConfig:
