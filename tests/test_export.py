@@ -268,9 +268,15 @@ def test_3d_sliding_window_through_onnxruntime_matches_predict(run_3d, exported_
     window, sliding = contract["input"]["window"], contract["input"]["sliding_window"]
     session = onnxruntime.InferenceSession(str(exported_3d.model_path), providers=["CPUExecutionProvider"])
 
-    def probabilities(batch: torch.Tensor) -> torch.Tensor:
-        (logits,) = session.run([contract["output"]["name"]], {contract["input"]["name"]: batch.numpy()})
-        return torch.softmax(torch.from_numpy(logits), dim=1)
+    flips = contract["output"]["test_time_flips"]
+    assert flips[0] == [] and len(flips) > 1, "the tiny 3D run is trained with flips: predict averages them by default"
+
+    def probabilities(batch: torch.Tensor) -> torch.Tensor:  # every window batch flipped, run, flipped back, averaged
+        total = 0
+        for dims in flips:
+            (logits,) = session.run([contract["output"]["name"]], {contract["input"]["name"]: torch.flip(batch, dims).numpy()})
+            total = total + torch.flip(torch.softmax(torch.from_numpy(logits), dim=1), dims)
+        return total / len(flips)
 
     loaded, image = _preprocessed_3d(run_3d, source)
     volume = image.as_tensor().float()[None]
@@ -279,9 +285,7 @@ def test_3d_sliding_window_through_onnxruntime_matches_predict(run_3d, exported_
         return sliding_window_inference(batch, window, 4, probabilities, overlap=sliding["overlap"], mode=sliding["blend"],
                                         sigma_scale=sliding["sigma_scale"], cval=float(volume.min()))
 
-    flips = contract["output"]["test_time_flips"]
-    assert flips[0] == [] and len(flips) > 1, "the tiny 3D run is trained with flips: predict averages them by default"
-    probs = sum(torch.flip(window_average(torch.flip(volume, dims)), dims) for dims in flips)[0] / len(flips)
+    probs = window_average(volume)[0]
     labels = probs.argmax(0).to(torch.uint8)
     from_onnx = invert_to_input(loaded, image, labels[None], nearest=True)[0].numpy().round().astype(expected.dtype)
 

@@ -151,6 +151,22 @@ def test_sliding_windows_and_mirror_tta_reproduce_a_full_forward():
     assert labels.dtype == torch.uint8 and torch.equal(labels, expected.argmax(0).to(torch.uint8))
 
 
+def test_mirror_tta_flips_each_window_batch_and_stitches_one_probability_volume():
+    """With one window covering the volume, per-window mirroring equals flipping the whole volume: the mean of the
+    softmax of the network on the volume and, flipped back, on its mirror; a direction-sensitive network makes
+    it differ from the plain prediction."""
+    torch.manual_seed(1)
+    model = nn.Conv3d(1, 3, 3, padding=1).eval()
+    image = torch.randn(1, 16, 16, 16)
+    inferer = SlidingWindowInferer3d((16, 16, 16), InferenceOptions(batch_size=1), classes=3, flips=((), (2,)))
+    probs = inferer.probabilities(model, image, torch.device("cpu"))
+    with torch.no_grad():
+        plain = torch.softmax(model(image[None]), 1)[0]
+        mirrored = torch.flip(torch.softmax(model(torch.flip(image[None], (2,))), 1), (2,))[0]
+    torch.testing.assert_close(probs, (plain + mirrored) / 2, atol=1e-5, rtol=1e-5)
+    assert (probs - plain).abs().max() > 1e-3
+
+
 def test_a_volume_smaller_than_the_window_is_padded_and_cropped_back():
     model = _Pointwise().eval()
     image = torch.randn(1, 10, 12, 9)

@@ -217,9 +217,10 @@ def build_contract(
             "classes": classes,
             "activation": "none: logits; softmax over axis 1 gives probabilities, argmax the label",
             "test_time_flips": [list(dims) for dims in trained_mirrorings(network.config.data)],
-            "test_time_augmentation": ("seg-transfer predict's default: the softmax probabilities averaged over the "
-                                       "input flipped along each entry of test_time_flips (dims of the input; [] = as "
-                                       "is), each flipped back; the flips the network was trained with"),
+            "test_time_augmentation": ("seg-transfer predict's default: each network input (a batch of 2.5D slabs, or "
+                                       "a batch of 3D sliding windows before blending) flipped along each entry of "
+                                       "test_time_flips (dims of the input; [] = as is), the softmax of each flipped "
+                                       "back, averaged; the flips the network was trained with"),
         },
         "labels": {str(k): v for k, v in network.labels.items()},
         "preprocessing": network.prep.as_dict(),

@@ -3,8 +3,9 @@
 Inference is MONAI's ``sliding_window_inference`` with Gaussian blending of softmax probabilities
 (``overlap`` 0.5, ``sigma_scale`` 0.125 by default, as nnU-Net), windows of the training patch size,
 ``batch_size`` windows per forward (capped at ``max_batch_pixels`` voxels), mirror TTA over the axes flipped in
-training, and stitching on the CPU once a
-volume's probabilities exceed :data:`GPU_STITCH_MAX_VOXELS` so that GPU memory does not grow with it.
+training applied to each batch of windows before blending (as nnU-Net mirrors each patch: one probability
+volume is stitched whatever the number of flips), and stitching on the CPU once a volume's probabilities
+exceed :data:`GPU_STITCH_MAX_VOXELS` so that GPU memory does not grow with it.
 """
 from __future__ import annotations
 
@@ -50,14 +51,16 @@ class SlidingWindowInferer3d:
         volume = torch.as_tensor(np.asarray(image) if not isinstance(image, torch.Tensor) else image)
         volume = volume.as_tensor() if hasattr(volume, "as_tensor") else volume
         batch = volume.float()[None]  # (1, 1, X, Y, Z), stays on the CPU; windows move to ``device``
-        total = flip_average(lambda flipped: self._window_probabilities(model, flipped, device), batch, self.flips)
-        return total[0].float().cpu()
+        return self._stitched_probabilities(model, batch, device)[0].float().cpu()
 
-    def _window_probabilities(self, model: nn.Module, batch: torch.Tensor, device: torch.device) -> torch.Tensor:
-        def predictor(window: torch.Tensor) -> torch.Tensor:
+    def _stitched_probabilities(self, model: nn.Module, batch: torch.Tensor, device: torch.device) -> torch.Tensor:
+        def softmax(windows: torch.Tensor) -> torch.Tensor:
             with autocast(device, self.options.amp):
-                logits = model(window)
+                logits = model(windows)
             return torch.softmax(logits.float(), dim=1)
+
+        def predictor(windows: torch.Tensor) -> torch.Tensor:  # (B, 1, x, y, z) windows: flips are dims 2-4
+            return flip_average(softmax, windows, self.flips)
 
         stitch_device = device if batch[0, 0].numel() * self.classes <= GPU_STITCH_MAX_VOXELS else torch.device("cpu")
         overlap = DEFAULT_OVERLAP if self.options.overlap is None else self.options.overlap
