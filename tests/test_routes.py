@@ -167,6 +167,15 @@ def test_mirror_tta_flips_each_window_batch_and_stitches_one_probability_volume(
     assert (probs - plain).abs().max() > 1e-3
 
 
+def test_chunked_argmax_gives_the_whole_volume_argmax_in_the_label_dtype():
+    from seg_transfer.routes.base import argmax_labels
+
+    probs = torch.softmax(torch.randn(3, 5, 4, 19), 0)  # 19 slices: chunks of 8, 8, 3
+    labels = argmax_labels(probs)
+    assert labels.dtype == torch.uint8 and torch.equal(labels.long(), probs.argmax(0))
+    assert argmax_labels(torch.softmax(torch.randn(300, 2, 2, 3), 0)).dtype == torch.int16
+
+
 def test_a_volume_smaller_than_the_window_is_padded_and_cropped_back():
     model = _Pointwise().eval()
     image = torch.randn(1, 10, 12, 9)

@@ -41,6 +41,15 @@ def label_dtype(classes: int) -> torch.dtype:
     return torch.uint8 if classes <= 256 else torch.int16
 
 
+def argmax_labels(probabilities: torch.Tensor, chunk: int = 8) -> torch.Tensor:
+    """Arg-max over the class axis of ``(C, ..., Z)`` probabilities as a label map of :func:`label_dtype`,
+    ``chunk`` slices of the last axis at a time: no int64 index volume of the whole scan is ever alive."""
+    labels = torch.empty(probabilities.shape[1:], dtype=label_dtype(probabilities.shape[0]))
+    for start in range(0, probabilities.shape[-1], chunk):
+        labels[..., start:start + chunk] = probabilities[..., start:start + chunk].argmax(0)
+    return labels
+
+
 def trained_mirrorings(data: DataConfig, first_dim: int = 2) -> tuple[tuple[int, ...], ...]:
     """The label-safe test-time flips of a network trained with ``data``: every combination of the axes it
     saw flipped in training (``data.augment.flip_axes``; spatial axis ``a`` is batch dim ``a + first_dim``),

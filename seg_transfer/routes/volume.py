@@ -25,8 +25,8 @@ from seg_transfer.routes.base import (
     InferenceOptions,
     NetworkSpec,
     Route,
+    argmax_labels,
     flip_average,
-    label_dtype,
     tta_flips,
 )
 from seg_transfer.routes.precision import autocast
@@ -79,7 +79,7 @@ class SlidingWindowInferer3d:
 
     def label_map(self, model: nn.Module, image: torch.Tensor, device: torch.device) -> torch.Tensor:
         probs = self.probabilities(model, image, device)
-        return torch.max(probs, 0).indices.to(label_dtype(probs.shape[0]))
+        return argmax_labels(probs)
 
 
 def _in_channels(data: DataConfig) -> int:
