@@ -4,7 +4,10 @@
         [--rss-shape 512 512 300] [--rss-window 128 128 64] [--rss-overlap 0.25] [--rss-batch-sizes 1 [4 ...]]
         [--stages] [--data ../shared/data/Task04_Hippocampus/imagesTs] [--limit 20] [--batch-size 32] [--repeat 2]
 
-Recorded runs (2 CPU cores shared with running experiments, load average ~8; torch 2.14 CPU, MONAI 1.6.1):
+Latest runs (today's 3D default network, predict's default mirroring; 2 CPU cores shared with two training
+runs; see the README): (a) 3.29 GB at 1 window per forward, 3.66 GB at --batch-size 32; (b) ratio 1.13 (CPU).
+
+Earlier runs (the previous 3D geometry, no mirroring; load average ~8; torch 2.14 CPU, MONAI 1.6.1):
 
     OMP_NUM_THREADS=1 python benchmarks/predict_3d.py --threads 1                       # (a) ~7 min, (b) ~1.5 min
     OMP_NUM_THREADS=1 python benchmarks/predict_3d.py --threads 1 --skip-ratio --stages  # (a) + per-step breakdown
