@@ -93,16 +93,17 @@ def run_shards_in_parallel(study: StudyConfig, study_path: Path, output: Path, p
 
 
 def _wait_reporting_progress(workers: list, specs: Sequence[RunSpec], poll_seconds: float = 30.0) -> None:
-    """Wait for every worker; log each time the count of the plan's finished runs (:func:`is_evaluated`) changes."""
-    reported = -1
-    while any(worker.is_alive() for worker in workers):
+    """Wait for every worker; log each time the count of the plan's finished runs (:func:`is_evaluated`) or of
+    the live workers changes, so the last line always shows every shard done."""
+    reported, running = None, len(workers)
+    while running:
         for worker in workers:
             worker.join(timeout=poll_seconds / len(workers))
-        finished = sum(map(is_evaluated, specs))
-        if finished != reported:
-            running = sum(worker.is_alive() for worker in workers)
-            log.info("%d run(s) finished; %d shard(s) still training", finished, running)
-            reported = finished
+        running = sum(worker.is_alive() for worker in workers)
+        state = (sum(map(is_evaluated, specs)), running)
+        if state != reported:
+            log.info("%d run(s) finished; %d shard(s) still training", *state)
+            reported = state
 
 
 def _train_shard(study_path: str, output: str, device: str, max_runs: int | None, runs: list[int], log_file: str) -> None:
