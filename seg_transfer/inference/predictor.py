@@ -24,7 +24,7 @@ from seg_transfer.data.transforms import Preprocessing, preprocessing_transforms
 from seg_transfer.errors import UserError
 from seg_transfer.inference.cases import InputCase
 from seg_transfer.inference.writers import InputGeometry
-from seg_transfer.routes.base import InferenceOptions, label_dtype
+from seg_transfer.routes.base import InferenceOptions, argmax_labels
 from seg_transfer.routes.network import LoadedNetwork, load_network
 
 log = logging.getLogger(__name__)
@@ -134,7 +134,7 @@ def infer(loaded: LoadedModel, image: MetaTensor, options: PredictOptions) -> tu
     inferer = loaded.network.inferer(options)
     if options.save_probabilities:
         probs = inferer.probabilities(loaded.model, image.as_tensor(), loaded.device)
-        return probs.argmax(0).to(label_dtype(probs.shape[0])), probs
+        return argmax_labels(probs), probs
     return inferer.label_map(loaded.model, image.as_tensor(), loaded.device), None
 
 
