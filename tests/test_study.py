@@ -287,6 +287,28 @@ def test_ranking_agreement_on_known_scores():
     assert row["discordant"] == ["d over a", "d over b", "d over c"]
 
 
+def test_report_lists_every_score_of_every_arm_at_the_study_stride():
+    """The per-arm table shows all declared scores (not only the first) with each arm's rank under each,
+    arms in test Dice order: a score that reverses fine-tuning's order shows ranks 4..1."""
+    from seg_transfer.study.report import scores_by_arm_table
+    from seg_transfer.study.transferability import agreement
+
+    dice = {"a": 0.80, "b": 0.75, "c": 0.70, "d": 0.60}
+    records = [record(arm, 10, seed, [value] * 4) for arm, value in dice.items() for seed in (0, 1)]
+    for record_ in records:
+        record_.seconds = 100.0
+    logme = {"a": 1.0, "b": 0.9, "c": 0.5, "d": 0.1}
+    scores = {(r.arm, 10, r.seed): {"values": {("logme", 8): logme[r.arm], ("gbc", 8): -logme[r.arm], ("logme", 4): 0.0,
+                                               ("gbc", 4): 0.0},
+                                    "seconds": 1.0, "strides": [8, 4], "scores": ["logme", "gbc"]} for r in records}
+    header, rows = scores_by_arm_table({"transferability": agreement(records, scores)}, size=10, stride=8)
+    assert header == ["arm (best test Dice first)", "test Dice (mean)", "LogME (rank)", "GBC (rank)"]
+    assert [row[0] for row in rows] == ["a", "b", "c", "d"]
+    assert [row[2] for row in rows] == ["1.0000 (1)", "0.9000 (2)", "0.5000 (3)", "0.1000 (4)"]
+    assert [row[3] for row in rows] == ["-1.0000 (4)", "-0.9000 (3)", "-0.5000 (2)", "-0.1000 (1)"]
+    assert scores_by_arm_table({"transferability": []}, size=10, stride=8) == ([], [])
+
+
 def test_unknown_study_score_is_refused_before_any_training(tmp_path, study_root, capsys):
     study_path = write_study(tmp_path, study_root, train_sizes=[2], seeds=[0], rank_encoders={"scores": ["logme", "hscore"]})
     assert main(["compare", "--config", str(study_path), "--output", str(tmp_path / "study")]) == 2
