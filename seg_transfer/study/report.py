@@ -126,12 +126,13 @@ def agreement_table(results: dict[str, Any], size: int) -> tuple[list[str], list
 
 def scores_by_arm_table(results: dict[str, Any], size: int, stride: int) -> tuple[list[str], list[list[str]]]:
     """Every declared score's seed-mean value for every arm at one size and stride, its rank among the arms in
-    brackets, arms in fine-tuned test Dice order (best first): where the scores agree and where they part."""
+    brackets (arms sharing an encoder share a value and a rank), arms in fine-tuned test Dice order (best
+    first): where the scores agree and where they part."""
     rows_by_score = [r for r in results.get("transferability", []) if r["size"] == size and r["stride"] == stride]
     if not rows_by_score:
         return [], []
     by_dice = sorted(rows_by_score[0]["arms"], key=lambda a: -a["test_dice"])
-    ranks = [{a["arm"]: i for i, a in enumerate(sorted(r["arms"], key=lambda a: -a["score"]), 1)} for r in rows_by_score]
+    ranks = [{a["arm"]: 1 + sum(b["score"] > a["score"] for b in r["arms"]) for a in r["arms"]} for r in rows_by_score]  # ties share
     values = [{a["arm"]: a["score"] for a in r["arms"]} for r in rows_by_score]
     header = ["arm (best test Dice first)", "test Dice (mean)"] + [f"{score_label(r['score'])} (rank)" for r in rows_by_score]
     rows = [[arm["arm"], fmt(arm["test_dice"])] + [f"{fmt(value[arm['arm']], 4)} ({rank[arm['arm']]})" for value, rank in zip(values, ranks)]
