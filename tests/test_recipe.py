@@ -223,6 +223,26 @@ def test_reuse_ignores_collapse_thresholds_that_only_warn(phantom_root, tmp_path
         check_same_config(config, tmp_path)
 
 
+def test_reuse_ignores_the_runs_name_but_not_its_seed(phantom_root, tmp_path):
+    """A run copied in from another study under another arm name trains the same weights: its name and
+    default output folder are labels. The seed is not."""
+    import yaml
+
+    from seg_transfer.config import dump_config
+    from seg_transfer.training.reuse import check_same_config
+    from seg_transfer.training.trainer import RunDirError
+
+    config = config_from_dict(tiny_config(phantom_root))
+    older = dump_config(config)
+    older["name"], older["output_dir"] = "imagenet_n5_seed0", "elsewhere"
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(older))
+    check_same_config(config, tmp_path)
+    older["seed"] = config.seed + 1
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(older))
+    with pytest.raises(RunDirError, match=r"differs in seed"):
+        check_same_config(config, tmp_path)
+
+
 
 def test_a_reused_run_keeps_its_recorded_fields_including_peak_gpu_memory(tmp_path):
     """A finished run read back from summary.json carries every recorded field; summaries of older versions
