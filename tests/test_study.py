@@ -165,7 +165,8 @@ def test_tiny_study_end_to_end_and_resume(tmp_path, study_root, capsys):
 
     peer = {"peer": "nnU-Net v2", "configuration": "3d_fullres", "size": 5, "seed": 0, "epochs": 1, "train_seconds": 390.0,
             "threads": 2, "test_dice_mean": 0.7004, "test_dice": {}}
-    (out / "peer_nnunet.json").write_text(json.dumps({"rows": [peer]}))
+    other_size = {**peer, "size": 140, "test_dice_mean": 0.9}  # a peer file shared with a study of other sizes
+    (out / "peer_nnunet.json").write_text(json.dumps({"rows": [peer, other_size]}))
     assert main(["compare", "--config", str(study_path), "--output", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "4 of 4 runs finished" in printed
@@ -188,6 +189,7 @@ def test_tiny_study_end_to_end_and_resume(tmp_path, study_root, capsys):
     assert html.count("data:image/png;base64,") == 4 and "Paired comparison" in html
     assert "| staged vs scratch | 5 | 1 x 3 |" in (out / "report.md").read_text(encoding="utf-8")
     assert "| nnU-Net v2 3d_fullres | 5 | 0 | 1 | 0.700 | 6.5 | 2 |" in (out / "report.md").read_text(encoding="utf-8")
+    assert [row["size"] for row in results["peers"]] == [5]  # only the sizes this study trains
     assert {run["steps"] for run in results["runs"]} == {2 * 16 // 8}  # same steps at 2 and 5 training cases
     for name in ("learning_curve.png", "paired_difference.png", "convergence.png", "dice_vs_time.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import multiprocessing
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -56,7 +56,7 @@ def compare(study_path: str | Path, output: str | Path, *, device: str = "auto",
         rank_subsets(progress.specs, output, study.rank_encoders, device)
     check_equal_steps(progress.records, study.allow_unequal_budgets)
     results = {"study": study_summary(study, output, progress), **analyse(progress.records, study),
-               "peers": read_peer_rows(output), "transferability": agreement(progress.records, read_scores(output, progress.records))}
+               "peers": read_peer_rows(output, {spec.size for spec in progress.specs}), "transferability": agreement(progress.records, read_scores(output, progress.records))}
     files = write_report(results, output) if progress.records else {}
     return CompareOutcome(progress, results, files, failed)
 
@@ -120,13 +120,16 @@ def _train_shard(study_path: str, output: str, device: str, max_runs: int | None
 PEER_FILE = "peer_nnunet.json"  # written by benchmarks/nnunet_peer.py on the same cases
 
 
-def read_peer_rows(output: Path) -> list[dict]:
-    """Peer rows (nnU-Net trained on the study's cases, scored with our evaluator), if any were written."""
+def read_peer_rows(output: Path, sizes: Collection[int] | None = None) -> list[dict]:
+    """Peer rows (nnU-Net trained on the study's cases, scored with our evaluator), if any were written;
+    with ``sizes``, only rows at those training-set sizes (a peer file shared between studies of the same
+    cases may hold sizes this study does not train)."""
     path = Path(output) / PEER_FILE
     if not path.is_file():
         return []
     rows = json.loads(path.read_text())
-    return rows.get("rows", []) if isinstance(rows, dict) else rows
+    rows = rows.get("rows", []) if isinstance(rows, dict) else rows
+    return [row for row in rows if sizes is None or row.get("size") in sizes]
 
 
 def study_summary(study: StudyConfig, output: Path, progress: StudyProgress) -> dict:
