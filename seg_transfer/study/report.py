@@ -145,9 +145,9 @@ def ranking_sections(results: dict[str, Any]) -> list[tuple[str, list[tuple[list
     sections = []
     for row in primary_rankings(results):
         tables = [transferability_table(row)]
-        by_arm = scores_by_arm_table(results, row["size"], row["stride"])
-        if len(by_arm[0]) > 3:
-            tables.append(by_arm)
+        header, rows = scores_by_arm_table(results, row["size"], row["stride"])
+        if len(header) > 3:  # two scores or more: one score is already the table above
+            tables.append((header, rows))
         agreements = agreement_table(results, row["size"])
         if len(agreements[1]) > 1:
             tables.append(agreements)
