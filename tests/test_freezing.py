@@ -13,12 +13,14 @@ from seg_transfer.models.freezing import (
     encoder_stages,
     set_train_mode,
     trainable_encoder_params,
+    unused_encoder_parameters,
 )
 from seg_transfer.training.optim import build_optimizer, lr_factor, parameter_groups
 
 
-def _model(encoder="tu-tf_efficientnet_lite0"):
-    model, _ = build_model(ModelConfig(encoder=encoder, encoder_weights="none", decoder_channels=[32, 16, 16, 8, 8]), 3, 3)
+def _model(encoder="tu-tf_efficientnet_lite0", depth=5):
+    config = ModelConfig(encoder=encoder, encoder_weights="none", encoder_depth=depth, decoder_channels=[32, 16, 16, 8, 8][:depth])
+    model, _ = build_model(config, 3, 3)
     return model, encoder_stages(model.encoder, 3)
 
 
@@ -45,6 +47,25 @@ def test_stages_cover_every_encoder_parameter_once_shallow_to_deep(encoder):
     names = [n for stage in stages for n in stage]
     assert sorted(names) == sorted(n for n, _ in model.encoder.named_parameters())
     assert len(names) == len(set(names)) and len(stages) == 5  # strides 2, 4, 8, 16, 32
+
+
+@pytest.mark.parametrize("encoder", ["tu-tf_efficientnet_lite0", "resnet18"])
+def test_a_shallow_network_stages_only_the_layers_its_decoder_reads(encoder):
+    """encoder_depth 3 reads strides 2-8: the deeper layers (run by timm, kept by smp) are in no stage, never
+    train, and `encoder_top: 1` opens the stride-8 layers, which the loss reaches."""
+    model, stages = _model(encoder, depth=3)
+    assert len(stages) == 3
+    unused = set(unused_encoder_parameters(model.encoder, stages))
+    assert unused and sum(p.numel() for n, p in model.encoder.named_parameters() if n in unused) > 1e6
+    model(torch.randn(2, 3, 32, 32)).sum().backward()
+    reached = {n for n, p in model.encoder.named_parameters() if p.grad is not None}
+    assert {n for stage in stages for n in stage} == reached
+    assert not unused & trainable_encoder_params(stages, "all")
+    before = _snapshot(model.encoder)
+    _steps(model, stages, 1)
+    after = model.encoder.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k]) and not k.endswith(("running_mean", "running_var", "num_batches_tracked"))}
+    assert changed and changed <= set(stages[-1])
 
 
 def test_decoder_stage_keeps_encoder_weights_and_bn_statistics():
