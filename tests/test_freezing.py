@@ -6,14 +6,13 @@ import torch
 from monai.losses import DiceCELoss
 
 from seg_transfer.config import EncoderFraction, EncoderTop, ModelConfig, StageConfig
-from seg_transfer.models.factory import build_model
+from seg_transfer.models.factory import _create, build_model
 from seg_transfer.models.freezing import (
     apply_trainable,
     describe_spec,
     encoder_stages,
     set_train_mode,
     trainable_encoder_params,
-    unused_encoder_parameters,
 )
 from seg_transfer.training.optim import build_optimizer, lr_factor, parameter_groups
 
@@ -50,17 +49,27 @@ def test_stages_cover_every_encoder_parameter_once_shallow_to_deep(encoder):
 
 
 @pytest.mark.parametrize("encoder", ["tu-tf_efficientnet_lite0", "resnet18"])
-def test_a_shallow_network_stages_only_the_layers_its_decoder_reads(encoder):
-    """encoder_depth 3 reads strides 2-8: the deeper layers (run by timm, kept by smp) are in no stage, never
-    train, and `encoder_top: 1` opens the stride-8 layers, which the loss reaches."""
+def test_a_shallow_network_drops_the_encoder_layers_its_decoder_does_not_read(encoder):
+    """encoder_depth 3 reads strides 2-8: the deeper layers (run by timm, kept by smp) are dropped, the network
+    computes what the whole one computes, every encoder parameter left reaches the loss, and `encoder_top: 1`
+    opens the stride-8 layers."""
     model, stages = _model(encoder, depth=3)
+    config = ModelConfig(encoder=encoder, encoder_weights="none", encoder_depth=3, decoder_channels=[32, 16, 16])
+    whole = _create(config, 3, 3, encoder_weights=None)  # the network as smp builds it, nothing dropped
+    missing, unexpected = whole.load_state_dict(model.state_dict(), strict=False)
+    assert not unexpected and missing and all(k.startswith("encoder.") for k in missing)
+    dropped = sum(p.numel() for p in whole.encoder.parameters()) - sum(p.numel() for p in model.encoder.parameters())
+    assert dropped > 1e6
+    image = torch.randn(2, 3, 32, 32)
+    model.eval(), whole.eval()
+    with torch.no_grad():
+        assert torch.equal(model(image), whole(image))
     assert len(stages) == 3
-    unused = set(unused_encoder_parameters(model.encoder, stages))
-    assert unused and sum(p.numel() for n, p in model.encoder.named_parameters() if n in unused) > 1e6
-    model(torch.randn(2, 3, 32, 32)).sum().backward()
-    reached = {n for n, p in model.encoder.named_parameters() if p.grad is not None}
-    assert {n for stage in stages for n in stage} == reached
-    assert not unused & trainable_encoder_params(stages, "all")
+    model.train()
+    model(image).sum().backward()
+    assert {n for stage in stages for n in stage} == {n for n, p in model.encoder.named_parameters()} == {
+        n for n, p in model.encoder.named_parameters() if p.grad is not None}
+    model.zero_grad()
     before = _snapshot(model.encoder)
     _steps(model, stages, 1)
     after = model.encoder.state_dict()

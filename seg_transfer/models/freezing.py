@@ -4,7 +4,8 @@ An encoder *stage* is the set of layers whose output lives at one spatial resolu
 8, 16, 32) and reaches the features the decoder reads. This definition is found by tracing one forward
 and backward pass, so it works for every smp and timm CNN encoder without per-family tables. Layers
 that cannot change those features (timm runs every block even when ``encoder_depth`` < 5 reads only
-the shallow ones; smp keeps a ResNet's deeper layers) belong to no stage and never train.
+the shallow ones; smp keeps a ResNet's deeper layers) belong to no stage and never train; the model
+factory drops them (:func:`drop_unread_layers`).
 ``encoder_top: N`` trains the deepest N stages the decoder reads; ``encoder_fraction: F`` trains the
 deepest such layers holding at least a share F of their parameters.
 
@@ -36,7 +37,7 @@ def encoder_stages(
     """Names of the encoder parameters that reach its output features, grouped by resolution, shallow to deep.
 
     Each such parameter appears exactly once; parameters the returned features do not depend on
-    (see :func:`unused_encoder_parameters`) appear in none. ``spatial_dims=3`` probes an inflated 3D
+    (see :func:`drop_unread_layers`) appear in none. ``spatial_dims=3`` probes an inflated 3D
     encoder with a ``probe_size``-cube; resolution is read along the first spatial axis (X), which every
     stage downsamples (the depth axis Z may keep stride 1). The weights are left as they were.
     """
@@ -50,10 +51,29 @@ def encoder_stages(
     return [by_stride[s] for s in sorted(by_stride)]
 
 
-def unused_encoder_parameters(encoder: nn.Module, stages: list[list[str]]) -> list[str]:
-    """Encoder parameters in no stage: they cannot change the features the decoder reads."""
-    staged = {name for stage in stages for name in stage}
-    return [name for name, _param in encoder.named_parameters() if name not in staged]
+def drop_unread_layers(encoder: nn.Module, in_channels: int, spatial_dims: int = 2) -> dict[str, int]:
+    """Replace every encoder module whose parameters cannot change the encoder's returned features by
+    ``nn.Identity`` (what is left computes exactly the same features); returns ``{module name: parameters}``
+    of what was dropped. With ``encoder_depth`` < 5, timm still builds and runs the deeper blocks and smp keeps a
+    ResNet's deeper layers; nothing reads them. Call it after the weights are loaded (and, for a 3D
+    encoder, after inflation: inflating draws random numbers per layer, so dropping first would change
+    every later random initialisation)."""
+    _strides, used = _probe(encoder, in_channels, 64, spatial_dims)
+    dropped: dict[str, int] = {}
+
+    def visit(module: nn.Module, prefix: str) -> None:
+        for name, child in list(module.named_children()):
+            names = [f"{prefix}{name}.{param_name}" for param_name, _ in child.named_parameters()]
+            if not names or all(n in used for n in names):
+                continue
+            if any(n in used for n in names):
+                visit(child, f"{prefix}{name}.")
+                continue
+            dropped[f"{prefix}{name}"] = sum(p.numel() for p in child.parameters())
+            setattr(module, name, nn.Identity())
+
+    visit(encoder, "")
+    return dropped
 
 
 def _probe(encoder: nn.Module, in_channels: int, probe_size: int, spatial_dims: int) -> tuple[dict[str, int], set[str]]:

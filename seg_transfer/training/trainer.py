@@ -46,7 +46,6 @@ from seg_transfer.models.freezing import (
     apply_trainable,
     describe_spec,
     encoder_stages,
-    unused_encoder_parameters,
     reestimate_batchnorm,
     set_train_mode,
 )
@@ -207,14 +206,6 @@ def _prepare_run_dir(run_dir: Path, last_path: Path, resume: bool, create: bool 
     return None
 
 
-def _log_unused_encoder_parameters(encoder: nn.Module, stages: list[list[str]]) -> None:
-    unused = unused_encoder_parameters(encoder, stages)
-    if unused:
-        sizes = {name: param.numel() for name, param in encoder.named_parameters()}
-        log.info("encoder: %.2f M parameters of layers the decoder does not read (e.g. %s) stay frozen",
-                 sum(sizes[name] for name in unused) / 1e6, unused[0])
-
-
 def _open_session(config: RunConfig, run_dir: Path, skip_bad_cases: bool, context: DistributedContext = SINGLE_PROCESS) -> _Session:
     """Data, model, loaders and loss of a run; in a distributed run rank 0 checks the data and splits it."""
     training = config.training
@@ -233,7 +224,6 @@ def _open_session(config: RunConfig, run_dir: Path, skip_bad_cases: bool, contex
     device = context.device if context.enabled else _device(training.device)
     settings = speed.resolve_speed(training, device)
     stages = encoder_stages(model.encoder, in_channels, spatial_dims=route.spatial_dims)  # traced on CPU, before the model moves
-    _log_unused_encoder_parameters(model.encoder, stages)
     model.to(device)
     speed.reset_peak_gpu_memory(device)
     if training.sync_batchnorm:
