@@ -6,7 +6,7 @@ import torch
 from monai.losses import DiceCELoss
 
 from seg_transfer.config import EncoderFraction, EncoderTop, ModelConfig, StageConfig
-from seg_transfer.models.factory import build_model
+from seg_transfer.models.factory import _create, build_model
 from seg_transfer.models.freezing import (
     apply_trainable,
     describe_spec,
@@ -17,8 +17,9 @@ from seg_transfer.models.freezing import (
 from seg_transfer.training.optim import build_optimizer, lr_factor, parameter_groups
 
 
-def _model(encoder="tu-tf_efficientnet_lite0"):
-    model, _ = build_model(ModelConfig(encoder=encoder, encoder_weights="none", decoder_channels=[32, 16, 16, 8, 8]), 3, 3)
+def _model(encoder="tu-tf_efficientnet_lite0", depth=5):
+    config = ModelConfig(encoder=encoder, encoder_weights="none", encoder_depth=depth, decoder_channels=[32, 16, 16, 8, 8][:depth])
+    model, _ = build_model(config, 3, 3)
     return model, encoder_stages(model.encoder, 3)
 
 
@@ -45,6 +46,35 @@ def test_stages_cover_every_encoder_parameter_once_shallow_to_deep(encoder):
     names = [n for stage in stages for n in stage]
     assert sorted(names) == sorted(n for n, _ in model.encoder.named_parameters())
     assert len(names) == len(set(names)) and len(stages) == 5  # strides 2, 4, 8, 16, 32
+
+
+@pytest.mark.parametrize("encoder", ["tu-tf_efficientnet_lite0", "resnet18"])
+def test_a_shallow_network_drops_the_encoder_layers_its_decoder_does_not_read(encoder):
+    """encoder_depth 3 reads strides 2-8: the deeper layers (run by timm, kept by smp) are dropped, the network
+    computes what the whole one computes, every encoder parameter left reaches the loss, and `encoder_top: 1`
+    opens the stride-8 layers."""
+    model, stages = _model(encoder, depth=3)
+    config = ModelConfig(encoder=encoder, encoder_weights="none", encoder_depth=3, decoder_channels=[32, 16, 16])
+    whole = _create(config, 3, 3, encoder_weights=None)  # the network as smp builds it, nothing dropped
+    missing, unexpected = whole.load_state_dict(model.state_dict(), strict=False)
+    assert not unexpected and missing and all(k.startswith("encoder.") for k in missing)
+    dropped = sum(p.numel() for p in whole.encoder.parameters()) - sum(p.numel() for p in model.encoder.parameters())
+    assert dropped > 1e6
+    image = torch.randn(2, 3, 32, 32)
+    model.eval(), whole.eval()
+    with torch.no_grad():
+        assert torch.equal(model(image), whole(image))
+    assert len(stages) == 3
+    model.train()
+    model(image).sum().backward()
+    assert {n for stage in stages for n in stage} == {n for n, p in model.encoder.named_parameters()} == {
+        n for n, p in model.encoder.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    before = _snapshot(model.encoder)
+    _steps(model, stages, 1)
+    after = model.encoder.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k]) and not k.endswith(("running_mean", "running_var", "num_batches_tracked"))}
+    assert changed and changed <= set(stages[-1])
 
 
 def test_decoder_stage_keeps_encoder_weights_and_bn_statistics():

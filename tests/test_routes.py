@@ -59,6 +59,25 @@ def test_weights_that_do_not_fit_the_stored_config_are_a_one_line_error(tmp_path
         load_network(tmp_path / "edited.pt")
 
 
+def test_a_checkpoint_holding_unread_encoder_layers_loads_and_predicts_as_before(tmp_path, phantom_root):
+    """Checkpoints of earlier versions hold the encoder layers an encoder_depth-3 network does not read (the
+    network is now built without them): those tensors are left out, the prediction is unchanged."""
+    from seg_transfer.models.factory import _create
+
+    checkpoint = Checkpoint.load(save_random_checkpoint(phantom_root, tmp_path / "run"))
+    checkpoint.config["model"].update(encoder_depth=3, decoder_channels=[32, 16, 16])
+    stored = config_from_dict(checkpoint.config)
+    torch.manual_seed(0)
+    whole = _create(stored.model, 3, len(checkpoint.labels), encoder_weights=None).eval()
+    checkpoint.model = whole.state_dict()
+    checkpoint.save(tmp_path / "old.pt")
+    network = load_network(tmp_path / "old.pt")
+    assert len(network.model.state_dict()) < len(checkpoint.model)
+    image = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(network.model(image), whole(image))
+
+
 def test_route_and_config_must_agree(tmp_path, phantom_root):
     run = save_random_checkpoint(phantom_root, tmp_path / "run")
     checkpoint = Checkpoint.load(run)

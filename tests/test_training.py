@@ -12,7 +12,7 @@ import yaml
 
 from seg_transfer.cli import main
 from seg_transfer.config import config_from_dict
-from seg_transfer.checkpoint import Checkpoint
+from seg_transfer.checkpoint import Checkpoint, CheckpointError
 from seg_transfer.training.trainer import RunDirError, train
 from tests.conftest import tiny_config
 
@@ -102,6 +102,24 @@ def test_resume_continues_to_the_same_result(phantom_root, tmp_path):
     assert resumed.best_dice == pytest.approx(straight.best_dice, abs=1e-7)
     epochs = [json.loads(line)["epoch"] for line in (interrupted / "metrics.jsonl").read_text().splitlines()]
     assert epochs == [1, 2, 3]
+
+
+def test_resume_refuses_an_optimiser_state_of_other_parameters_in_one_line(phantom_root, tmp_path):
+    """An interrupted stage saved by a version whose optimiser held other parameters (earlier versions also kept
+    encoder layers the decoder does not read in it) is refused with one line naming the run, not a traceback."""
+    raw = tiny_config(phantom_root)
+    raw["training"]["stages"] = [{"name": "all", "train": "all", "epochs": 2, "lr": 1e-3}]
+    config = config_from_dict(raw)
+    run_dir = tmp_path / "interrupted"
+    _train_until_epoch(config, run_dir, 1)
+    last = run_dir / "checkpoints" / "last.pt"
+    checkpoint = Checkpoint.load(last)
+    groups = checkpoint.optimizer["param_groups"]
+    groups[0]["params"].append(1 + max(index for group in groups for index in group["params"]))
+    checkpoint.save(last)
+    with pytest.raises(CheckpointError, match=r"interrupted: cannot continue the interrupted stage") as error:
+        train(config, run_dir, resume=True)
+    assert "\n" not in str(error.value)
 
 
 def _train_until_epoch(config, run_dir, epochs: int):

@@ -11,6 +11,7 @@ from torch import nn
 
 from seg_transfer.config import ModelConfig
 from seg_transfer.errors import UserError
+from seg_transfer.models.freezing import drop_unread_layers
 from seg_transfer.models.weights import (
     WeightsError,
     WeightsProvenance,
@@ -58,27 +59,46 @@ def validate_names(config: ModelConfig) -> None:
 
 
 def build_model(
-    config: ModelConfig, in_channels: int, classes: int, *, load_pretrained: bool = True
+    config: ModelConfig, in_channels: int, classes: int, *, load_pretrained: bool = True, drop_unread: bool = True
 ) -> tuple[nn.Module, WeightsProvenance]:
     """Create the network and load its encoder weights as ``config.encoder_weights`` says.
 
-    ``load_pretrained=False`` builds the bare network (e.g. before loading a checkpoint).
+    ``load_pretrained=False`` builds the bare network (e.g. before loading a checkpoint). Encoder layers the
+    decoder does not read are then dropped (:func:`drop_unread_encoder_layers`) unless ``drop_unread=False``.
     Raises :class:`ModelConfigError` or :class:`WeightsError` with one-line messages.
     """
     validate_names(config)
     model = _create(config, in_channels, classes, encoder_weights=None)
-    if not load_pretrained or config.encoder_weights == "none":
-        return model, WeightsProvenance("none")
+    provenance = _load_encoder_weights(model, config, in_channels, classes) if load_pretrained else WeightsProvenance("none")
+    if drop_unread:
+        drop_unread_encoder_layers(model.encoder, in_channels, config, announce=load_pretrained)
+    return model, provenance
+
+
+def drop_unread_encoder_layers(encoder: nn.Module, in_channels: int, config: ModelConfig, *, spatial_dims: int = 2,
+                               announce: bool = True) -> None:
+    """:func:`~seg_transfer.models.freezing.drop_unread_layers`, logged (``announce``) when it drops anything."""
+    dropped = drop_unread_layers(encoder, in_channels, spatial_dims)
+    if dropped and announce:
+        log.info("encoder_depth %d: dropped %.2f M parameters of encoder layers the decoder does not read (%s)",
+                 config.encoder_depth, sum(dropped.values()) / 1e6, ", ".join(dropped))
+
+
+def _load_encoder_weights(model: nn.Module, config: ModelConfig, in_channels: int, classes: int) -> WeightsProvenance:
+    """Load ``config.encoder_weights`` into ``model.encoder`` (whole, before unread layers are dropped)."""
+    if config.encoder_weights == "none":
+        return WeightsProvenance("none")
     if config.encoder_weights == "imagenet":
         provenance, path = imagenet_weight_source(config.encoder)
         if path is None:
-            return _from_hub(config, in_channels, classes, model), provenance
+            _from_hub(config, in_channels, classes, model)
+            return provenance
     else:
         path = config.encoder_weights
         provenance = WeightsProvenance("file", str(path), sha256_file(path))
     dropped = load_encoder_file(model.encoder, config.encoder, path)
     log.info("encoder weights: %s %s", provenance.source, provenance.path)
-    return model, WeightsProvenance(provenance.source, provenance.path, provenance.sha256, dropped)
+    return WeightsProvenance(provenance.source, provenance.path, provenance.sha256, dropped)
 
 
 def _create(config: ModelConfig, in_channels: int, classes: int, encoder_weights: str | bool | None) -> nn.Module:

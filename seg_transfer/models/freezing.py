@@ -1,9 +1,13 @@
 """Encoder stages and the freeze API used by staged fine-tuning.
 
 An encoder *stage* is the set of layers whose output lives at one spatial resolution (stride 2, 4,
-8, 16, 32). This definition is found by tracing one forward pass, so it works for every smp and timm
-CNN encoder without per-family tables. ``encoder_top: N`` trains the deepest N stages;
-``encoder_fraction: F`` trains the deepest layers holding at least a share F of the encoder's parameters.
+8, 16, 32) and reaches the features the decoder reads. This definition is found by tracing one forward
+and backward pass, so it works for every smp and timm CNN encoder without per-family tables. Layers
+that cannot change those features (timm runs every block even when ``encoder_depth`` < 5 reads only
+the shallow ones; smp keeps a ResNet's deeper layers) belong to no stage and never train; the model
+factory drops them (:func:`drop_unread_layers`).
+``encoder_top: N`` trains the deepest N stages the decoder reads; ``encoder_fraction: F`` trains the
+deepest such layers holding at least a share F of their parameters.
 
 Frozen layers keep BatchNorm in eval mode (``frozen_bn: eval``, the default): their running mean and
 variance stay the ImageNet statistics the frozen weights were trained with. Updating them from small
@@ -30,35 +34,82 @@ TrainSpec = Literal["decoder", "all"] | EncoderTop | EncoderFraction | int
 def encoder_stages(
     encoder: nn.Module, in_channels: int, probe_size: int = 64, spatial_dims: int = 2
 ) -> list[list[str]]:
-    """Parameter names of ``encoder`` grouped by output resolution, shallow to deep.
+    """Names of the encoder parameters that reach its output features, grouped by resolution, shallow to deep.
 
-    Every parameter of the encoder appears exactly once. Modules that never run in the probe
-    (unused heads) join the deepest stage. ``spatial_dims=3`` probes an inflated 3D encoder with a
-    ``probe_size``-cube; resolution is read along the first spatial axis (X), which every stage
-    downsamples (the depth axis Z may keep stride 1).
+    Each such parameter appears exactly once; parameters the returned features do not depend on
+    (see :func:`drop_unread_layers`) appear in none. ``spatial_dims=3`` probes an inflated 3D
+    encoder with a ``probe_size``-cube; resolution is read along the first spatial axis (X), which every
+    stage downsamples (the depth axis Z may keep stride 1). The weights are left as they were.
     """
+    strides, used = _probe(encoder, in_channels, probe_size, spatial_dims)
+    deepest = max(strides.values(), default=1)
+    by_stride: dict[int, list[str]] = {}
+    for name, _param in encoder.named_parameters():
+        if name in used:
+            module_name = name.rsplit(".", 1)[0] if "." in name else ""
+            by_stride.setdefault(strides.get(module_name, deepest), []).append(name)
+    return [by_stride[s] for s in sorted(by_stride)]
+
+
+def drop_unread_layers(encoder: nn.Module, in_channels: int, spatial_dims: int = 2) -> dict[str, int]:
+    """Replace every encoder module whose parameters cannot change the encoder's returned features by
+    ``nn.Identity`` (what is left computes exactly the same features); returns ``{module name: parameters}``
+    of what was dropped. With ``encoder_depth`` < 5, timm still builds and runs the deeper blocks and smp keeps a
+    ResNet's deeper layers; nothing reads them. Call it after the weights are loaded (and, for a 3D
+    encoder, after inflation: inflating draws random numbers per layer, so dropping first would change
+    every later random initialisation)."""
+    _strides, used = _probe(encoder, in_channels, 64, spatial_dims)
+    dropped: dict[str, int] = {}
+
+    def visit(module: nn.Module, prefix: str) -> None:
+        for name, child in list(module.named_children()):
+            names = [f"{prefix}{name}.{param_name}" for param_name, _ in child.named_parameters()]
+            if not names or all(n in used for n in names):
+                continue
+            if any(n in used for n in names):
+                visit(child, f"{prefix}{name}.")
+                continue
+            dropped[f"{prefix}{name}"] = sum(p.numel() for p in child.parameters())
+            setattr(module, name, nn.Identity())
+
+    visit(encoder, "")
+    return dropped
+
+
+def _probe(encoder: nn.Module, in_channels: int, probe_size: int, spatial_dims: int) -> tuple[dict[str, int], set[str]]:
+    """One eval-mode forward and backward of a zero input: each module's output stride, and the names of
+    the parameters that the encoder's returned features depend on (those that receive a gradient)."""
     strides: dict[str, int] = {}
     hooks = []
     for name, module in encoder.named_modules():
         if any(True for _ in module.parameters(recurse=False)):
             hooks.append(module.register_forward_hook(_record_stride(name, strides, probe_size, spatial_dims)))
     was_training = encoder.training
+    params = dict(encoder.named_parameters())
+    flags = {name: param.requires_grad for name, param in params.items()}
+    saved_grads = {name: param.grad for name, param in params.items()}
     encoder.eval()
     try:
-        with torch.no_grad():
-            parameter = next(encoder.parameters(), None)
-            device = parameter.device if parameter is not None else None
-            encoder(torch.zeros(1, in_channels, *[probe_size] * spatial_dims, device=device))
+        for param in params.values():
+            param.requires_grad_(True)
+            param.grad = None
+        parameter = next(iter(params.values()), None)
+        device = parameter.device if parameter is not None else None
+        with torch.enable_grad():
+            features = encoder(torch.zeros(1, in_channels, *[probe_size] * spatial_dims, device=device))
+            outputs = [f for f in (features if isinstance(features, (list, tuple)) else [features])
+                       if isinstance(f, torch.Tensor) and f.requires_grad]
+            if outputs:
+                torch.autograd.backward([f.sum() for f in outputs])
+        used = {name for name, param in params.items() if param.grad is not None}
     finally:
         for hook in hooks:
             hook.remove()
+        for name, param in params.items():
+            param.requires_grad_(flags[name])
+            param.grad = saved_grads[name]
         encoder.train(was_training)
-    deepest = max(strides.values(), default=1)
-    by_stride: dict[int, list[str]] = {}
-    for name, param in encoder.named_parameters():
-        module_name = name.rsplit(".", 1)[0] if "." in name else ""
-        by_stride.setdefault(strides.get(module_name, deepest), []).append(name)
-    return [by_stride[s] for s in sorted(by_stride)]
+    return strides, used
 
 
 def _record_stride(name: str, strides: dict[str, int], probe_size: int, spatial_dims: int = 2):

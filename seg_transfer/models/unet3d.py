@@ -9,7 +9,7 @@ from monai.networks.nets.flexible_unet import UNetDecoder
 from torch import nn
 
 from seg_transfer.config import ModelConfig
-from seg_transfer.models.factory import ModelConfigError, build_model
+from seg_transfer.models.factory import ModelConfigError, build_model, drop_unread_encoder_layers
 from seg_transfer.models.inflate import inflate_encoder
 from seg_transfer.models.weights import WeightsProvenance
 
@@ -98,7 +98,9 @@ def decoder_channels(config: ModelConfig) -> tuple[int, ...]:
 def build_unet3d(config: ModelConfig, classes: int, *, load_pretrained: bool = True) -> tuple[Unet3d, WeightsProvenance]:
     """The 3D U-Net of ``config``: the 2D smp encoder (weights as ``config.encoder_weights`` says, through
     :func:`~seg_transfer.models.factory.build_model`) inflated by ``config.inflation`` with
-    ``config.depth_stride_one_stages``, one input channel. Raises ``ModelConfigError`` for an arch other than
+    ``config.depth_stride_one_stages``, one input channel; encoder layers the decoder does not read are dropped
+    after inflation (which draws random numbers per layer, so the decoder's initialisation does not depend
+    on them being dropped). Raises ``ModelConfigError`` for an arch other than
     ``Unet``, ``WeightsError`` / ``InflationError`` with one-line messages.
     """
     if config.arch.lower() != "unet":
@@ -106,6 +108,7 @@ def build_unet3d(config: ModelConfig, classes: int, *, load_pretrained: bool = T
     channels = decoder_channels(config)
     # the 2D decoder is discarded; giving it the 3D decoder's channels keeps smp's depth check satisfied
     config_2d = config.model_copy(update={"decoder_channels": list(channels)})
-    model_2d, provenance = build_model(config_2d, 1, classes, load_pretrained=load_pretrained)
+    model_2d, provenance = build_model(config_2d, 1, classes, load_pretrained=load_pretrained, drop_unread=False)
     encoder = inflate_encoder(model_2d.encoder, config.inflation, config.depth_stride_one_stages)
+    drop_unread_encoder_layers(encoder, 1, config, spatial_dims=3, announce=load_pretrained)
     return Unet3d(encoder, classes, channels), provenance

@@ -1,6 +1,7 @@
 """The one place a checkpoint becomes a network: :func:`load_network` (predict, export, study, resume)."""
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,6 +13,8 @@ from seg_transfer.config import RunConfig
 from seg_transfer.data.transforms import Preprocessing
 from seg_transfer.routes import get_route
 from seg_transfer.routes.base import InferenceOptions, Inferer, NetworkSpec, Route
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -73,8 +76,16 @@ def load_network(checkpoint: str | Path | Checkpoint, device: torch.device | str
 
 
 def load_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str | Path) -> None:
-    """``model.load_state_dict(state)``, or :class:`CheckpointError` saying how config and weights disagree."""
+    """``model.load_state_dict(state)``, or :class:`CheckpointError` saying how config and weights disagree.
+
+    Extra ``encoder.*`` tensors are dropped when every tensor the network has is there with its shape: they
+    belong to encoder layers the decoder does not read, which checkpoints of earlier versions still held."""
     expected = model.state_dict()
+    if all(k in state and tuple(state[k].shape) == tuple(v.shape) for k, v in expected.items()):
+        unread = [k for k in state if k not in expected and k.startswith("encoder.")]
+        if unread:
+            log.info("%s: left out %d tensors of encoder layers the decoder does not read", source, len(unread))
+            state = {k: v for k, v in state.items() if k not in unread}
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     mismatched = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()

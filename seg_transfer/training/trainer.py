@@ -35,7 +35,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from seg_transfer.atomic import json_safe, sweep_temp_files, write_atomic
-from seg_transfer.checkpoint import Checkpoint
+from seg_transfer.checkpoint import Checkpoint, CheckpointError
 from seg_transfer.config import ConfigError, RunConfig, StageConfig, dump_config
 from seg_transfer.data.pipeline import PreparedData, prepare_data, volume_dataset
 from seg_transfer.data.transforms import Preprocessing
@@ -286,7 +286,7 @@ def _run_stages(session: _Session, progress: Progress, checkpoint: Checkpoint | 
         stage = stages[progress.stage]
         optimizer, scheduler = _begin_stage(session, stage, progress)
         if checkpoint is not None and progress.stage_epoch > 0:
-            optimizer.load_state_dict(checkpoint.optimizer)
+            _continue_optimiser(session, optimizer, checkpoint)
             scheduler.load_state_dict(checkpoint.scheduler)
         checkpoint = None
         _run_stage(session, stage, progress, optimizer, scheduler)
@@ -310,6 +310,17 @@ def _next_stage(progress: Progress) -> None:
     progress.stage += 1
     for name in ("stage_epoch", "stage_done", "stage_steps", "stage_seconds", "stage_best", "stage_bad_epochs"):
         setattr(progress, name, getattr(fresh, name))
+
+
+def _continue_optimiser(session: _Session, optimizer: torch.optim.Optimizer, checkpoint: Checkpoint) -> None:
+    """Load the interrupted stage's optimiser state; a one-line CheckpointError when it holds other parameters."""
+    try:
+        optimizer.load_state_dict(checkpoint.optimizer)
+    except ValueError as exc:
+        raise CheckpointError(
+            f"{session.run_dir}: cannot continue the interrupted stage: its saved optimiser holds other parameters "
+            f"than this stage trains ({exc}); a run interrupted under a version that still trained encoder layers "
+            "the decoder does not read must start again in a new folder") from None
 
 
 def _begin_stage(session: _Session, stage: StageConfig, progress: Progress):
