@@ -81,15 +81,15 @@ def load_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str |
     Extra ``encoder.*`` tensors are dropped when every tensor the network has is there with its shape: they
     belong to encoder layers the decoder does not read, which checkpoints of earlier versions still held."""
     expected = model.state_dict()
-    if all(k in state and tuple(state[k].shape) == tuple(v.shape) for k, v in expected.items()):
-        unread = [k for k in state if k not in expected and k.startswith("encoder.")]
-        if unread:
-            log.info("%s: left out %d tensors of encoder layers the decoder does not read", source, len(unread))
-            state = {k: v for k, v in state.items() if k not in unread}
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     mismatched = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
                   if k in state and tuple(state[k].shape) != tuple(v.shape)]
+    unread = [k for k in unexpected if k.startswith("encoder.")] if not (missing or mismatched) else []
+    if unread:
+        log.info("%s: left out %d tensors of encoder layers the decoder does not read", source, len(unread))
+        state = {k: v for k, v in state.items() if k not in unread}
+        unexpected = [k for k in unexpected if k not in unread]
     if missing or unexpected or mismatched:
         parts = [f"{len(missing)} missing (e.g. {missing[0]})" if missing else "",
                  f"{len(unexpected)} unexpected (e.g. {unexpected[0]})" if unexpected else "",
