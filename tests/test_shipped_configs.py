@@ -16,7 +16,9 @@ STUDIES = {"ablation_hippocampus_n10.yaml": 240, "robustness_hippocampus_n10.yam
            "encoder_choice_hippocampus_n10.yaml": 240, "inflation_hippocampus_3d_n10.yaml": 240,
            "budget_hippocampus_3d_n10.yaml": 960, "budget_hippocampus_n10.yaml": 1875,
            "ablation_stages_hippocampus_n10.yaml": 240, "study_hippocampus_3d_all_long.yaml": 2400,
-           "ablation_unfreeze_hippocampus_n10.yaml": 240, "robustness_hippocampus_3d_n10.yaml": 240}
+           "ablation_unfreeze_hippocampus_n10.yaml": 240, "robustness_hippocampus_3d_n10.yaml": 240,
+           "ablation_depth_hippocampus_n10.yaml": 240, "ablation_3d_depth_hippocampus_n10.yaml": 240,
+           "ablation_scale_hippocampus_n10.yaml": 240, "budget_hippocampus_3d_all.yaml": 960}
 
 
 def without_missing_weights(arm):
@@ -41,6 +43,22 @@ def test_every_arm_takes_the_stated_steps(name, steps, monkeypatch, tmp_path):
         epochs = sum(stage.epochs for stage in config.training.stages)
         assert epochs * config.data.slices_per_epoch // config.training.batch_size == steps
     assert len(study.seeds) >= 3 and study.split.model_dump() == {"test_fraction": 0.2, "val_fraction": 0.1, "seed": 0}
+
+
+def test_the_scale_budget_study_gives_both_arms_about_the_same_wall_clock_not_the_same_steps(monkeypatch, tmp_path):
+    """configs/budget_scale_hippocampus_n10.yaml compares at equal wall clock on purpose: a 0.5 mm step costs
+    about 3x a 1 mm step, so the 0.5 mm arm takes 600 steps against 1875, with the same staged schedule."""
+    monkeypatch.chdir(tmp_path)
+    study = load_study_config(CONFIGS / "budget_scale_hippocampus_n10.yaml")
+    configs = {arm.name: arm_config(study, arm, 0, arm.name) for arm in study.arms}
+    steps = {name: sum(s.epochs for s in c.training.stages) * c.data.slices_per_epoch // c.training.batch_size
+             for name, c in configs.items()}
+    assert steps == {"imagenet_1875": 1875, "imagenet_x2_600": 600} and study.allow_unequal_budgets
+    with pytest.raises(ValueError):
+        check_equal_budgets(configs)
+    assert tuple(configs["imagenet_x2_600"].data.spacing) == (0.5, 0.5, 1.0) and configs["imagenet_1875"].data.spacing is None
+    assert [(s.name, s.epochs) for s in configs["imagenet_x2_600"].training.stages] == \
+        [(s.name, s.epochs) for s in configs["imagenet_1875"].training.stages]
 
 
 def test_default_recipe_is_what_the_ablation_chose(monkeypatch, tmp_path):
