@@ -61,6 +61,23 @@ def test_the_scale_budget_study_gives_both_arms_about_the_same_wall_clock_not_th
         [(s.name, s.epochs) for s in configs["imagenet_1875"].training.stages]
 
 
+def test_the_2p5d_default_is_the_arm_that_won_at_equal_wall_clock_and_earlier_studies_stay_at_1mm(monkeypatch, tmp_path):
+    """Since round 5 the shipped 2.5D configs resample to 0.5 mm in-plane with 600 steps (the budget-scale
+    study's winning arm); the studies that ran at 1 mm pin it, so their recorded runs still match."""
+    monkeypatch.chdir(tmp_path)
+    study = load_study_config(CONFIGS / "budget_scale_hippocampus_n10.yaml")
+    winner = arm_config(study, study.arm("imagenet_x2_600"), 0, "run")
+    for name in ("hippocampus_2p5d_effnet_lite0.yaml", "hippocampus_2p5d_scratch.yaml"):
+        shipped = load_config(CONFIGS / name)
+        assert tuple(shipped.data.spacing) == tuple(winner.data.spacing) == (0.5, 0.5, 1.0)
+        assert shipped.data.slices_per_epoch == winner.data.slices_per_epoch == 1280
+    assert load_config(CONFIGS / "hippocampus_2p5d_effnet_lite0.yaml").training.stages == winner.training.stages
+    for name, arm in [("study_hippocampus.yaml", "imagenet"), ("robustness_hippocampus_n10.yaml", "scratch"),
+                      ("budget_hippocampus_n10.yaml", "imagenet_1875"), ("budget_scale_hippocampus_n10.yaml", "imagenet_1875")]:
+        earlier = load_study_config(CONFIGS / name)
+        assert arm_config(earlier, earlier.arm(arm), 0, "run").data.spacing is None
+
+
 def test_default_recipe_is_what_the_ablation_chose(monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
     study = load_study_config(CONFIGS / "study_hippocampus.yaml")
