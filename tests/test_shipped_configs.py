@@ -29,6 +29,11 @@ def without_missing_weights(arm):
         return arm
     return arm.model_copy(update={"set": {**arm.set, "model.encoder_weights": "none"}})
 
+def optimiser_steps(config) -> int:
+    """Steps a run config takes: every stage's epochs x slices per epoch / batch."""
+    return sum(stage.epochs for stage in config.training.stages) * config.data.slices_per_epoch // config.training.batch_size
+
+
 pytestmark = [pytest.mark.hippocampus,
               pytest.mark.skipif(not HIPPOCAMPUS.is_dir(), reason="needs ../shared/data/Task04_Hippocampus")]
 
@@ -40,8 +45,7 @@ def test_every_arm_takes_the_stated_steps(name, steps, monkeypatch, tmp_path):
     configs = {arm.name: arm_config(study, without_missing_weights(arm), study.seeds[0], arm.name) for arm in study.arms}
     check_equal_budgets(configs)
     for config in configs.values():
-        epochs = sum(stage.epochs for stage in config.training.stages)
-        assert epochs * config.data.slices_per_epoch // config.training.batch_size == steps
+        assert optimiser_steps(config) == steps
     assert len(study.seeds) >= 3 and study.split.model_dump() == {"test_fraction": 0.2, "val_fraction": 0.1, "seed": 0}
 
 
@@ -51,8 +55,7 @@ def test_the_scale_budget_study_gives_both_arms_about_the_same_wall_clock_not_th
     monkeypatch.chdir(tmp_path)
     study = load_study_config(CONFIGS / "budget_scale_hippocampus_n10.yaml")
     configs = {arm.name: arm_config(study, arm, 0, arm.name) for arm in study.arms}
-    steps = {name: sum(s.epochs for s in c.training.stages) * c.data.slices_per_epoch // c.training.batch_size
-             for name, c in configs.items()}
+    steps = {name: optimiser_steps(config) for name, config in configs.items()}
     assert steps == {"imagenet_1875": 1875, "imagenet_x2_600": 600} and study.allow_unequal_budgets
     with pytest.raises(ValueError):
         check_equal_budgets(configs)
