@@ -1,13 +1,13 @@
 """The CUDA paths on one GPU: mixed-precision training of both routes, batch prediction, big-volume sliding window.
 
-    python benchmarks/gpu.py --data MSD_ROOT [--out DIR] [--parts train,predict,large] [--workers 4]
+    python benchmarks/gpu.py --data MSD_ROOT [--out DIR] [--parts train,predict,large] [--routes 2.5d,3d] [--amps bf16,off] [--workers 4]
 
 Everything goes through the library functions the CLI calls (``train``, ``run_predict``):
 
 * **train**: the shipped Hippocampus configs (``configs/hippocampus_2p5d_effnet_lite0.yaml``, 2.5D, and
-  ``configs/hippocampus_3d_effnet_lite0.yaml``, 3D; ImageNet weights, their own 240-step staged
-  schedule and validation after every epoch) on ``cuda``, once with ``training.amp=bf16`` and once with
-  ``training.amp=off`` (float32), same seed. Prints wall time, optimiser steps per second over the
+  ``configs/hippocampus_3d_effnet_lite0.yaml``, 3D; ImageNet weights, their own staged schedules
+  (2.5D 600 steps, 3D 240) and validation after every epoch; ``--routes`` picks which) on ``cuda``, once with ``training.amp=bf16`` and once with
+  ``training.amp=off`` (float32), same seed (``--amps`` picks which). Prints wall time, optimiser steps per second over the
   whole run (validation included), peak GPU memory and the best validation Dice: bfloat16 must train
   as well as float32.
 * **predict**: each bf16-trained checkpoint predicts the dataset's ``imagesTs`` (batch ``predict``,
@@ -57,13 +57,14 @@ def _peak_gb() -> float | None:
     return round(torch.cuda.max_memory_allocated() / GB, 3)
 
 
-def train_runs(data: Path, out: Path, workers: int, device: str, extra: list[str], record: Callable[[dict], None]) -> None:
-    """Both routes x (bf16, float32) with the shipped schedules; ``record`` gets one row per run."""
+def train_runs(data: Path, out: Path, workers: int, device: str, extra: list[str], amps: list[str],
+               record: Callable[[dict], None]) -> None:
+    """Both routes x ``amps`` (bf16, float32) with the shipped schedules; ``record`` gets one row per run."""
     from seg_transfer.config import load_config
     from seg_transfer.training.trainer import train
 
     for route, config_path in CONFIGS.items():
-        for amp in ("bf16", "off"):
+        for amp in amps:
             overrides = [f"data.root={data}", f"training.device={device}", f"training.amp={amp}",
                          f"data.num_workers={workers}", "training.num_threads=4", *extra]
             config = load_config(config_path, overrides)
@@ -133,12 +134,16 @@ def main() -> None:
     parser.add_argument("--device", default="cuda", help="cpu only to try the script itself")
     parser.add_argument("--set", dest="extra", action="append", default=[], help="extra training override (trials)")
     parser.add_argument("--limit", type=int, default=None, help="predict only the first N test cases (trials)")
+    parser.add_argument("--routes", default="2.5d,3d", help="routes to train and predict with")
+    parser.add_argument("--amps", default="bf16,off", help="training.amp values to train with (bf16 first: predict uses it)")
     parser.add_argument("--depths", type=int, nargs="+", default=[300, 600])
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("no CUDA device: this benchmark checks the GPU paths")
     parts = args.parts.split(",")
+    for route in set(CONFIGS) - set(args.routes.split(",")):
+        del CONFIGS[route]
     args.out.mkdir(parents=True, exist_ok=True)
     on_cuda = torch.cuda.is_available() and args.device.startswith("cuda")
     report = {"device": torch.cuda.get_device_name(0) if on_cuda else "cpu", "torch": torch.__version__,
@@ -154,7 +159,8 @@ def main() -> None:
 
     data = args.data.resolve()
     if "train" in parts:
-        train_runs(data, args.out, args.workers, args.device, args.extra, recorder("train"))
+        train_runs(data, args.out, args.workers, args.device, args.extra, args.amps.split(","),
+                   recorder("train"))
     if "predict" in parts:
         predict_runs(data, args.out, args.device, args.limit, recorder("predict"))
     if "large" in parts:

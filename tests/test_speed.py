@@ -53,6 +53,18 @@ def test_forced_switches_win_over_the_device():
     assert not on_cuda.channels_last and on_cuda.amp_dtype is None and on_cuda.cudnn_benchmark
 
 
+def test_cudnn_benchmark_auto_follows_the_routes_input_shapes():
+    """Measured on an H100 (README, "On one GPU"): the autotuner cost the 2.5D route, whose validation slices
+    change shape from case to case, about 70 s of a 141 s run; 3D patches and windows have one shape."""
+    from seg_transfer.routes import get_route
+
+    assert get_route("3d").fixed_input_shapes and not get_route("2.5d").fixed_input_shapes
+    varying = resolve_speed(_training(), CUDA, cuda_bf16_supported=True, fixed_input_shapes=False)
+    assert not varying.cudnn_benchmark and varying.channels_last and varying.amp_dtype == torch.bfloat16
+    assert resolve_speed(_training(cudnn_benchmark="on"), CUDA, True, fixed_input_shapes=False).cudnn_benchmark
+    assert not resolve_speed(_training(), CPU, fixed_input_shapes=True).cudnn_benchmark
+
+
 def test_grad_scaler_only_for_fp16():
     assert grad_scaler(SpeedSettings(amp_dtype=torch.bfloat16), CPU) is None
     assert isinstance(grad_scaler(SpeedSettings(amp_dtype=torch.float16), CPU), torch.amp.GradScaler)

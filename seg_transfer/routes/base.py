@@ -128,6 +128,9 @@ class Route:
     - ``training_samples(volumes, data, batch_size, settings, network, rank, world_size, pin_memory)``
       -> ``(dataset with set_epoch, loader)``; an epoch is exactly ``data.slices_per_epoch`` samples.
     - ``inferer(spec, options, network)``: the :class:`Inferer` used by validation and ``predict`` alike.
+    - ``fixed_input_shapes``: every training and validation forward has one input shape (3D patches and
+      windows), so ``training.cudnn_benchmark: auto`` turns cuDNN's autotuner on; a route whose validation
+      inputs change shape from case to case (2.5D whole slices) leaves it off (README, "On one GPU").
     """
 
     name: str
@@ -139,3 +142,4 @@ class Route:
     settings: Callable[..., dict[str, Any]]
     training_samples: Callable[..., tuple[Any, Any]]
     inferer: Callable[[NetworkSpec, InferenceOptions, nn.Module], Inferer]
+    fixed_input_shapes: bool = False

@@ -78,4 +78,5 @@ SLAB_ROUTE = Route(
     settings=_settings,
     training_samples=_training_samples,
     inferer=_inferer,
+    fixed_input_shapes=False,  # validation infers whole slices, whose shape differs from case to case
 )

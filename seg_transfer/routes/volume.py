@@ -131,4 +131,5 @@ VOLUME_ROUTE = Route(
     settings=_settings,
     training_samples=_training_samples,
     inferer=_inferer,
+    fixed_input_shapes=True,   # patches in training, roi-sized windows in validation
 )

@@ -1,7 +1,10 @@
 """Speed switches of ``training.*``, resolved for the device a run trains on.
 
 ``amp``, ``channels_last``, ``cudnn_benchmark`` and ``pin_memory`` default to ``auto``: on for CUDA,
-off on CPU, so a CPU run computes exactly what it did before these switches existed. ``compile``
+off on CPU, so a CPU run computes exactly what it did before these switches existed. ``cudnn_benchmark:
+auto`` is on only where the route feeds the network one input shape (``Route.fixed_input_shapes``): cuDNN
+tunes kernels for every new shape, which cost the 2.5D route about 70 s of a 141 s H100 run and gained
+nothing per steady epoch (README, "On one GPU"). ``compile``
 (``torch.compile`` of the training forward) is off unless set. Each switch can be forced with
 ``on``/``off`` (``amp``: ``bf16``/``fp16``/``off``) on any device.
 """
@@ -45,13 +48,16 @@ def resolve_switch(setting: Literal["auto", "on", "off"], device: torch.device) 
     return setting == "on"
 
 
-def resolve_speed(training: TrainingConfig, device: torch.device, cuda_bf16_supported: bool | None = None) -> SpeedSettings:
-    """All speed switches of ``training`` resolved for ``device``."""
+def resolve_speed(training: TrainingConfig, device: torch.device, cuda_bf16_supported: bool | None = None,
+                  fixed_input_shapes: bool = True) -> SpeedSettings:
+    """All speed switches of ``training`` resolved for ``device``; ``fixed_input_shapes`` is the route's
+    (:attr:`~seg_transfer.routes.base.Route.fixed_input_shapes`): without it ``cudnn_benchmark: auto`` is off."""
     return SpeedSettings(
         amp_dtype=resolve_amp(training.amp, device, cuda_bf16_supported),
         channels_last=resolve_switch(training.channels_last, device),
         compile=training.compile,
-        cudnn_benchmark=resolve_switch(training.cudnn_benchmark, device),
+        cudnn_benchmark=resolve_switch(training.cudnn_benchmark, device)
+        and (fixed_input_shapes or training.cudnn_benchmark == "on"),
         pin_memory=resolve_switch(training.pin_memory, device),
     )
 
