@@ -169,6 +169,43 @@ def test_disk_cache_round_trips_and_survives_a_new_process(phantom_root, tmp_pat
     assert again.slices_computed == depth and calls[0] == -(-depth // fc.FILL_BATCH)
 
 
+def test_a_disk_fill_flushes_once_per_commit_and_its_index_lists_only_flushed_groups(phantom_root, tmp_path, monkeypatch):
+    raw = tiny_config(phantom_root, **{"data.cache_dir": str(tmp_path / "cache"), "model.frozen_bn": "eval"})
+    config = config_from_dict(raw)
+    model, dataset, _ = _setup(config, tmp_path)
+    flushes = []
+    monkeypatch.setattr(np.memmap, "flush", lambda self: flushes.append(self.filename))
+    disk = fc.DecoderStageCache(config, fc.feature_cache_dir(config))
+    entries = disk.epoch_entries(dataset)
+    prepared = disk.prepare(model.encoder, dataset, entries, torch.device("cpu"))
+    store = prepared.store
+    groups = len(store.filled)
+    files = sum(len(arrays) for arrays in store.arrays.values())
+    assert groups > files and len(flushes) == files  # one commit at the end: each file flushed once, not per group
+    index = json.loads((store.folder / "index.json").read_text())
+    assert len(index["filled"]) == groups
+
+    # a later write without commit reaches the index only through commit, which flushes before indexing
+    name, slot = sorted(store.filled)[0]
+    case = store.case_index[name]
+    rows = store.rows(case, slot, range(store.cases[case].depth))
+    *features, labels = [np.array(array[rows]) for array in store.arrays[store.bucket_of[case]]]
+    index["filled"].remove([name, slot])
+    (store.folder / "index.json").write_text(json.dumps(index))
+    store.filled.discard((name, slot))
+    store.write(case, slot, features, labels, commit=False)
+    assert [name, slot] not in json.loads((store.folder / "index.json").read_text())["filled"]
+    flushes.clear()
+    index_writes = []
+    real_write_index = fc.FeatureStore._write_index
+    monkeypatch.setattr(fc.FeatureStore, "_write_index", lambda self: (index_writes.append(len(flushes)), real_write_index(self)))
+    store.commit()
+    assert flushes and index_writes == [len(flushes)]  # all flushes happened before the index was written
+    assert [name, slot] in json.loads((store.folder / "index.json").read_text())["filled"]
+    store.commit()
+    assert index_writes == [len(flushes)]  # nothing written since: no flush, no index
+
+
 def _decoder_stage(epochs: int, **overrides) -> dict:
     return {"training.stages": [{"name": "decoder", "train": "decoder", "epochs": epochs, "lr": 3e-3}], **overrides}
 

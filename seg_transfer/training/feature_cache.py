@@ -40,8 +40,8 @@ cache pays off once a stage draws more samples than ~V x the training slices (se
 untouched rows cost no RAM). ``disk`` keeps float16 ``numpy.memmap`` files under
 ``data.cache_dir/features/<key>/`` (default ``~/.cache/seg_transfer/features``): one file per
 feature level (per padded slice size), created sparse as a temp file linked into place, and an
-``index.json`` written atomically after each group's rows are flushed, so an interrupted fill leaves
-rows the index does not list (recomputed on next use). Cases are known by name and a fingerprint of
+``index.json`` written atomically after the rows it lists are flushed (every few seconds of a fill and at its
+end), so an interrupted fill leaves rows the index does not list (recomputed on next use). Cases are known by name and a fingerprint of
 their preprocessed volumes, so changed data under an old name is a miss too. A later process, or
 ``rank-encoders`` (with ``training.feature_cache: disk``; it reads slot 0 of the same store when its
 candidate's encoder checksum equals the run's), reloads without running the encoder. A store is
@@ -98,6 +98,7 @@ log = logging.getLogger(__name__)
 FORMAT = 1
 #: slices per encoder forward when filling a group: fixed, so a row's bits never depend on the batch it came in
 FILL_BATCH = 32
+COMMIT_SECONDS = 5.0  # a disk fill flushes and re-indexes at most this often
 PLAIN_SLOT = 0
 FEATURE_DTYPE = np.float16
 LABEL_DTYPE = np.int16
@@ -212,6 +213,7 @@ class FeatureStore:
         self.key, self.cases, self.levels, self.slots, self.folder = key, list(cases), [tuple(l) for l in levels], slots, folder
         self.meta = meta or {}
         self.filled: set[tuple[str, int]] = set(filled or ())
+        self._uncommitted: set[tuple[int, int]] = set()  # buckets written since the last commit
         self.case_index = {case.name: i for i, case in enumerate(self.cases)}
         self.bucket_of: list[tuple[int, int]] = [(c.height, c.width) for c in self.cases]
         self.offset: list[int] = []
@@ -259,19 +261,29 @@ class FeatureStore:
 
     # ----- writing and reading
 
-    def write(self, case: int, slot: int, features: Sequence[np.ndarray], labels: np.ndarray) -> None:
-        """Store a whole group: ``features[k]`` (depth, C, h, w) for level k+1 and ``labels`` (depth, H, W)."""
+    def write(self, case: int, slot: int, features: Sequence[np.ndarray], labels: np.ndarray, commit: bool = True) -> None:
+        """Store a whole group: ``features[k]`` (depth, C, h, w) for level k+1 and ``labels`` (depth, H, W).
+        ``commit=False`` defers :meth:`commit` (a disk store's index then lists the group only after it)."""
         start = int(self.rows(case, slot, [0])[0])
         block = slice(start, start + self.cases[case].depth)
         arrays = self.arrays[self.bucket_of[case]]
         for array, values in zip(arrays, [*features, labels]):
             array[block] = values
-        if self.folder is not None:
-            for array in arrays:
-                array.flush()
         self.filled.add((self.cases[case].name, slot))
-        if self.folder is not None:
+        self._uncommitted.add(self.bucket_of[case])
+        if commit:
+            self.commit()
+
+    def commit(self) -> None:
+        """Disk: flush the files written since the last commit, then write the index listing their groups, so
+        the index never lists rows that are not on disk. One ``msync`` per file per commit, not per group:
+        with per-group flushes a disk fill took 33.9 s against 2.6 s in memory on the H100 machine (README)."""
+        if self.folder is not None and self._uncommitted:
+            for bucket in sorted(self._uncommitted):
+                for array in self.arrays[bucket]:
+                    array.flush()
             self._write_index()
+        self._uncommitted.clear()
 
     def read(self, entries: Sequence[tuple[int, int, int]]) -> tuple[list[torch.Tensor], torch.Tensor]:
         """Features (levels 1.., float32 ``(B, C, h, w)``) and labels ``(B, 1, H, W)`` int64 of
@@ -411,17 +423,22 @@ def encode(encoder: nn.Module, images: np.ndarray, device: torch.device) -> list
 
 
 def fill(store: FeatureStore, groups: Sequence[tuple[int, int]], encoder: nn.Module, volumes, spec: CacheSpec,
-         augment, device: torch.device, store_case: Sequence[int]) -> int:
+         augment, device: torch.device, store_case: Sequence[int], commit_seconds: float = COMMIT_SECONDS) -> int:
     """Compute and store every ``(case, slot)`` group not yet in ``store`` (cases index ``volumes``;
-    ``store_case`` maps them to the store's cases). Returns the slices computed."""
-    computed = 0
+    ``store_case`` maps them to the store's cases), committing at most every ``commit_seconds`` and at the end:
+    an interrupted fill loses at most that much work. Returns the slices computed."""
+    computed, last_commit = 0, time.monotonic()
     for case, slot in sorted(set(groups)):
         layout = store.cases[store_case[case]]
         if (layout.name, slot) in store.filled:
             continue
         images, labels = group_samples(volumes[case], layout, slot, spec, augment)
-        store.write(store_case[case], slot, encode(encoder, images, device), labels)
+        store.write(store_case[case], slot, encode(encoder, images, device), labels, commit=False)
         computed += len(images)
+        if time.monotonic() - last_commit >= commit_seconds:
+            store.commit()
+            last_commit = time.monotonic()
+    store.commit()
     return computed
 
 
