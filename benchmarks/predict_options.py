@@ -33,7 +33,7 @@ OPTIONS = {
     "lcc": {"tta": False, "postprocess": "largest-component"},
     "tta+lcc": {"tta": True, "postprocess": "largest-component"},
 }
-OPTION_NAMES = {"plain": "plain", "tta": "TTA", "lcc": "LCC", "tta+lcc": "TTA+LCC"}
+OPTION_NAMES = {"tta": "TTA", "lcc": "LCC", "tta+lcc": "TTA+LCC"}
 
 
 def mean_case_dice(pred_dir: Path, label_dir: Path, labels: Path, out: Path) -> float:
