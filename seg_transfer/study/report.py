@@ -272,7 +272,7 @@ def plot_convergence(results: dict[str, Any], path: Path) -> Path:
     axes[0][0].set_ylabel("val Dice")
     axes[1][0].set_ylabel("val Dice")
     handles = [plt.Line2D([], [], color=colors[arm], label=arm) for arm in arms]
-    fig.legend(handles=handles, loc="upper right")
+    fig.legend(handles=handles, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=min(len(arms), 3))
     fig.suptitle("Convergence (one line per seed)")
     return _save(fig, path)
 
@@ -299,7 +299,7 @@ def _save(fig, path: Path) -> Path:
     fig.tight_layout()
     try:
         with atomic_open(path, "wb") as stream:
-            fig.savefig(stream, format="png", dpi=110)
+            fig.savefig(stream, format="png", dpi=110, bbox_inches="tight")  # keeps a legend below the axes
     finally:
         plt.close(fig)
     return path
