@@ -57,13 +57,13 @@ def _peak_gb() -> float | None:
     return round(torch.cuda.max_memory_allocated() / GB, 3)
 
 
-def train_runs(data: Path, out: Path, workers: int, device: str, extra: list[str], amps: list[str],
-               record: Callable[[dict], None]) -> None:
-    """Both routes x ``amps`` (bf16, float32) with the shipped schedules; ``record`` gets one row per run."""
+def train_runs(configs: dict[str, Path], data: Path, out: Path, workers: int, device: str, extra: list[str],
+               amps: list[str], record: Callable[[dict], None]) -> None:
+    """``configs`` (route -> shipped config) x ``amps`` (bf16, float32); ``record`` gets one row per run."""
     from seg_transfer.config import load_config
     from seg_transfer.training.trainer import train
 
-    for route, config_path in CONFIGS.items():
+    for route, config_path in configs.items():
         for amp in amps:
             overrides = [f"data.root={data}", f"training.device={device}", f"training.amp={amp}",
                          f"data.num_workers={workers}", "training.num_threads=4", *extra]
@@ -79,12 +79,13 @@ def train_runs(data: Path, out: Path, workers: int, device: str, extra: list[str
             record(row)
 
 
-def predict_runs(data: Path, out: Path, device: str, limit: int | None, record: Callable[[dict], None]) -> None:
-    """The bf16-trained checkpoints on ``imagesTs``, with and without ``--amp``."""
+def predict_runs(routes: list[str], data: Path, out: Path, device: str, limit: int | None,
+                 record: Callable[[dict], None]) -> None:
+    """The bf16-trained checkpoints of ``routes`` on ``imagesTs``, with and without ``--amp``."""
     from seg_transfer.inference.batch import PredictRequest, run_predict
     from seg_transfer.inference.predictor import PredictOptions
 
-    for route in CONFIGS:
+    for route in routes:
         checkpoint = out / f"train_{route}_bf16" / "checkpoints" / "best.pt"
         for amp in (True, False):
             _peak_reset()
@@ -142,8 +143,10 @@ def main() -> None:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("no CUDA device: this benchmark checks the GPU paths")
     parts = args.parts.split(",")
-    for route in set(CONFIGS) - set(args.routes.split(",")):
-        del CONFIGS[route]
+    unknown = set(args.routes.split(",")) - set(CONFIGS)
+    if unknown:
+        parser.error(f"unknown route(s) {', '.join(sorted(unknown))}; choose from {', '.join(CONFIGS)}")
+    configs = {route: CONFIGS[route] for route in args.routes.split(",")}
     args.out.mkdir(parents=True, exist_ok=True)
     on_cuda = torch.cuda.is_available() and args.device.startswith("cuda")
     report = {"device": torch.cuda.get_device_name(0) if on_cuda else "cpu", "torch": torch.__version__,
@@ -159,10 +162,10 @@ def main() -> None:
 
     data = args.data.resolve()
     if "train" in parts:
-        train_runs(data, args.out, args.workers, args.device, args.extra, args.amps.split(","),
+        train_runs(configs, data, args.out, args.workers, args.device, args.extra, args.amps.split(","),
                    recorder("train"))
     if "predict" in parts:
-        predict_runs(data, args.out, args.device, args.limit, recorder("predict"))
+        predict_runs(list(configs), data, args.out, args.device, args.limit, recorder("predict"))
     if "large" in parts:
         large_runs(args.out, args.device, args.depths, recorder("large"))
 

@@ -193,7 +193,7 @@ def test_a_disk_fill_flushes_once_per_commit_and_its_index_lists_only_flushed_gr
     index["filled"].remove([name, slot])
     (store.folder / "index.json").write_text(json.dumps(index))
     store.filled.discard((name, slot))
-    store.write(case, slot, features, labels, commit=False)
+    store.write(case, slot, features, labels)
     assert [name, slot] not in json.loads((store.folder / "index.json").read_text())["filled"]
     flushes.clear()
     index_writes = []

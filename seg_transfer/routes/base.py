@@ -142,4 +142,4 @@ class Route:
     settings: Callable[..., dict[str, Any]]
     training_samples: Callable[..., tuple[Any, Any]]
     inferer: Callable[[NetworkSpec, InferenceOptions, nn.Module], Inferer]
-    fixed_input_shapes: bool = False
+    fixed_input_shapes: bool

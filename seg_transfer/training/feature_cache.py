@@ -261,9 +261,9 @@ class FeatureStore:
 
     # ----- writing and reading
 
-    def write(self, case: int, slot: int, features: Sequence[np.ndarray], labels: np.ndarray, commit: bool = True) -> None:
+    def write(self, case: int, slot: int, features: Sequence[np.ndarray], labels: np.ndarray) -> None:
         """Store a whole group: ``features[k]`` (depth, C, h, w) for level k+1 and ``labels`` (depth, H, W).
-        ``commit=False`` defers :meth:`commit` (a disk store's index then lists the group only after it)."""
+        A disk store's index lists the group only after the next :meth:`commit`."""
         start = int(self.rows(case, slot, [0])[0])
         block = slice(start, start + self.cases[case].depth)
         arrays = self.arrays[self.bucket_of[case]]
@@ -271,8 +271,6 @@ class FeatureStore:
             array[block] = values
         self.filled.add((self.cases[case].name, slot))
         self._uncommitted.add(self.bucket_of[case])
-        if commit:
-            self.commit()
 
     def commit(self) -> None:
         """Disk: flush the files written since the last commit, then write the index listing their groups, so
@@ -433,7 +431,7 @@ def fill(store: FeatureStore, groups: Sequence[tuple[int, int]], encoder: nn.Mod
         if (layout.name, slot) in store.filled:
             continue
         images, labels = group_samples(volumes[case], layout, slot, spec, augment)
-        store.write(store_case[case], slot, encode(encoder, images, device), labels, commit=False)
+        store.write(store_case[case], slot, encode(encoder, images, device), labels)
         computed += len(images)
         if time.monotonic() - last_commit >= commit_seconds:
             store.commit()
