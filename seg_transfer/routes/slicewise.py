@@ -7,7 +7,7 @@ and MONAI's ``sliding_window_inference`` (Gaussian blending) for slices larger t
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -97,26 +97,18 @@ def predict_volume(
     image: torch.Tensor | np.ndarray,
     axis: int,
     context: int,
-    *,
-    batch_size: int = 64,
-    multiple: int = 32,
-    device: torch.device | str = "cpu",
-    **forward: object,
+    **options: object,
 ) -> torch.Tensor:
     """Class probabilities ``(classes, X, Y, Z)`` (float32, on CPU) for a ``(1, X, Y, Z)`` volume.
 
     Each slice along spatial ``axis`` is fed with ``context`` neighbours per side (edges repeat),
-    padded to ``multiple``; the padding is cropped from the output. ``model`` must be in eval mode.
-    ``forward`` (``amp``, ``flips``, ``roi_size``, ``overlap``, ``progress``) as in
-    :func:`iter_slice_probabilities`; the defaults reproduce plain inference.
+    padded to ``multiple`` (default 32); the padding is cropped from the output. ``model`` must be in
+    eval mode. ``options`` (``batch_size``, ``multiple``, ``device``, ``amp``, ``flips``, ``roi_size``,
+    ``overlap``, ``progress``, ``max_batch_pixels``) as in :func:`iter_slice_probabilities`; the defaults
+    reproduce plain inference.
     """
-    out: torch.Tensor | None = None
-    for start, probs in iter_slice_probabilities(model, image, axis, context, batch_size=batch_size,
-                                                 multiple=multiple, device=device, **forward):
-        if out is None:
-            depth = (image.shape[1:] if image.ndim == 4 else image.shape)[axis]
-            out = torch.empty((probs.shape[1], depth, *probs.shape[2:]), dtype=torch.float32)
-        out[:, start : start + len(probs)] = probs.transpose(0, 1)
+    batches = iter_slice_probabilities(model, image, axis, context, **options)
+    out = _write_slices(batches, _depth(image, axis), lambda probs: probs.float(), slice_dim=1)
     return torch.movedim(out, 1, 1 + axis)
 
 
@@ -126,22 +118,33 @@ def predict_label_map(
     image: torch.Tensor | np.ndarray,
     axis: int,
     context: int,
-    *,
-    batch_size: int = 64,
-    multiple: int = 32,
-    device: torch.device | str = "cpu",
-    **forward: object,
+    **options: object,
 ) -> torch.Tensor:
     """Arg-max labels ``(X, Y, Z)`` (uint8, or int16 beyond 256 classes) of a ``(1, X, Y, Z)`` volume.
 
     Same inputs as :func:`predict_volume`, but only one batch of probabilities exists at a time.
     """
-    out: torch.Tensor | None = None
-    for start, probs in iter_slice_probabilities(model, image, axis, context, batch_size=batch_size,
-                                                 multiple=multiple, device=device, **forward):
-        if out is None:
-            depth = (image.shape[1:] if image.ndim == 4 else image.shape)[axis]
-            dtype = label_dtype(probs.shape[1])
-            out = torch.empty((depth, *probs.shape[2:]), dtype=dtype)
-        out[start : start + len(probs)] = probs.argmax(1).to(out.dtype)
+    batches = iter_slice_probabilities(model, image, axis, context, **options)
+    out = _write_slices(batches, _depth(image, axis), lambda probs: probs.argmax(1).to(label_dtype(probs.shape[1])),
+                        slice_dim=0)
     return torch.movedim(out, 0, axis)
+
+
+def _depth(image: torch.Tensor | np.ndarray, axis: int) -> int:
+    return (image.shape[1:] if image.ndim == 4 else image.shape)[axis]
+
+
+def _write_slices(batches: Iterator[tuple[int, torch.Tensor]], depth: int,
+                  per_batch: Callable[[torch.Tensor], torch.Tensor], slice_dim: int) -> torch.Tensor:
+    """One preallocated tensor holding ``per_batch(probs)`` (``(B, ...)``) of every slice batch, its
+    slices along ``slice_dim`` (``depth`` of them, the other dims in their order)."""
+    out: torch.Tensor | None = None
+    for start, probs in batches:
+        part = torch.movedim(per_batch(probs), 0, slice_dim)
+        if out is None:
+            shape = list(part.shape)
+            shape[slice_dim] = depth
+            out = torch.empty(shape, dtype=part.dtype)
+        out.narrow(slice_dim, start, part.shape[slice_dim]).copy_(part)
+    assert out is not None, "a volume has at least one slice"
+    return out
