@@ -37,7 +37,12 @@ def test_runs_take_the_same_steps_whatever_the_training_set_size(phantom_root, t
     (run_dir / "splits.json").write_text(json.dumps({"train": cases[:n_train], "val": cases[-1:], "test": []}))
     result = train(config_from_dict(raw), run_dir)
     assert result.steps == 2 * 48 // 8
-    assert json.loads((run_dir / "summary.json").read_text())["steps"] == 12
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] == 12
+    # where it computed, so that two runs of one seed that differ can be told apart (README, default budget)
+    environment = summary["environment"]
+    assert (environment["torch"], environment["cpu_capability"]) == (torch.__version__, torch.backends.cpu.get_cpu_capability())
+    assert environment["device"] == "cpu" and environment["device_name"] is None
 
 
 def test_study_refuses_runs_with_unequal_steps():
@@ -250,12 +255,30 @@ def test_a_reused_run_keeps_its_recorded_fields_including_peak_gpu_memory(tmp_pa
     from seg_transfer.training.reuse import finished_result
 
     summary = {"best_dice": 0.81, "best_per_class": {"1": 0.8, "2": 0.82}, "best_epoch": 11, "epochs": 12,
-               "seconds": 300.0, "steps": 2400, "peak_gpu_gb": 1.25}
+               "seconds": 300.0, "steps": 2400, "peak_gpu_gb": 1.25, "environment": {"torch": "2.9.0", "cpu_capability": "AVX512"}}
     (tmp_path / "summary.json").write_text(json.dumps(summary))
     result = finished_result(tmp_path)
     assert (result.steps, result.peak_gpu_gb, result.best_dice) == (2400, 1.25, 0.81)
-    (tmp_path / "summary.json").write_text(json.dumps({k: v for k, v in summary.items() if k not in ("steps", "peak_gpu_gb")}))
-    assert (finished_result(tmp_path).steps, finished_result(tmp_path).peak_gpu_gb) == (0, None)
+    assert result.environment == {"torch": "2.9.0", "cpu_capability": "AVX512"}
+    older = ("steps", "peak_gpu_gb", "environment")
+    (tmp_path / "summary.json").write_text(json.dumps({k: v for k, v in summary.items() if k not in older}))
+    assert (finished_result(tmp_path).steps, finished_result(tmp_path).peak_gpu_gb, finished_result(tmp_path).environment) == (0, None, None)
+
+
+def test_the_report_warns_when_runs_computed_in_different_environments():
+    """Runs on another torch version or CPU kernel path are named; the CPU's model name alone, and runs
+    recorded before environments existed, do not raise the warning."""
+    from seg_transfer.environment import environment_differences
+    from seg_transfer.study.report import environment_lines
+
+    here = {"torch": "2.9.0", "cpu_capability": "AVX2", "threads": 1, "cpu": "AMD EPYC"}
+    same_kernels = {**here, "cpu": "Intel Xeon"}
+    assert environment_differences([here, same_kernels, None]) == {}
+    differing = environment_differences([here, {**here, "torch": "2.10.0", "cpu_capability": "AVX512"}, None])
+    assert differing == {"torch": ["2.10.0", "2.9.0"], "cpu_capability": ["AVX2", "AVX512"]}
+    [line] = environment_lines({"environment_differences": differing, "runs_without_environment": 1})
+    assert "torch: 2.10.0, 2.9.0; cpu_capability: AVX2, AVX512; 1 run(s) recorded none" in line
+    assert environment_lines({"environment_differences": {}, "runs_without_environment": 3}) == []
 
 # ----------------------------------------------------------------------------- checkpoint errors (issue 13.3, 13.5)
 

@@ -331,7 +331,21 @@ def findings(results: dict[str, Any]) -> list[str]:
         if r.get("warned_seeds"):
             lines.append(f"{r['arm']} with {r['size']} training cases: seed(s) {', '.join(map(str, r['warned_seeds']))} "
                          "raised collapse warnings during training (see their summary.json).")
+    lines.extend(environment_lines(results))
     return lines
+
+
+def environment_lines(results: dict[str, Any]) -> list[str]:
+    """A warning when the runs were not all computed with the same libraries, CPU kernels and device."""
+    differing = results.get("environment_differences") or {}
+    if not differing:
+        return []
+    what = "; ".join(f"{key}: {', '.join(values)}" for key, values in differing.items())
+    unknown = results.get("runs_without_environment", 0)
+    return [f"The runs were computed in different environments ({what}"
+            + (f"; {unknown} run(s) recorded none" if unknown else "")
+            + "): the same config and seed can then differ by about seed-noise amounts, so compare arms within one environment "
+            "where it matters (each run's summary.json says where it trained)."]
 
 
 def header_lines(results: dict[str, Any]) -> list[str]:

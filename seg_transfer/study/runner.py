@@ -12,6 +12,7 @@ import os
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from seg_transfer.data.io import volume_suffix
 from seg_transfer.data.splits import load_splits, save_splits
@@ -60,6 +61,7 @@ class RunRecord:
     collapsed: list[str] = field(default_factory=list)  # classes below the collapse threshold at the best epoch
     collapse_warnings: int = 0  # validations that flagged a possible collapse
     stopped: str | None = None
+    environment: dict[str, Any] | None = None  # where it trained (None: recorded before 0.1.0's environment block)
 
     def case_mean_dice(self) -> dict[str, float]:
         """Mean Dice over the classes, per test case."""
@@ -135,7 +137,7 @@ def complete_run(spec: RunSpec, test_images: Path, test_labels: Path, labels_fil
         evaluate_folders(predictions, test_labels, evaluation.parent, tolerance_mm=study.tolerance_mm, labels=labels_file)
     return RunRecord(spec.arm, spec.size, spec.seed, spec.run_dir, result.best_dice, result.epochs, result.seconds,
                      read_test_dice(evaluation), read_curve(spec.run_dir), result.steps, result.collapsed,
-                     len(result.collapse_warnings), result.stopped)
+                     len(result.collapse_warnings), result.stopped, result.environment)
 
 
 def write_run_splits(spec: RunSpec) -> None:

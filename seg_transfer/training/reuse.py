@@ -11,7 +11,7 @@ from seg_transfer.config import RunConfig, dump_config
 from seg_transfer.training.trainer import RunDirError, RunResult, train
 
 SUMMARY_FIELDS = ("best_dice", "best_per_class", "best_epoch", "epochs", "seconds")
-OPTIONAL_FIELDS = ("steps", "collapsed", "collapse_warnings", "stopped", "peak_gpu_gb")  # absent from summaries of older versions
+OPTIONAL_FIELDS = ("steps", "collapsed", "collapse_warnings", "stopped", "peak_gpu_gb", "environment")  # absent from summaries of older versions
 
 
 def finished_result(run_dir: Path) -> RunResult | None:

@@ -39,6 +39,7 @@ from seg_transfer.checkpoint import Checkpoint, CheckpointError
 from seg_transfer.config import ConfigError, RunConfig, StageConfig, dump_config
 from seg_transfer.data.pipeline import PreparedData, prepare_data, volume_dataset
 from seg_transfer.data.transforms import Preprocessing
+from seg_transfer.environment import run_environment
 from seg_transfer.errors import UserError
 from seg_transfer.evaluation.metrics import dice_per_class
 from seg_transfer.models.factory import count_parameters
@@ -110,6 +111,7 @@ class RunResult:
     collapse_warnings: list[dict] = field(default_factory=list)
     stopped: str | None = None
     peak_gpu_gb: float | None = None  # peak CUDA memory of this process's tensors during the run; None off CUDA
+    environment: dict[str, Any] | None = None  # versions, CPU kernel path, device (seg_transfer.environment)
 
 
 @dataclass
@@ -641,6 +643,7 @@ def _finish(session: _Session, progress: Progress) -> RunResult:
         collapse_warnings=progress.collapse_warnings,
         stopped=progress.stopped,
         peak_gpu_gb=speed.peak_gpu_memory_gb(session.device),
+        environment=run_environment(session.device),
     )
     summary = {**asdict(result), "run_dir": str(result.run_dir), "weights": session.provenance.as_dict(),
                "arch": session.config.model.arch, "encoder": session.config.model.encoder}
