@@ -17,7 +17,7 @@ import torch
 
 _LIBRARIES = ("monai", "timm", "segmentation-models-pytorch", "numpy")
 # keys that change floating-point results; the CPU model is informative only (same ISA, same kernels)
-NUMERIC_KEYS = ("torch", "monai", "timm", "segmentation-models-pytorch", "numpy", "cpu_capability", "device_name", "threads")
+NUMERIC_KEYS = ("torch", *_LIBRARIES, "cpu_capability", "device_name", "threads")
 
 
 def _version(distribution: str) -> str | None:

@@ -262,7 +262,8 @@ def test_a_reused_run_keeps_its_recorded_fields_including_peak_gpu_memory(tmp_pa
     assert result.environment == {"torch": "2.9.0", "cpu_capability": "AVX512"}
     older = ("steps", "peak_gpu_gb", "environment")
     (tmp_path / "summary.json").write_text(json.dumps({k: v for k, v in summary.items() if k not in older}))
-    assert (finished_result(tmp_path).steps, finished_result(tmp_path).peak_gpu_gb, finished_result(tmp_path).environment) == (0, None, None)
+    older_result = finished_result(tmp_path)
+    assert (older_result.steps, older_result.peak_gpu_gb, older_result.environment) == (0, None, None)
 
 
 def test_the_report_warns_when_runs_computed_in_different_environments():

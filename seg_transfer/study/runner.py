@@ -61,7 +61,7 @@ class RunRecord:
     collapsed: list[str] = field(default_factory=list)  # classes below the collapse threshold at the best epoch
     collapse_warnings: int = 0  # validations that flagged a possible collapse
     stopped: str | None = None
-    environment: dict[str, Any] | None = None  # where it trained (None: recorded before 0.1.0's environment block)
+    environment: dict[str, Any] | None = None  # where it trained (None: its summary predates the environment field)
 
     def case_mean_dice(self) -> dict[str, float]:
         """Mean Dice over the classes, per test case."""
