@@ -12,6 +12,7 @@ from scipy.stats import multivariate_normal
 
 from seg_transfer.cli import main
 from seg_transfer.config import ConfigError
+from seg_transfer.selection.consistency import cc_fv, class_consistency
 from seg_transfer.selection.gbc import VARIANCE_FLOOR, gbc
 from seg_transfer.selection.logme import Spectrum, log_evidence, logme, maximise_evidence, project
 from seg_transfer.selection.rank import parse_candidate, parse_strides, sample_pixels
@@ -82,6 +83,32 @@ def test_feature_variety_matches_the_pairwise_definition():
     assert feature_variety(points) == pytest.approx(-np.log(np.mean(np.exp(-2.0 * np.array(pairs)))), rel=1e-12)
 
 
+def test_class_consistency_is_the_mean_wasserstein_distance_of_a_class_between_cases():
+    """Two cases, one class, 1-D: after centring and unit length every row is +1 or -1. Case 0 holds four
+    +1 rows and one -1 row (mean 0.6, sd 0.8), case 1 five +1 rows (mean 1, sd 0): W2 = sqrt(0.4^2 + 0.8^2)."""
+    features = np.array([[1.0]] * 4 + [[-1.0]] + [[1.0]] * 5) + 5.0  # an offset the centring removes
+    cases = np.repeat([0, 1], 5)
+    assert list(np.sign(features[:, 0] - features[:, 0].mean())) == [1, 1, 1, 1, -1, 1, 1, 1, 1, 1]
+    assert class_consistency(features, np.zeros(10, dtype=int), cases) == pytest.approx(-np.sqrt(0.8), rel=1e-12)
+
+
+def test_class_consistency_prefers_features_where_a_class_looks_the_same_in_every_case():
+    """Same class centres in every case (consistent) against a per-case shift of every feature (a scanner
+    offset the features keep): the separability of classes within a case is identical in both."""
+    rng = np.random.default_rng(4)
+    centres = rng.normal(scale=3.0, size=(3, 16))
+    labels = np.tile(np.repeat(np.arange(3), 40), 6)
+    cases = np.repeat(np.arange(6), 120)
+    consistent = centres[labels] + rng.normal(size=(labels.size, 16))
+    shifted = consistent + rng.normal(scale=3.0, size=(6, 16))[cases]
+    assert class_consistency(consistent, labels, cases) > class_consistency(shifted, labels, cases)
+    assert cc_fv(consistent, labels, cases) == pytest.approx(class_consistency(consistent, labels, cases) + feature_variety(consistent))
+    order = rng.permutation(labels.size)  # the order of the rows does not matter, only which case holds them
+    assert class_consistency(consistent[order], labels[order], cases[order]) == pytest.approx(class_consistency(consistent, labels, cases))
+    with pytest.raises(ValueError, match="at least two cases"):
+        class_consistency(consistent, labels, np.zeros_like(cases))
+
+
 def test_ranking_leaves_the_callers_thread_count(phantom_root, tmp_path, one_thread):
     """rank_encoders uses the run config's threads while it works (a study calls it between trainings)."""
     from seg_transfer.config import config_from_dict
@@ -97,7 +124,7 @@ def test_unknown_score_is_a_one_line_error(config_file, tmp_path, capsys):
     code = main(["rank-encoders", "--config", str(config_file), "--candidates", "tu-tf_efficientnet_lite0:none",
                  "--scores", "hscore", "--output", str(tmp_path / "x")])
     assert code == 2
-    assert "unknown transferability score 'hscore'; choose from logme, gbc, variety" in capsys.readouterr().err
+    assert "unknown transferability score 'hscore'; choose from logme, gbc, variety, cc, ccfv" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("n, d", [(15, 3), (8, 12)])

@@ -314,7 +314,7 @@ def test_report_lists_every_score_of_every_arm_at_the_study_stride():
 def test_unknown_study_score_is_refused_before_any_training(tmp_path, study_root, capsys):
     study_path = write_study(tmp_path, study_root, train_sizes=[2], seeds=[0], rank_encoders={"scores": ["logme", "hscore"]})
     assert main(["compare", "--config", str(study_path), "--output", str(tmp_path / "study")]) == 2
-    assert "'rank_encoders.scores': unknown transferability score 'hscore'; choose from logme, gbc, variety" in capsys.readouterr().err
+    assert "'rank_encoders.scores': unknown transferability score 'hscore'; choose from logme, gbc, variety, cc, ccfv" in capsys.readouterr().err
     assert not (tmp_path / "study" / "runs").exists()
 
 

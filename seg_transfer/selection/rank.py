@@ -306,10 +306,11 @@ def score_candidate(candidate: Candidate, config: RunConfig, volumes, samples: l
             for stride, values in read(index).items():
                 parts[stride].append(values)
     labels = np.concatenate([s.labels for s in samples])
+    case_of_row = np.concatenate([np.full(len(s.labels), index) for index, s in enumerate(samples)])
     scores = []
     for stride in options.strides:
         matrix = np.concatenate(parts[stride])
-        values = {score.name: score.compute(matrix, labels) for score in get_scores(options.scores)}
+        values = {score.name: score.compute(matrix, labels, case_of_row) for score in get_scores(options.scores)}
         scores.append(Score(candidate.text, candidate.encoder, candidate.weights, stride, values,
                             n_pixels=matrix.shape[0], feature_dim=matrix.shape[1]))
     seconds = time.perf_counter() - started

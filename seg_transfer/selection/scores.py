@@ -1,5 +1,6 @@
-"""The transferability scores ``rank-encoders`` can compute, by name: ``score(features n x d, labels n) -> float``,
-higher meaning the candidate should fine-tune better. The first score asked for orders the ranking."""
+"""The transferability scores ``rank-encoders`` can compute, by name: ``score(features n x d, labels n, cases n)
+-> float`` (``cases``: which training case each row was sampled from), higher meaning the candidate should
+fine-tune better. The first score asked for orders the ranking."""
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
@@ -8,6 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from seg_transfer.config import ConfigError
+from seg_transfer.selection.consistency import cc_fv, class_consistency
 from seg_transfer.selection.gbc import gbc
 from seg_transfer.selection.logme import logme
 from seg_transfer.selection.variety import feature_variety
@@ -18,14 +20,22 @@ class TransferabilityScore:
     name: str
     label: str  # how tables and plots name it
     reference: str
-    compute: Callable[[np.ndarray, np.ndarray], float]
+    compute: Callable[[np.ndarray, np.ndarray, np.ndarray], float]
+
+
+def _per_voxel(score: Callable[[np.ndarray, np.ndarray], float]) -> Callable[[np.ndarray, np.ndarray, np.ndarray], float]:
+    """A score that does not use which case a voxel came from, in the registry's signature."""
+    return lambda features, labels, cases: score(features, labels)
 
 
 SCORES: dict[str, TransferabilityScore] = {
-    "logme": TransferabilityScore("logme", "LogME", "You et al., ICML 2021: evidence of a Bayesian linear model", logme),
-    "gbc": TransferabilityScore("gbc", "GBC", "Pándey et al., CVPR 2022: Gaussian Bhattacharyya class separability, 64 PCA dims", gbc),
+    "logme": TransferabilityScore("logme", "LogME", "You et al., ICML 2021: evidence of a Bayesian linear model", _per_voxel(logme)),
+    "gbc": TransferabilityScore("gbc", "GBC", "Pándey et al., CVPR 2022: Gaussian Bhattacharyya class separability, 64 PCA dims", _per_voxel(gbc)),
     "variety": TransferabilityScore("variety", "Variety", "Wang & Isola, ICML 2020 uniformity as feature variety "
-                                    "(Yang et al., MICCAI 2023 CC-FV): how evenly features spread, label-free", feature_variety),
+                                    "(Yang et al., MICCAI 2023 CC-FV): how evenly features spread, label-free", _per_voxel(feature_variety)),
+    "cc": TransferabilityScore("cc", "CC", "Yang et al., MICCAI 2023 class consistency: -mean Wasserstein distance "
+                               "between a class's feature Gaussians in two cases", class_consistency),
+    "ccfv": TransferabilityScore("ccfv", "CC-FV", "Yang et al., MICCAI 2023: class consistency + feature variety", cc_fv),
 }
 
 

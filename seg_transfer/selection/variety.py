@@ -17,6 +17,13 @@ TEMPERATURE = 2.0
 MAX_ROWS = 4096  # pairs grow with the square of the rows: more are subsampled, with a fixed seed
 
 
+def unit_directions(features: np.ndarray) -> np.ndarray:
+    """``features`` (n x d) centred per dimension and each row scaled to unit length (zero rows stay zero)."""
+    centred = features - features.mean(axis=0)
+    norms = np.linalg.norm(centred, axis=1, keepdims=True)
+    return centred / np.where(norms > 0, norms, 1.0)
+
+
 def feature_variety(features: np.ndarray, labels: np.ndarray | None = None, temperature: float = TEMPERATURE,
                     max_rows: int = MAX_ROWS, seed: int = 0) -> float:
     """``-log mean_{i<j} exp(-temperature ||z_i - z_j||^2)`` of the centred, unit-length rows ``z`` of ``features``
@@ -27,9 +34,7 @@ def feature_variety(features: np.ndarray, labels: np.ndarray | None = None, temp
         raise ValueError(f"feature variety needs an n x d array with n >= 2, got shape {features.shape}")
     if features.shape[0] > max_rows:
         features = features[np.random.default_rng(seed).choice(features.shape[0], max_rows, replace=False)]
-    centred = features - features.mean(axis=0)
-    norms = np.linalg.norm(centred, axis=1, keepdims=True)
-    directions = centred / np.where(norms > 0, norms, 1.0)
+    directions = unit_directions(features)
     squared = np.clip(2.0 - 2.0 * directions @ directions.T, 0.0, 4.0)  # ||a - b||^2 of unit vectors
     upper = squared[np.triu_indices(squared.shape[0], k=1)]
     exponent = -temperature * upper
