@@ -9,8 +9,10 @@ names what differs so a study can say so instead of leaving it to be guessed.
 from __future__ import annotations
 
 import platform
+import subprocess
 from collections.abc import Mapping, Sequence
 from importlib import metadata
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -25,6 +27,25 @@ def _version(distribution: str) -> str | None:
         return metadata.version(distribution)
     except metadata.PackageNotFoundError:
         return None
+
+
+def source_revision(package_dir: Path = Path(__file__).resolve().parent) -> str | None:
+    """The git commit of the seg_transfer source in use, with ``+dirty`` when its package files have
+    uncommitted changes; None when the package does not sit at the top of a git checkout (an installed wheel)."""
+    root = package_dir.parent
+    if not ((root / ".git").exists() and (root / "pyproject.toml").is_file()):
+        return None
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True,
+                              timeout=10, check=True).stdout.strip()
+
+    try:
+        head = git("rev-parse", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no", "--", package_dir.name)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head + ("+dirty" if dirty else "")
 
 
 def _cpu_model() -> str:
@@ -44,6 +65,7 @@ def run_environment(device: torch.device | str = "cpu") -> dict[str, Any]:
     device = torch.device(device)
     return {
         "seg_transfer": _version("seg-transfer"),
+        "seg_transfer_revision": source_revision(),  # the version string does not change between commits
         "torch": torch.__version__,  # with its build tag (+cu130, +cpu): CUDA builds differ in kernels
         **{name: _version(name) for name in _LIBRARIES},
         "python": platform.python_version(),

@@ -281,6 +281,30 @@ def test_the_report_warns_when_runs_computed_in_different_environments():
     assert "torch: 2.10.0, 2.9.0; cpu_capability: AVX2, AVX512; 1 run(s) recorded none" in line
     assert environment_lines({"environment_differences": {}, "runs_without_environment": 3}) == []
 
+
+def test_runs_record_the_source_commit_and_whether_it_had_uncommitted_changes(tmp_path):
+    """The version string stays 0.1.0 between commits, so a run names the commit of the code it ran:
+    HEAD of the checkout, ``+dirty`` once a package file changes, None for a package outside a checkout."""
+    import subprocess
+
+    from seg_transfer.environment import source_revision
+
+    package = tmp_path / "repo" / "seg_transfer"
+    package.mkdir(parents=True)
+    (package.parent / "pyproject.toml").write_text("[project]\nname = 'x'\n")
+    (package / "module.py").write_text("A = 1\n")
+    git = ["git", "-C", str(package.parent), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "add", "."], check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "one"], check=True)
+    head = subprocess.run([*git, "rev-parse", "HEAD"], check=True, capture_output=True, text=True).stdout.strip()
+    assert source_revision(package) == head
+    (package / "module.py").write_text("A = 2\n")
+    assert source_revision(package) == head + "+dirty"
+    installed = tmp_path / "site-packages" / "seg_transfer"
+    installed.mkdir(parents=True)
+    assert source_revision(installed) is None
+
 # ----------------------------------------------------------------------------- checkpoint errors (issue 13.3, 13.5)
 
 
