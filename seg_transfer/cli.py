@@ -237,11 +237,11 @@ def rank_encoders(
     candidates: Annotated[str, typer.Option("--candidates", help="Comma-separated encoder:weights[:inflation], weights imagenet, none or a file, e.g. tu-tf_efficientnet_lite0:imagenet.")],
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override a run-config key: key.path=value (repeatable).")] = None,
     pixels: Annotated[int, typer.Option("--pixels", min=1, help="Class-balanced pixels sampled per training case.")] = 1000,
-    strides: Annotated[str, typer.Option("--strides", help="Feature-map strides to score, e.g. 4,8,16 (one row each).")] = "8",
+    strides: Annotated[str | None, typer.Option("--strides", help="Feature-map strides to score, e.g. 4,8,16 (one row each); default: the route's, 16 in 2.5D, 8 in 3D.")] = None,
     max_cases: Annotated[int | None, typer.Option("--max-cases", min=1, help="Use only the first N training cases (default: all).")] = None,
     output: Annotated[Path, typer.Option("--output", "-o", help="Folder for ranking.json and ranking.md.")] = Path("runs/rank_encoders"),
     seed: Annotated[int, typer.Option("--seed", help="Pixel sampling seed.")] = 0,
-    scores: Annotated[str, typer.Option("--scores", help="Comma-separated transferability scores: logme, gbc, variety; the first orders the ranking.")] = "logme",
+    scores: Annotated[str | None, typer.Option("--scores", help="Comma-separated transferability scores: logme, gbc, variety, cc, ccfv; the first orders the ranking; default: the route's, logme in 2.5D, variety in 3D.")] = None,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "cpu",
     skip_bad_cases: Annotated[bool, typer.Option("--skip-bad-cases", help="Use the good cases; ignore the bad ones.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
@@ -257,9 +257,9 @@ def rank_encoders(
     )
     from seg_transfer.selection.rank import rank_encoders as run_ranking
 
-    options = RankOptions(pixels=pixels, strides=parse_strides(strides), seed=seed, device=device,
-                          max_cases=max_cases, skip_bad_cases=skip_bad_cases,
-                          scores=tuple(name.strip() for name in scores.split(",") if name.strip()))
+    options = RankOptions(pixels=pixels, strides=parse_strides(strides) if strides is not None else None, seed=seed,
+                          device=device, max_cases=max_cases, skip_bad_cases=skip_bad_cases,
+                          scores=tuple(name.strip() for name in scores.split(",") if name.strip()) if scores else None)
     chosen = parse_candidates(candidates)
     ranking = run_ranking(load_config(config, set_ or []), chosen, output, options)
     typer.echo(format_table(ranking))

@@ -263,10 +263,24 @@ def test_rank_encoders_ranks_3d_inflation_modes(phantom_root, tmp_path, one_thre
     config.write_text(yaml.safe_dump(tiny_3d(phantom_root)))
     candidates = "tu-tf_efficientnet_lite0:imagenet:centre,tu-tf_efficientnet_lite0:imagenet:mean,tu-tf_efficientnet_lite0:none"
     assert main(["rank-encoders", "--config", str(config), "--candidates", candidates, "--pixels", "40",
-                 "--strides", "4,8", "--output", str(tmp_path / "out")]) == 0
+                 "--strides", "4,8", "--scores", "logme", "--output", str(tmp_path / "out")]) == 0
     rows = json.loads((tmp_path / "out" / "ranking.json").read_text())["ranking"]
     by = {(r["candidate"], r["stride"]): r for r in rows}
     assert len(by) == 6 and all(math.isfinite(r["values"]["logme"]) for r in rows)
     assert {r["feature_dim"] for r in rows if r["stride"] == 8} == {40}
     centre, mean = (by[(f"tu-tf_efficientnet_lite0:imagenet:{m}", 8)]["values"]["logme"] for m in ("centre", "mean"))
     assert centre != mean  # the inflation mode reaches the encoder that is scored
+
+
+@pytest.mark.parametrize("dims, score, stride", [("2.5d", "logme", 16), ("3d", "variety", 8)])
+def test_rank_encoders_defaults_to_the_routes_measured_score_and_stride(dims, score, stride, phantom_root, tmp_path, one_thread):
+    """Without --scores/--strides the ranking uses the route's choice from the README's encoder-choice studies."""
+    from tests.test_route_3d import tiny_3d
+
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(tiny_3d(phantom_root) if dims == "3d" else tiny_config(phantom_root)))
+    assert main(["rank-encoders", "--config", str(config), "--candidates", "tu-tf_efficientnet_lite0:none",
+                 "--pixels", "20", "--output", str(tmp_path / "out")]) == 0
+    payload = json.loads((tmp_path / "out" / "ranking.json").read_text())
+    assert (payload["options"]["scores"], payload["options"]["strides"]) == ([score], [stride])
+    assert [(list(r["values"]), r["stride"]) for r in payload["ranking"]] == [([score], stride)]

@@ -131,6 +131,8 @@ class Route:
     - ``fixed_input_shapes``: every training and validation forward has one input shape (3D patches and
       windows), so ``training.cudnn_benchmark: auto`` turns cuDNN's autotuner on; a route whose validation
       inputs change shape from case to case (2.5D whole slices) leaves it off (README, "On one GPU").
+    - ``ranking_scores`` / ``ranking_strides``: what ``rank-encoders`` scores when not told, chosen by the
+      README's encoder-choice studies for this route (the first score orders the ranking).
     """
 
     name: str
@@ -143,3 +145,5 @@ class Route:
     training_samples: Callable[..., tuple[Any, Any]]
     inferer: Callable[[NetworkSpec, InferenceOptions, nn.Module], Inferer]
     fixed_input_shapes: bool
+    ranking_scores: tuple[str, ...]
+    ranking_strides: tuple[int, ...]

@@ -79,4 +79,7 @@ SLAB_ROUTE = Route(
     training_samples=_training_samples,
     inferer=_inferer,
     fixed_input_shapes=False,  # validation infers whole slices, whose shape differs from case to case
+    # LogME at stride 16: Kendall tau 0.6 on seeds 0-2 (picked there), 0.8 on fresh seeds 3-5 (declared before)
+    ranking_scores=("logme",),
+    ranking_strides=(16,),
 )

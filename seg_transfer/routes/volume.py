@@ -132,4 +132,7 @@ VOLUME_ROUTE = Route(
     training_samples=_training_samples,
     inferer=_inferer,
     fixed_input_shapes=True,   # patches in training, roi-sized windows in validation
+    # feature variety at stride 8: tau 0.74 over the inflation modes, declared before it ran (LogME: -0.53)
+    ranking_scores=("variety",),
+    ranking_strides=(8,),
 )

@@ -1,5 +1,6 @@
-"""Rank candidate source encoders for a run config by a transferability score (LogME by default, see
-:mod:`seg_transfer.selection.scores`) on the run's training pixels, before any fine-tuning.
+"""Rank candidate source encoders for a run config by a transferability score (see
+:mod:`seg_transfer.selection.scores`; by default the run's route's measured choice: LogME at stride 16 in
+2.5D, feature variety at stride 8 in 3D) on the run's training pixels, before any fine-tuning.
 
 For every training case (as training preprocesses it, no augmentation) a class-balanced set of voxels
 is drawn once, from ``np.random.default_rng([seed, case_index])``. Each candidate encoder (built by the
@@ -24,7 +25,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -116,14 +117,20 @@ def parse_strides(text: str) -> tuple[int, ...]:
 
 @dataclass(frozen=True)
 class RankOptions:
+    """What to rank with; ``strides`` and ``scores`` left None take the route's defaults (:meth:`for_route`)."""
+
     pixels: int = 1000
-    strides: tuple[int, ...] = (8,)
+    strides: tuple[int, ...] | None = None
     seed: int = 0
     device: str = "cpu"
     max_cases: int | None = None
     skip_bad_cases: bool = False
     batch_size: int = 16  # slices per encoder forward pass
-    scores: tuple[str, ...] = ("logme",)  # registry names (selection/scores.py); the first orders the ranking
+    scores: tuple[str, ...] | None = None  # registry names (selection/scores.py); the first orders the ranking
+
+    def for_route(self, route) -> RankOptions:
+        """These options with unset strides and scores taken from ``route.ranking_strides`` / ``ranking_scores``."""
+        return replace(self, strides=self.strides or route.ranking_strides, scores=self.scores or route.ranking_scores)
 
 
 # --------------------------------------------------------------------------- pixel sampling
@@ -345,6 +352,9 @@ def rank_encoders(config: RunConfig, candidates: Sequence[Candidate], output: Pa
 
     from seg_transfer.training.speed import process_settings_restored
 
+    from seg_transfer.routes import get_route
+
+    options = options.for_route(get_route(config.model.dims))
     get_scores(options.scores)  # an unknown name fails before any work
     device = resolve_device(options.device)
     with process_settings_restored():  # the thread count below is the run's, not the caller's afterwards

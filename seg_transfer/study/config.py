@@ -55,16 +55,17 @@ class RankEncodersConfig(_Strict):
     agrees with the fine-tuned test Dice."""
 
     pixels: int = Field(1000, ge=10)
-    strides: list[int] = Field(default_factory=lambda: [8], min_length=1)
+    strides: list[int] | None = Field(None, min_length=1)  # None: the route's measured default (Route.ranking_strides)
     seed: int = 0
-    scores: list[str] = Field(default_factory=lambda: ["logme"], min_length=1)  # selection/scores.py names
+    scores: list[str] | None = Field(None, min_length=1)  # selection/scores.py names; None: Route.ranking_scores
 
     @field_validator("scores")
     @classmethod
-    def _known_scores(cls, names: list[str]) -> list[str]:
+    def _known_scores(cls, names: list[str] | None) -> list[str] | None:
         from seg_transfer.selection.scores import get_scores
 
-        get_scores(names)
+        if names is not None:
+            get_scores(names)
         return names
 
 

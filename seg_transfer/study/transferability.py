@@ -51,11 +51,14 @@ def rank_subsets(specs: Sequence[RunSpec], output: Path, settings: RankEncodersC
     """Rank the arms' encoders on every (size, seed) training subset that has no ranking with these settings yet."""
     from seg_transfer.selection.rank import Candidate, RankOptions, rank_encoders
 
-    options = RankOptions(pixels=settings.pixels, strides=tuple(settings.strides), seed=settings.seed, device=device,
-                          scores=tuple(settings.scores))
+    from seg_transfer.routes import get_route
+
+    asked = RankOptions(pixels=settings.pixels, strides=tuple(settings.strides or ()) or None, seed=settings.seed,
+                        device=device, scores=tuple(settings.scores or ()) or None)
     for (size, seed), group in _by_subset(specs).items():
         folder = subset_folder(output, size, seed)
         runs = rankable(group)
+        options = asked.for_route(get_route(runs[0].config.model.dims))
         if _ranked_with(folder / "ranking.json", options) or len(runs) < 2:
             continue
         keys = dict.fromkeys(candidate_key(spec) for spec in runs)
