@@ -240,3 +240,35 @@ def test_preprocessing_spacing_intensity_and_crop(phantom_root):
     cropped = preprocessing_transforms(Preprocessing(modality="mri", crop_foreground=True))(dict(item))
     assert cropped["image"].shape[1:] <= plain["image"].shape[1:]
     assert int(cropped["label"].sum()) == int(plain["label"].sum())  # the crop keeps every labelled voxel
+
+
+def test_epochs_log_progress_lines_when_no_bar_is_shown(phantom_root, tmp_path, monkeypatch, caplog):
+    """Without a terminal (a log file) each epoch logs its step count; the last epoch is cut to the step budget."""
+    import re
+
+    from seg_transfer.training import metrics_log
+
+    monkeypatch.setattr(metrics_log, "HEARTBEAT_SECONDS", 0.0)  # every step instead of every 5 minutes
+    raw = tiny_config(phantom_root)
+    raw["training"]["stages"] = [{"name": "budget", "train": "all", "epochs": 2, "lr": 1e-3, "max_steps": 4}]  # 3 + 1 steps
+    with caplog.at_level("INFO", logger="seg_transfer.training.trainer"):
+        train(config_from_dict(raw), tmp_path / "run")
+    lines = [m.group(1) for r in caplog.records if (m := re.match(r"(epoch \d+: step \d+ of \d+), loss", r.getMessage()))]
+    assert lines == ["epoch 1: step 1 of 3", "epoch 1: step 2 of 3", "epoch 1: step 3 of 3", "epoch 2: step 1 of 1"]
+
+
+def test_heartbeat_waits_its_interval_and_estimates_the_time_left(caplog):
+    import logging
+
+    from seg_transfer.training.metrics_log import Heartbeat
+
+    now = [0.0]
+    beat = Heartbeat(logging.getLogger("beat"), "epoch 3", total=200, interval=300, clock=lambda: now[0])
+    with caplog.at_level("INFO", logger="beat"):
+        for step, seconds in [(10, 120.0), (50, 600.0), (60, 700.0), (100, 1200.0)]:
+            now[0] = seconds
+            beat.tick(step, 0.25)
+    assert [r.getMessage() for r in caplog.records] == [
+        "epoch 3: step 50 of 200, loss 0.250; 10 min in, about 30 min left",
+        "epoch 3: step 100 of 200, loss 0.250; 20 min in, about 20 min left",
+    ]

@@ -1,10 +1,38 @@
-"""Per-epoch metrics of a run: JSONL (complete), CSV (flat), TensorBoard events."""
+"""Per-epoch metrics of a run: JSONL (complete), CSV (flat), TensorBoard events; progress lines within an epoch."""
 from __future__ import annotations
 
 import csv
 import json
+import logging
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+#: seconds between progress lines within an epoch when no progress bar is shown (a log file, a cluster job)
+HEARTBEAT_SECONDS = 300.0
+
+
+class Heartbeat:
+    """Logs ``<label>: step k of N, loss x; m min in, about t min left`` at most every ``interval`` seconds, so a
+    log file shows that a long epoch is alive and how fast it goes (``total`` None: no estimate)."""
+
+    def __init__(self, logger: logging.Logger, label: str, total: int | None, interval: float | None = None,
+                 clock: Callable[[], float] = time.monotonic):
+        self.logger, self.label, self.total, self.clock = logger, label, total, clock
+        self.interval = HEARTBEAT_SECONDS if interval is None else interval
+        self.start = self.last = clock()
+
+    def tick(self, steps: int, loss: float) -> None:
+        now = self.clock()
+        if now - self.last < self.interval or steps <= 0:
+            return
+        self.last = now
+        minutes = (now - self.start) / 60
+        of_total = f" of {self.total}" if self.total else ""
+        left = (f", about {minutes / steps * (self.total - steps):.0f} min left"
+                if self.total and self.total > steps else "")
+        self.logger.info("%s: step %d%s, loss %.3f; %.0f min in%s", self.label, steps, of_total, loss, minutes, left)
 
 
 class MetricsLog:

@@ -61,7 +61,7 @@ from seg_transfer.training.feature_cache import (
     decoder_step,
     open_decoder_cache,
 )
-from seg_transfer.training.metrics_log import MetricsLog
+from seg_transfer.training.metrics_log import Heartbeat, MetricsLog
 from seg_transfer.training.optim import (
     backward_and_step,
     build_optimizer,
@@ -451,6 +451,15 @@ def _past(deadline: float | None, context: DistributedContext) -> bool:
     return distributed.any_rank(context, time.monotonic() >= deadline)
 
 
+def _epoch_steps(loader, budget: int | None) -> int | None:
+    """Steps this epoch will take: the loader's length, cut to the stage's remaining ``budget``; None if unknown."""
+    try:
+        steps = len(loader)
+    except TypeError:
+        return budget
+    return min(steps, budget) if budget is not None else steps
+
+
 def _train_epoch(session: _Session, optimizer, scheduler, progress: Progress, budget: int | None, deadline: float | None):
     """Train one epoch (this rank's shard of it); returns the mean loss over all ranks and the steps taken."""
     config = session.config
@@ -463,6 +472,8 @@ def _train_epoch(session: _Session, optimizer, scheduler, progress: Progress, bu
     batches = session.train_loader if cache is None else cache.epoch(session.model, session.train_set, session.train_loader,
                                                                      session.device)
     bar = tqdm(batches, desc=f"epoch {progress.epoch + 1}", leave=False, disable=not show)
+    beat = Heartbeat(log, f"epoch {progress.epoch + 1}", _epoch_steps(session.train_loader, budget),
+                     interval=None if session.dist.is_main and not show else float("inf"))
     for batch in bar:
         if (budget is not None and steps >= budget) or _past(deadline, session.dist):
             break
@@ -473,6 +484,7 @@ def _train_epoch(session: _Session, optimizer, scheduler, progress: Progress, bu
         total += loss
         steps += 1
         bar.set_postfix(loss=f"{loss:.4f}")
+        beat.tick(steps, loss)
     distributed.sync_buffers(session.model, session.dist)
     if session.dist.enabled:
         total_all, steps_all = distributed.sum_across_ranks(session.dist, [total, steps])
