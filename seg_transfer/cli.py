@@ -257,9 +257,9 @@ def rank_encoders(
     )
     from seg_transfer.selection.rank import rank_encoders as run_ranking
 
-    options = RankOptions(pixels=pixels, strides=parse_strides(strides) if strides is not None else None, seed=seed,
+    options = RankOptions(pixels=pixels, strides=None if strides is None else parse_strides(strides), seed=seed,
                           device=device, max_cases=max_cases, skip_bad_cases=skip_bad_cases,
-                          scores=tuple(name.strip() for name in scores.split(",") if name.strip()) if scores else None)
+                          scores=None if scores is None else tuple(name.strip() for name in scores.split(",") if name.strip()))
     chosen = parse_candidates(candidates)
     ranking = run_ranking(load_config(config, set_ or []), chosen, output, options)
     typer.echo(format_table(ranking))

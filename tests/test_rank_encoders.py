@@ -127,6 +127,14 @@ def test_unknown_score_is_a_one_line_error(config_file, tmp_path, capsys):
     assert "unknown transferability score 'hscore'; choose from logme, gbc, variety, cc, ccfv" in capsys.readouterr().err
 
 
+def test_empty_score_list_is_a_one_line_error_not_the_routes_default(config_file, tmp_path, capsys):
+    code = main(["rank-encoders", "--config", str(config_file), "--candidates", "tu-tf_efficientnet_lite0:none",
+                 "--scores", ",", "--output", str(tmp_path / "x")])
+    assert code == 2
+    assert capsys.readouterr().err.strip().endswith("no transferability score given; choose from logme, gbc, variety, cc, ccfv")
+    assert not (tmp_path / "x").exists()
+
+
 @pytest.mark.parametrize("n, d", [(15, 3), (8, 12)])
 def test_evidence_is_the_exact_marginal_likelihood(n, d):
     rng = np.random.default_rng(2)

@@ -129,8 +129,10 @@ class RankOptions:
     scores: tuple[str, ...] | None = None  # registry names (selection/scores.py); the first orders the ranking
 
     def for_route(self, route) -> RankOptions:
-        """These options with unset strides and scores taken from ``route.ranking_strides`` / ``ranking_scores``."""
-        return replace(self, strides=self.strides or route.ranking_strides, scores=self.scores or route.ranking_scores)
+        """These options with unset (None) strides and scores taken from ``route.ranking_strides`` / ``ranking_scores``;
+        an empty tuple stays empty and is refused later like any other bad value."""
+        return replace(self, strides=route.ranking_strides if self.strides is None else self.strides,
+                       scores=route.ranking_scores if self.scores is None else self.scores)
 
 
 # --------------------------------------------------------------------------- pixel sampling

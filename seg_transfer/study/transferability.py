@@ -53,8 +53,8 @@ def rank_subsets(specs: Sequence[RunSpec], output: Path, settings: RankEncodersC
 
     from seg_transfer.routes import get_route
 
-    asked = RankOptions(pixels=settings.pixels, strides=tuple(settings.strides or ()) or None, seed=settings.seed,
-                        device=device, scores=tuple(settings.scores or ()) or None)
+    asked = RankOptions(pixels=settings.pixels, strides=None if settings.strides is None else tuple(settings.strides),
+                        seed=settings.seed, device=device, scores=None if settings.scores is None else tuple(settings.scores))
     for (size, seed), group in _by_subset(specs).items():
         folder = subset_folder(output, size, seed)
         runs = rankable(group)

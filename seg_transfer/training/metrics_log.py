@@ -14,16 +14,19 @@ HEARTBEAT_SECONDS = 300.0
 
 
 class Heartbeat:
-    """Logs ``<label>: step k of N, loss x; m min in, about t min left`` at most every ``interval`` seconds, so a
-    log file shows that a long epoch is alive and how fast it goes (``total`` None: no estimate)."""
+    """Logs ``<label>: step k of N, loss x; m min in, about t min left`` at most every ``interval`` seconds
+    (default :data:`HEARTBEAT_SECONDS`), so a log file shows that a long epoch is alive and how fast it goes
+    (``total`` None: no estimate; ``disable``: logs nothing, as when a progress bar shows the same)."""
 
     def __init__(self, logger: logging.Logger, label: str, total: int | None, interval: float | None = None,
-                 clock: Callable[[], float] = time.monotonic):
-        self.logger, self.label, self.total, self.clock = logger, label, total, clock
+                 clock: Callable[[], float] = time.monotonic, disable: bool = False):
+        self.logger, self.label, self.total, self.clock, self.disable = logger, label, total, clock, disable
         self.interval = HEARTBEAT_SECONDS if interval is None else interval
         self.start = self.last = clock()
 
     def tick(self, steps: int, loss: float) -> None:
+        if self.disable:
+            return
         now = self.clock()
         if now - self.last < self.interval or steps <= 0:
             return

@@ -473,7 +473,7 @@ def _train_epoch(session: _Session, optimizer, scheduler, progress: Progress, bu
                                                                      session.device)
     bar = tqdm(batches, desc=f"epoch {progress.epoch + 1}", leave=False, disable=not show)
     beat = Heartbeat(log, f"epoch {progress.epoch + 1}", _epoch_steps(session.train_loader, budget),
-                     interval=None if session.dist.is_main and not show else float("inf"))
+                     disable=show or not session.dist.is_main)
     for batch in bar:
         if (budget is not None and steps >= budget) or _past(deadline, session.dist):
             break
