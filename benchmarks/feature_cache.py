@@ -60,7 +60,7 @@ from seg_transfer.config import config_from_dict
 from seg_transfer.data.cases import cases_from_msd
 from seg_transfer.data.phantoms import make_phantom_dataset
 from seg_transfer.training import trainer
-from seg_transfer.training.feature_cache import decode
+from seg_transfer.training.cached_samples import decode_slices as decode
 
 HIPPOCAMPUS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "Task04_Hippocampus"
 #: label -> (training.feature_cache, seed), run in this order. "disk warm" finds the store "disk" filled (as a

@@ -80,7 +80,7 @@ def test_cached_features_equal_recomputed_ones(phantom_root, tmp_path):
 def test_key_changes_with_a_weight_a_batchnorm_statistic_or_the_preprocessing(phantom_root, tmp_path):
     config = _config(phantom_root, tmp_path)
     model, dataset, _ = _setup(config, tmp_path)
-    spec = fc.CacheSpec.from_config(config, 32)
+    spec = fc.slice_spec(config, 32)
     base = fc.encoder_checksum(model.encoder)
     assert fc.encoder_checksum(model.encoder) == base
     decoder_weight = next(p for n, p in model.named_parameters() if n.startswith("decoder."))
@@ -96,12 +96,12 @@ def test_key_changes_with_a_weight_a_batchnorm_statistic_or_the_preprocessing(ph
         norm.running_mean[0] += 1e-6
         changed_statistic = fc.encoder_checksum(model.encoder)
     assert len({base, changed_weight, changed_statistic}) == 3
-    other_prep = fc.CacheSpec.from_config(config.model_copy(update={"data": config.data.model_copy(
+    other_prep = fc.slice_spec(config.model_copy(update={"data": config.data.model_copy(
         update={"mri_percentiles": (1.0, 99.0)})}), 32)
-    other_context = fc.CacheSpec.from_config(config.model_copy(update={"data": config.data.model_copy(
+    other_context = fc.slice_spec(config.model_copy(update={"data": config.data.model_copy(
         update={"context_slices": 2})}), 32)
-    other_seed = fc.CacheSpec.from_config(config.model_copy(update={"seed": 1}), 32)
-    keys = {s.key(base) for s in (spec, other_prep, other_context, other_seed)} | {spec.key(changed_statistic)}
+    other_seed = fc.slice_spec(config.model_copy(update={"seed": 1}), 32)
+    keys = {fc.store_key(s, base) for s in (spec, other_prep, other_context, other_seed)} | {fc.store_key(spec, changed_statistic)}
     assert len(keys) == 5
     # a changed BatchNorm statistic is a cache miss: the trainer's cache encodes again, into another store
     cache = fc.DecoderStageCache(config, folder=None)
@@ -165,7 +165,7 @@ def test_disk_cache_round_trips_and_survives_a_new_process(phantom_root, tmp_pat
     again = fc.DecoderStageCache(config, fc.feature_cache_dir(config))
     calls = _count_encoder_calls(model.encoder)
     again.prepare(model.encoder, dataset, entries, torch.device("cpu"))
-    depth = next(c.depth for c in again.store.cases if c.name == dropped[0])
+    depth = next(c.rows for c in again.store.cases if c.name == dropped[0])
     assert again.slices_computed == depth and calls[0] == -(-depth // fc.FILL_BATCH)
 
 
@@ -188,7 +188,7 @@ def test_a_disk_fill_flushes_once_per_commit_and_its_index_lists_only_flushed_gr
     # a later write without commit reaches the index only through commit, which flushes before indexing
     name, slot = sorted(store.filled)[0]
     case = store.case_index[name]
-    rows = store.rows(case, slot, range(store.cases[case].depth))
+    rows = store.rows(case, slot, range(store.cases[case].rows))
     *features, labels = [np.array(array[rows]) for array in store.arrays[store.bucket_of[case]]]
     index["filled"].remove([name, slot])
     (store.folder / "index.json").write_text(json.dumps(index))
@@ -283,8 +283,6 @@ def test_what_the_cache_cannot_serve_is_a_one_line_config_error(phantom_root, tm
     model = build_model(config.model, 3, 3)[0]
     with pytest.raises(ConfigError, match="single-process run"):
         fc.open_decoder_cache(config, model, 3, world_size=2)
-    with pytest.raises(ConfigError, match="supports model.dims 2.5d only"):
-        fc.open_decoder_cache(config.model_copy(update={"model": config.model.model_copy(update={"dims": "3d"})}), model, 3)
     assert fc.open_decoder_cache(config, model, 3).folder == tmp_path / "cache" / "features"
     no_decoder_stage = _config(phantom_root, tmp_path, **{"training.feature_cache": "memory", "model.frozen_bn": "train",
                                                            "training.stages": [{"train": "all", "epochs": 1}]})
@@ -309,3 +307,123 @@ def test_rank_encoders_reads_the_store_a_training_run_filled(phantom_root, tmp_p
     fresh = rank_encoders(fresh_config, candidates, tmp_path / "fresh", RankOptions(pixels=200, strides=(4, 8)))
     for a, b in zip(cached.scores, fresh.scores):
         assert a.stride == b.stride and a.values["logme"] == pytest.approx(b.values["logme"], abs=1e-3)
+
+
+# --------------------------------------------------------------------------- 3D: pre-drawn patches
+
+
+def _config_3d(phantom_root, tmp_path, **overrides):
+    from tests.test_route_3d import tiny_3d
+
+    raw = tiny_3d(phantom_root, **{"data.cache_dir": str(tmp_path / "cache"), "model.frozen_bn": "eval",
+                                   "data.slices_per_epoch": 8, **overrides})
+    return config_from_dict(raw)
+
+
+def _setup_3d(config, tmp_path):
+    """(model, training PatchDataset, loader) as a fresh 3D run of ``config`` builds them."""
+    from seg_transfer.routes import get_route
+
+    route = get_route("3d")
+    data = prepare_data(config.data, tmp_path / "run")
+    volumes = volume_dataset(data.subset("train"), Preprocessing.from_config(config.data), config.data)
+    torch.manual_seed(config.seed)
+    model = route.build_network(config.model, 1, len(data.labels), True)[0]
+    settings = route.settings(config.data, volumes, model)
+    dataset, loader = route.training_samples(volumes, config.data, config.training.batch_size, settings, model)
+    dataset.set_epoch(config.seed, 0, config.data.slices_per_epoch, config.data.foreground_fraction)
+    return model, dataset, loader
+
+
+def test_cached_3d_features_are_the_encoders_on_the_patch_the_sampler_draws_for_the_slot(phantom_root, tmp_path):
+    config = _config_3d(phantom_root, tmp_path)
+    model, dataset, _ = _setup_3d(config, tmp_path)
+    cache = fc.DecoderStageCache(config, folder=None)
+    entries = cache.epoch_entries(dataset)
+    assert len(entries) == 8 and {row for _, _, row in entries} == {0}
+    assert {slot for _, slot, _ in entries} <= set(range(1, 5)) and len({slot for _, slot, _ in entries}) > 1
+    assert [case for case, _, _ in entries] == [int(dataset.order[i]) for i in range(8)]
+    store = cache.prepare(model.encoder, dataset, entries, torch.device("cpu"))
+    features, labels = store.read(entries)
+    assert [tuple(f.shape[2:]) for f in features] == [(8, 8, 8), (4, 4, 4), (2, 2, 2)]  # strides 2, 4, 8 per axis
+    assert labels.shape == (8, 1, 16, 16, 16)
+    model.eval()
+    patches = {}
+    for row, (case, slot, _) in enumerate(entries):
+        patch = dataset.sample(case, fc.variant_seed(config.seed, dataset.names[case], 0, slot))
+        patches[(case, slot)] = patch["image"]
+        with torch.no_grad():
+            expected = model.encoder(patch["image"][None])[1:]
+        for cached, fresh in zip(features, expected):
+            torch.testing.assert_close(cached[row], fresh[0], rtol=2e-3, atol=2e-3 * float(fresh.abs().max()))
+        assert torch.equal(labels[row], patch["label"])
+    by_case: dict[int, list[torch.Tensor]] = {}
+    for (case, _), image in patches.items():
+        by_case.setdefault(case, []).append(image)
+    assert any(len(images) > 1 and not torch.equal(images[0], images[1]) for images in by_case.values())  # slots differ
+
+
+def test_a_cached_3d_decoder_step_equals_the_full_networks_step_on_the_same_patches(phantom_root, tmp_path, monkeypatch):
+    """Same patches, same frozen encoder: with float32 rows the cached step's loss and updated decoder equal the
+    recomputing step's (the network's own forward with a frozen, eval-mode encoder) to float tolerance."""
+    from monai.losses import DiceCELoss
+
+    from seg_transfer.models.freezing import set_train_mode
+    from seg_transfer.training.trainer import train_step
+
+    monkeypatch.setattr(fc, "FEATURE_DTYPE", np.float32)
+    config = _config_3d(phantom_root, tmp_path, **{"data.augment": {"enabled": False}})
+    model, dataset, loader = _setup_3d(config, tmp_path)
+    cache = fc.DecoderStageCache(config, folder=None)
+    entries = cache.epoch_entries(dataset)[:2]
+    features, labels = cache.prepare(model.encoder, dataset, entries, torch.device("cpu")).read(entries)
+    images = torch.stack([dataset.sample(case, fc.variant_seed(config.seed, dataset.names[case], 0, slot))["image"]
+                          for case, slot, _ in entries])
+    results = []
+    for path in ("recompute", "cached"):
+        torch.manual_seed(0)
+        copy = _setup_3d(config, tmp_path / path)[0]
+        copy.load_state_dict(model.state_dict())
+        for parameter in copy.encoder.parameters():
+            parameter.requires_grad_(False)
+        copy.train()
+        set_train_mode(copy, "eval")
+        optimizer = torch.optim.SGD([p for p in copy.parameters() if p.requires_grad], lr=0.1)
+        loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, batch=True)
+        if path == "recompute":
+            loss = train_step(copy, loss_fn, optimizer, {"image": images, "label": labels}, torch.device("cpu"), None)
+        else:
+            loss = cache.step(copy, loss_fn, optimizer, {"features": features, "label": labels,
+                                                         "size": tuple(labels.shape[2:])}, torch.device("cpu"), None)
+        results.append((loss, {k: v.clone() for k, v in copy.state_dict().items()}))
+    (loss_a, state_a), (loss_b, state_b) = results
+    assert loss_b == pytest.approx(loss_a, rel=1e-5)
+    moved = [k for k in state_a if k.startswith("decoder.") and not torch.equal(state_a[k], model.state_dict()[k])]
+    assert moved
+    for key in state_a:
+        torch.testing.assert_close(state_b[key], state_a[key], rtol=1e-4, atol=1e-6)
+
+
+def test_a_cached_3d_decoder_stage_trains_the_decoder_only_and_a_second_run_reads_the_disk_store(phantom_root, tmp_path,
+                                                                                               monkeypatch):
+    config = _config_3d(phantom_root, tmp_path, **_decoder_stage(2, **{"training.feature_cache": "disk"}))
+    from seg_transfer.routes import get_route
+
+    torch.manual_seed(config.seed)
+    initial = get_route("3d").build_network(config.model, 1, 3, True)[0].state_dict()
+    encoded = []
+    original = fc.encode
+    monkeypatch.setattr(fc, "encode", lambda encoder, images, device: encoded.append(len(images))
+                        or original(encoder, images, device))
+    first = train(config, tmp_path / "first")
+    trained = Checkpoint.load(tmp_path / "first" / "checkpoints" / "last.pt").model
+    encoder = [k for k in initial if k.startswith("encoder.")]
+    assert encoder and all(torch.equal(trained[k], initial[k]) for k in encoder)
+    decoder = [k for k in initial if k.startswith("decoder.") and k.endswith("weight") and initial[k].ndim == 5]
+    assert decoder and all(not torch.equal(trained[k], initial[k]) for k in decoder)
+    assert 0 < len(encoded) <= 2 * 4 * 4  # at most (training cases) x 4 variants, one patch per group
+    folder = next((tmp_path / "cache" / "features").iterdir())
+    assert {p.name for p in folder.iterdir()} >= {"index.json", "16x16x16.level1.bin", "16x16x16.label.bin"}
+    encoded.clear()
+    second = train(config, tmp_path / "second")
+    assert encoded == [] and second.best_dice == pytest.approx(first.best_dice, abs=1e-7)

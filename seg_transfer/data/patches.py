@@ -68,7 +68,9 @@ class PatchDataset(EpochDataset):
     def __init__(self, volumes: Sequence[dict], patch_size: Sequence[int], augment: AugmentConfig | None = None):
         self.patch_size = tuple(int(s) for s in patch_size)
         self.images, self.labels, self.foreground, self.background = [], [], [], []
-        for item in volumes:
+        self.names: list[str] = []
+        for index, item in enumerate(volumes):
+            self.names.append(str(item.get("name", index)))
             image, label = _padded(item["image"], item["label"], self.patch_size)
             fg, bg = map_binary_to_indices(torch.from_numpy(label[0] > 0)[None])
             self.images.append(image)
@@ -96,8 +98,11 @@ class PatchDataset(EpochDataset):
 
     def __getitem__(self, item: int) -> dict[str, torch.Tensor]:
         position = self._position(item)
-        case = int(self.order[position])
-        self._transform.set_random_state(seed=(self.epoch_seed + position) % 2**32)
+        return self.sample(int(self.order[position]), (self.epoch_seed + position) % 2**32)
+
+    def sample(self, case: int, seed: int) -> dict[str, torch.Tensor]:
+        """Case ``case``'s patch for transform seed ``seed`` (crop and augmentation): the same every time."""
+        self._transform.set_random_state(seed=seed)
         data = {"image": torch.from_numpy(self.images[case]), "label": torch.from_numpy(self.labels[case]),
                 "fg": self.foreground[case], "bg": self.background[case]}
         sample = self._transform(data)

@@ -69,7 +69,10 @@ class Unet3d(nn.Module):
         multiple = self.spatial_multiple()
         if x.ndim != 5 or any(size % m for size, m in zip(x.shape[2:], multiple)):
             raise ValueError(f"Unet3d needs (B, C, X, Y, Z) with sizes multiples of {multiple}, got {tuple(x.shape)}")
-        features = self.encoder(x)[1:]  # smp encoders return the input first
+        return self.decode(self.encoder(x)[1:])  # smp encoders return the input first
+
+    def decode(self, features: list[torch.Tensor]) -> torch.Tensor:
+        """Logits from encoder levels 1.. (the input level is not read): the feature cache's entry point."""
         return self.segmentation_head(self.decoder(features, len(features) - 1))
 
 

@@ -74,7 +74,6 @@ import json
 import logging
 import os
 import time
-import zlib
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -87,21 +86,32 @@ from torch import nn
 
 from seg_transfer.atomic import write_atomic
 from seg_transfer.config import ConfigError, RunConfig
-from seg_transfer.data.slices import label_slice, pad_to_multiple, slab
-from seg_transfer.data.transforms import Preprocessing
 from seg_transfer.training import speed
+from seg_transfer.training.cached_samples import (  # noqa: F401  (re-exported: the cache's public names)
+    LABEL_DTYPE,
+    PLAIN_SLOT,
+    SAMPLE_ROWS,
+    CacheSpec,
+    CaseLayout,
+    SampleRows,
+    case_layouts,
+    decode_slices,
+    draw_slot,
+    group_samples,
+    slice_spec,
+    variant_seed,
+    volume_fingerprint,
+)
 from seg_transfer.training.optim import backward_and_step
 from seg_transfer.training.speed import FULL_PRECISION, SpeedSettings
 
 log = logging.getLogger(__name__)
 
-FORMAT = 1
-#: slices per encoder forward when filling a group: fixed, so a row's bits never depend on the batch it came in
+FORMAT = 2  # 2: n-D rows and per-axis strides (3D patches); format-1 stores are misses and are rebuilt
+#: rows per encoder forward when filling a group: fixed, so a row's bits never depend on the batch it came in
 FILL_BATCH = 32
 COMMIT_SECONDS = 5.0  # a disk fill flushes and re-indexes at most this often
-PLAIN_SLOT = 0
 FEATURE_DTYPE = np.float16
-LABEL_DTYPE = np.int16
 
 
 # --------------------------------------------------------------------------- keys
@@ -117,43 +127,10 @@ def encoder_checksum(encoder: nn.Module) -> str:
     return digest.hexdigest()
 
 
-@dataclass(frozen=True)
-class CacheSpec:
-    """Everything besides the encoder that decides what a slot holds (part of the store key)."""
-
-    preprocessing: dict[str, Any]
-    axis: int
-    context: int
-    multiple: int
-    variants: int  # augmented slots 1..variants; 0 with augmentation off (slot 0 only)
-    augment: dict[str, Any] | None  # the augmentation config, None when off
-    seed: int  # the run seed (augmented slots only)
-
-    @classmethod
-    def from_config(cls, config: RunConfig, multiple: int) -> CacheSpec:
-        augment = config.data.augment
-        variants = config.training.feature_cache_variants if augment.enabled else 0
-        return cls(Preprocessing.from_config(config.data).as_dict(), config.data.slice_axis, config.data.context_slices,
-                   multiple, variants, augment.model_dump(mode="json") if variants else None, config.seed if variants else 0)
-
-    @property
-    def slots(self) -> int:
-        return 1 + self.variants
-
-    def key(self, checksum: str) -> str:
-        """The store name: 24 hex digits of sha256 over the format, ``checksum`` and this spec."""
-        text = json.dumps({"format": FORMAT, "encoder": checksum, **asdict(self)}, sort_keys=True)
-        return hashlib.sha256(text.encode()).hexdigest()[:24]
-
-
-def variant_seed(seed: int, case: str, index: int, slot: int) -> int:
-    """The augmentation seed of (case, slice ``index``, ``slot``): the same in every process and epoch."""
-    return int(np.random.SeedSequence([seed, zlib.crc32(case.encode()), index, slot]).generate_state(1)[0])
-
-
-def draw_slot(sample_seed: int, variants: int) -> int:
-    """The slot a training sample reads: 1..variants drawn from its seed, or the plain slot 0 without variants."""
-    return PLAIN_SLOT if variants == 0 else 1 + int(np.random.default_rng(sample_seed).integers(variants))
+def store_key(spec: CacheSpec, checksum: str) -> str:
+    """The store name: 24 hex digits of sha256 over the format, the encoder ``checksum`` and ``spec``."""
+    text = json.dumps({"format": FORMAT, "encoder": checksum, **asdict(spec)}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
 def feature_cache_dir(config: RunConfig) -> Path:
@@ -165,85 +142,56 @@ def feature_cache_dir(config: RunConfig) -> Path:
 # --------------------------------------------------------------------------- the store
 
 
-@dataclass(frozen=True)
-class CaseLayout:
-    """A case: its name, slice count along the slice axis, padded slice size, and a fingerprint of its
-    preprocessed image and label (another volume under the same name is another case)."""
-
-    name: str
-    depth: int
-    height: int
-    width: int
-    fingerprint: str
-
-
-def volume_fingerprint(image, label, samples: int = 2**20) -> str:
-    """sha256 (16 hex digits) of the shapes and of at most ``samples`` evenly strided voxels of image and label."""
-    digest = hashlib.sha256()
-    for volume in (image, label):
-        array = np.ascontiguousarray(volume.detach().cpu().numpy() if isinstance(volume, torch.Tensor) else np.asarray(volume))
-        flat = array.reshape(-1)
-        digest.update(f"{array.shape}|{array.dtype}|".encode())
-        digest.update(np.ascontiguousarray(flat[::max(1, flat.size // samples)]).tobytes())
-    return digest.hexdigest()[:16]
-
-
-def case_layouts(volumes, axis: int, multiple: int) -> list[CaseLayout]:
-    """The layout of each ``{"image": (1,X,Y,Z), "label": ..., "name": ...}`` in ``volumes``, in order."""
-    layouts = []
-    for index in range(len(volumes)):
-        item = volumes[index]
-        shape = tuple(item["image"].shape[1:])
-        height, width = (shape[a] for a in range(3) if a != axis)
-        layouts.append(CaseLayout(str(item.get("name", index)), shape[axis], -(-height // multiple) * multiple,
-                                  -(-width // multiple) * multiple, volume_fingerprint(item["image"], item["label"])))
-    return layouts
+Level = tuple[int, tuple[int, ...]]  # (channels, stride per spatial axis) of one encoder output level
 
 
 class FeatureStore:
-    """Rows of (case, slot, slice) features and labels, in memory or memory-mapped files.
+    """Rows of (case, slot, row) features and labels, in memory or memory-mapped files.
 
-    Rows are grouped by padded slice size (a bucket), each case a contiguous block of ``slots x depth``
-    rows (slot-major), so a (case, slot) group is one contiguous write. ``levels`` lists
-    (channels, stride) of levels 1.. of the encoder output.
+    Rows are grouped by padded input shape (a bucket: ``(H, W)`` slabs or ``(X, Y, Z)`` patches), each case
+    a contiguous block of ``slots x rows`` rows (slot-major), so a (case, slot) group is one contiguous
+    write. ``levels`` lists (channels, per-axis stride) of levels 1.. of the encoder output.
     """
 
-    def __init__(self, key: str, cases: Sequence[CaseLayout], levels: Sequence[tuple[int, int]], slots: int,
+    def __init__(self, key: str, cases: Sequence[CaseLayout], levels: Sequence[Level], slots: int,
                  folder: Path | None = None, filled: set[tuple[str, int]] | None = None, meta: dict | None = None):
-        self.key, self.cases, self.levels, self.slots, self.folder = key, list(cases), [tuple(l) for l in levels], slots, folder
+        self.key, self.cases, self.slots, self.folder = key, list(cases), slots, folder
+        self.levels: list[Level] = [(int(channels), tuple(int(s) for s in strides)) for channels, strides in levels]
         self.meta = meta or {}
         self.filled: set[tuple[str, int]] = set(filled or ())
-        self._uncommitted: set[tuple[int, int]] = set()  # buckets written since the last commit
+        self._uncommitted: set[tuple[int, ...]] = set()  # buckets written since the last commit
         self.case_index = {case.name: i for i, case in enumerate(self.cases)}
-        self.bucket_of: list[tuple[int, int]] = [(c.height, c.width) for c in self.cases]
+        self.bucket_of: list[tuple[int, ...]] = [c.shape for c in self.cases]
         self.offset: list[int] = []
-        rows: dict[tuple[int, int], int] = {}
+        rows: dict[tuple[int, ...], int] = {}
         for case, bucket in zip(self.cases, self.bucket_of):
             self.offset.append(rows.get(bucket, 0))
-            rows[bucket] = self.offset[-1] + slots * case.depth
+            rows[bucket] = self.offset[-1] + slots * case.rows
         self.arrays = {bucket: self._open(bucket, count) for bucket, count in rows.items()}
 
     # ----- layout
 
-    def _shapes(self, bucket: tuple[int, int], rows: int) -> list[tuple[str, tuple[int, ...], Any]]:
-        height, width = bucket
-        shapes = [(f"level{k + 1}", (rows, channels, height // stride, width // stride), FEATURE_DTYPE)
-                  for k, (channels, stride) in enumerate(self.levels)]
-        return [*shapes, ("label", (rows, height, width), LABEL_DTYPE)]
+    def _level_shape(self, shape: Sequence[int], strides: Sequence[int]) -> tuple[int, ...]:
+        return tuple(size // stride for size, stride in zip(shape, strides))
 
-    def _open(self, bucket: tuple[int, int], rows: int) -> list[np.ndarray]:
+    def _shapes(self, bucket: tuple[int, ...], rows: int) -> list[tuple[str, tuple[int, ...], Any]]:
+        shapes = [(f"level{k + 1}", (rows, channels, *self._level_shape(bucket, strides)), FEATURE_DTYPE)
+                  for k, (channels, strides) in enumerate(self.levels)]
+        return [*shapes, ("label", (rows, *bucket), LABEL_DTYPE)]
+
+    def _open(self, bucket: tuple[int, ...], rows: int) -> list[np.ndarray]:
         arrays = []
         for name, shape, dtype in self._shapes(bucket, rows):
             if self.folder is None:
                 arrays.append(np.zeros(shape, dtype))
                 continue
-            path = self.folder / f"{bucket[0]}x{bucket[1]}.{name}.bin"
+            path = self.folder / f"{'x'.join(str(s) for s in bucket)}.{name}.bin"
             _create_sparse(path, int(np.prod(shape)) * np.dtype(dtype).itemsize)
             arrays.append(np.memmap(path, dtype=dtype, mode="r+", shape=shape))
         return arrays
 
-    def rows(self, case: int, slot: int, slices: np.ndarray | Sequence[int]) -> np.ndarray:
-        return self.offset[case] + slot * self.cases[case].depth + np.asarray(slices, dtype=np.int64)
+    def rows(self, case: int, slot: int, indices: np.ndarray | Sequence[int]) -> np.ndarray:
+        return self.offset[case] + slot * self.cases[case].rows + np.asarray(indices, dtype=np.int64)
 
     @property
     def nbytes(self) -> int:
@@ -256,16 +204,16 @@ class FeatureStore:
         total = 0
         for name, slot in self.filled:
             case = self.cases[self.case_index[name]]
-            total += sum(a[0].nbytes for a in self.arrays[(case.height, case.width)]) * case.depth
+            total += sum(a[0].nbytes for a in self.arrays[case.shape]) * case.rows
         return total
 
     # ----- writing and reading
 
     def write(self, case: int, slot: int, features: Sequence[np.ndarray], labels: np.ndarray) -> None:
-        """Store a whole group: ``features[k]`` (depth, C, h, w) for level k+1 and ``labels`` (depth, H, W).
+        """Store a whole group: ``features[k]`` (rows, C, *level shape) for level k+1 and ``labels`` (rows, *shape).
         A disk store's index lists the group only after the next :meth:`commit`."""
         start = int(self.rows(case, slot, [0])[0])
-        block = slice(start, start + self.cases[case].depth)
+        block = slice(start, start + self.cases[case].rows)
         arrays = self.arrays[self.bucket_of[case]]
         for array, values in zip(arrays, [*features, labels]):
             array[block] = values
@@ -284,28 +232,29 @@ class FeatureStore:
         self._uncommitted.clear()
 
     def read(self, entries: Sequence[tuple[int, int, int]]) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """Features (levels 1.., float32 ``(B, C, h, w)``) and labels ``(B, 1, H, W)`` int64 of
-        ``(case, slot, slice)`` entries; mixed slice sizes are zero-padded at the end to the largest."""
-        height = max(self.bucket_of[c][0] for c, _, _ in entries)
-        width = max(self.bucket_of[c][1] for c, _, _ in entries)
-        features = [np.zeros((len(entries), ch, height // s, width // s), np.float32) for ch, s in self.levels]
-        labels = np.zeros((len(entries), 1, height, width), np.int64)
-        by_bucket: dict[tuple[int, int], list[int]] = {}
+        """Features (levels 1.., float32 ``(B, C, *level shape)``) and labels ``(B, 1, *shape)`` int64 of
+        ``(case, slot, row)`` entries; mixed shapes are zero-padded at the end of each axis to the largest."""
+        shape = tuple(int(s) for s in np.max([self.bucket_of[c] for c, _, _ in entries], axis=0))
+        features = [np.zeros((len(entries), channels, *self._level_shape(shape, strides)), np.float32)
+                    for channels, strides in self.levels]
+        labels = np.zeros((len(entries), 1, *shape), np.int64)
+        by_bucket: dict[tuple[int, ...], list[int]] = {}
         for position, (case, _, _) in enumerate(entries):
             by_bucket.setdefault(self.bucket_of[case], []).append(position)
-        for (h, w), positions in by_bucket.items():
+        for bucket, positions in by_bucket.items():
             rows = np.array([self.rows(entries[p][0], entries[p][1], [entries[p][2]])[0] for p in positions])
-            arrays = self.arrays[(h, w)]
-            for out, array, (_, stride) in zip(features, arrays, self.levels):
-                out[positions, :, :h // stride, :w // stride] = array[rows]
-            labels[positions, 0, :h, :w] = arrays[-1][rows]
+            arrays = self.arrays[bucket]
+            for out, array, (_, strides) in zip(features, arrays, self.levels):
+                out[(positions, slice(None), *(slice(0, n) for n in self._level_shape(bucket, strides)))] = array[rows]
+            labels[(positions, 0, *(slice(0, n) for n in bucket))] = arrays[-1][rows]
         return [torch.from_numpy(f) for f in features], torch.from_numpy(labels)
 
     # ----- the index (disk)
 
     def index(self) -> dict[str, Any]:
         return {"format": FORMAT, "key": self.key, "meta": self.meta, "slots": self.slots,
-                "levels": [list(level) for level in self.levels], "cases": [list(asdict(c).values()) for c in self.cases],
+                "levels": [[channels, list(strides)] for channels, strides in self.levels],
+                "cases": [case.as_row() for case in self.cases],
                 "filled": sorted([name, slot] for name, slot in self.filled)}
 
     def _write_index(self) -> None:
@@ -346,7 +295,7 @@ def _same_layout(a: dict[str, Any], b: dict[str, Any]) -> bool:
     return all(a.get(k) == b.get(k) for k in ("format", "key", "slots", "levels", "cases"))
 
 
-def open_store(key: str, cases: Sequence[CaseLayout], levels: Callable[[], Sequence[tuple[int, int]]], slots: int,
+def open_store(key: str, cases: Sequence[CaseLayout], levels: Callable[[], Sequence[Level]], slots: int,
                folder: Path | None = None, meta: dict | None = None) -> FeatureStore:
     """A memory store (``folder`` None), or the disk store in ``folder/key``: reloaded when its index has the
     same key and slots and lists every requested case with the same layout, else made anew. ``levels``
@@ -356,7 +305,7 @@ def open_store(key: str, cases: Sequence[CaseLayout], levels: Callable[[], Seque
     where = Path(folder) / key
     stored = _read_index(where / "index.json")
     if stored is not None and stored.get("format") == FORMAT and stored.get("key") == key and stored.get("slots") == slots:
-        layouts = [CaseLayout(*row) for row in stored["cases"]]
+        layouts = [CaseLayout.from_row(row) for row in stored["cases"]]
         if set(cases) <= set(layouts):
             filled = {(name, int(slot)) for name, slot in stored["filled"]}
             return FeatureStore(key, layouts, stored["levels"], slots, where, filled, stored.get("meta"))
@@ -381,32 +330,18 @@ def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
             m.training = mode
 
 
-def probe_levels(encoder: nn.Module, in_channels: int, size: tuple[int, int], device: torch.device) -> list[tuple[int, int]]:
-    """(channels, stride) of encoder output levels 1.. for an input of ``size`` (one zero slice, eval mode)."""
+def probe_levels(encoder: nn.Module, in_channels: int, size: Sequence[int], device: torch.device) -> list[Level]:
+    """(channels, per-axis stride) of encoder output levels 1.. for an input of spatial ``size`` (one zero
+    sample, eval mode)."""
     with eval_mode(encoder), torch.no_grad():
         outputs = encoder(torch.zeros(1, in_channels, *size, device=device))
     levels = []
     for output in outputs[1:]:
-        if size[0] % output.shape[-2] or size[1] % output.shape[-1]:
-            raise ConfigError(f"feature cache: an encoder level of {tuple(output.shape[-2:])} does not divide "
-                              f"the slice size {size}")
-        levels.append((int(output.shape[1]), size[0] // int(output.shape[-2])))
+        shape = tuple(int(n) for n in output.shape[2:])
+        if any(size_ % n for size_, n in zip(size, shape)):
+            raise ConfigError(f"feature cache: an encoder level of {shape} does not divide the input size {tuple(size)}")
+        levels.append((int(output.shape[1]), tuple(size_ // n for size_, n in zip(size, shape))))
     return levels
-
-
-def group_samples(volume: dict, case: CaseLayout, slot: int, spec: CacheSpec, augment) -> tuple[np.ndarray, np.ndarray]:
-    """All slices of one case as one slot: slabs ``(depth, 2k+1, H, W)`` float32 and labels ``(depth, H, W)``,
-    made exactly as :class:`~seg_transfer.data.slices.SliceDataset` makes a sample (augmentation seeded by
-    :func:`variant_seed` for slots > 0), padded to the case's padded size."""
-    images, labels = [], []
-    for index in range(case.depth):
-        image = slab(volume["image"], spec.axis, index, spec.context).astype(np.float32, copy=False)
-        label = label_slice(volume["label"], spec.axis, index)
-        if slot != PLAIN_SLOT:
-            image, label = augment(image, label, variant_seed(spec.seed, case.name, index, slot))
-        images.append(pad_to_multiple(image, spec.multiple, value=float(image.min())))
-        labels.append(pad_to_multiple(np.asarray(label), spec.multiple))
-    return np.stack(images), np.stack(labels).astype(LABEL_DTYPE)
 
 
 def encode(encoder: nn.Module, images: np.ndarray, device: torch.device) -> list[np.ndarray]:
@@ -420,17 +355,20 @@ def encode(encoder: nn.Module, images: np.ndarray, device: torch.device) -> list
     return [np.concatenate(level) for level in zip(*parts)]
 
 
-def fill(store: FeatureStore, groups: Sequence[tuple[int, int]], encoder: nn.Module, volumes, spec: CacheSpec,
-         augment, device: torch.device, store_case: Sequence[int], commit_seconds: float = COMMIT_SECONDS) -> int:
-    """Compute and store every ``(case, slot)`` group not yet in ``store`` (cases index ``volumes``;
-    ``store_case`` maps them to the store's cases), committing at most every ``commit_seconds`` and at the end:
-    an interrupted fill loses at most that much work. Returns the slices computed."""
+#: ``make_group(case, slot) -> (inputs (rows, C, *shape), labels (rows, *shape))`` of one group
+GroupMaker = Callable[[int, int], tuple[np.ndarray, np.ndarray]]
+
+
+def fill(store: FeatureStore, groups: Sequence[tuple[int, int]], encoder: nn.Module, make_group: GroupMaker,
+         device: torch.device, store_case: Sequence[int], commit_seconds: float = COMMIT_SECONDS) -> int:
+    """Compute and store every ``(case, slot)`` group not yet in ``store`` (``store_case`` maps the caller's
+    cases to the store's), committing at most every ``commit_seconds`` and at the end: an interrupted fill
+    loses at most that much work. Returns the rows computed."""
     computed, last_commit = 0, time.monotonic()
     for case, slot in sorted(set(groups)):
-        layout = store.cases[store_case[case]]
-        if (layout.name, slot) in store.filled:
+        if (store.cases[store_case[case]].name, slot) in store.filled:
             continue
-        images, labels = group_samples(volumes[case], layout, slot, spec, augment)
+        images, labels = make_group(case, slot)
         store.write(store_case[case], slot, encode(encoder, images, device), labels)
         computed += len(images)
         if time.monotonic() - last_commit >= commit_seconds:
@@ -443,31 +381,26 @@ def fill(store: FeatureStore, groups: Sequence[tuple[int, int]], encoder: nn.Mod
 # --------------------------------------------------------------------------- the trainer's side
 
 
-def check_decoder_ignores_input(model: nn.Module, in_channels: int, size: tuple[int, int], device: torch.device) -> None:
-    """ConfigError unless ``model.decoder`` gives the same output with a zero-channel stand-in for the input level."""
+def check_decoder_reads_features_only(model: nn.Module, rows: SampleRows, in_channels: int, device: torch.device) -> None:
+    """ConfigError unless ``rows.decode`` on encoder levels 1.. gives the network's own output (eval mode):
+    a decoder that reads the input image itself cannot run on cached features."""
+    size = rows.check_size(model)
+    image = torch.randn(2, in_channels, *size, generator=torch.Generator().manual_seed(0)).to(device)
     with eval_mode(model), torch.no_grad():
-        features = model.encoder(torch.randn(2, in_channels, *size, generator=torch.Generator().manual_seed(0)).to(device))
-        real = model.decoder(features)
+        real = model(image)
         try:
-            stand_in = model.decoder([features[0].new_zeros((*features[0].shape[:1], 0, *features[0].shape[2:])),
-                                      *features[1:]])
+            cached = rows.decode(model, model.encoder(image)[1:], tuple(size))
         except RuntimeError:
-            stand_in = None
-    if stand_in is None or not torch.equal(real, stand_in):
+            cached = None
+    if cached is None or cached.shape != real.shape or not torch.allclose(real, cached, rtol=1e-4, atol=1e-5):
         raise ConfigError(f"training.feature_cache: the {type(model).__name__} decoder reads the input image itself; "
                           "the cache supports decoders that read only encoder features (smp Unet, UnetPlusPlus, "
-                          "FPN, Linknet, MAnet, DeepLabV3Plus)")
-
-
-def decode(model: nn.Module, features: Sequence[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
-    """Logits of decoder + head on cached levels 1.. (the input level is a zero-channel tensor of ``size``)."""
-    stand_in = features[0].new_zeros((features[0].shape[0], 0, *size))
-    return model.segmentation_head(model.decoder([stand_in, *features]))
+                          "FPN, Linknet, MAnet, DeepLabV3Plus; the 3D route's U-Net)")
 
 
 class CachedEpoch:
     """One epoch of a decoder-only stage as cached batches ``{"features", "label", "size"}``; iterating first
-    fills the groups the epoch needs. Its length is the slice loader's (same batches, same drop_last)."""
+    fills the groups the epoch needs. Its length is the sample loader's (same batches, same drop_last)."""
 
     def __init__(self, cache: DecoderStageCache, model: nn.Module, dataset, batch_size: int, drop_last: bool,
                  device: torch.device):
@@ -484,15 +417,17 @@ class CachedEpoch:
         for start in range(0, len(self) * self.batch_size, self.batch_size):
             batch = entries[start:start + self.batch_size]
             features, labels = store.read(batch)
-            yield {"features": features, "label": labels, "size": tuple(labels.shape[-2:])}
+            yield {"features": features, "label": labels, "size": tuple(labels.shape[2:])}
 
 
 class DecoderStageCache:
     """The trainer's feature cache (``training.feature_cache``): per epoch of a decoder-only stage,
-    :meth:`epoch` gives cached batches for :func:`decoder_step`."""
+    :meth:`epoch` gives cached batches for :meth:`step`. ``rows`` is the route's kind of row
+    (:data:`~seg_transfer.training.cached_samples.SAMPLE_ROWS`)."""
 
     def __init__(self, config: RunConfig, folder: Path | None):
         self.config, self.folder = config, folder
+        self.rows: SampleRows = SAMPLE_ROWS[config.model.dims]
         self.store: FeatureStore | None = None
         self._layouts: tuple[int, list[CaseLayout]] | None = None
         self.seconds_filling, self.slices_computed = 0.0, 0
@@ -501,45 +436,44 @@ class DecoderStageCache:
         return CachedEpoch(self, model, dataset, loader.batch_size, loader.drop_last, device)
 
     def epoch_entries(self, dataset) -> list[tuple[int, int, int]]:
-        """(case, slot, slice) of every sample of the dataset's current epoch, in order (cases index its volumes)."""
-        variants = self._spec(dataset).variants
-        entries = []
-        for item in range(len(dataset)):
-            position = item if dataset.positions is None else int(dataset.positions[item])
-            case, index = dataset.index.pairs[dataset.order[position]]
-            entries.append((int(case), draw_slot((dataset.epoch_seed + position) % 2**32, variants), int(index)))
-        return entries
+        """(case, slot, row) of every sample of the dataset's current epoch, in order (cases index its volumes)."""
+        return self.rows.entries(dataset, self._spec(dataset).variants)
 
     def prepare(self, encoder: nn.Module, dataset, entries: list[tuple[int, int, int]], device: torch.device) -> _Remapped:
         """The store for the encoder as it is now, with every group ``entries`` need filled."""
         spec = self._spec(dataset)
-        key = spec.key(encoder_checksum(encoder))
+        key = store_key(spec, encoder_checksum(encoder))
         layouts = self._case_layouts(dataset)
         if self.store is None or self.store.key != key:
-            size = (layouts[0].height, layouts[0].width)
-            self.store = open_store(key, layouts, lambda: probe_levels(encoder, 2 * dataset.context + 1, size, device),
-                                    spec.slots, self.folder, {"spec": asdict(spec)})
+            probe = lambda: probe_levels(encoder, self.rows.in_channels(spec), layouts[0].shape, device)  # noqa: E731
+            self.store = open_store(key, layouts, probe, spec.slots, self.folder, {"spec": asdict(spec)})
         store_case = [self.store.case_index[layout.name] for layout in layouts]
         started = time.perf_counter()
-        computed = fill(self.store, [(case, slot) for case, slot, _ in entries], encoder, dataset.volumes, spec,
-                        dataset.augment, device, store_case)
+        computed = fill(self.store, [(case, slot) for case, slot, _ in entries], encoder,
+                        lambda case, slot: self.rows.group(dataset, case, layouts[case], slot, spec), device, store_case)
         if computed:
             self.seconds_filling += time.perf_counter() - started
             self.slices_computed += computed
-            log.info("feature cache: encoded %d slices in %.1f s (%.0f MB of float16 features and labels cached)",
+            log.info("feature cache: encoded %d samples in %.1f s (%.0f MB of float16 features and labels cached)",
                      computed, time.perf_counter() - started, self.store.filled_bytes / 1e6)
         return _Remapped(self.store, store_case)
 
+    def step(self, model: nn.Module, loss_fn: nn.Module, optimizer, batch: dict, device: torch.device,
+             grad_clip: float | None, *, settings: SpeedSettings = FULL_PRECISION, scaler=None) -> float:
+        """:func:`decoder_step` with this route's decoding."""
+        return decoder_step(model, loss_fn, optimizer, batch, device, grad_clip, settings=settings, scaler=scaler,
+                            decode=self.rows.decode)
+
     def _spec(self, dataset) -> CacheSpec:
-        """The run's spec; the dataset's augmentation must be the config's (variants only with augmentation)."""
-        spec = CacheSpec.from_config(self.config, dataset.multiple)
-        if (dataset.augment is None) != (spec.variants == 0):
+        """The run's spec; the dataset's augmentation must be the config's."""
+        spec = self.rows.spec(self.config, dataset)
+        if (dataset.augment is None) == self.config.data.augment.enabled:
             raise ValueError("feature cache: the training samples' augmentation does not match data.augment")
         return spec
 
     def _case_layouts(self, dataset) -> list[CaseLayout]:
         if self._layouts is None or self._layouts[0] != id(dataset):
-            self._layouts = (id(dataset), case_layouts(dataset.volumes, dataset.axis, dataset.multiple))
+            self._layouts = (id(dataset), self.rows.layouts(dataset))
         return self._layouts[1]
 
 
@@ -557,8 +491,8 @@ class _Remapped:
 def open_decoder_cache(config: RunConfig, model: nn.Module, in_channels: int, world_size: int = 1) -> DecoderStageCache | None:
     """The cache ``training.feature_cache`` asks for (None when ``off`` or no stage trains the decoder only).
 
-    One-line ConfigError for what it cannot serve: ``model.frozen_bn: train``, the 3D route, a
-    distributed run, a decoder that reads the input image.
+    One-line ConfigError for what it cannot serve: ``model.frozen_bn: train``, a distributed run, a
+    decoder that reads the input image.
     """
     mode = config.training.feature_cache
     if mode == "off":
@@ -569,21 +503,19 @@ def open_decoder_cache(config: RunConfig, model: nn.Module, in_channels: int, wo
     if config.model.frozen_bn == "train":
         raise ConfigError("training.feature_cache needs model.frozen_bn eval or adapt: with train, frozen BatchNorm "
                           "normalises each batch by its own statistics, so features depend on the batch and cannot be cached")
-    if config.model.dims != "2.5d":
-        raise ConfigError(f"training.feature_cache supports model.dims 2.5d only (got {config.model.dims})")
     if world_size > 1:
         raise ConfigError("training.feature_cache needs a single-process run (the cached decoder step bypasses "
                           "DistributedDataParallel)")
-    multiple = int(getattr(model.encoder, "output_stride", 32))
     device = next(model.parameters()).device
-    check_decoder_ignores_input(model, in_channels, (2 * multiple, 2 * multiple), device)
+    check_decoder_reads_features_only(model, SAMPLE_ROWS[config.model.dims], in_channels, device)
     return DecoderStageCache(config, feature_cache_dir(config) if mode == "disk" else None)
 
 
 def decoder_step(model: nn.Module, loss_fn: nn.Module, optimizer, batch: dict, device: torch.device,
-                 grad_clip: float | None, *, settings: SpeedSettings = FULL_PRECISION, scaler=None) -> float:
-    """One optimisation step on a cached batch: decoder + head only; otherwise as
-    :func:`seg_transfer.training.trainer.train_step` (autocast, float32 loss, scaler, clipping)."""
+                 grad_clip: float | None, *, settings: SpeedSettings = FULL_PRECISION, scaler=None,
+                 decode: Callable[..., torch.Tensor] = decode_slices) -> float:
+    """One optimisation step on a cached batch: decoder + head only (``decode``: the route's, from levels
+    1..); otherwise as :func:`seg_transfer.training.trainer.train_step` (autocast, float32 loss, scaler, clipping)."""
     features = [f.to(device, non_blocking=True) for f in batch["features"]]
     label = batch["label"].to(device, non_blocking=True)
     optimizer.zero_grad(set_to_none=True)
@@ -597,16 +529,16 @@ def decoder_step(model: nn.Module, loss_fn: nn.Module, optimizer, batch: dict, d
 
 
 def open_plain_store(config: RunConfig, encoder: nn.Module, multiple: int, volumes, device: torch.device) -> FeatureStore:
-    """The disk store ``config``'s training would use for ``encoder`` (same key), with slot 0 (plain slabs)
+    """The 2.5D disk store ``config``'s training would use for ``encoder`` (same key), with slot 0 (plain slabs)
     filled for every case of ``volumes``; the cases' store indices are ``store.case_index[name]``."""
-    spec = CacheSpec.from_config(config, multiple)
-    layouts = case_layouts(volumes, spec.axis, multiple)
-    size = (layouts[0].height, layouts[0].width)
-    store = open_store(spec.key(encoder_checksum(encoder)), layouts,
-                       lambda: probe_levels(encoder, 2 * spec.context + 1, size, device), spec.slots,
-                       feature_cache_dir(config), {"spec": asdict(spec)})
+    spec = slice_spec(config, multiple)
+    layouts = case_layouts(volumes, spec.geometry["axis"], multiple)
+    store = open_store(store_key(spec, encoder_checksum(encoder)), layouts,
+                       lambda: probe_levels(encoder, 2 * spec.geometry["context"] + 1, layouts[0].shape, device),
+                       spec.slots, feature_cache_dir(config), {"spec": asdict(spec)})
     store_case = [store.case_index[layout.name] for layout in layouts]
     missing = sum((layout.name, PLAIN_SLOT) not in store.filled for layout in layouts)
-    fill(store, [(case, PLAIN_SLOT) for case in range(len(layouts))], encoder, volumes, spec, None, device, store_case)
+    fill(store, [(case, PLAIN_SLOT) for case in range(len(layouts))], encoder,
+         lambda case, slot: group_samples(volumes[case], layouts[case], slot, spec, None), device, store_case)
     log.info("feature cache %s: %d of %d cases read from the cache", store.folder, len(layouts) - missing, len(layouts))
     return store

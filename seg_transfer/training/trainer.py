@@ -58,7 +58,6 @@ from seg_transfer.training import distributed, speed
 from seg_transfer.training.distributed import SINGLE_PROCESS, DistributedContext
 from seg_transfer.training.feature_cache import (
     DecoderStageCache,
-    decoder_step,
     open_decoder_cache,
 )
 from seg_transfer.training.metrics_log import Heartbeat, MetricsLog
@@ -477,7 +476,7 @@ def _train_epoch(session: _Session, optimizer, scheduler, progress: Progress, bu
     for batch in bar:
         if (budget is not None and steps >= budget) or _past(deadline, session.dist):
             break
-        step = train_step if cache is None else decoder_step  # cached: decoder + head on the bare model
+        step = train_step if cache is None else cache.step  # cached: decoder + head on the bare model
         loss = step(session.train_model if cache is None else session.model, session.loss, optimizer, batch,
                     session.device, config.training.grad_clip, settings=session.speed, scaler=session.scaler)
         scheduler.step()
