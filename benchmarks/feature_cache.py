@@ -60,7 +60,7 @@ from seg_transfer.config import config_from_dict
 from seg_transfer.data.cases import cases_from_msd
 from seg_transfer.data.phantoms import make_phantom_dataset
 from seg_transfer.training import trainer
-from seg_transfer.training.cached_samples import decode_slices as decode
+from seg_transfer.training.cached_samples import SAMPLE_ROWS
 
 HIPPOCAMPUS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "Task04_Hippocampus"
 #: label -> (training.feature_cache, seed), run in this order. "disk warm" finds the store "disk" filled (as a
@@ -81,7 +81,10 @@ def case_csv(root: Path, cases: int, out: Path) -> dict:
     return {"csv": str(out), "labels": labels}
 
 
-def run_config(data: dict, epochs: int, mode: str, cache_dir: Path, threads: int, seed: int = 0, device: str = "cpu"):
+def run_config(data: dict, epochs: int, mode: str, cache_dir: Path, threads: int, seed: int = 0, device: str = "cpu",
+               route: str = "2.5d"):
+    if route == "3d":
+        return run_config_3d(data, epochs, mode, cache_dir, threads, seed, device)
     raw = {
         "name": f"feature_cache_{mode}",
         "seed": seed,
@@ -94,6 +97,27 @@ def run_config(data: dict, epochs: int, mode: str, cache_dir: Path, threads: int
         "training": {"batch_size": 32, "val_batch_size": 64, "num_threads": threads, "val_every": 2, "device": device,
                      "feature_cache": mode, "feature_cache_variants": 4, "loss": {"batch_dice": True},
                      "stages": [{"name": "decoder", "train": "decoder", "epochs": epochs, "lr": 1e-2,
+                                 "warmup_epochs": 0.2, "schedule": "cosine"}]},
+    }
+    return config_from_dict(raw, source="benchmark")
+
+
+def run_config_3d(data: dict, epochs: int, mode: str, cache_dir: Path, threads: int, seed: int = 0, device: str = "cpu"):
+    """The shipped 3D network (configs/hippocampus_3d_effnet_lite0.yaml: centre-inflated ImageNet Lite0, 3 stages,
+    decoder 64-32-16, patches from the median shape, batch 2) in one decoder-only stage of 40 patches per epoch,
+    ``frozen_bn: adapt`` (the shipped ``train`` cannot be cached)."""
+    raw = {
+        "name": f"feature_cache_3d_{mode}",
+        "seed": seed,
+        "data": {**data, "modality": "mri", "mri_percentiles": [0.5, 99.5], "slices_per_epoch": 40,
+                 "cache_dir": str(cache_dir), "split": {"val_fraction": 0.5, "seed": 0},
+                 "augment": {"enabled": True, "flip_axes": [0]}},
+        "model": {"dims": "3d", "encoder": "tu-tf_efficientnet_lite0", "encoder_weights": "imagenet",
+                  "inflation": "centre", "depth_stride_one_stages": 1, "encoder_depth": 3,
+                  "decoder_channels": [64, 32, 16], "frozen_bn": "adapt"},
+        "training": {"batch_size": 2, "val_batch_size": 4, "num_threads": threads, "val_every": 2, "device": device,
+                     "feature_cache": mode, "feature_cache_variants": 4, "loss": {"batch_dice": True},
+                     "stages": [{"name": "decoder", "train": "decoder", "epochs": epochs, "lr": 3e-3,
                                  "warmup_epochs": 0.2, "schedule": "cosine"}]},
     }
     return config_from_dict(raw, source="benchmark")
@@ -133,19 +157,22 @@ def timed_run(config, run_dir: Path) -> dict:
 
 
 def step_breakdown(config, run_dir: Path, repeats: int = 10) -> tuple[float, float, float]:
-    """Median CPU seconds of one batch's loading (slabs, augmentation, collate), the frozen encoder's forward,
-    and decoder + head forward and backward."""
-    from seg_transfer.data.pipeline import prepare_data, slice_loader, volume_dataset
+    """Median CPU seconds of one batch's loading (slabs or patches, augmentation, collate), the frozen encoder's
+    forward, and decoder + head forward and backward."""
+    from seg_transfer.data.pipeline import prepare_data, volume_dataset
     from seg_transfer.data.transforms import Preprocessing
-    from seg_transfer.models.factory import build_model
+    from seg_transfer.routes import get_route
 
+    route = get_route(config.model.dims)
+    decode = SAMPLE_ROWS[config.model.dims].decode
     data = prepare_data(config.data, run_dir)
     volumes = volume_dataset(data.subset("train"), Preprocessing.from_config(config.data), config.data)
-    model = build_model(config.model, config.data.in_channels, len(data.labels))[0]
+    model = route.build_network(config.model, route.in_channels(config.data), len(data.labels), True)[0]
     for parameter in model.encoder.parameters():
         parameter.requires_grad_(False)
-    dataset, loader = slice_loader(volumes, config.data, 32, 32, train=True)
-    dataset.set_epoch(0, 0, 320, None)
+    settings = route.settings(config.data, volumes, model)
+    dataset, loader = route.training_samples(volumes, config.data, config.training.batch_size, settings, model)
+    dataset.set_epoch(0, 0, config.data.slices_per_epoch, config.data.foreground_fraction)
     batches = iter(loader)
     load_times, encoder_times, decoder_times = [], [], []
     for _ in range(repeats):
@@ -159,7 +186,7 @@ def step_breakdown(config, run_dir: Path, repeats: int = 10) -> tuple[float, flo
         encoder_times.append(time.process_time() - started)
         model.decoder.train()
         started = time.process_time()
-        decode(model, features[1:], tuple(image.shape[-2:])).float().mean().backward()
+        decode(model, features[1:], tuple(image.shape[2:])).float().mean().backward()
         decoder_times.append(time.process_time() - started)
     return tuple(statistics.median(times[1:]) for times in (load_times, encoder_times, decoder_times))
 
@@ -171,6 +198,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu", help="cuda: time the stage on the GPU (the CPU breakdown is skipped)")
+    parser.add_argument("--route", choices=["2.5d", "3d"], default="2.5d",
+                        help="3d: the shipped 3D network, 40 patches per epoch, batch 2 (default: 2.5D slabs)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
@@ -183,16 +212,19 @@ def main() -> None:
         else:
             name = f"{root.name} (first {args.cases} cases)"
         data = case_csv(Path(root), args.cases, tmp / "cases.csv")
-        runs = {label: timed_run(run_config(data, args.epochs, mode, tmp / "cache", args.threads, seed, args.device),
+        runs = {label: timed_run(run_config(data, args.epochs, mode, tmp / "cache", args.threads, seed, args.device,
+                                            args.route),
                                  tmp / label.replace(" ", "_")) for label, (mode, seed) in MODES.items()}
         breakdown = None
         if args.device == "cpu":
-            breakdown = step_breakdown(run_config(data, args.epochs, "off", tmp / "cache", args.threads), tmp / "probe")
+            breakdown = step_breakdown(run_config(data, args.epochs, "off", tmp / "cache", args.threads, route=args.route),
+                                       tmp / "probe")
     report(name, args, runs, breakdown)
 
 
 def report(name: str, args, runs: dict, breakdown: tuple[float, float, float] | None) -> None:
-    print(f"data: {name}; 10 train / 10 validation cases, 320 slices per epoch, batch 32, {args.epochs} epochs of a "
+    samples = "320 slices per epoch, batch 32" if args.route == "2.5d" else "3D: 40 patches per epoch, batch 2"
+    print(f"data: {name}; 10 train / 10 validation cases, {samples}, {args.epochs} epochs of a "
           f"decoder-only stage, {args.threads} thread(s), device {args.device}")
     for clock in ("seconds", "cpu"):
         print(f"{'wall-clock' if clock == 'seconds' else 'CPU'} seconds of training per epoch:")
@@ -209,7 +241,7 @@ def report(name: str, args, runs: dict, breakdown: tuple[float, float, float] | 
                   f"(goal >= 3x); epoch 1 {off[0] / values[0]:.2f}x; whole stage {sum(off) / sum(values):.2f}x")
     for label, run in runs.items():
         cache = run["cache"]
-        filled = f"; {cache.slices_computed} slices encoded in {cache.seconds_filling:.1f} s" if cache else ""
+        filled = f"; {cache.slices_computed} samples encoded in {cache.seconds_filling:.1f} s" if cache else ""
         print(f"{label:12} best validation Dice {run['result'].best_dice:.4f} (epoch {run['result'].best_epoch}){filled}")
     store = runs["memory s1"]["cache"].store
     print(f"cache: {store.filled_bytes / 1e6:.1f} MB of float16 features + labels written "

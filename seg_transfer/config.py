@@ -234,7 +234,7 @@ class TrainingConfig(_Strict):
     collapse: CollapseConfig = Field(default_factory=CollapseConfig)
     #: decoder-only stages read the frozen encoder's features from a cache instead of recomputing them:
     #: ``memory`` or ``disk`` (float16 memory maps under ``data.cache_dir``/features), with
-    #: ``feature_cache_variants`` pre-augmented variants per slice; see :mod:`seg_transfer.training.feature_cache`
+    #: ``feature_cache_variants`` variants per slice (2.5D) or patches per case (3D); see :mod:`seg_transfer.training.feature_cache`
     feature_cache: Literal["off", "memory", "disk"] = "off"
     feature_cache_variants: int = Field(4, ge=1)
 

@@ -269,6 +269,6 @@ def test_heartbeat_waits_its_interval_and_estimates_the_time_left(caplog):
             now[0] = seconds
             beat.tick(step, 0.25)
     assert [r.getMessage() for r in caplog.records] == [
-        "epoch 3: step 50 of 200, loss 0.250; 10 min in, about 30 min left",
-        "epoch 3: step 100 of 200, loss 0.250; 20 min in, about 20 min left",
+        "epoch 3: step 50 of 200, loss 0.250; 10 min 00 s in, about 30 min 00 s left",
+        "epoch 3: step 100 of 200, loss 0.250; 20 min 00 s in, about 20 min 00 s left",
     ]

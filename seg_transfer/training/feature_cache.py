@@ -3,21 +3,24 @@
 **Where it sits.** A cache entry needs a training sample's identity (case, slice, augmentation
 variant: :mod:`seg_transfer.data`) and the frozen encoder (:mod:`seg_transfer.models`); those two
 packages do not know each other, while training (and ``rank-encoders``, at the same level) use both.
-So the cache lives here, next to the trainer, and only for the 2.5D route (the default).
+So the cache lives here, next to the trainer, for both routes; what a row is per route (a 2.5D slab,
+a 3D patch) is :mod:`seg_transfer.training.cached_samples`.
 
-**What a store holds.** For every (case, slice, slot) the encoder's outputs at every level but the
-first, computed in eval mode without gradients in float32 and stored as float16, plus the slot's
-label slice (int16). Level 0 is the input itself, which smp's U-Net decoder reads only for its shape:
-a zero-channel tensor of that shape stands in for it (checked once per model by
-:func:`check_decoder_ignores_input`; a decoder that reads it is refused). Slot 0 is the plain slab
-(no augmentation): what ``rank-encoders`` scores, and all that training uses with augmentation off.
-Slots 1..V are V fixed pre-augmented variants (``training.feature_cache_variants``), made by the run's
-own augmentation pipeline with a seed from (run seed, case name, slice, slot); each training sample
-takes slot ``1 + default_rng(sample seed).integers(V)``, the sample seed being the one
-:class:`~seg_transfer.data.slices.SliceDataset` gives its augmentation. So a cached stage sees V
-augmentations per slice instead of a fresh one per sample: another draw, so its result differs from
-the recomputing stage's by about seed noise. Without augmentation the two differ only by the float16
-storage (with float32 rows they agree bit for bit; see ``tests/test_feature_cache.py``).
+**What a store holds.** For every (case, slot, row) the encoder's outputs at every level but the
+first, computed in eval mode without gradients in float32 and stored as float16, plus the row's
+label (int16). Level 0 is the input itself, which smp's U-Net decoder reads only for its shape (a
+zero-channel tensor of that shape stands in for it) and the 3D U-Net does not read; a decoder that
+reads it is refused (checked once per model by :func:`check_decoder_reads_features_only`). 2.5D: a
+group is every slab of a case; slot 0 is the plain slab (no augmentation), what ``rank-encoders``
+scores and all that training uses with augmentation off; slots 1..V are V fixed pre-augmented
+variants (``training.feature_cache_variants``). 3D: a group is one patch, slots 1..V are V patches
+per case, cropped (and, with augmentation on, augmented) by the run's own patch sampler. Variants are
+made with a seed from (run seed, case name, row, slot); each training sample takes slot
+``1 + default_rng(sample seed).integers(V)``. So a cached stage sees V variants per slice (or V
+patches per case) instead of a fresh draw per sample: another draw, so its result differs from the
+recomputing stage's by about seed noise. On the same samples the two steps agree: 2.5D without
+augmentation bit for bit with float32 rows, 3D to float tolerance on the same patches (see
+``tests/test_feature_cache.py``).
 
 **Why variants and not feature-space flips.** A flip applied to the features equals the features of
 the flipped input only for a flip-equivariant encoder. CNNs are not, and not because of padding:
@@ -28,18 +31,20 @@ the input). Flips are therefore part of the variants, like every other augmentat
 **Keys and invalidation.** A store is named by sha256 over: the encoder's checksum (its ``repr``,
 i.e. its layer settings, and every parameter and buffer: names, dtypes, shapes and bytes, so a
 changed weight or BatchNorm running statistic is a different store), the preprocessing, the slab
-geometry (slice axis, context slices, padding multiple) and, when augmentation is on, the
-augmentation config, the run seed and V. Rows are keyed by (case name, slice, slot) in its index.
+geometry (2.5D: slice axis, context slices, padding multiple; 3D: patch size and foreground share),
+V, and where samples are random (2.5D with augmentation, 3D always) the run seed and the augmentation
+config. Rows are keyed by (case name, slot, row) in its index.
 Features are computed a whole (case, slot) group at a time, in fixed chunks of at most
 :data:`FILL_BATCH` slices, so what a row holds never depends on which samples asked for it first (CNN
 outputs are not bit-identical across batch sizes, even on CPU): a resumed run refills a memory cache
-with the same bits. The price: a stage encodes every slice of every case it touches V times, so the
-cache pays off once a stage draws more samples than ~V x the training slices (see the benchmark).
+with the same bits. The price: a 2.5D stage encodes every slice of every case it touches V times, so
+the cache pays off once a stage draws more samples than ~V x the training slices; a 3D stage encodes at
+most V patches per case, so it pays off once it draws more than ~V x the training cases (see the benchmark).
 
 **Memory or disk.** ``memory`` keeps float16 arrays for the session (zero-filled on allocation, so
 untouched rows cost no RAM). ``disk`` keeps float16 ``numpy.memmap`` files under
 ``data.cache_dir/features/<key>/`` (default ``~/.cache/seg_transfer/features``): one file per
-feature level (per padded slice size), created sparse as a temp file linked into place, and an
+feature level (per padded input shape), created sparse as a temp file linked into place, and an
 ``index.json`` written atomically after the rows it lists are flushed (every few seconds of a fill and at its
 end), so an interrupted fill leaves rows the index does not list (recomputed on next use). Cases are known by name and a fingerprint of
 their preprocessed volumes, so changed data under an old name is a miss too. A later process, or
@@ -57,15 +62,10 @@ recomputing path pads the input symmetrically instead, so the two differ at thos
 anyway, so the cached step computes what the recomputing step computes (for encoders without
 dropout or stochastic depth in their feature path, which smp's and timm's defaults have off). With
 ``frozen_bn: train`` the features depend on each batch's statistics and the running statistics move:
-:func:`open_decoder_cache` refuses with a one-line ConfigError. It also refuses distributed runs
-(the cached step bypasses DistributedDataParallel) and the 3D route. The cached step uses the bare
-model (no ``torch.compile``, no channels-last). Validation always runs the whole network.
-
-**3D.** Not done. The 3D route draws patches at random positions every epoch, so its keys would be
-(case, pre-drawn patch, variant) from a fixed set of patches per case (or whole-volume features
-cropped in feature space, exact only away from patch borders and for crops aligned to the deepest
-stride), its inflated 3D features are ~depth times larger (a disk store would be the norm), and the
-decoder placeholder would be a 5-D zero-channel tensor.
+:func:`open_decoder_cache` refuses with a one-line ConfigError (so does the shipped 3D config, whose
+``frozen_bn: train`` was chosen by measurement: the cache serves 3D configs with ``eval`` or ``adapt``).
+It also refuses distributed runs (the cached step bypasses DistributedDataParallel). The cached step
+uses the bare model (no ``torch.compile``, no channels-last). Validation always runs the whole network.
 """
 from __future__ import annotations
 

@@ -13,8 +13,16 @@ from typing import Any
 HEARTBEAT_SECONDS = 300.0
 
 
+def duration(seconds: float) -> str:
+    """``1 h 05 min``, ``4 min 10 s`` or ``12 s``: how logs write a time span."""
+    seconds = int(round(seconds))
+    if seconds >= 3600:
+        return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+    return f"{seconds // 60} min {seconds % 60:02d} s" if seconds >= 60 else f"{seconds} s"
+
+
 class Heartbeat:
-    """Logs ``<label>: step k of N, loss x; m min in, about t min left`` at most every ``interval`` seconds
+    """Logs ``<label>: step k of N, loss x; 10 min 00 s in, about 30 min 00 s left`` at most every ``interval`` seconds
     (default :data:`HEARTBEAT_SECONDS`), so a log file shows that a long epoch is alive and how fast it goes
     (``total`` None: no estimate; ``disable``: logs nothing, as when a progress bar shows the same)."""
 
@@ -31,11 +39,11 @@ class Heartbeat:
         if now - self.last < self.interval or steps <= 0:
             return
         self.last = now
-        minutes = (now - self.start) / 60
+        elapsed = now - self.start
         of_total = f" of {self.total}" if self.total else ""
-        left = (f", about {minutes / steps * (self.total - steps):.0f} min left"
+        left = (f", about {duration(elapsed / steps * (self.total - steps))} left"
                 if self.total and self.total > steps else "")
-        self.logger.info("%s: step %d%s, loss %.3f; %.0f min in%s", self.label, steps, of_total, loss, minutes, left)
+        self.logger.info("%s: step %d%s, loss %.3f; %s in%s", self.label, steps, of_total, loss, duration(elapsed), left)
 
 
 class MetricsLog:

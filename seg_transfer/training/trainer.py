@@ -60,7 +60,7 @@ from seg_transfer.training.feature_cache import (
     DecoderStageCache,
     open_decoder_cache,
 )
-from seg_transfer.training.metrics_log import Heartbeat, MetricsLog
+from seg_transfer.training.metrics_log import Heartbeat, MetricsLog, duration
 from seg_transfer.training.optim import (
     backward_and_step,
     build_optimizer,
@@ -382,17 +382,9 @@ def _run_stage(session: _Session, stage: StageConfig, progress: Progress, optimi
                  progress.epoch + remaining, record["stage"], progress.step, train_loss,
                  f", val Dice {record['val_dice']:.3f}" if "val_dice" in record else "",
                  0 if rate >= 10 else 1, rate, session.route.sample_name, record["seconds"],
-                 _clock(remaining * progress.elapsed / max(progress.epoch, 1)))
+                 duration(remaining * progress.elapsed / max(progress.epoch, 1)))
         if stop:
             return
-
-
-def _clock(seconds: float) -> str:
-    """``1 h 05 min``, ``4 min 10 s`` or ``12 s``."""
-    seconds = int(round(seconds))
-    if seconds >= 3600:
-        return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
-    return f"{seconds // 60} min {seconds % 60:02d} s" if seconds >= 60 else f"{seconds} s"
 
 
 def _check_collapse(session: _Session, stage: StageConfig, progress: Progress, record: dict) -> list[str]:
