@@ -181,6 +181,12 @@ def test_candidate_and_stride_parsing(tmp_path):
     weights = tmp_path / "w.pth"
     weights.write_bytes(b"")
     assert parse_candidate(f"tu-tf_efficientnet_lite0:{weights}").weights == str(weights)
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "run" / "checkpoints" / "best.pt").write_bytes(b"")
+    run_folder = parse_candidate(f"tu-tf_efficientnet_lite0:{tmp_path / 'run'}")  # a run of this project
+    assert run_folder.weights == str(tmp_path / "run" / "checkpoints" / "best.pt")
+    with pytest.raises(ConfigError, match="a folder without checkpoints/best.pt"):
+        parse_candidate(f"tu-tf_efficientnet_lite0:{tmp_path}")
     for bad in ("tu-tf_efficientnet_lite0", "tu-tf_efficientnet_lite0:", "tu-tf_efficientnet_lite0:/no/such.pth",
                 "tu-no_such_net:imagenet"):
         with pytest.raises(ConfigError, match="candidate"):

@@ -157,12 +157,18 @@ def test_encoder_of_a_seg_transfer_checkpoint_is_reused(tmp_path):
 
     torch.manual_seed(1)
     donor = build_model(ModelConfig(encoder=LITE0, encoder_weights="none"), 3, 3)[0]
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
     path = Checkpoint(config={}, labels={0: "background"}, preprocessing={}, weights_provenance={},
-                      model=donor.state_dict(), progress={}).save(tmp_path / "best.pt")
-    torch.manual_seed(2)
-    model, provenance = build_model(ModelConfig(encoder=LITE0, encoder_weights=str(path)), 3, 2)
-    assert provenance.source == "file" and provenance.dropped_keys == ()
-    for key, value in donor.encoder.state_dict().items():
-        assert torch.equal(model.encoder.state_dict()[key], value), key
-    donor_head = donor.decoder.state_dict()
-    assert not all(torch.equal(v, donor_head[k]) for k, v in model.decoder.state_dict().items())
+                      model=donor.state_dict(), progress={}).save(tmp_path / "run" / "checkpoints" / "best.pt")
+    for given in (path, tmp_path / "run"):  # the file, or the run folder that holds it
+        torch.manual_seed(2)
+        model, provenance = build_model(ModelConfig(encoder=LITE0, encoder_weights=str(given)), 3, 2)
+        assert provenance.source == "file" and provenance.path == str(path) and provenance.dropped_keys == ()
+        for key, value in donor.encoder.state_dict().items():
+            assert torch.equal(model.encoder.state_dict()[key], value), key
+        donor_head = donor.decoder.state_dict()
+        assert not all(torch.equal(v, donor_head[k]) for k, v in model.decoder.state_dict().items())
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(WeightsError, match=r"empty: a folder without checkpoints/best.pt") as error:
+        build_model(ModelConfig(encoder=LITE0, encoder_weights=str(tmp_path / "empty")), 3, 2)
+    assert "\n" not in str(error.value)

@@ -22,6 +22,7 @@ from seg_transfer.models.weights import (
     read_state_dict,
     sha256_file,
     timm_name,
+    weights_file,
 )
 
 log = logging.getLogger(__name__)
@@ -94,7 +95,7 @@ def _load_encoder_weights(model: nn.Module, config: ModelConfig, in_channels: in
             _from_hub(config, in_channels, classes, model)
             return provenance
     else:
-        path = config.encoder_weights
+        path = weights_file(config.encoder_weights)
         provenance = WeightsProvenance("file", str(path), sha256_file(path))
     dropped = load_encoder_file(model.encoder, config.encoder, path)
     log.info("encoder weights: %s %s", provenance.source, provenance.path)

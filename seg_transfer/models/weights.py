@@ -63,6 +63,25 @@ def timm_name(encoder: str) -> str:
     return encoder.removeprefix("tu-")
 
 
+#: where a run folder keeps the network whose encoder is reused (``seg-transfer train`` writes checkpoints/best.pt)
+RUN_FOLDER_WEIGHTS = ("checkpoints/best.pt", "best.pt")
+
+
+def weights_file(path: str | Path) -> Path:
+    """The weights file ``path`` names: the file itself, or a run folder's ``checkpoints/best.pt`` (an encoder
+    this project trained on other data). One-line :class:`WeightsError` when there is neither."""
+    path = Path(path).expanduser()
+    if path.is_file():
+        return path
+    if path.is_dir():
+        for name in RUN_FOLDER_WEIGHTS:
+            if (path / name).is_file():
+                return path / name
+        raise WeightsError(f"{path}: a folder without checkpoints/best.pt; give a weights file or the folder of a "
+                           "finished seg-transfer run")
+    raise WeightsError(f"{path}: no such weights file or run folder")
+
+
 def sha256_file(path: str | Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:

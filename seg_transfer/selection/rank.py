@@ -49,8 +49,9 @@ CANDIDATE_EXAMPLE = "tu-tf_efficientnet_lite0:imagenet"
 
 @dataclass(frozen=True)
 class Candidate:
-    """``encoder:weights[:inflation]`` with weights ``imagenet``, ``none`` or a weights file path, and for a
-    3D run config the inflation mode (default: the config's); ``text`` is how the candidate is shown."""
+    """``encoder:weights[:inflation]`` with weights ``imagenet``, ``none``, a weights file or a run folder (its
+    ``checkpoints/best.pt``), and for a 3D run config the inflation mode (default: the config's); ``text`` is
+    how the candidate is shown."""
 
     text: str
     encoder: str
@@ -73,6 +74,7 @@ def parse_candidate(text: str) -> Candidate:
     factory does not know."""
     from seg_transfer.models.factory import ModelConfigError, validate_names
     from seg_transfer.models.inflate import INFLATION_MODES
+    from seg_transfer.models.weights import WeightsError, weights_file
 
     parts = [part.strip() for part in text.strip().split(":")]
     if len(parts) not in (2, 3) or not all(parts):
@@ -80,10 +82,12 @@ def parse_candidate(text: str) -> Candidate:
     encoder, weights, inflation = parts[0], parts[1], (parts[2] if len(parts) == 3 else None)
     if weights.lower() in NAMED_WEIGHTS:
         weights = weights.lower()
-    elif not Path(weights).expanduser().is_file():
-        raise ConfigError(f"candidate {text!r}: weights must be imagenet, none or an existing weights file")
     else:
-        weights = str(Path(weights).expanduser())
+        try:
+            weights = str(weights_file(weights))
+        except WeightsError as exc:
+            raise ConfigError(f"candidate {text!r}: weights must be imagenet, none, a weights file or a run folder "
+                              f"({exc})") from None
     if inflation is not None and inflation not in INFLATION_MODES:
         raise ConfigError(f"candidate {text!r}: inflation must be one of {', '.join(INFLATION_MODES)}")
     try:
