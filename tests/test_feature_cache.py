@@ -427,3 +427,21 @@ def test_a_cached_3d_decoder_stage_trains_the_decoder_only_and_a_second_run_read
     encoded.clear()
     second = train(config, tmp_path / "second")
     assert encoded == [] and second.best_dice == pytest.approx(first.best_dice, abs=1e-7)
+
+
+def test_a_resumed_cached_3d_stage_continues_to_the_same_result(phantom_root, tmp_path):
+    """The memory cache dies with the process; refilled after resuming, it holds the same bits (each patch is
+    encoded alone), so the interrupted run ends where the straight one does."""
+    from tests.test_training import _equal_states, _train_until_epoch
+
+    config = _config_3d(phantom_root, tmp_path, **{"training.feature_cache": "memory", "training.stages": [
+        {"name": "decoder", "train": "decoder", "epochs": 2, "lr": 3e-3},
+        {"name": "all", "train": "all", "epochs": 1, "lr": 1e-3}]})
+    straight = train(config, tmp_path / "straight")
+    interrupted = tmp_path / "interrupted"
+    _train_until_epoch(config, interrupted, 1)  # mid decoder stage
+    resumed = train(config, interrupted, resume=True)
+    a = Checkpoint.load(tmp_path / "straight" / "checkpoints" / "last.pt")
+    b = Checkpoint.load(interrupted / "checkpoints" / "last.pt")
+    assert resumed.epochs == straight.epochs == 3 and _equal_states(a.model, b.model)
+    assert resumed.best_dice == pytest.approx(straight.best_dice, abs=1e-7)
