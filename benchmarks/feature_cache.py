@@ -22,6 +22,7 @@ augmentation and the encoder forward, nothing else.
 
     OMP_NUM_THREADS=1 python benchmarks/feature_cache.py [--data MSD_ROOT] [--epochs 10] [--threads 1] [--device cuda]
     OMP_NUM_THREADS=1 python benchmarks/feature_cache.py --route 3d --epochs 6   # the shipped 3D network, 40 patches/epoch
+    ... [--variants 16] [--runs "memory s0,memory s1"]   # cached variants; a subset of the runs (no CPU breakdown then)
 
 ``--route 3d`` runs the same five runs with the shipped 3D network (configs/hippocampus_3d_effnet_lite0.yaml,
 ``frozen_bn: adapt``), 4 cached patches per case, 40 patches per epoch, batch 2.
@@ -46,6 +47,7 @@ from the second epoch on 1.18x (disk), 1.16x (disk warm), 1.03x (memory, seed 1)
 0.070 s loading, 0.135 s in the encoder and 3.510 s in the decoder's forward and backward, so 1.06x is the most
 a cache can give there. Best validation Dice, recomputing / cached: seed 0 0.507 / 0.319, seed 1 0.392 / 0.370
 (the cached stage sees 40 fixed patches, the recomputing one 240 fresh crops). 40 patches encoded in 4-5 s, 38 MB.
+With ``--variants 16 --runs "memory s0"`` (and ``"memory s1"``): 0.429 and 0.355; about 130 patches encoded in 15-16 s.
 
 Recorded on an NVIDIA H100 (``--device cuda --threads 4``, README "On one GPU", third lease): from the second
 epoch on the cache is 4.76x (disk), 5.57x (disk warm) and 4.87x (memory) faster (0.78 s per recomputing
@@ -80,6 +82,18 @@ MODES = {"off s0": ("off", 0), "disk s0": ("disk", 0), "disk warm s0": ("disk", 
          "off s1": ("off", 1), "memory s1": ("memory", 1)}
 
 
+def parse_runs(text: str) -> dict[str, tuple[str, int]]:
+    """``--runs "memory s0,memory s1"``: labels ``<off|memory|disk|disk warm> s<seed>``, run in the order given."""
+    runs = {}
+    for label in (part.strip() for part in text.split(",") if part.strip()):
+        *mode, seed = label.split()
+        mode = " ".join(mode)
+        if mode not in ("off", "memory", "disk", "disk warm") or not (seed.startswith("s") and seed[1:].isdigit()):
+            raise SystemExit(f"--runs: {label!r} is not '<off|memory|disk|disk warm> s<seed>'")
+        runs[label] = (mode.split()[0], int(seed[1:]))
+    return runs
+
+
 def case_csv(root: Path, cases: int, out: Path) -> dict:
     """Data settings for a CSV of the first ``cases`` labelled cases of an MSD folder (the run splits them 50/50)."""
     training, _, labels = cases_from_msd(root)
@@ -92,9 +106,12 @@ def case_csv(root: Path, cases: int, out: Path) -> dict:
 
 
 def run_config(data: dict, epochs: int, mode: str, cache_dir: Path, threads: int, seed: int = 0, device: str = "cpu",
-               route: str = "2.5d"):
-    if route == "3d":
-        return run_config_3d(data, epochs, mode, cache_dir, threads, seed, device)
+               route: str = "2.5d", variants: int = 4):
+    config = (run_config_3d if route == "3d" else run_config_2p5d)(data, epochs, mode, cache_dir, threads, seed, device)
+    return config.model_copy(update={"training": config.training.model_copy(update={"feature_cache_variants": variants})})
+
+
+def run_config_2p5d(data: dict, epochs: int, mode: str, cache_dir: Path, threads: int, seed: int = 0, device: str = "cpu"):
     raw = {
         "name": f"feature_cache_{mode}",
         "seed": seed,
@@ -210,6 +227,9 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cuda: time the stage on the GPU (the CPU breakdown is skipped)")
     parser.add_argument("--route", choices=["2.5d", "3d"], default="2.5d",
                         help="3d: the shipped 3D network, 40 patches per epoch, batch 2 (default: 2.5D slabs)")
+    parser.add_argument("--variants", type=int, default=4, help="training.feature_cache_variants of the cached runs")
+    parser.add_argument("--runs", type=parse_runs, default=MODES,
+                        help="comma-separated runs, e.g. 'memory s0,memory s1' (default: " + ", ".join(MODES) + ")")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
@@ -223,10 +243,10 @@ def main() -> None:
             name = f"{root.name} (first {args.cases} cases)"
         data = case_csv(Path(root), args.cases, tmp / "cases.csv")
         runs = {label: timed_run(run_config(data, args.epochs, mode, tmp / "cache", args.threads, seed, args.device,
-                                            args.route),
-                                 tmp / label.replace(" ", "_")) for label, (mode, seed) in MODES.items()}
+                                            args.route, args.variants),
+                                 tmp / label.replace(" ", "_")) for label, (mode, seed) in args.runs.items()}
         breakdown = None
-        if args.device == "cpu":
+        if args.device == "cpu" and args.runs == MODES:
             breakdown = step_breakdown(run_config(data, args.epochs, "off", tmp / "cache", args.threads, route=args.route),
                                        tmp / "probe")
     report(name, args, runs, breakdown)
@@ -235,7 +255,7 @@ def main() -> None:
 def report(name: str, args, runs: dict, breakdown: tuple[float, float, float] | None) -> None:
     samples = "320 slices per epoch, batch 32" if args.route == "2.5d" else "3D: 40 patches per epoch, batch 2"
     print(f"data: {name}; 10 train / 10 validation cases, {samples}, {args.epochs} epochs of a "
-          f"decoder-only stage, {args.threads} thread(s), device {args.device}")
+          f"decoder-only stage, {args.threads} thread(s), device {args.device}, {args.variants} cached variants")
     for clock in ("seconds", "cpu"):
         print(f"{'wall-clock' if clock == 'seconds' else 'CPU'} seconds of training per epoch:")
         print(f"  {'run':12} {'epoch 1':>8} {'epochs 2+':>10} {'stage':>7}  per epoch")
@@ -244,7 +264,7 @@ def report(name: str, args, runs: dict, breakdown: tuple[float, float, float] | 
             print(f"  {label:12} {values[0]:8.2f} {np.mean(values[1:]):10.2f} {sum(values):7.1f}  "
                   f"{' '.join(f'{v:.2f}' for v in values)}")
         for label, run in runs.items():
-            if run["cache"] is None:
+            if run["cache"] is None or "off " + label.split()[-1] not in runs:
                 continue
             off, values = runs["off " + label.split()[-1]][clock], run[clock]
             print(f"  {label}: epochs 2+ {np.mean(off[1:]) / np.mean(values[1:]):.2f}x faster than recomputing "
@@ -253,7 +273,10 @@ def report(name: str, args, runs: dict, breakdown: tuple[float, float, float] | 
         cache = run["cache"]
         filled = f"; {cache.slices_computed} samples encoded in {cache.seconds_filling:.1f} s" if cache else ""
         print(f"{label:12} best validation Dice {run['result'].best_dice:.4f} (epoch {run['result'].best_epoch}){filled}")
-    store = runs["memory s1"]["cache"].store
+    cached = [run["cache"] for run in runs.values() if run["cache"] is not None]
+    if not cached:
+        return
+    store = cached[-1].store
     print(f"cache: {store.filled_bytes / 1e6:.1f} MB of float16 features + labels written "
           f"({store.nbytes / 1e6:.1f} MB allocated; rows never written cost no RAM or disk)")
     print("process RSS growth during each run: " + ", ".join(f"{label} {run['rss_growth'] / 1e6:.0f} MB"
