@@ -107,11 +107,12 @@ def case_csv(root: Path, cases: int, out: Path) -> dict:
 
 def run_config(data: dict, epochs: int, mode: str, cache_dir: Path, threads: int, seed: int = 0, device: str = "cpu",
                route: str = "2.5d", variants: int = 4):
-    config = (run_config_3d if route == "3d" else run_config_2p5d)(data, epochs, mode, cache_dir, threads, seed, device)
-    return config.model_copy(update={"training": config.training.model_copy(update={"feature_cache_variants": variants})})
+    raw = (raw_config_3d if route == "3d" else raw_config_2p5d)(data, epochs, mode, cache_dir, threads, seed, device)
+    raw["training"]["feature_cache_variants"] = variants
+    return config_from_dict(raw, source="benchmark")
 
 
-def run_config_2p5d(data: dict, epochs: int, mode: str, cache_dir: Path, threads: int, seed: int = 0, device: str = "cpu"):
+def raw_config_2p5d(data: dict, epochs: int, mode: str, cache_dir: Path, threads: int, seed: int, device: str) -> dict:
     raw = {
         "name": f"feature_cache_{mode}",
         "seed": seed,
@@ -122,14 +123,14 @@ def run_config_2p5d(data: dict, epochs: int, mode: str, cache_dir: Path, threads
         "model": {"encoder": "tu-tf_efficientnet_lite0", "encoder_weights": "imagenet",
                   "decoder_channels": [128, 64, 32, 16, 16], "frozen_bn": "adapt"},
         "training": {"batch_size": 32, "val_batch_size": 64, "num_threads": threads, "val_every": 2, "device": device,
-                     "feature_cache": mode, "feature_cache_variants": 4, "loss": {"batch_dice": True},
+                     "feature_cache": mode, "loss": {"batch_dice": True},
                      "stages": [{"name": "decoder", "train": "decoder", "epochs": epochs, "lr": 1e-2,
                                  "warmup_epochs": 0.2, "schedule": "cosine"}]},
     }
-    return config_from_dict(raw, source="benchmark")
+    return raw
 
 
-def run_config_3d(data: dict, epochs: int, mode: str, cache_dir: Path, threads: int, seed: int = 0, device: str = "cpu"):
+def raw_config_3d(data: dict, epochs: int, mode: str, cache_dir: Path, threads: int, seed: int, device: str) -> dict:
     """The shipped 3D network (configs/hippocampus_3d_effnet_lite0.yaml: centre-inflated ImageNet Lite0, 3 stages,
     decoder 64-32-16, patches from the median shape, batch 2) in one decoder-only stage of 40 patches per epoch,
     ``frozen_bn: adapt`` (the shipped ``train`` cannot be cached)."""
@@ -143,11 +144,11 @@ def run_config_3d(data: dict, epochs: int, mode: str, cache_dir: Path, threads: 
                   "inflation": "centre", "depth_stride_one_stages": 1, "encoder_depth": 3,
                   "decoder_channels": [64, 32, 16], "frozen_bn": "adapt"},
         "training": {"batch_size": 2, "val_batch_size": 4, "num_threads": threads, "val_every": 2, "device": device,
-                     "feature_cache": mode, "feature_cache_variants": 4, "loss": {"batch_dice": True},
+                     "feature_cache": mode, "loss": {"batch_dice": True},
                      "stages": [{"name": "decoder", "train": "decoder", "epochs": epochs, "lr": 3e-3,
                                  "warmup_epochs": 0.2, "schedule": "cosine"}]},
     }
-    return config_from_dict(raw, source="benchmark")
+    return raw
 
 
 def rss_bytes() -> int:

@@ -18,6 +18,7 @@ from seg_transfer.data.pipeline import prepare_data, slice_loader, volume_datase
 from seg_transfer.data.slices import label_slice, pad_to_multiple, slab
 from seg_transfer.data.transforms import Preprocessing
 from seg_transfer.models.factory import build_model
+from seg_transfer.training import cached_samples as cs
 from seg_transfer.training import feature_cache as fc
 from seg_transfer.training.trainer import train
 from tests.conftest import tiny_config
@@ -58,7 +59,7 @@ def test_cached_features_equal_recomputed_ones(phantom_root, tmp_path):
     cache = fc.DecoderStageCache(config, folder=None)
     entries = cache.epoch_entries(dataset)
     assert {slot for _, slot, _ in entries} <= set(range(1, 5)) and len({slot for _, slot, _ in entries}) > 1
-    picked = entries[:6] + [(entries[0][0], fc.PLAIN_SLOT, entries[0][2])]  # + a plain slab, as rank-encoders reads
+    picked = entries[:6] + [(entries[0][0], cs.PLAIN_SLOT, entries[0][2])]  # + a plain slab, as rank-encoders reads
     store = cache.prepare(model.encoder, dataset, picked, torch.device("cpu"))
     features, labels = store.read(picked)
     augment = SliceAugmenter(config.data.augment)
@@ -68,7 +69,7 @@ def test_cached_features_equal_recomputed_ones(phantom_root, tmp_path):
         image = slab(volume["image"], 2, index, 1).astype(np.float32)
         label = label_slice(volume["label"], 2, index)
         if slot:
-            image, label = augment(image, label, fc.variant_seed(config.seed, name, index, slot))
+            image, label = augment(image, label, cs.variant_seed(config.seed, name, index, slot))
         image = pad_to_multiple(image, 32, value=float(image.min()))
         with torch.no_grad():
             expected = model.encoder(torch.from_numpy(image)[None])[1:]
@@ -80,7 +81,7 @@ def test_cached_features_equal_recomputed_ones(phantom_root, tmp_path):
 def test_key_changes_with_a_weight_a_batchnorm_statistic_or_the_preprocessing(phantom_root, tmp_path):
     config = _config(phantom_root, tmp_path)
     model, dataset, _ = _setup(config, tmp_path)
-    spec = fc.slice_spec(config, 32)
+    spec = cs.slice_spec(config, 32)
     base = fc.encoder_checksum(model.encoder)
     assert fc.encoder_checksum(model.encoder) == base
     decoder_weight = next(p for n, p in model.named_parameters() if n.startswith("decoder."))
@@ -96,11 +97,11 @@ def test_key_changes_with_a_weight_a_batchnorm_statistic_or_the_preprocessing(ph
         norm.running_mean[0] += 1e-6
         changed_statistic = fc.encoder_checksum(model.encoder)
     assert len({base, changed_weight, changed_statistic}) == 3
-    other_prep = fc.slice_spec(config.model_copy(update={"data": config.data.model_copy(
+    other_prep = cs.slice_spec(config.model_copy(update={"data": config.data.model_copy(
         update={"mri_percentiles": (1.0, 99.0)})}), 32)
-    other_context = fc.slice_spec(config.model_copy(update={"data": config.data.model_copy(
+    other_context = cs.slice_spec(config.model_copy(update={"data": config.data.model_copy(
         update={"context_slices": 2})}), 32)
-    other_seed = fc.slice_spec(config.model_copy(update={"seed": 1}), 32)
+    other_seed = cs.slice_spec(config.model_copy(update={"seed": 1}), 32)
     keys = {fc.store_key(s, base) for s in (spec, other_prep, other_context, other_seed)} | {fc.store_key(spec, changed_statistic)}
     assert len(keys) == 5
     # a changed BatchNorm statistic is a cache miss: the trainer's cache encodes again, into another store
@@ -120,6 +121,7 @@ RELOAD_SCRIPT = """
 import json, sys, numpy as np, torch
 torch.set_num_threads(1)
 from seg_transfer.config import config_from_dict
+from seg_transfer.training import cached_samples as cs
 from seg_transfer.training import feature_cache as fc
 from tests.test_feature_cache import _setup, _count_encoder_calls
 from pathlib import Path
@@ -350,7 +352,7 @@ def test_cached_3d_features_are_the_encoders_on_the_patch_the_sampler_draws_for_
     model.eval()
     patches = {}
     for row, (case, slot, _) in enumerate(entries):
-        patch = dataset.sample(case, fc.variant_seed(config.seed, dataset.names[case], 0, slot))
+        patch = dataset.sample(case, cs.variant_seed(config.seed, dataset.names[case], 0, slot))
         patches[(case, slot)] = patch["image"]
         with torch.no_grad():
             expected = model.encoder(patch["image"][None])[1:]
@@ -377,7 +379,7 @@ def test_a_cached_3d_decoder_step_equals_the_full_networks_step_on_the_same_patc
     cache = fc.DecoderStageCache(config, folder=None)
     entries = cache.epoch_entries(dataset)[:2]
     features, labels = cache.prepare(model.encoder, dataset, entries, torch.device("cpu")).read(entries)
-    images = torch.stack([dataset.sample(case, fc.variant_seed(config.seed, dataset.names[case], 0, slot))["image"]
+    images = torch.stack([dataset.sample(case, cs.variant_seed(config.seed, dataset.names[case], 0, slot))["image"]
                           for case, slot, _ in entries])
     results = []
     for path in ("recompute", "cached"):

@@ -337,7 +337,8 @@ def _cached_readers(config: RunConfig, encoder: torch.nn.Module, multiple: int, 
     """Per case, a reader of its cached plain-slab features (``training.feature_cache: disk``), else None."""
     if config.training.feature_cache != "disk":
         return None
-    from seg_transfer.training.feature_cache import PLAIN_SLOT, open_plain_store
+    from seg_transfer.training.cached_samples import PLAIN_SLOT
+    from seg_transfer.training.feature_cache import open_plain_store
 
     store = open_plain_store(config, encoder, multiple, volumes, device)
 

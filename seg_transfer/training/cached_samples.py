@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -91,6 +91,18 @@ def volume_fingerprint(image, label, samples: int = 2**20) -> str:
         digest.update(f"{array.shape}|{array.dtype}|".encode())
         digest.update(np.ascontiguousarray(flat[::max(1, flat.size // samples)]).tobytes())
     return digest.hexdigest()[:16]
+
+
+def epoch_entries(dataset, variants: int, locate: Callable[[int], tuple[int, int]]) -> list[tuple[int, int, int]]:
+    """(case, slot, row) of every item of an :class:`~seg_transfer.data.slices.EpochDataset`'s current epoch (this
+    rank's share), in order: ``locate`` maps an entry of its epoch order to (case, row); the slot is drawn from the
+    sample's seed (``epoch_seed + position``, the seed its augmentation gets)."""
+    entries = []
+    for item in range(len(dataset)):
+        position = dataset._position(item)
+        case, row = locate(int(dataset.order[position]))
+        entries.append((int(case), draw_slot((dataset.epoch_seed + position) % 2**32, variants), int(row)))
+    return entries
 
 
 class SampleRows(Protocol):
@@ -181,12 +193,7 @@ class SliceRows:
         return group_samples(dataset.volumes[case], layout, slot, spec, dataset.augment)
 
     def entries(self, dataset, variants: int) -> list[tuple[int, int, int]]:
-        entries = []
-        for item in range(len(dataset)):
-            position = dataset._position(item)
-            case, index = dataset.index.pairs[dataset.order[position]]
-            entries.append((int(case), draw_slot((dataset.epoch_seed + position) % 2**32, variants), int(index)))
-        return entries
+        return epoch_entries(dataset, variants, lambda sample: dataset.index.pairs[sample])
 
     def check_size(self, model: nn.Module) -> tuple[int, ...]:
         multiple = int(getattr(model.encoder, "output_stride", 32))
@@ -219,11 +226,7 @@ class PatchRows:
         return sample["image"].numpy()[None], sample["label"].numpy().astype(LABEL_DTYPE)
 
     def entries(self, dataset, variants: int) -> list[tuple[int, int, int]]:
-        entries = []
-        for item in range(len(dataset)):
-            position = dataset._position(item)
-            entries.append((int(dataset.order[position]), draw_slot((dataset.epoch_seed + position) % 2**32, variants), 0))
-        return entries
+        return epoch_entries(dataset, variants, lambda case: (case, 0))
 
     def check_size(self, model: nn.Module) -> tuple[int, ...]:
         return tuple(2 * int(m) for m in model.spatial_multiple())

@@ -87,7 +87,7 @@ from torch import nn
 from seg_transfer.atomic import write_atomic
 from seg_transfer.config import ConfigError, RunConfig
 from seg_transfer.training import speed
-from seg_transfer.training.cached_samples import (  # noqa: F401  (re-exported: the cache's public names)
+from seg_transfer.training.cached_samples import (
     LABEL_DTYPE,
     PLAIN_SLOT,
     SAMPLE_ROWS,
@@ -95,12 +95,8 @@ from seg_transfer.training.cached_samples import (  # noqa: F401  (re-exported: 
     CaseLayout,
     SampleRows,
     case_layouts,
-    decode_slices,
-    draw_slot,
     group_samples,
     slice_spec,
-    variant_seed,
-    volume_fingerprint,
 )
 from seg_transfer.training.optim import backward_and_step
 from seg_transfer.training.speed import FULL_PRECISION, SpeedSettings
@@ -512,8 +508,8 @@ def open_decoder_cache(config: RunConfig, model: nn.Module, in_channels: int, wo
 
 
 def decoder_step(model: nn.Module, loss_fn: nn.Module, optimizer, batch: dict, device: torch.device,
-                 grad_clip: float | None, *, settings: SpeedSettings = FULL_PRECISION, scaler=None,
-                 decode: Callable[..., torch.Tensor] = decode_slices) -> float:
+                 grad_clip: float | None, *, decode: Callable[..., torch.Tensor], settings: SpeedSettings = FULL_PRECISION,
+                 scaler=None) -> float:
     """One optimisation step on a cached batch: decoder + head only (``decode``: the route's, from levels
     1..); otherwise as :func:`seg_transfer.training.trainer.train_step` (autocast, float32 loss, scaler, clipping)."""
     features = [f.to(device, non_blocking=True) for f in batch["features"]]
@@ -534,7 +530,7 @@ def open_plain_store(config: RunConfig, encoder: nn.Module, multiple: int, volum
     spec = slice_spec(config, multiple)
     layouts = case_layouts(volumes, spec.geometry["axis"], multiple)
     store = open_store(store_key(spec, encoder_checksum(encoder)), layouts,
-                       lambda: probe_levels(encoder, 2 * spec.geometry["context"] + 1, layouts[0].shape, device),
+                       lambda: probe_levels(encoder, SAMPLE_ROWS["2.5d"].in_channels(spec), layouts[0].shape, device),
                        spec.slots, feature_cache_dir(config), {"spec": asdict(spec)})
     store_case = [store.case_index[layout.name] for layout in layouts]
     missing = sum((layout.name, PLAIN_SLOT) not in store.filled for layout in layouts)
