@@ -22,6 +22,7 @@ import io
 import json
 import logging
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -120,16 +121,9 @@ def export_checkpoint(
 
 
 def trace_shapes(network: LoadedNetwork, size: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """Input shapes to trace and to check: 2.5D ``size`` x ``size`` slabs (batch 2), 3D the training patch (batch 1);
-    the second shape has another batch size (1 for 2.5D, 2 for 3D) and grows every spatial axis by a different
-    multiple of the network's stride."""
-    multiple = network.multiple
-    if network.route.spatial_dims == 2:
-        _check_size(size, multiple[0])
-        return (2, network.in_channels, size, size), (1, network.in_channels, size + multiple[0], size + 2 * multiple[1])
-    patch = tuple(int(p) for p in network.spec.settings["patch_size"])
-    grown = tuple(p + (i + 1) * m for i, (p, m) in enumerate(zip(patch, multiple)))
-    return (1, network.in_channels, *patch), (2, network.in_channels, *grown)
+    """Input shapes to trace and to check (the route's :class:`RouteExport`); the second has another batch size
+    and grows every spatial axis by a different multiple of the network's stride."""
+    return ROUTE_EXPORTS[network.route.name].trace_shapes(network, size)
 
 
 def export_module(
@@ -208,7 +202,7 @@ def build_contract(
             "shape": ["batch", network.in_channels, *spatial],
             "channels": network.in_channels,
             "dynamic_spatial": dynamic_spatial,
-            **_layout(network),
+            **ROUTE_EXPORTS[network.route.name].layout(network),
         },
         "output": {
             "name": OUTPUT_NAME,
@@ -238,15 +232,30 @@ def _spatial_names(spatial_dims: int) -> list[str]:
     return ["height", "width"] if spatial_dims == 2 else ["x", "y", "z"]
 
 
-def _layout(network: LoadedNetwork) -> dict[str, Any]:
-    """How the caller builds the input from the preprocessed volume (route-specific part of the contract)."""
-    if network.route.spatial_dims == 2:
-        k = network.prep.context_slices
-        return {"route": "2.5d", "context_slices": k, "slice_axis": network.prep.slice_axis,
-                "spatial_multiple": network.multiple[0],
-                "layout": (f"channel c is slice index-{k}+c along slice_axis of the preprocessed (RAS) volume, edge "
-                           "slices repeated; height, width are the other two axes in order, padded at the end with the "
-                           "volume minimum to spatial_multiple")}
+def _slab_shapes(network: LoadedNetwork, size: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """2.5D: ``size`` x ``size`` slabs (batch 2), then batch 1 grown by one and two strides."""
+    multiple = network.multiple
+    _check_size(size, multiple[0])
+    return (2, network.in_channels, size, size), (1, network.in_channels, size + multiple[0], size + 2 * multiple[1])
+
+
+def _window_shapes(network: LoadedNetwork, size: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """3D: the training patch (batch 1; ``size`` unused), then batch 2 grown by one, two, three strides."""
+    patch = tuple(int(p) for p in network.spec.settings["patch_size"])
+    grown = tuple(p + (i + 1) * m for i, (p, m) in enumerate(zip(patch, network.multiple)))
+    return (1, network.in_channels, *patch), (2, network.in_channels, *grown)
+
+
+def _slab_layout(network: LoadedNetwork) -> dict[str, Any]:
+    k = network.prep.context_slices
+    return {"route": "2.5d", "context_slices": k, "slice_axis": network.prep.slice_axis,
+            "spatial_multiple": network.multiple[0],
+            "layout": (f"channel c is slice index-{k}+c along slice_axis of the preprocessed (RAS) volume, edge "
+                       "slices repeated; height, width are the other two axes in order, padded at the end with the "
+                       "volume minimum to spatial_multiple")}
+
+
+def _window_layout(network: LoadedNetwork) -> dict[str, Any]:
     from seg_transfer.routes.volume import DEFAULT_OVERLAP, SIGMA_SCALE
 
     return {"route": "3d", "spatial_multiple": list(network.multiple), "window": list(network.spec.settings["patch_size"]),
@@ -256,6 +265,18 @@ def _layout(network: LoadedNetwork) -> dict[str, Any]:
                        f"overlap {DEFAULT_OVERLAP} and Gaussian blending of the softmax probabilities (sigma "
                        f"{SIGMA_SCALE} of the window, MONAI sliding_window_inference's sigma_scale), padding with "
                        "the volume minimum")}
+
+
+@dataclass(frozen=True)
+class RouteExport:
+    """What export needs per route: ``trace_shapes(network, size)`` and ``layout(network)``, the contract's
+    description of how a caller builds the input from the preprocessed volume."""
+
+    trace_shapes: Callable[[LoadedNetwork, int], tuple[tuple[int, ...], tuple[int, ...]]]
+    layout: Callable[[LoadedNetwork], dict[str, Any]]
+
+
+ROUTE_EXPORTS = {"2.5d": RouteExport(_slab_shapes, _slab_layout), "3d": RouteExport(_window_shapes, _window_layout)}
 
 
 def _torch_to_onnx(model: nn.Module, sample_shape: tuple[int, ...], opset: int, spatial: bool) -> bytes:

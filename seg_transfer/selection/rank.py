@@ -304,17 +304,7 @@ def score_candidate(candidate: Candidate, config: RunConfig, volumes, samples: l
     parts: dict[int, list[np.ndarray]] = {stride: [] for stride in options.strides}
     show = sys.stderr.isatty()
     with torch.inference_mode():
-        multiple = route.spatial_multiple(model)
-        if route.spatial_dims == 3:
-            def read(index: int) -> dict[int, np.ndarray]:
-                return volume_features(encoder, volumes[index]["image"], samples[index], multiple, options.strides, device)
-        else:
-            readers = _cached_readers(config, encoder, multiple[0], volumes, device)
-
-            def read(index: int) -> dict[int, np.ndarray]:
-                return case_features(encoder, volumes[index]["image"], samples[index], config.data.slice_axis,
-                                     config.data.context_slices, multiple[0], options.strides, device,
-                                     options.batch_size, cached=readers[index] if readers else None)
+        read = FEATURE_READERS[route.name](config, encoder, route.spatial_multiple(model), volumes, samples, options, device)
         for index in tqdm(range(len(samples)), desc=candidate.text, unit="case", disable=not show):
             for stride, values in read(index).items():
                 parts[stride].append(values)
@@ -330,6 +320,29 @@ def score_candidate(candidate: Candidate, config: RunConfig, volumes, samples: l
     for score in scores:
         score.seconds = seconds
     return scores
+
+
+CaseReader = Callable[[int], dict[int, np.ndarray]]
+
+
+def _volume_reader(config: RunConfig, encoder: torch.nn.Module, multiple: Sequence[int], volumes,
+                   samples: list[PixelSample], options: RankOptions, device: torch.device) -> CaseReader:
+    """3D route: case index -> its sampled voxels' features per stride, from the whole volume."""
+    return lambda index: volume_features(encoder, volumes[index]["image"], samples[index], multiple, options.strides, device)
+
+
+def _slab_reader(config: RunConfig, encoder: torch.nn.Module, multiple: Sequence[int], volumes,
+                 samples: list[PixelSample], options: RankOptions, device: torch.device) -> CaseReader:
+    """2.5D route: case index -> its sampled pixels' features per stride, from the slabs holding them
+    (read from the disk feature store when the run config has one)."""
+    readers = _cached_readers(config, encoder, multiple[0], volumes, device)
+    return lambda index: case_features(encoder, volumes[index]["image"], samples[index], config.data.slice_axis,
+                                       config.data.context_slices, multiple[0], options.strides, device,
+                                       options.batch_size, cached=readers[index] if readers else None)
+
+
+FEATURE_READERS: dict[str, Callable[..., CaseReader]] = {"2.5d": _slab_reader, "3d": _volume_reader}
+"""Per route name: how a candidate's features at the sampled pixels are read (signature of :func:`_slab_reader`)."""
 
 
 def _cached_readers(config: RunConfig, encoder: torch.nn.Module, multiple: int, volumes,
