@@ -216,6 +216,23 @@ def test_corrupt_and_unsupported_inputs_fail_alone(checkpoint, phantom_root, tmp
     assert "failed: phantom_003:" in err and "Traceback" not in err
 
 
+def test_an_image_with_a_nan_voxel_fails_instead_of_predicting_background(checkpoint, phantom_root, tmp_path):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    source = nib.load(str(phantom_root / "imagesTr" / "phantom_000.nii.gz"))
+    data = np.asarray(source.dataobj, dtype=np.float32)
+    nib.save(nib.Nifti1Image(data, source.affine), str(inputs / "clean.nii.gz"))
+    data[3, 4, 5], data[0, 0, 0] = np.nan, np.inf
+    nib.save(nib.Nifti1Image(data, source.affine), str(inputs / "holey.nii.gz"))
+
+    assert _predict(inputs, tmp_path / "out", checkpoint) == 1
+    rows = {row["case"]: row for row in csv.DictReader(open(tmp_path / "out" / "summary.csv"))}
+    assert rows["clean"]["status"] == "ok" and int(rows["clean"]["voxels_anterior"]) > 0
+    assert rows["holey"]["status"] == "failed"
+    assert rows["holey"]["reason"].startswith("NonFiniteImageError: image contains 1 NaN and 1 inf voxel(s)")
+    assert not (tmp_path / "out" / "holey.nii.gz").exists()
+
+
 def test_existing_outputs_need_continue_or_overwrite(checkpoint, plain, tmp_path, capsys):
     out = tmp_path / "out"
     assert _predict(plain[2], out, checkpoint) == 0

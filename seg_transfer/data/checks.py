@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from seg_transfer.data.cases import Case
-from seg_transfer.data.io import read_volume
+from seg_transfer.data.io import non_finite_counts, read_volume
 
 AFFINE_RTOL = 1e-3
 AFFINE_ATOL = 1e-3
@@ -84,15 +84,13 @@ def _image_problems(data: np.ndarray) -> list[str]:
     """NaN/inf voxels and constant images."""
     problems = []
     finite = data
-    if np.issubdtype(data.dtype, np.inexact):
-        n_nan = int(np.isnan(data).sum())
-        n_inf = int(np.isinf(data).sum())
-        if n_nan:
-            problems.append(f"image contains {n_nan} NaN voxel(s)")
-        if n_inf:
-            problems.append(f"image contains {n_inf} inf voxel(s)")
-        if n_nan or n_inf:
-            finite = data[np.isfinite(data)]
+    n_nan, n_inf = non_finite_counts(data)
+    if n_nan:
+        problems.append(f"image contains {n_nan} NaN voxel(s)")
+    if n_inf:
+        problems.append(f"image contains {n_inf} inf voxel(s)")
+    if n_nan or n_inf:
+        finite = data[np.isfinite(data)]
     if finite.size == 0:
         problems.append("image has no finite voxels")
     elif finite.min() == finite.max():

@@ -193,3 +193,10 @@ class SimpleITKReader(ImageReader):
 
 def _names(data) -> list[str]:
     return [str(data)] if isinstance(data, (str, Path)) else [str(item) for item in data]
+
+
+def non_finite_counts(array: np.ndarray) -> tuple[int, int]:
+    """``(NaN voxels, inf voxels)`` of an image (0, 0 for integer images)."""
+    if not np.issubdtype(array.dtype, np.inexact):
+        return 0, 0
+    return int(np.isnan(array).sum()), int(np.isinf(array).sum())

@@ -14,7 +14,8 @@ import numpy as np
 from monai import transforms as mt
 
 from seg_transfer.config import DataConfig
-from seg_transfer.data.io import SimpleITKReader
+from seg_transfer.data.io import SimpleITKReader, non_finite_counts
+from seg_transfer.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -86,12 +87,34 @@ def load_transform(keys: list[str]) -> mt.LoadImaged:
     return load
 
 
+class NonFiniteImageError(UserError, ValueError):
+    """An image holds NaN or inf voxels: normalisation would spread them and the network would output
+    background everywhere, so the case is refused instead."""
+
+
+class RequireFinited(mt.MapTransform):
+    """Raise :class:`NonFiniteImageError` (counting NaN and inf voxels) if the ``image`` is not all finite;
+    the data pass through unchanged."""
+
+    def __init__(self) -> None:
+        super().__init__(keys="image")
+
+    def __call__(self, data):
+        array = np.asarray(data["image"])
+        n_nan, n_inf = non_finite_counts(array)
+        if n_nan or n_inf:
+            raise NonFiniteImageError(f"image contains {n_nan} NaN and {n_inf} inf voxel(s) of {array.size}; "
+                                      "replace them (e.g. by the background value) first")
+        return data
+
+
 def preprocessing_transforms(prep: Preprocessing, with_label: bool = True) -> mt.Compose:
     """Load → channel-first → orientation → optional spacing → intensity → optional foreground crop."""
     keys = ["image", "label"] if with_label else ["image"]
     steps: list[Any] = [
         load_transform(keys),
         mt.EnsureTyped(keys="image", dtype=np.float32, track_meta=True),
+        RequireFinited(),
         mt.Orientationd(keys=keys, axcodes=prep.orientation, labels=(("L", "R"), ("P", "A"), ("I", "S"))),
     ]
     if prep.spacing:
