@@ -197,6 +197,21 @@ def test_class_names_from_labels_json(folders, tmp_path):
         evaluate_folders(pred, ref, tmp_path / "eval", labels=labels, n_resamples=200)
 
 
+def test_unnamed_classes_are_the_label_values_present_not_every_value_below_the_largest(tmp_path):
+    """A stray label 5 in one prediction used to add classes 3 and 4, empty in every mask, each with Dice 1."""
+    pred, ref = tmp_path / "pred", tmp_path / "ref"
+    stray = cube()
+    stray[0, 0, 0] = 5
+    save(ref / "a.nii.gz", cube()), save(pred / "a.nii.gz", stray)
+    both = cube()
+    both[0:3, 0:3, 0:3] = 2
+    save(ref / "b.nii.gz", both), save(pred / "b.nii.gz", both)
+    result = evaluate_folders(pred, ref, tmp_path / "eval", tolerance_mm=1.0, n_resamples=200)
+    assert result.classes == {1: "class_1", 2: "class_2", 5: "class_5"}
+    fives = [case.metrics[5] for case in result.cases]
+    assert [m.dice for m in fives] == [0.0, 1.0]  # a: predicted only; b: absent from both masks
+
+
 def test_cli_missing_prediction_names_the_case(folders, capsys):
     pred, ref = folders
     save(ref / "c.nii.gz", cube())

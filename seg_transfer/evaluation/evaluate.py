@@ -167,22 +167,23 @@ def load_class_names(path: str | Path) -> dict[int, str]:
     return classes
 
 
-def default_class_names(pred_dir: Path, label_dir: Path, top: int) -> dict[int, str]:
+def default_class_names(pred_dir: Path, label_dir: Path, present: set[int]) -> dict[int, str]:
     """Class names when ``--labels`` is not given: from the prediction's sidecar (``summary*.json`` that
     ``predict`` writes), else from ``dataset.json`` beside an MSD ``labels*`` folder, if either names every
-    label 1..``top``; else class_1..class_``top``, with a warning saying how to name them."""
+    label in ``present``; else ``class_<value>`` for each present label value (never values no mask holds),
+    with a warning saying how to name them."""
     candidates = [*sorted(Path(pred_dir).glob("summary*.json"))]
     if Path(label_dir).name.startswith("labels"):
         candidates.append(Path(label_dir).parent / "dataset.json")
     for path in candidates:
         names = _class_names_in(path)
-        if names and set(range(1, top + 1)) <= set(names):
+        if names and present <= set(names):
             log.info("class names from %s", path)
             return names
     log.warning("class names unknown (no summary.json from predict in %s, no dataset.json beside %s): reporting "
-                "class_1..class_%d; pass --labels dataset.json (or a JSON map {\"1\": \"name\"}) to name them",
-                pred_dir, label_dir, top)
-    return {i: f"class_{i}" for i in range(1, top + 1)}
+                "%s; pass --labels dataset.json (or a JSON map {\"1\": \"name\"}) to name them",
+                pred_dir, label_dir, ", ".join(f"class_{i}" for i in sorted(present)))
+    return {i: f"class_{i}" for i in sorted(present)}
 
 
 def _class_names_in(path: Path) -> dict[int, str] | None:
@@ -245,7 +246,7 @@ def _labels_present(labels: np.ndarray) -> set[int]:
 def evaluate_case(
     pair: CasePair, tolerance_mm: float, classes: dict[int, str] | None = None, atol: float = GEOMETRY_ATOL
 ) -> CaseResult:
-    """Metrics of one case for ``classes`` (None: classes 1..max label present in this case).
+    """Metrics of one case for ``classes`` (None: the label values present in either mask).
 
     EvaluationError naming the case for a geometry mismatch or a label not in ``classes``.
     """
@@ -255,7 +256,7 @@ def evaluate_case(
     check_geometry(pair.name, pred_geometry, ref_geometry, atol)
     present = (_labels_present(pred) | _labels_present(ref)) - {0}
     if classes is None:
-        wanted = list(range(1, max(present, default=0) + 1))
+        wanted = sorted(present)
     else:
         unknown = sorted(present - set(classes))
         if unknown:
@@ -431,11 +432,11 @@ def evaluate_folders(
         cases.append(evaluate_case(pair, tolerance_mm, classes))
         log.debug("%s: %s", pair.name, {c: round(m.dice, 4) for c, m in cases[-1].metrics.items()})
     if classes is None:
-        top = max((max(c.metrics, default=0) for c in cases), default=0)
-        if top == 0:
+        present = set().union(*(case.metrics for case in cases))
+        if not present:
             raise EvaluationError(f"no foreground label in any prediction or reference ({label_dir}); nothing to evaluate")
-        classes = default_class_names(pred_dir, label_dir, top)
-        for case in cases:  # classes above this case's largest label are absent from both masks
+        classes = default_class_names(pred_dir, label_dir, present)
+        for case in cases:  # a class missing from this case is absent from both of its masks
             case.metrics = {i: case.metrics.get(i) or both_empty_metrics() for i in classes}
     aggregates = aggregate(cases, classes, n_resamples, confidence, seed)
     bootstrap = {"n_resamples": n_resamples, "confidence": confidence, "seed": seed, "method": "BCa (percentile where BCa is undefined)",
