@@ -4,7 +4,7 @@
     python benchmarks/collapse_rule.py runs/ [--fractions 0.4 0.5 0.6 0.7 0.8]
 
 Every run folder below the given folders with ``metrics.jsonl``, ``config.yaml`` and ``summary.json`` is
-replayed through the trainer's own rule (:func:`planned_encoder_epochs`, :func:`collapse_check_due`,
+replayed through the trainer's own rule (seg_transfer/training/collapse.py: :func:`planned_encoder_epochs`, :func:`collapse_check_due`,
 :func:`collapsed_classes`) at each
 ``after_fraction``, with the run's ``min_class_dice`` and ``relative_dice``. A run *collapsed* when its
 ``summary.json`` lists a class below the rule at its best epoch (the study report's verdict); any other
@@ -20,7 +20,7 @@ from pathlib import Path
 import yaml
 
 from seg_transfer.config import StageConfig
-from seg_transfer.training.trainer import collapse_check_due, collapsed_classes, planned_encoder_epochs
+from seg_transfer.training.collapse import collapse_check_due, collapsed_classes, planned_encoder_epochs
 
 
 def load_run(run_dir: Path) -> dict | None:

@@ -14,7 +14,8 @@ from seg_transfer.models.factory import build_model
 from seg_transfer.models.freezing import reestimate_batchnorm
 from seg_transfer.study.analysis import NEGATIVE, NEUTRAL, paired_comparisons
 from seg_transfer.study.runner import RunRecord, StudyError, check_equal_steps
-from seg_transfer.training.trainer import collapse_check_due, collapsed_classes, train
+from seg_transfer.training.collapse import collapse_check_due, collapsed_classes
+from seg_transfer.training.trainer import train
 from tests.conftest import tiny_config
 
 

@@ -18,11 +18,8 @@ from __future__ import annotations
 
 import json
 import logging
-import math
-import random
 import sys
 import time
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,16 +52,28 @@ from seg_transfer.routes import get_route
 from seg_transfer.routes.base import InferenceOptions, Inferer, Route
 from seg_transfer.routes.network import load_weights, network_spec
 from seg_transfer.training import distributed, speed
+from seg_transfer.training.collapse import (
+    collapse_check_due,
+    collapsed_classes,
+    planned_encoder_epochs,
+)
 from seg_transfer.training.distributed import SINGLE_PROCESS, DistributedContext
 from seg_transfer.training.feature_cache import (
     DecoderStageCache,
     open_decoder_cache,
 )
-from seg_transfer.training.metrics_log import Heartbeat, MetricsLog, duration
+from seg_transfer.training.metrics_log import Heartbeat, MetricsLog, duration, rounded
 from seg_transfer.training.optim import (
     backward_and_step,
     build_optimizer,
     build_scheduler,
+)
+from seg_transfer.training.rng import (
+    rank_rng_state,
+    restore_rng,
+    rng_state,
+    seed_everything,
+    seed_rank_streams,
 )
 from seg_transfer.training.speed import FULL_PRECISION, SpeedSettings
 
@@ -171,13 +180,13 @@ def _train(config: RunConfig, run_dir: Path, context: DistributedContext, resume
         config = stored
     if config.training.num_threads:
         torch.set_num_threads(config.training.num_threads)
-    _seed_everything(config.seed)
+    seed_everything(config.seed)
     session = _open_session(config, run_dir, skip_bad_cases, context)
     progress = Progress()
     if checkpoint is not None:
         progress = Progress(**checkpoint.progress)
         load_weights(session.model, checkpoint.model, last_path)
-        _restore_rng(_rank_rng_state(checkpoint, context))
+        restore_rng(rank_rng_state(checkpoint, context))
         if session.scaler is not None and checkpoint.grad_scaler is not None:
             session.scaler.load_state_dict(checkpoint.grad_scaler)
         if session.metrics is not None:
@@ -221,7 +230,7 @@ def _open_session(config: RunConfig, run_dir: Path, skip_bad_cases: bool, contex
     route = get_route(config.model.dims)
     in_channels = route.in_channels(config.data)
     model, provenance = route.build_network(config.model, in_channels, len(labels), True)
-    _seed_rank_streams(config.seed, context.rank)
+    seed_rank_streams(config.seed, context.rank)
     device = context.device if context.enabled else _device(training.device)
     settings = speed.resolve_speed(training, device, fixed_input_shapes=route.fixed_input_shapes)
     stages = encoder_stages(model.encoder, in_channels, spatial_dims=route.spatial_dims)  # traced on CPU, before the model moves
@@ -406,25 +415,6 @@ def _check_collapse(session: _Session, stage: StageConfig, progress: Progress, r
     return low
 
 
-def planned_encoder_epochs(stages: Sequence[StageConfig]) -> int:
-    """Epochs of the stages that train (part of) the encoder, i.e. every stage but decoder-only ones."""
-    return sum(stage.epochs for stage in stages if stage.train != "decoder")
-
-
-def collapse_check_due(encoder_epochs: int, planned_encoder_epochs: int, after_fraction: float) -> bool:
-    """Whether validations are checked for collapse yet: once the encoder has trained for ``after_fraction``
-    of the run's planned encoder-training epochs (at least one)."""
-    return encoder_epochs >= max(1, math.ceil(after_fraction * planned_encoder_epochs))
-
-
-def collapsed_classes(per_class: dict[str, float], min_class_dice: float, relative_dice: float = 0.0) -> list[str]:
-    """Classes the network is not learning: Dice below ``min_class_dice``, or below ``relative_dice`` x the best
-    class's Dice (NaN counts as collapsed)."""
-    best = max((v for v in per_class.values() if v == v), default=0.0)
-    floor = max(min_class_dice, relative_dice * best)
-    return [name for name, value in per_class.items() if not value >= floor]
-
-
 def _set_epoch(session: _Session, progress: Progress) -> None:
     data = session.config.data
     session.train_set.set_epoch(session.config.seed, progress.epoch, data.slices_per_epoch, data.foreground_fraction)
@@ -558,7 +548,7 @@ def _validate_and_keep_best(session: _Session, progress: Progress) -> dict[str, 
 
 def _save(session: _Session, progress: Progress, optimizer, scheduler, which: str) -> None:
     """Write ``checkpoints/<which>.pt`` (rank 0); ``last`` also gathers every rank's RNG state (collective)."""
-    rng_states = distributed.gather_objects(session.dist, _rng_state()) if which == "last" else None
+    rng_states = distributed.gather_objects(session.dist, rng_state()) if which == "last" else None
     if not session.dist.is_main:
         return
     checkpoint = Checkpoint(
@@ -578,57 +568,6 @@ def _save(session: _Session, progress: Progress, optimizer, scheduler, which: st
         if session.scaler is not None:
             checkpoint.grad_scaler = session.scaler.state_dict()
     checkpoint.save(session.run_dir / "checkpoints" / f"{which}.pt")
-
-
-def _rank_rng_state(checkpoint: Checkpoint, context: DistributedContext) -> dict[str, Any]:
-    """This rank's RNG state in ``checkpoint``: its own if the run had as many ranks, else rank 0's."""
-    by_rank = checkpoint.rng_by_rank
-    if by_rank is not None and len(by_rank) == context.world_size:
-        return by_rank[context.rank]
-    if context.enabled or by_rank is not None:
-        log.warning("resuming with %d process(es) a run saved with %d: every rank continues from rank 0's RNG state",
-                    context.world_size, len(by_rank or [None]))
-    return checkpoint.rng
-
-
-def _rng_state() -> dict[str, Any]:
-    return {"torch": torch.get_rng_state(), "numpy": _numpy_state_to_list(), "python": list(random.getstate()[1])}
-
-
-def _numpy_state_to_list() -> list:
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    return [name, keys.tolist(), int(pos), int(has_gauss), float(cached)]
-
-
-def _restore_rng(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
-    random.setstate((3, tuple(state["python"]), None))
-
-
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def _seed_rank_streams(seed: int, rank: int) -> None:
-    """After the (shared) model init, give ranks > 0 their own global RNG streams (dropout, loader
-    seeds). Rank 0 keeps the single-process stream; augmentation is seeded per sample position."""
-    if rank > 0:
-        _seed_everything(int(np.random.SeedSequence([seed, rank]).generate_state(1)[0]))
-
-
-def rounded(value: Any, digits: int = 4) -> Any:
-    """``value`` with every float rounded to ``digits`` decimals (summaries are read by people)."""
-    if isinstance(value, float):
-        return round(value, digits)
-    if isinstance(value, dict):
-        return {k: rounded(v, digits) for k, v in value.items()}
-    if isinstance(value, list):
-        return [rounded(v, digits) for v in value]
-    return value
 
 
 def _finish(session: _Session, progress: Progress) -> RunResult:
