@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from seg_transfer.checkpoint import CheckpointError, resolve_checkpoint
 from seg_transfer.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -63,23 +64,23 @@ def timm_name(encoder: str) -> str:
     return encoder.removeprefix("tu-")
 
 
-#: where a run folder keeps the network whose encoder is reused (``seg-transfer train`` writes checkpoints/best.pt)
-RUN_FOLDER_WEIGHTS = ("checkpoints/best.pt", "best.pt")
-
-
 def weights_file(path: str | Path) -> Path:
     """The weights file ``path`` names: the file itself, or a run folder's ``checkpoints/best.pt`` (an encoder
-    this project trained on other data). One-line :class:`WeightsError` when there is neither."""
+    this project trained on other data; :func:`~seg_transfer.checkpoint.resolve_checkpoint`, the one place
+    that knows the run layout), or a run's ``checkpoints`` folder's ``best.pt``. One-line :class:`WeightsError`
+    when there is none of them."""
     path = Path(path).expanduser()
     if path.is_file():
         return path
-    if path.is_dir():
-        for name in RUN_FOLDER_WEIGHTS:
-            if (path / name).is_file():
-                return path / name
+    if not path.is_dir():
+        raise WeightsError(f"{path}: no such weights file or run folder")
+    try:
+        return resolve_checkpoint(path)
+    except CheckpointError:
+        if (path / "best.pt").is_file():  # the run's checkpoints folder itself
+            return path / "best.pt"
         raise WeightsError(f"{path}: a folder without checkpoints/best.pt; give a weights file or the folder of a "
-                           "finished seg-transfer run")
-    raise WeightsError(f"{path}: no such weights file or run folder")
+                           "finished seg-transfer run") from None
 
 
 def sha256_file(path: str | Path) -> str:
