@@ -124,6 +124,9 @@ class ModelConfig(_Strict):
     encoder_depth: int = Field(5, ge=3, le=5)
     #: 3D route: the first N downsamplings keep stride 1 along the depth (last spatial) axis, for thin volumes
     depth_stride_one_stages: int = Field(0, ge=0, le=5)
+    #: 3D route: 1x1x1 heads on the coarser decoder levels add their losses in training (weights halving per
+    #: level, summing to 1); inference reads the full-resolution output only
+    deep_supervision: bool = False
 
     @field_validator("encoder_weights")
     @classmethod
@@ -136,7 +139,14 @@ class ModelConfig(_Strict):
         if self.depth_stride_one_stages and self.dims != "3d":
             raise ValueError("depth_stride_one_stages applies to the 3D route only (model.dims: 3d); "
                              "set it to 0 for model.dims: 2.5d")
+        if self.deep_supervision and self.dims != "3d":
+            raise ValueError("deep_supervision applies to the 3D route only (model.dims: 3d)")
         return self
+
+    @property
+    def supervised_outputs(self) -> int:
+        """Outputs the loss scores in training: one per decoder level with deep supervision, else one."""
+        return self.encoder_depth if self.deep_supervision else 1
 
     @property
     def pretrained(self) -> bool:

@@ -365,16 +365,20 @@ def test_cached_3d_features_are_the_encoders_on_the_patch_the_sampler_draws_for_
     assert any(len(images) > 1 and not torch.equal(images[0], images[1]) for images in by_case.values())  # slots differ
 
 
-def test_a_cached_3d_decoder_step_equals_the_full_networks_step_on_the_same_patches(phantom_root, tmp_path, monkeypatch):
+@pytest.mark.parametrize("deep_supervision", [False, True])
+def test_a_cached_3d_decoder_step_equals_the_full_networks_step_on_the_same_patches(phantom_root, tmp_path, monkeypatch,
+                                                                                    deep_supervision):
     """Same patches, same frozen encoder: with float32 rows the cached step's loss and updated decoder equal the
-    recomputing step's (the network's own forward with a frozen, eval-mode encoder) to float tolerance."""
-    from monai.losses import DiceCELoss
-
+    recomputing step's (the network's own forward with a frozen, eval-mode encoder) to float tolerance, with
+    and without deep supervision (whose auxiliary heads the cached step trains too)."""
+    from seg_transfer.config import LossConfig
     from seg_transfer.models.freezing import set_train_mode
+    from seg_transfer.training.loss import build_loss
     from seg_transfer.training.trainer import train_step
 
     monkeypatch.setattr(fc, "FEATURE_DTYPE", np.float32)
-    config = _config_3d(phantom_root, tmp_path, **{"data.augment": {"enabled": False}})
+    config = _config_3d(phantom_root, tmp_path, **{"data.augment": {"enabled": False},
+                                                   "model.deep_supervision": deep_supervision})
     model, dataset, loader = _setup_3d(config, tmp_path)
     cache = fc.DecoderStageCache(config, folder=None)
     entries = cache.epoch_entries(dataset)[:2]
@@ -391,7 +395,7 @@ def test_a_cached_3d_decoder_step_equals_the_full_networks_step_on_the_same_patc
         copy.train()
         set_train_mode(copy, "eval")
         optimizer = torch.optim.SGD([p for p in copy.parameters() if p.requires_grad], lr=0.1)
-        loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, batch=True)
+        loss_fn = build_loss(LossConfig(batch_dice=True), config.model.supervised_outputs, torch.device("cpu"))
         if path == "recompute":
             loss = train_step(copy, loss_fn, optimizer, {"image": images, "label": labels}, torch.device("cpu"), None)
         else:
@@ -400,8 +404,8 @@ def test_a_cached_3d_decoder_step_equals_the_full_networks_step_on_the_same_patc
         results.append((loss, {k: v.clone() for k, v in copy.state_dict().items()}))
     (loss_a, state_a), (loss_b, state_b) = results
     assert loss_b == pytest.approx(loss_a, rel=1e-5)
-    moved = [k for k in state_a if k.startswith("decoder.") and not torch.equal(state_a[k], model.state_dict()[k])]
-    assert moved
+    moved = {k.split(".")[0] for k in state_a if not torch.equal(state_a[k], model.state_dict()[k])}
+    assert moved == ({"decoder", "segmentation_head", "aux_heads"} if deep_supervision else {"decoder", "segmentation_head"})
     for key in state_a:
         torch.testing.assert_close(state_b[key], state_a[key], rtol=1e-4, atol=1e-6)
 

@@ -330,3 +330,34 @@ def test_unet3d_with_depth_stride_one_and_three_levels_needs_smaller_z_multiples
 def test_unet3d_refuses_other_architectures():
     with pytest.raises(ModelConfigError, match="has no 3D version"):
         build_unet3d(ModelConfig(arch="FPN", encoder="resnet18", encoder_weights="none", dims="3d"), classes=2)
+
+
+def test_unet3d_decode_is_monai_unet_decoder_and_deep_supervision_adds_coarser_outputs_in_training_only():
+    torch.manual_seed(3)
+    plain = _tiny_unet(encoder_depth=3, depth_stride_one_stages=1).eval()
+    x = torch.randn(2, 1, 16, 16, 12)
+    with torch.no_grad():
+        features = plain.encoder(x)[1:]
+        monai_forward = plain.segmentation_head(plain.decoder(features, len(features) - 1))
+        assert torch.allclose(plain(x), monai_forward, atol=1e-6)
+
+    torch.manual_seed(3)
+    supervised = _tiny_unet(encoder_depth=3, depth_stride_one_stages=1, deep_supervision=True)
+    aux = {k for k in supervised.state_dict() if k.startswith("aux_heads.")}
+    assert aux == {"aux_heads.0.weight", "aux_heads.0.bias", "aux_heads.1.weight", "aux_heads.1.bias"}
+    missing = supervised.load_state_dict(plain.state_dict(), strict=False).missing_keys
+    assert set(missing) == aux  # the rest of the network is the plain one
+
+    supervised.eval()
+    with torch.no_grad():
+        assert torch.allclose(supervised(x), plain(x), atol=1e-6)  # inference reads the full-resolution head only
+    supervised.train()
+    outputs = supervised(x)
+    assert [tuple(o.shape) for o in outputs] == [(2, 3, 16, 16, 12), (2, 3, 8, 8, 12), (2, 3, 4, 4, 6)]
+    sum(o.sum() for o in outputs).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in supervised.aux_heads.parameters())
+
+
+def test_deep_supervision_is_refused_on_the_2p5d_route():
+    with pytest.raises(ValueError, match="deep_supervision applies to the 3D route only"):
+        ModelConfig(deep_supervision=True)

@@ -92,3 +92,22 @@ def test_3d_scratch_control_keeps_the_route_and_drops_weights_and_stages(phantom
     assert control.model.dims == "3d" and control.model.inflation == pretrained.model.inflation
     assert control.model.encoder_weights == "none" and control.data.patch_size == (16, 16, 16)
     assert [s.train for s in control.training.stages] == ["all"] and control.training.stages[0].epochs == 3
+
+
+def test_deep_supervision_trains_the_auxiliary_heads_and_predict_reads_the_full_resolution_head(phantom_root, tmp_path):
+    raw = tiny_3d(phantom_root, **{"model.deep_supervision": True})
+    raw["training"]["stages"] = [{"name": "all", "train": "all", "epochs": 2, "lr": 3e-3}]
+    config = config_from_dict(raw)
+    _train_until_epoch(config, tmp_path / "one_epoch", 1)
+    train(config, tmp_path / "run")
+    first = Checkpoint.load(tmp_path / "one_epoch" / "checkpoints" / "last.pt")
+    last = Checkpoint.load(tmp_path / "run" / "checkpoints" / "last.pt")
+    aux = {k: v for k, v in last.model.items() if k.startswith("aux_heads.")}
+    assert sorted(aux) == ["aux_heads.0.bias", "aux_heads.0.weight", "aux_heads.1.bias", "aux_heads.1.weight"]
+    assert aux["aux_heads.0.weight"].shape == (3, 8, 1, 1, 1) and aux["aux_heads.1.weight"].shape == (3, 16, 1, 1, 1)
+    for key in aux:  # the second epoch moved every auxiliary head: their losses reach the optimiser
+        assert not torch.equal(first.model[key], aux[key]), key
+
+    source = phantom_root / "imagesTr" / "phantom_000.nii.gz"
+    assert main(["predict", "-m", str(tmp_path / "run"), "-i", str(source), "-o", str(tmp_path / "out"), "--device", "cpu"]) == 0
+    assert nib.load(tmp_path / "out" / "phantom_000.nii.gz").shape == nib.load(source).shape

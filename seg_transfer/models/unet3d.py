@@ -24,12 +24,15 @@ DECODER_ACT = ("relu", {"inplace": True})
 class Unet3d(nn.Module):
     """U-Net on ``(B, C, X, Y, Z)``: ``encoder`` (inflated smp encoder with ``feature_strides``), MONAI's
     ``UNetDecoder`` in 3D (nearest upsampling by each level's per-axis stride ratio, so Z may be downsampled
-    less than X and Y), ``segmentation_head`` (3x3x3 Conv3d to ``classes`` logits).
+    less than X and Y), ``segmentation_head`` (3x3x3 Conv3d to ``classes`` logits). With ``deep_supervision``,
+    ``aux_heads`` (1x1x1 Conv3d) read the coarser decoder levels, and in training mode the network returns a list
+    of logits, full resolution first; in eval mode it always returns the full-resolution logits alone.
 
     Input sizes must be multiples of :meth:`spatial_multiple` (per axis); the output has the input's size.
     """
 
-    def __init__(self, encoder: nn.Module, classes: int, decoder_channels: tuple[int, ...] | None = None) -> None:
+    def __init__(self, encoder: nn.Module, classes: int, decoder_channels: tuple[int, ...] | None = None,
+                 deep_supervision: bool = False) -> None:
         super().__init__()
         strides: tuple[tuple[int, int, int], ...] = tuple(encoder.feature_strides)
         depth = len(strides) - 1
@@ -53,6 +56,9 @@ class Unet3d(nn.Module):
         )
         _set_upsample_factors(self.decoder, strides)
         self.segmentation_head = nn.Conv3d(channels[-1], classes, kernel_size=3, padding=1)
+        # finest first: block depth-2's output (one level above full resolution), then coarser
+        self.aux_heads = nn.ModuleList(nn.Conv3d(c, classes, kernel_size=1) for c in channels[-2::-1]) \
+            if deep_supervision else None
         self.classes = classes
 
     @property
@@ -64,16 +70,26 @@ class Unet3d(nn.Module):
         """``(X, Y, Z)`` multiples the input sizes must be (Z smaller with ``depth_stride_one_stages``)."""
         return tuple(int(s) for s in self.encoder.feature_strides[-1])  # type: ignore[return-value]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, C, X, Y, Z)`` -> logits ``(B, classes, X, Y, Z)``."""
+    def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+        """``(B, C, X, Y, Z)`` -> logits ``(B, classes, X, Y, Z)`` (a list, finest first, when deeply
+        supervised and training)."""
         multiple = self.spatial_multiple()
         if x.ndim != 5 or any(size % m for size, m in zip(x.shape[2:], multiple)):
             raise ValueError(f"Unet3d needs (B, C, X, Y, Z) with sizes multiples of {multiple}, got {tuple(x.shape)}")
         return self.decode(self.encoder(x)[1:])  # smp encoders return the input first
 
-    def decode(self, features: list[torch.Tensor]) -> torch.Tensor:
-        """Logits from encoder levels 1.. (the input level is not read): the feature cache's entry point."""
-        return self.segmentation_head(self.decoder(features, len(features) - 1))
+    def decode(self, features: list[torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
+        """Logits from encoder levels 1.. (the input level is not read): the feature cache's entry point.
+        The loop is MONAI ``UNetDecoder.forward``'s, keeping each block's output for the auxiliary heads."""
+        skips = features[:-1][::-1]
+        x, levels = features[-1], []
+        for i, block in enumerate(self.decoder.blocks):
+            x = block(x, skips[i] if i < len(skips) else None)
+            levels.append(x)
+        logits = self.segmentation_head(x)
+        if self.aux_heads is None or not self.training:
+            return logits
+        return [logits, *(head(level) for head, level in zip(self.aux_heads, levels[-2::-1]))]
 
 
 def _set_upsample_factors(decoder: UNetDecoder, strides: tuple[tuple[int, int, int], ...]) -> None:
@@ -114,4 +130,4 @@ def build_unet3d(config: ModelConfig, classes: int, *, load_pretrained: bool = T
     model_2d, provenance = build_model(config_2d, 1, classes, load_pretrained=load_pretrained, drop_unread=False)
     encoder = inflate_encoder(model_2d.encoder, config.inflation, config.depth_stride_one_stages)
     drop_unread_encoder_layers(encoder, 1, config, spatial_dims=3, announce=load_pretrained)
-    return Unet3d(encoder, classes, channels), provenance
+    return Unet3d(encoder, classes, channels, config.deep_supervision), provenance

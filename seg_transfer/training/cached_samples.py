@@ -31,6 +31,7 @@ from torch import nn
 from seg_transfer.config import RunConfig
 from seg_transfer.data.slices import label_slice, pad_to_multiple, slab
 from seg_transfer.data.transforms import Preprocessing
+from seg_transfer.training.loss import Logits
 
 PLAIN_SLOT = 0
 LABEL_DTYPE = np.int16
@@ -126,8 +127,9 @@ class SampleRows(Protocol):
         """A small input size the network accepts (to check that its decoder reads encoder features only)."""
         ...
 
-    def decode(self, model: nn.Module, features: Sequence[torch.Tensor], size: tuple[int, ...]) -> torch.Tensor:
-        """Logits of decoder + head from encoder levels 1.. (``size``: the input's spatial size)."""
+    def decode(self, model: nn.Module, features: Sequence[torch.Tensor], size: tuple[int, ...]) -> Logits:
+        """Logits of decoder + head from encoder levels 1.. (``size``: the input's spatial size; a list, finest
+        first, from a deeply supervised network in training mode)."""
         ...
 
 
@@ -231,7 +233,7 @@ class PatchRows:
     def check_size(self, model: nn.Module) -> tuple[int, ...]:
         return tuple(2 * int(m) for m in model.spatial_multiple())
 
-    def decode(self, model: nn.Module, features: Sequence[torch.Tensor], size: tuple[int, ...]) -> torch.Tensor:
+    def decode(self, model: nn.Module, features: Sequence[torch.Tensor], size: tuple[int, ...]) -> Logits:
         return model.decode(list(features))
 
 

@@ -98,6 +98,7 @@ from seg_transfer.training.cached_samples import (
     group_samples,
     slice_spec,
 )
+from seg_transfer.training.loss import as_float
 from seg_transfer.training.optim import backward_and_step
 from seg_transfer.training.speed import FULL_PRECISION, SpeedSettings
 
@@ -517,7 +518,7 @@ def decoder_step(model: nn.Module, loss_fn: nn.Module, optimizer, batch: dict, d
     optimizer.zero_grad(set_to_none=True)
     with speed.autocast(settings, device):
         logits = decode(model, features, batch["size"])
-    loss = loss_fn(logits.float(), label)
+    loss = loss_fn(as_float(logits), label)
     return backward_and_step(loss, model, optimizer, grad_clip, scaler)
 
 

@@ -27,7 +27,6 @@ from typing import Any
 import numpy as np
 import torch
 import yaml
-from monai.losses import DiceCELoss
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -62,6 +61,7 @@ from seg_transfer.training.feature_cache import (
     DecoderStageCache,
     open_decoder_cache,
 )
+from seg_transfer.training.loss import as_float, build_loss
 from seg_transfer.training.metrics_log import Heartbeat, MetricsLog, duration, rounded
 from seg_transfer.training.optim import (
     backward_and_step,
@@ -251,15 +251,7 @@ def _open_session(config: RunConfig, run_dir: Path, skip_bad_cases: bool, contex
                                                      pin_memory=settings.pin_memory)
     inferer = route.inferer(network_spec(config, len(labels), route_settings),
                             InferenceOptions(batch_size=training.val_batch_size, roi_size=None, max_batch_pixels=None), model)
-    weights = config.training.loss.class_weights
-    loss = DiceCELoss(
-        to_onehot_y=True,
-        softmax=True,
-        lambda_dice=config.training.loss.dice_weight,
-        lambda_ce=config.training.loss.ce_weight,
-        batch=config.training.loss.batch_dice,
-        weight=torch.tensor(weights, dtype=torch.float32, device=device) if weights else None,
-    )
+    loss = build_loss(config.training.loss, config.model.supervised_outputs, device)
     metrics = MetricsLog(run_dir) if context.is_main else None
     return _Session(config, run_dir, data, prep, model, provenance, stages, device, loss, train_set, train_loader,
                     val_volumes, metrics, context, settings, speed.grad_scaler(settings, device),
@@ -487,7 +479,7 @@ def train_step(model: nn.Module, loss_fn: nn.Module, optimizer, batch: dict, dev
     optimizer.zero_grad(set_to_none=True)
     with speed.autocast(settings, device):
         logits = model(image)
-    loss = loss_fn(logits.float(), label)
+    loss = loss_fn(as_float(logits), label)
     return backward_and_step(loss, model, optimizer, grad_clip, scaler)
 
 
