@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from seg_transfer.atomic import atomic_open
-from seg_transfer.errors import UserError
+from seg_transfer.errors import UserError, one_line
 
 FORMAT = "seg_transfer/2"
 
@@ -85,7 +85,7 @@ class Checkpoint:
         try:
             return RunConfig.model_validate(self.config)
         except ValidationError as exc:
-            raise CheckpointError(f"{source}: stored config is not valid ({first_line(exc)})") from None
+            raise CheckpointError(f"{source}: stored config is not valid ({one_line(exc)})") from None
 
 
 def _migrate_v1(payload: dict[str, Any]) -> dict[str, Any]:
@@ -109,15 +109,9 @@ def _read(path: Path) -> Any:
     except pickle.UnpicklingError as exc:
         if "weights_only" in str(exc) or "Unsupported global" in str(exc):
             raise CheckpointError(f"{path}: contains Python objects other than tensors; not loaded for safety") from None
-        raise CheckpointError(f"{path}: cannot load checkpoint ({first_line(exc)})") from None
+        raise CheckpointError(f"{path}: cannot load checkpoint ({one_line(exc)})") from None
     except Exception as exc:  # noqa: BLE001 - one-line user error
-        raise CheckpointError(f"{path}: cannot load checkpoint ({first_line(exc)})") from None
-
-
-def first_line(exc: BaseException) -> str:
-    """``Type: first line of the message`` (just the type for an empty message), at most 160 characters."""
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0][:160]}" if text else type(exc).__name__
+        raise CheckpointError(f"{path}: cannot load checkpoint ({one_line(exc)})") from None
 
 
 def resolve_checkpoint(path: str | Path, which: str = "best") -> Path:

@@ -14,7 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from seg_transfer.errors import UserError
+from seg_transfer.errors import UserError, one_line
 
 
 #: ``model.encoder_weights`` values that name weights rather than a file
@@ -354,7 +354,7 @@ def read_yaml_mapping(path: str | Path, what: str = "config file") -> dict[str, 
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({_first_line(exc)})") from None
+        raise ConfigError(f"{path}: not valid YAML ({one_line(exc)})") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping")
     return raw
@@ -397,7 +397,7 @@ def _apply_overrides(raw: dict[str, Any], overrides: list[str], source: str) -> 
         try:
             node[last] = yaml.safe_load(value)
         except yaml.YAMLError as exc:
-            raise ConfigError(f"{source}: --set {key}: value {value!r} is not valid YAML ({_first_line(exc)})") from None
+            raise ConfigError(f"{source}: --set {key}: value {value!r} is not valid YAML ({one_line(exc)})") from None
     return raw
 
 
@@ -478,7 +478,3 @@ def _check_paths_exist(config: RunConfig, source: str) -> None:
     weights = config.model.encoder_weights
     if weights not in NAMED_WEIGHTS and not Path(weights).is_file():
         raise ConfigError(f"{source}: 'model.encoder_weights' is neither imagenet, none, nor an existing file: {weights}")
-
-
-def _first_line(exc: Exception) -> str:
-    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

@@ -11,3 +11,19 @@ from __future__ import annotations
 
 class UserError(Exception):
     """An error whose message tells the user what to fix (one line, exit code 2 from the CLI)."""
+
+
+def one_line(exc: BaseException, *, path: object = None, limit: int = 160, root_cause: bool = False) -> str:
+    """``Type: first line of the message`` (just the type for an empty message), at most ``limit`` characters
+    (cut with "..."). ``root_cause`` reports the innermost ``__cause__`` instead (wrappers such as MONAI's
+    "applying transform ..." hide the reader's error there); ``path`` in the message becomes its name (the
+    report line around it names the file already)."""
+    if root_cause:
+        while exc.__cause__ is not None:
+            exc = exc.__cause__
+    text = str(exc).strip()
+    if path is not None:
+        text = text.replace(str(path), getattr(path, "name", str(path)))
+    message = text.splitlines()[0].strip() if text else ""
+    line = f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+    return line if len(line) <= limit else line[: limit - 3] + "..."

@@ -338,3 +338,21 @@ def test_every_error_class_of_the_package_is_a_user_error():
                         if issubclass(cls, Exception) and cls.__module__ == module.__name__})
     assert len(classes) >= 14
     assert [name for name, cls in classes.items() if not issubclass(cls, UserError)] == []
+
+
+def test_one_line_names_the_type_the_root_cause_and_shortens_paths_and_length():
+    from seg_transfer.errors import one_line
+
+    path = Path("/data/images/case_007.nii.gz")
+    try:
+        try:
+            raise OSError(f"{path}: unexpected end of file\nwhile reading the header")
+        except OSError as inner:
+            raise RuntimeError("applying transform <LoadImaged>") from inner
+    except RuntimeError as outer:
+        wrapped = outer
+    assert one_line(wrapped) == "RuntimeError: applying transform <LoadImaged>"
+    assert one_line(wrapped, root_cause=True, path=path) == "OSError: case_007.nii.gz: unexpected end of file"
+    assert one_line(ValueError()) == "ValueError"
+    long = one_line(ValueError("x" * 500), limit=40)
+    assert len(long) == 40 and long.startswith("ValueError: xxx") and long.endswith("...")

@@ -14,10 +14,10 @@ import numpy as np
 
 from seg_transfer.data.cases import Case
 from seg_transfer.data.io import non_finite_counts, read_volume
+from seg_transfer.errors import one_line
 
 AFFINE_RTOL = 1e-3
 AFFINE_ATOL = 1e-3
-_MAX_MESSAGE = 160
 
 
 @dataclass(frozen=True)
@@ -27,20 +27,6 @@ class BadCase:
     name: str
     path: Path
     problem: str
-
-
-def _short_error(exc: BaseException, path: Path | None = None) -> str:
-    """'ExcType: first line of the message', shortened to one line of bounded length.
-
-    The full ``path`` in the message (already given by the report line) becomes its name.
-    """
-    text = str(exc).strip()
-    if path is not None:
-        text = text.replace(str(path), path.name)
-    lines = text.splitlines()
-    msg = lines[0].strip() if lines else ""
-    text = f"{type(exc).__name__}: {msg}" if msg else type(exc).__name__
-    return text if len(text) <= _MAX_MESSAGE else text[: _MAX_MESSAGE - 3] + "..."
 
 
 def _fmt_shape(shape: tuple[int, ...]) -> str:
@@ -71,7 +57,7 @@ def _read(path: Path, kind: str) -> tuple[np.ndarray | None, np.ndarray | None, 
     try:
         data, affine = read_volume(path)
     except Exception as e:  # noqa: BLE001 - every read failure becomes a report line
-        return None, None, f"cannot read {kind} ({_short_error(e, path)})"
+        return None, None, f"cannot read {kind} ({one_line(e, path=path)})"
     if data.dtype.fields is not None or (data.dtype != bool and not np.issubdtype(data.dtype, np.number)):
         return None, None, f"{kind} has unsupported data type {data.dtype}"
     data = _as_3d(data)
@@ -129,7 +115,7 @@ def _guarded(fn, *args) -> list[str]:
     try:
         return fn(*args)
     except Exception as e:  # noqa: BLE001
-        return [f"check failed ({_short_error(e)})"]
+        return [f"check failed ({one_line(e)})"]
 
 
 def check_case(case: Case, label_values: set[int]) -> list[BadCase]:

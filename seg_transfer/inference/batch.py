@@ -16,6 +16,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from seg_transfer.atomic import sweep_temp_files
+from seg_transfer.errors import one_line
 from seg_transfer.inference.cases import InputCase, discover_cases, shard
 from seg_transfer.inference.predictor import (
     LoadedModel,
@@ -158,9 +159,9 @@ def _process(loaded: LoadedModel, case: InputCase, request: PredictRequest, earl
     try:
         voxels, input_voxels = predict_and_write(loaded, case, request, target)
     except Exception as exc:
-        log.warning("%s failed: %s", case.name, failure_reason(exc))
+        log.warning("%s failed: %s", case.name, one_line(exc, root_cause=True, limit=300))
         log.debug("%s traceback", case.name, exc_info=True)
-        return CaseResult(case.name, str(case.source), "", "failed", failure_reason(exc), time.perf_counter() - started)
+        return CaseResult(case.name, str(case.source), "", "failed", one_line(exc, root_cause=True, limit=300), time.perf_counter() - started)
     return CaseResult(case.name, str(case.source), str(target), "ok", "", time.perf_counter() - started, voxels, input_voxels)
 
 
@@ -183,11 +184,3 @@ def predict_and_write(loaded: LoadedModel, case: InputCase, request: PredictRequ
         write_label_map(prediction.labels, prediction.geometry, target)
     counts = np.bincount(prediction.labels.ravel(), minlength=len(loaded.labels))
     return {name: int(counts[k]) for k, name in loaded.labels.items()}, int(prediction.labels.size)
-
-
-def failure_reason(exc: BaseException) -> str:
-    """One line naming the root cause (MONAI wraps reader errors in "applying transform ...")."""
-    while exc.__cause__ is not None:
-        exc = exc.__cause__
-    message = " ".join(str(exc).split()) or "no message"
-    return f"{type(exc).__name__}: {message}"[:300]

@@ -33,7 +33,7 @@ from torch import nn
 
 from seg_transfer import __version__
 from seg_transfer.atomic import write_atomic
-from seg_transfer.errors import UserError
+from seg_transfer.errors import UserError, one_line
 from seg_transfer.routes.base import trained_mirrorings
 from seg_transfer.routes.network import LoadedNetwork, load_network
 
@@ -296,8 +296,7 @@ def _torch_to_onnx(model: nn.Module, sample_shape: tuple[int, ...], opset: int, 
                 dynamic_axes={INPUT_NAME: axes, OUTPUT_NAME: axes},
             )
         except Exception as exc:  # noqa: BLE001 - unsupported operators etc. become one line
-            first_line = (str(exc).strip().splitlines() or [""])[0][:200]
-            raise ExportError(f"torch.onnx.export failed ({type(exc).__name__}: {first_line})") from None
+            raise ExportError(f"torch.onnx.export failed ({one_line(exc, limit=200)})") from None
     model_bytes = buffer.getvalue()
     onnx.checker.check_model(model_bytes)
     return model_bytes
