@@ -120,18 +120,22 @@ def evaluate(
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Folder for metrics.csv, metrics.json, summary.md (default: PRED/evaluation).")] = None,
     tolerance_mm: Annotated[float, typer.Option("--tolerance-mm", help="Normalised surface Dice tolerance in mm.")] = 2.0,
     labels: Annotated[Path | None, typer.Option("--labels", help="dataset.json or JSON label map naming the classes (default: the names predict wrote beside PRED, or dataset.json beside LABEL, else class_1..class_K).")] = None,
+    skip_bad_cases: Annotated[bool, typer.Option("--skip-bad-cases", help="Score the cases that can be scored and list the others (unreadable, not a label map, other geometry) in the summary; exit code 1 if any was left out. Default: stop, listing every bad case.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Per-case Dice, HD95, ASSD, surface Dice and volume difference, with per-class aggregates and bootstrap CIs."""
     _setup_logging(verbose)
     from seg_transfer.evaluation.evaluate import evaluate_folders
 
-    result = evaluate_folders(pred, label, output, tolerance_mm=tolerance_mm, labels=labels)
+    result = evaluate_folders(pred, label, output, tolerance_mm=tolerance_mm, labels=labels, skip_bad_cases=skip_bad_cases)
     for entry in result.aggregates:
         m = entry["metrics"]
         typer.echo(f"{entry['class_name']}: Dice {m['dice']['mean']:.4f}, HD95 {m['hd95_mm']['mean']:.2f} mm "
                    f"({m['hd95_mm']['n_missing']} missing), NSD@{tolerance_mm:g}mm {m['nsd']['mean']:.4f}")
-    typer.echo(f"{len(result.cases)} cases; results: {result.files['markdown'].parent}")
+    left_out = f"; {len(result.failed)} left out (listed in {result.files['markdown'].name})" if result.failed else ""
+    typer.echo(f"{len(result.cases)} cases{left_out}; results: {result.files['markdown'].parent}")
+    if result.failed:
+        raise typer.Exit(1)
 
 
 @app.command()

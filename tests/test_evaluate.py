@@ -229,3 +229,24 @@ def test_cli_geometry_mismatch_names_the_case(folders, capsys):
     save(pred / "a.nii.gz", np.zeros((20, 20, 19), dtype=np.uint8))
     assert main(["evaluate", "--pred", str(pred), "--label", str(ref)]) == 2
     assert "case a: prediction shape" in capsys.readouterr().err
+
+
+def test_bad_cases_are_all_listed_and_skip_bad_cases_scores_the_others(folders, tmp_path, capsys):
+    pred, ref = folders
+    save(pred / "a.nii.gz", cube(), spacing=(1.0, 1.0, 2.5))
+    save(ref / "c.nii.gz", cube()), save(pred / "c.nii.gz", np.zeros((20, 20, 19), dtype=np.uint8))
+    assert main(["evaluate", "--pred", str(pred), "--label", str(ref)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: 2 of 3 case(s) cannot be evaluated: case a: prediction spacing")
+    assert "case c: prediction shape" in err and "--skip-bad-cases" in err
+    assert not (pred / "evaluation").exists()  # nothing half-written
+
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--pred", str(pred), "--label", str(ref), "-o", str(out), "--skip-bad-cases"]) == 1
+    assert "1 cases; 2 left out" in capsys.readouterr().out
+    report = json.loads((out / "metrics.json").read_text())
+    assert [c["case"] for c in report["cases"]] == ["b"]
+    assert [f["case"] for f in report["failed_cases"]] == ["a", "c"]
+    assert "prediction spacing" in report["failed_cases"][0]["reason"]
+    assert report["aggregates"][0]["metrics"]["dice"]["mean"] == pytest.approx(1.0)  # b's class 1 is exact
+    assert "Not evaluated" in (out / "summary.md").read_text() and "case c: prediction shape" in (out / "summary.md").read_text()

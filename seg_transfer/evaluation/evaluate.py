@@ -105,6 +105,8 @@ class EvaluationResult:
     aggregates: list[dict[str, Any]]
     report: dict[str, Any]
     files: dict[str, Path] = field(default_factory=dict)
+    #: (case, one-line reason) of the cases ``skip_bad_cases`` left out
+    failed: list[tuple[str, str]] = field(default_factory=list)
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -342,6 +344,8 @@ def markdown_text(report: dict[str, Any]) -> str:
         f"- References: `{report['label_dir']}`",
         f"- Cases: {report['n_cases']}"
         + (f" (predictions without a reference, ignored: {len(report['unmatched_predictions'])})" if report["unmatched_predictions"] else ""),
+        *(f"- **Not evaluated** (left out by --skip-bad-cases): {item['case']}: {item['reason']}"
+          for item in report.get("failed_cases", [])),
         f"- NSD tolerance: {report['tolerance_mm']:g} mm",
         f"- CI: {boot['confidence']:.0%} bootstrap of the mean ({boot['method']}, {boot['n_resamples']} resamples, seed {boot['seed']})",
         "",
@@ -374,6 +378,7 @@ def markdown_text(report: dict[str, Any]) -> str:
 def build_report(
     pred_dir: Path, label_dir: Path, tolerance_mm: float, classes: dict[int, str], cases: Sequence[CaseResult],
     aggregates: list[dict[str, Any]], unmatched: list[str], bootstrap: dict[str, Any],
+    failed: Sequence[tuple[str, str]] = (),
 ) -> dict[str, Any]:
     """The JSON document: inputs, definitions, policy, aggregates and per-case values (NaN -> null)."""
     return json_safe({
@@ -384,6 +389,7 @@ def build_report(
         "classes": {str(k): v for k, v in classes.items()},
         "n_cases": len(cases),
         "unmatched_predictions": unmatched,
+        "failed_cases": [{"case": name, "reason": reason} for name, reason in failed],
         "definitions": METRIC_DEFINITIONS,
         "policy": EMPTY_MASK_POLICY,
         "bootstrap": bootstrap,
@@ -412,12 +418,16 @@ def evaluate_folders(
     n_resamples: int = 10000,
     confidence: float = 0.95,
     seed: int = 0,
+    skip_bad_cases: bool = False,
 ) -> EvaluationResult:
     """Evaluate every reference in ``label_dir`` against its prediction in ``pred_dir``; write
     ``metrics.csv``, ``metrics.json`` and ``summary.md`` to ``output_dir`` (default ``pred_dir/evaluation``).
 
     Classes come from ``labels`` (dataset.json or JSON label map), else from the names ``predict`` wrote
     beside the predictions or the dataset.json beside the references (:func:`default_class_names`).
+    A case that cannot be scored (unreadable, not a label map, geometry or class mismatch) stops the
+    evaluation with one EvaluationError listing every such case; with ``skip_bad_cases`` the others are
+    scored and the bad ones are listed in the report and in ``EvaluationResult.failed``.
     EvaluationError for user-facing problems.
     """
     pred_dir, label_dir = Path(pred_dir), Path(label_dir)
@@ -427,10 +437,13 @@ def evaluate_folders(
     if unmatched:
         log.warning("%d prediction(s) without a reference are ignored: %s", len(unmatched), ", ".join(unmatched[:10]))
     classes = load_class_names(labels) if labels is not None else None
-    cases = []
-    for pair in tqdm(pairs, desc="evaluate", leave=False, disable=not sys.stderr.isatty()):
-        cases.append(evaluate_case(pair, tolerance_mm, classes))
-        log.debug("%s: %s", pair.name, {c: round(m.dice, 4) for c, m in cases[-1].metrics.items()})
+    cases, failed = _evaluate_cases(pairs, tolerance_mm, classes)
+    if failed and not skip_bad_cases:
+        raise EvaluationError(_failed_cases_message(failed, len(pairs)))
+    if not cases:
+        raise EvaluationError(f"none of the {len(pairs)} case(s) could be evaluated: {_failed_cases_message(failed, len(pairs))}")
+    for _, reason in failed:
+        log.warning("left out: %s", reason)
     if classes is None:
         present = set().union(*(case.metrics for case in cases))
         if not present:
@@ -441,11 +454,33 @@ def evaluate_folders(
     aggregates = aggregate(cases, classes, n_resamples, confidence, seed)
     bootstrap = {"n_resamples": n_resamples, "confidence": confidence, "seed": seed, "method": "BCa (percentile where BCa is undefined)",
                  "statistic": "mean"}
-    report = build_report(pred_dir, label_dir, tolerance_mm, classes, cases, aggregates, unmatched, bootstrap)
+    report = build_report(pred_dir, label_dir, tolerance_mm, classes, cases, aggregates, unmatched, bootstrap, failed)
     out = Path(output_dir) if output_dir is not None else pred_dir / "evaluation"
     files = {
         "csv": write_atomic(out / CSV_NAME, csv_text(cases, classes)),
         "json": write_atomic(out / JSON_NAME, json.dumps(report, indent=2) + "\n"),
         "markdown": write_atomic(out / MARKDOWN_NAME, markdown_text(report)),
     }
-    return EvaluationResult(classes, cases, aggregates, report, files)
+    return EvaluationResult(classes, cases, aggregates, report, files, failed)
+
+
+def _evaluate_cases(pairs: Sequence[CasePair], tolerance_mm: float, classes: dict[int, str] | None,
+                    ) -> tuple[list[CaseResult], list[tuple[str, str]]]:
+    """Every pair scored; the ones that raise EvaluationError come back as (case, message) instead."""
+    cases, failed = [], []
+    for pair in tqdm(pairs, desc="evaluate", leave=False, disable=not sys.stderr.isatty()):
+        try:
+            cases.append(evaluate_case(pair, tolerance_mm, classes))
+        except EvaluationError as exc:
+            failed.append((pair.name, str(exc)))
+            continue
+        log.debug("%s: %s", pair.name, {c: round(m.dice, 4) for c, m in cases[-1].metrics.items()})
+    return cases, failed
+
+
+def _failed_cases_message(failed: Sequence[tuple[str, str]], total: int, shown: int = 3) -> str:
+    """One line: how many cases failed, the first ``shown`` reasons, and the way out."""
+    reasons = "; ".join(reason for _, reason in failed[:shown])
+    more = f"; and {len(failed) - shown} more" if len(failed) > shown else ""
+    return (f"{len(failed)} of {total} case(s) cannot be evaluated: {reasons}{more} "
+            "(fix them, or --skip-bad-cases to score the others and list these)")
