@@ -180,6 +180,9 @@ def _size_axis(ax, rows: Sequence[dict[str, Any]], ylabel: str, title: str) -> N
     sizes = sorted({r["size"] for r in rows})
     ax.set_xscale("log")
     ax.set_xticks(sizes, [str(s) for s in sizes])
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # log-axis minor labels crowd a narrow range
+    if sizes:
+        ax.set_xlim(sizes[0] / 1.5, sizes[-1] * 1.5)
     ax.set_xlabel("training cases")
     ax.set_ylabel(ylabel)
     ax.set_title(title)
@@ -207,17 +210,20 @@ def plot_paired_difference(results: dict[str, Any], path: Path) -> Path:
     rows = results["comparisons"]
     arms = list(dict.fromkeys(r["arm"] for r in rows))
     colors = _arm_colors(arms)
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for arm in arms:
+    fig, ax = plt.subplots(figsize=(6, 4 + 0.2 * len(arms)))
+    for index, arm in enumerate(arms):
         mine = [r for r in rows if r["arm"] == arm]
         means = [r["mean_difference"] for r in mine]
         errors = [[m - (r["ci_low"] if r["ci_low"] is not None else m) for m, r in zip(means, mine)],
                   [(r["ci_high"] if r["ci_high"] is not None else m) - m for m, r in zip(means, mine)]]
-        ax.errorbar([r["size"] for r in mine], means, yerr=errors, marker="o", capsize=4, color=colors[arm], label=f"{arm} − {mine[0]['control']}")
+        # arms side by side at each size (a small factor on the log axis), so their error bars do not overlap
+        shift = 1.0 + 0.04 * (index - (len(arms) - 1) / 2)
+        ax.errorbar([r["size"] * shift for r in mine], means, yerr=errors, marker="o", capsize=4, color=colors[arm],
+                    label=f"{arm} − {mine[0]['control']}")
     ax.axhline(0.0, color="black", linewidth=1)
     _size_axis(ax, rows, "test Dice difference", "Paired difference to the control (95% CI)")
-    if arms:
-        ax.legend()
+    if arms:  # below the axes: inside, it covered the error bars of a single-size study
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.15), fontsize=8, frameon=False)
     return _save(fig, path)
 
 
