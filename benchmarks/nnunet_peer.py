@@ -475,11 +475,17 @@ def run_job(study: Study, job: Job, sources: dict[str, tuple[Path, Path]]) -> di
     suffix = "_tta" if job.tta else ""
     predict_seconds = predict(job, name, trainer, test_input, run_dir / f"test_predictions{suffix}", env)
     test_dice = score(study, run_dir / f"test_predictions{suffix}", run_dir / f"test_evaluation{suffix}")
+    import torch
+    from seg_transfer.environment import cpu_model, host_speed_probe
+
+    torch.set_num_threads(job.threads)  # the probe times the host with nnU-Net's thread count
+    probe = host_speed_probe()
     return {"peer": PEER + (" + mirror TTA" if job.tta else ""), "tta": job.tta, "configuration": job.configuration, "trainer": trainer, "size": job.size, "seed": job.seed,
             "epochs": job.epochs, "iterations_per_epoch": job.iterations, "val_iterations_per_epoch": val_its,
             "train_seconds": train_seconds, "preprocess_seconds": preprocess_seconds, "predict_seconds": predict_seconds,
             "threads": job.threads, "da_workers": int(env["nnUNet_n_proc_DA"]), "device": job.device,
             "nnunetv2": version("nnunetv2"), "dataset_id": number, "n_train": len(train_cases), "n_val": len(study.val),
+            "environment": {"probe_seconds": round(probe, 4), "cpu": cpu_model()},
             "test_dice": test_dice, "test_dice_mean": mean_dice(test_dice)}
 
 

@@ -106,6 +106,7 @@ def test_tiny_nnunet_peer_end_to_end(tmp_path):
     assert all(set(c) == {"anterior", "posterior"} for c in row["test_dice"].values())
     assert 0.0 <= row["test_dice_mean"] <= 1.0
     assert row["train_seconds"] > 0 and row["preprocess_seconds"] > 0 and row["predict_seconds"] > 0
+    assert 0 < row["environment"]["probe_seconds"] < 5  # the host speed probe, for the study's seconds check
     splits = json.loads(next((study / "nnunet_peer" / "nnUNet_preprocessed").glob("Dataset501_*/splits_final.json")).read_text())
     assert splits == [{"train": ["phantom_005", "phantom_006", "phantom_007"], "val": ["phantom_003", "phantom_004"]}]
 

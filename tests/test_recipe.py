@@ -44,6 +44,7 @@ def test_runs_take_the_same_steps_whatever_the_training_set_size(phantom_root, t
     environment = summary["environment"]
     assert (environment["torch"], environment["cpu_capability"]) == (torch.__version__, torch.backends.cpu.get_cpu_capability())
     assert environment["device"] == "cpu" and environment["device_name"] is None
+    assert 0 < environment["probe_seconds"] < 5  # the host speed probe (seconds of a fixed Conv3d step)
 
 
 def test_study_refuses_runs_with_unequal_steps():
@@ -281,6 +282,38 @@ def test_the_report_warns_when_runs_computed_in_different_environments():
     [line] = environment_lines({"environment_differences": differing, "runs_without_environment": 1})
     assert "torch: 2.10.0, 2.9.0; cpu_capability: AVX2, AVX512; 1 run(s) recorded none" in line
     assert environment_lines({"environment_differences": {}, "runs_without_environment": 3}) == []
+
+
+def test_host_speed_probe_times_its_workload_and_leaves_the_global_rng_alone():
+    """Eight times the voxels take longer; torch's global RNG draws the same numbers with or without a probe."""
+    from seg_transfer.environment import PROBE_SHAPE, host_speed_probe
+
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    small = host_speed_probe(repeats=3)
+    assert torch.equal(torch.rand(3), expected)
+    large = host_speed_probe(repeats=3, shape=(*PROBE_SHAPE[:2], *(2 * n for n in PROBE_SHAPE[2:])))
+    assert 0 < small < large
+
+
+def test_the_report_warns_when_hosts_differ_in_speed():
+    """Probes 1.5x apart or less (noise, a second process) pass; 2.5x apart (another host) is named with
+    its range; runs without a probe (older summaries, GPU runs) are left out."""
+    from seg_transfer.environment import host_speed_spread
+    from seg_transfer.study.report import environment_lines
+
+    def env(probe):
+        return {"torch": "2.9.0", "probe_seconds": probe}
+
+    assert host_speed_spread([env(0.04), None, env(None)]) is None
+    close = host_speed_spread([env(0.04), env(0.05), None])
+    assert close == pytest.approx({"fastest": 0.04, "slowest": 0.05, "ratio": 1.25})
+    assert environment_lines({"host_speed": close}) == []
+    apart = host_speed_spread([env(0.016), env(0.04), env(0.03)])
+    assert apart["ratio"] == pytest.approx(2.5)
+    [line] = environment_lines({"host_speed": apart})
+    assert "differed in speed by 2.5x" in line and "0.016 to 0.040 s" in line
 
 
 def test_runs_record_the_source_commit_and_whether_it_had_uncommitted_changes(tmp_path):

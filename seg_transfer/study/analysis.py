@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from seg_transfer.environment import environment_differences
+from seg_transfer.environment import environment_differences, host_speed_spread
 from seg_transfer.evaluation.stats import hierarchical_bootstrap
 from seg_transfer.study.config import StudyConfig
 from seg_transfer.study.runner import RunRecord
@@ -135,14 +135,16 @@ def time_to_target(records: Sequence[RunRecord], target: float) -> list[dict[str
     return rows
 
 
-def analyse(records: Sequence[RunRecord], study: StudyConfig) -> dict[str, Any]:
-    """Everything the report shows, as JSON-ready data."""
+def analyse(records: Sequence[RunRecord], study: StudyConfig, peers: Sequence[dict[str, Any]] = ()) -> dict[str, Any]:
+    """Everything the report shows, as JSON-ready data; ``peers`` (nnU-Net rows) count in the host speed check."""
     return {
         "learning_curves": learning_curves(records),
         "comparisons": paired_comparisons(records, study.controls(), study.alpha),
         "time_to_target": time_to_target(records, study.target_dice),
         "environment_differences": environment_differences([r.environment for r in records]),
         "runs_without_environment": sum(r.environment is None for r in records),
+        "host_speed": host_speed_spread([r.environment for r in records] + [peer.get("environment") for peer in peers]),
+        "peers": list(peers),
         "runs": [{"arm": r.arm, "size": r.size, "seed": r.seed, "run_dir": str(r.run_dir), "best_val_dice": r.best_val_dice,
                   "epochs": r.epochs, "steps": r.steps, "seconds": r.seconds, "test_dice_mean": run_mean(r),
                   "collapsed": r.collapsed, "collapse_warnings": r.collapse_warnings, "stopped": r.stopped,

@@ -55,8 +55,8 @@ def compare(study_path: str | Path, output: str | Path, *, device: str = "auto",
     if study.rank_encoders is not None and shard[0] == 0:
         rank_subsets(progress.specs, output, study.rank_encoders, device)
     check_equal_steps(progress.records, study.allow_unequal_budgets)
-    results = {"study": study_summary(study, output, progress), **analyse(progress.records, study),
-               "peers": read_peer_rows(output, {spec.size for spec in progress.specs}),
+    peers = read_peer_rows(output, {spec.size for spec in progress.specs})
+    results = {"study": study_summary(study, output, progress), **analyse(progress.records, study, peers),
                "transferability": agreement(progress.records, read_scores(output, progress.records))}
     files = write_report(results, output) if progress.records else {}
     return CompareOutcome(progress, results, files, failed)

@@ -16,6 +16,7 @@ import matplotlib.pyplot as plt
 import matplotlib.ticker
 
 from seg_transfer.atomic import atomic_open, json_safe, write_atomic
+from seg_transfer.environment import COMPARABLE_SPEED_RATIO
 from seg_transfer.selection.scores import score_label
 
 PLOTS = {"learning_curve": "Test Dice against training cases",
@@ -342,7 +343,12 @@ def findings(results: dict[str, Any]) -> list[str]:
 
 
 def environment_lines(results: dict[str, Any]) -> list[str]:
-    """A warning when the runs were not all computed with the same libraries, CPU kernels and device."""
+    """Warnings when the runs were not all computed with the same libraries, CPU kernels and device, and
+    when their hosts' speed differed enough that their seconds do not compare."""
+    return _library_lines(results) + _host_speed_lines(results)
+
+
+def _library_lines(results: dict[str, Any]) -> list[str]:
     differing = results.get("environment_differences") or {}
     if not differing:
         return []
@@ -352,6 +358,15 @@ def environment_lines(results: dict[str, Any]) -> list[str]:
             + (f"; {unknown} run(s) recorded none" if unknown else "")
             + "): the same config and seed can then differ by about seed-noise amounts, so compare arms within one environment "
             "where it matters (each run's summary.json says where it trained)."]
+
+
+def _host_speed_lines(results: dict[str, Any]) -> list[str]:
+    spread = results.get("host_speed")
+    if not spread or spread["ratio"] <= COMPARABLE_SPEED_RATIO:
+        return []
+    return [f"The runs' hosts differed in speed by {spread['ratio']:.1f}x (a fixed Conv3d probe took {spread['fastest']:.3f} to "
+            f"{spread['slowest']:.3f} s; environment.probe_seconds in each summary.json): their training seconds, the time to "
+            "target and the Dice-against-time plot compare hosts as well as methods."]
 
 
 def header_lines(results: dict[str, Any]) -> list[str]:
