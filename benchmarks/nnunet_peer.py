@@ -15,11 +15,15 @@ nnU-Net's own mirroring, its default, in a row of its own), and scored
 with ``seg_transfer.evaluation.evaluate_folders``. Training and prediction go through nnU-Net's Python API
 in a child process only so that torch uses ``--threads`` threads (the nnU-Net CLIs take every core on CPU).
 
-TRAINER is nnU-Net's own ``nnUNetTrainer_1epoch`` / ``nnUNetTrainer_<E>epochs`` (250 iterations per epoch,
-50 validation iterations). With another ``--iterations-per-epoch`` (or an epoch count nnU-Net ships no
-trainer for) a two-line subclass ``nnUNetTrainer_peer_<E>epochs_<I>iters`` is written under
-``<work>/trainers`` and found through nnU-Net's ``nnUNet_extTrainer`` (recent nnunetv2, e.g. 2.8; nothing is
-written into site-packages); it runs ``round(50 * I / 250)`` (>= 1) validation iterations per epoch.
+TRAINER is nnU-Net's own ``nnUNetTrainer_1epoch`` for one epoch of 250 iterations (50 validation iterations).
+For more epochs or another ``--iterations-per-epoch`` a small subclass ``nnUNetTrainer_peer_<E>epochs_<I>iters``
+is written under ``<work>/trainers`` and found through nnU-Net's ``nnUNet_extTrainer`` (recent nnunetv2, e.g.
+2.8; nothing is written into site-packages); it runs ``round(50 * I / 250)`` (>= 1) validation iterations per
+epoch and saves ``checkpoint_latest.pth`` after every epoch, so a training stopped part-way (a session's end,
+Ctrl-C) continues from its last finished epoch on rerun (nnU-Net's ``--c``). Its seconds are then the epochs
+finished before (from nnU-Net's training logs) plus the last process's wall clock; the minutes of an epoch
+cut short are lost, not counted. A model trained earlier with nnU-Net's stock ``nnUNetTrainer_<E>epochs`` is
+reused as it is.
 
 Wall-clock seconds (``time.monotonic`` around each child process) of preprocessing, training and prediction
 go into one row per (configuration, size, seed, epochs) of ``<study>/peer_nnunet.json``; a finished row is
@@ -53,7 +57,8 @@ import json, sys, torch
 a = json.loads(sys.argv[1])
 torch.set_num_threads(a["threads"])
 from nnunetv2.run.run_training import run_training
-run_training(str(a["dataset_id"]), a["configuration"], 0, trainer_class_name=a["trainer"], device=torch.device(a["device"]))
+run_training(str(a["dataset_id"]), a["configuration"], 0, trainer_class_name=a["trainer"], device=torch.device(a["device"]),
+             continue_training=a["continue"])
 """
 
 PREDICT_CODE = """\
@@ -75,7 +80,8 @@ plan_and_preprocess_entry()
 """
 
 TRAINER_TEMPLATE = '''\
-"""Written by benchmarks/nnunet_peer.py: nnU-Net's default trainer with a set training length."""
+"""Written by benchmarks/nnunet_peer.py: nnU-Net's default trainer with a set training length, saving
+checkpoint_latest.pth after every epoch so that an interrupted training continues (nnU-Net's --c)."""
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 
@@ -83,6 +89,7 @@ class {name}(nnUNetTrainer):
     def on_train_start(self):
         self.num_epochs, self.num_iterations_per_epoch = {epochs}, {iterations}
         self.num_val_iterations_per_epoch = {val_iterations}
+        self.save_every = 1
         super().on_train_start()
 '''
 
@@ -282,11 +289,13 @@ def val_iterations(iterations: int) -> int:
     return max(1, round(DEFAULT_VAL_ITERATIONS * iterations / DEFAULT_ITERATIONS))
 
 
-def choose_trainer(epochs: int, iterations: int, folder: Path) -> tuple[str, int]:
-    """(trainer class name, validation iterations per epoch): nnU-Net's own when it has one, else a subclass
-    written into ``folder`` (found via ``nnUNet_extTrainer``)."""
-    if iterations == DEFAULT_ITERATIONS and has_stock_trainer(stock_trainer(epochs)):
-        return stock_trainer(epochs), DEFAULT_VAL_ITERATIONS
+def choose_trainer(epochs: int, iterations: int, folder: Path, trained=lambda trainer: False) -> tuple[str, int]:
+    """(trainer class name, validation iterations per epoch): nnU-Net's own for one epoch (nothing to resume)
+    or when ``trained(its name)`` says a model of it is finished, else a resumable subclass written into
+    ``folder`` (found via ``nnUNet_extTrainer``)."""
+    stock = stock_trainer(epochs)
+    if iterations == DEFAULT_ITERATIONS and has_stock_trainer(stock) and (epochs == 1 or trained(stock)):
+        return stock, DEFAULT_VAL_ITERATIONS
     if not hasattr(importlib.import_module("nnunetv2.paths"), "nnUNet_extTrainer"):
         raise PeerError(f"this nnunetv2 ({version('nnunetv2')}) cannot load external trainers (nnUNet_extTrainer); "
                         f"use --iterations-per-epoch {DEFAULT_ITERATIONS} and epochs nnU-Net ships trainers for")
@@ -365,14 +374,36 @@ def model_folder(job: Job, name: str, trainer: str) -> Path:
     return job.work / "nnUNet_results" / name / f"{trainer}__{PLANS}__{job.configuration}"
 
 
+def logged_epoch_seconds(fold: Path) -> dict[int, float]:
+    """{epoch: seconds} of the epochs nnU-Net's training logs in ``fold`` say finished (a later log's
+    value of an epoch replaces an earlier one's: that epoch was run again)."""
+    seconds, epoch = {}, None
+    for log in sorted(fold.glob("training_log_*.txt"), key=lambda path: path.stat().st_mtime):
+        for line in log.read_text(errors="replace").splitlines():
+            text = line.split(": ", 1)[-1].strip()
+            if text.startswith("Epoch time:"):
+                if epoch is not None:
+                    seconds[epoch] = float(text.removeprefix("Epoch time:").removesuffix("s").strip())
+            elif text.startswith("Epoch ") and text.removeprefix("Epoch ").isdigit():
+                epoch = int(text.removeprefix("Epoch "))
+    return seconds
+
+
 def train(job: Job, number: int, name: str, trainer: str, env: dict[str, str]) -> float:
-    """Train fold 0 (reused if finished); its seconds, final validation included."""
+    """Train fold 0 (reused if finished, continued from ``checkpoint_latest.pth`` if stopped part-way); its
+    seconds, final validation included (a continued training: earlier epochs' logged seconds + this run's)."""
     key = f"{name}/{trainer}/{job.configuration}/train"
-    final = model_folder(job, name, trainer) / "fold_0" / "checkpoint_final.pth"
-    if key in load_steps(job.work) and final.is_file():
+    fold = model_folder(job, name, trainer) / "fold_0"
+    if key in load_steps(job.work) and (fold / "checkpoint_final.pth").is_file():
         return load_steps(job.work)[key]
-    args = {"dataset_id": number, "configuration": job.configuration, "trainer": trainer, "device": job.device, "threads": job.threads}
-    seconds = timed(python_step(TRAIN_CODE, args), env, job.work / "logs" / f"{name}__{trainer}__{job.configuration}__train.log", "training")
+    resume = (fold / "checkpoint_latest.pth").is_file()
+    earlier = logged_epoch_seconds(fold) if resume else {}
+    if resume:
+        print(f"  continuing {name} {trainer} after epoch {max(earlier, default=-1)} ({sum(earlier.values()) / 60:.1f} min logged)", flush=True)
+    args = {"dataset_id": number, "configuration": job.configuration, "trainer": trainer, "device": job.device,
+            "threads": job.threads, "continue": resume}
+    log = job.work / "logs" / f"{name}__{trainer}__{job.configuration}__train{'_continued' if resume else ''}.log"
+    seconds = sum(earlier.values()) + timed(python_step(TRAIN_CODE, args), env, log, "training")
     save_step(job.work, key, seconds)
     return seconds
 
@@ -465,7 +496,8 @@ def run_job(study: Study, job: Job, sources: dict[str, tuple[Path, Path]]) -> di
     """Preprocess (once), train, predict and score one (size, seed, epochs); the row."""
     number, name, train_cases = prepare_dataset(study, job, sources)
     env = nnunet_env(job.work, job.threads)
-    trainer, val_its = choose_trainer(job.epochs, job.iterations, job.work / "trainers")
+    trainer, val_its = choose_trainer(job.epochs, job.iterations, job.work / "trainers",
+                                      lambda stock: (model_folder(job, name, stock) / "fold_0" / "checkpoint_final.pth").is_file())
     print(f"  {name} {trainer} {job.configuration}: preprocess, train, predict (logs: {job.work / 'logs'})", flush=True)
     preprocess_seconds = preprocess(job, number, name, env)
     write_splits(job.work / "nnUNet_preprocessed" / name, train_cases, study.val)

@@ -121,3 +121,69 @@ def test_tiny_nnunet_peer_end_to_end(tmp_path):
     assert tta["train_seconds"] == row["train_seconds"]  # the trained model was reused, only prediction ran
     predicted = list(study.glob("nnunet_peer/runs/*/*/test_predictions_tta/*.nii.gz"))
     assert sorted(p.name for p in predicted) == [f"phantom_00{i}.nii.gz" for i in range(3)]
+
+
+def test_logged_epoch_seconds_reads_nnunet_logs_later_runs_replacing_earlier(tmp_path):
+    """Epoch times come from nnU-Net's own training logs, oldest first; an epoch run again after an
+    interruption counts once, with its later time; an epoch cut short (no "Epoch time") counts nothing."""
+    first = tmp_path / "training_log_2026_12_4_03_27_08.txt"
+    first.write_text("2026-12-04 03:27:08.5: Epoch 0\n2026-12-04 03:27:08.5: Current learning rate: 0.01\n"
+                     "2026-12-04 03:50:00.1: Epoch time: 1371.6 s\n2026-12-04 03:50:00.2: Epoch 1\n")
+    second = tmp_path / "training_log_2026_12_10_09_00_00.txt"  # sorts before the first by name, not by age
+    second.write_text("2026-12-10 09:00:00.0: Epoch 1\n2026-12-10 09:20:00.0: Epoch time: 1200.0 s\n"
+                      "2026-12-10 09:20:00.1: Epoch 2\n")
+    os.utime(first, (1_000, 1_000))
+    os.utime(second, (2_000, 2_000))
+    assert nnunet_peer.logged_epoch_seconds(tmp_path) == {0: 1371.6, 1: 1200.0}
+    rerun = tmp_path / "training_log_2026_12_11_09_00_00.txt"
+    rerun.write_text("x: Epoch 1\nx: Epoch time: 1100.5 s\n")
+    os.utime(rerun, (3_000, 3_000))
+    assert nnunet_peer.logged_epoch_seconds(tmp_path) == {0: 1371.6, 1: 1100.5}
+
+
+def test_trainer_choice_keeps_stock_one_epoch_and_finished_stock_models(tmp_path):
+    """One epoch: nnU-Net's own trainer. More: a resumable subclass (checkpoint after every epoch), unless a
+    model of the stock trainer is already finished, which is reused."""
+    pytest.importorskip("nnunetv2")
+    assert nnunet_peer.choose_trainer(1, 250, tmp_path) == ("nnUNetTrainer_1epoch", 50)
+    name, val_its = nnunet_peer.choose_trainer(5, 250, tmp_path)
+    assert (name, val_its) == ("nnUNetTrainer_peer_5epochs_250iters", 50)
+    assert "self.save_every = 1" in (tmp_path / "peer_5epochs_250iters.py").read_text()
+    assert nnunet_peer.choose_trainer(5, 250, tmp_path, lambda stock: stock == "nnUNetTrainer_5epochs") == ("nnUNetTrainer_5epochs", 50)
+    assert nnunet_peer.choose_trainer(2, 25, tmp_path) == ("nnUNetTrainer_peer_2epochs_25iters", 5)
+
+
+@pytest.mark.slow
+def test_an_interrupted_nnunet_training_continues_from_its_last_epoch(tmp_path):
+    """Killed once epoch 0's checkpoint is written, the rerun continues at epoch 1 (nnU-Net's own log of the
+    second process has no epoch 0) and its seconds include epoch 0's logged time."""
+    import signal
+    import time
+
+    pytest.importorskip("nnunetv2")
+    study = fake_study(tmp_path)
+    command = [sys.executable, str(SCRIPT), "--study", str(study), "--size", "3", "--seeds", "0", "--epochs", "3",
+               "--iterations-per-epoch", "5", "--threads", "1", "--device", "cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    first = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 600
+    latest = []
+    while not latest and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.5)
+        latest = list((study / "nnunet_peer" / "nnUNet_results").glob("*/*/fold_0/checkpoint_latest.pth"))
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    assert latest, "no checkpoint_latest.pth appeared before the first process ended"
+    fold = latest[0].parent
+    done_before = nnunet_peer.logged_epoch_seconds(fold)
+    assert 0 in done_before and not (fold / "checkpoint_final.pth").is_file()
+
+    second = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "continuing" in second.stdout
+    [row] = json.loads((study / "peer_nnunet.json").read_text())["rows"]
+    assert row["epochs"] == 3 and (fold / "checkpoint_final.pth").is_file()
+    newest = max(fold.glob("training_log_*.txt"), key=lambda path: path.stat().st_mtime)
+    epochs_logged = [line.split(": ", 1)[1].strip() for line in newest.read_text().splitlines() if ": Epoch " in line]
+    assert [e for e in epochs_logged if not e.startswith("Epoch time")] == ["Epoch 1", "Epoch 2"]
+    assert row["train_seconds"] > sum(done_before.values())
