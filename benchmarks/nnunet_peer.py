@@ -20,7 +20,8 @@ For more epochs or another ``--iterations-per-epoch`` a small subclass ``nnUNetT
 is written under ``<work>/trainers`` and found through nnU-Net's ``nnUNet_extTrainer`` (recent nnunetv2, e.g.
 2.8; nothing is written into site-packages); it runs ``round(50 * I / 250)`` (>= 1) validation iterations per
 epoch and saves ``checkpoint_latest.pth`` after every epoch, so a training stopped part-way (a session's end,
-Ctrl-C) continues from its last finished epoch on rerun (nnU-Net's ``--c``). Its seconds are then the epochs
+Ctrl-C) continues from its last finished epoch on rerun (nnU-Net's ``--c``; from its best epoch when only
+``checkpoint_best.pth`` exists, as with trainers written before this). Its seconds are then the epochs
 finished before (from nnU-Net's training logs) plus the last process's wall clock; the minutes of an epoch
 cut short are lost, not counted. A model trained earlier with nnU-Net's stock ``nnUNetTrainer_<E>epochs`` is
 reused as it is.
@@ -389,6 +390,16 @@ def logged_epoch_seconds(fold: Path) -> dict[int, float]:
     return seconds
 
 
+def resume_checkpoint(fold: Path) -> Path | None:
+    """The checkpoint nnU-Net's ``--c`` continues an unfinished training from: ``checkpoint_latest.pth``
+    (our trainers write it every epoch), else ``checkpoint_best.pth`` (written whenever the EMA pseudo Dice
+    improves, also by trainers that save ``latest`` rarely: their later epochs are then run again, and
+    :func:`logged_epoch_seconds` counts each epoch once); None for a finished or never started training."""
+    if (fold / "checkpoint_final.pth").is_file():
+        return None
+    return next((fold / name for name in ("checkpoint_latest.pth", "checkpoint_best.pth") if (fold / name).is_file()), None)
+
+
 def train(job: Job, number: int, name: str, trainer: str, env: dict[str, str]) -> float:
     """Train fold 0 (reused if finished, continued from ``checkpoint_latest.pth`` if stopped part-way); its
     seconds, final validation included (a continued training: earlier epochs' logged seconds + this run's)."""
@@ -396,12 +407,13 @@ def train(job: Job, number: int, name: str, trainer: str, env: dict[str, str]) -
     fold = model_folder(job, name, trainer) / "fold_0"
     if key in load_steps(job.work) and (fold / "checkpoint_final.pth").is_file():
         return load_steps(job.work)[key]
-    resume = (fold / "checkpoint_latest.pth").is_file()
+    resume = resume_checkpoint(fold)
     earlier = logged_epoch_seconds(fold) if resume else {}
     if resume:
-        print(f"  continuing {name} {trainer} after epoch {max(earlier, default=-1)} ({sum(earlier.values()) / 60:.1f} min logged)", flush=True)
+        print(f"  continuing {name} {trainer} from {resume.name} ({len(earlier)} epoch(s), "
+              f"{sum(earlier.values()) / 60:.1f} min logged)", flush=True)
     args = {"dataset_id": number, "configuration": job.configuration, "trainer": trainer, "device": job.device,
-            "threads": job.threads, "continue": resume}
+            "threads": job.threads, "continue": resume is not None}
     log = job.work / "logs" / f"{name}__{trainer}__{job.configuration}__train{'_continued' if resume else ''}.log"
     seconds = sum(earlier.values()) + timed(python_step(TRAIN_CODE, args), env, log, "training")
     save_step(job.work, key, seconds)

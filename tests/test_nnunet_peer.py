@@ -141,6 +141,16 @@ def test_logged_epoch_seconds_reads_nnunet_logs_later_runs_replacing_earlier(tmp
     assert nnunet_peer.logged_epoch_seconds(tmp_path) == {0: 1371.6, 1: 1100.5}
 
 
+def test_resume_checkpoint_prefers_latest_then_best_and_never_a_finished_training(tmp_path):
+    assert nnunet_peer.resume_checkpoint(tmp_path) is None
+    (tmp_path / "checkpoint_best.pth").touch()
+    assert nnunet_peer.resume_checkpoint(tmp_path) == tmp_path / "checkpoint_best.pth"
+    (tmp_path / "checkpoint_latest.pth").touch()
+    assert nnunet_peer.resume_checkpoint(tmp_path) == tmp_path / "checkpoint_latest.pth"
+    (tmp_path / "checkpoint_final.pth").touch()
+    assert nnunet_peer.resume_checkpoint(tmp_path) is None
+
+
 def test_trainer_choice_keeps_stock_one_epoch_and_finished_stock_models(tmp_path):
     """One epoch: nnU-Net's own trainer. More: a resumable subclass (checkpoint after every epoch), unless a
     model of the stock trainer is already finished, which is reused."""
