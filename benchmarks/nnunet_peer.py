@@ -375,10 +375,12 @@ def model_folder(job: Job, name: str, trainer: str) -> Path:
     return job.work / "nnUNet_results" / name / f"{trainer}__{PLANS}__{job.configuration}"
 
 
-def logged_epoch_seconds(fold: Path) -> dict[int, float]:
+def logged_epoch_seconds(fold: Path, through_best: bool = False) -> dict[int, float]:
     """{epoch: seconds} of the epochs nnU-Net's training logs in ``fold`` say finished (a later log's
-    value of an epoch replaces an earlier one's: that epoch was run again)."""
-    seconds, epoch = {}, None
+    value of an epoch replaces an earlier one's: that epoch was run again). ``through_best``: only the
+    epochs up to the last one that logged a new best EMA pseudo Dice (what ``checkpoint_best.pth`` holds;
+    a training continued from it runs the later ones again)."""
+    seconds, epoch, best = {}, None, None
     for log in sorted(fold.glob("training_log_*.txt"), key=lambda path: path.stat().st_mtime):
         for line in log.read_text(errors="replace").splitlines():
             text = line.split(": ", 1)[-1].strip()
@@ -387,28 +389,33 @@ def logged_epoch_seconds(fold: Path) -> dict[int, float]:
                     seconds[epoch] = float(text.removeprefix("Epoch time:").removesuffix("s").strip())
             elif text.startswith("Epoch ") and text.removeprefix("Epoch ").isdigit():
                 epoch = int(text.removeprefix("Epoch "))
+            elif text.startswith("Yayy! New best EMA pseudo Dice") and epoch is not None:
+                best = epoch
+    if through_best:
+        return {e: t for e, t in seconds.items() if best is not None and e <= best}
     return seconds
 
 
 def resume_checkpoint(fold: Path) -> Path | None:
     """The checkpoint nnU-Net's ``--c`` continues an unfinished training from: ``checkpoint_latest.pth``
     (our trainers write it every epoch), else ``checkpoint_best.pth`` (written whenever the EMA pseudo Dice
-    improves, also by trainers that save ``latest`` rarely: their later epochs are then run again, and
-    :func:`logged_epoch_seconds` counts each epoch once); None for a finished or never started training."""
+    improves, also by trainers that save ``latest`` rarely: their later epochs are then run again and
+    counted once, by the rerun); None for a finished or never started training."""
     if (fold / "checkpoint_final.pth").is_file():
         return None
     return next((fold / name for name in ("checkpoint_latest.pth", "checkpoint_best.pth") if (fold / name).is_file()), None)
 
 
 def train(job: Job, number: int, name: str, trainer: str, env: dict[str, str]) -> float:
-    """Train fold 0 (reused if finished, continued from ``checkpoint_latest.pth`` if stopped part-way); its
-    seconds, final validation included (a continued training: earlier epochs' logged seconds + this run's)."""
+    """Train fold 0 (reused if finished, continued from :func:`resume_checkpoint` if stopped part-way); its
+    seconds, final validation included (a continued training: the logged seconds of the epochs its checkpoint
+    holds + this run's)."""
     key = f"{name}/{trainer}/{job.configuration}/train"
     fold = model_folder(job, name, trainer) / "fold_0"
     if key in load_steps(job.work) and (fold / "checkpoint_final.pth").is_file():
         return load_steps(job.work)[key]
     resume = resume_checkpoint(fold)
-    earlier = logged_epoch_seconds(fold) if resume else {}
+    earlier = logged_epoch_seconds(fold, through_best=resume.name == "checkpoint_best.pth") if resume else {}
     if resume:
         print(f"  continuing {name} {trainer} from {resume.name} ({len(earlier)} epoch(s), "
               f"{sum(earlier.values()) / 60:.1f} min logged)", flush=True)

@@ -141,6 +141,18 @@ def test_logged_epoch_seconds_reads_nnunet_logs_later_runs_replacing_earlier(tmp
     assert nnunet_peer.logged_epoch_seconds(tmp_path) == {0: 1371.6, 1: 1100.5}
 
 
+def test_logged_epoch_seconds_through_best_stops_at_the_epoch_checkpoint_best_holds(tmp_path):
+    """Continued from checkpoint_best.pth, the epochs after the last new best are run again: counting their
+    earlier times too would count them twice."""
+    log = tmp_path / "training_log_2026_12_4_03_27_08.txt"
+    log.write_text("x: Epoch 0\nx: Epoch time: 100.0 s\nx: Yayy! New best EMA pseudo Dice: 0.8288\n"
+                   "x: Epoch 1\nx: Epoch time: 90.0 s\nx: Yayy! New best EMA pseudo Dice: 0.84\n"
+                   "x: Epoch 2\nx: Epoch time: 95.0 s\nx: Epoch 3\n")
+    assert nnunet_peer.logged_epoch_seconds(tmp_path) == {0: 100.0, 1: 90.0, 2: 95.0}
+    assert nnunet_peer.logged_epoch_seconds(tmp_path, through_best=True) == {0: 100.0, 1: 90.0}
+    assert nnunet_peer.logged_epoch_seconds(tmp_path / "none", through_best=True) == {}
+
+
 def test_resume_checkpoint_prefers_latest_then_best_and_never_a_finished_training(tmp_path):
     assert nnunet_peer.resume_checkpoint(tmp_path) is None
     (tmp_path / "checkpoint_best.pth").touch()
