@@ -227,8 +227,10 @@ def compare(
     typer.echo(f"{len(progress.records)} of {progress.total_runs} runs finished")
     for line in findings(outcome.results):
         typer.echo(line)
-    if outcome.files:
+    if "markdown" in outcome.files:
         typer.echo(f"report: {outcome.files['markdown']} and {outcome.files['html']}")
+    elif outcome.files:
+        typer.echo(f"no run finished yet; the study's cases and training subsets: {outcome.files['json']}")
     for failed in outcome.failed_shards:
         typer.echo(f"error: {failed} failed; its runs are missing from the report", err=True)
     if outcome.failed_shards:

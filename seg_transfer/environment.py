@@ -92,10 +92,32 @@ def host_speed_probe(repeats: int = 5, shape: tuple[int, ...] = PROBE_SHAPE) -> 
     return min(times)
 
 
-def run_environment(device: torch.device | str = "cpu") -> dict[str, Any]:
+def probe_segment(elapsed: float) -> dict[str, float]:
+    """One training process's share of a run: this host's probe, taken as the process starts, and the run's
+    training seconds so far (a run resumed on another host gets a second segment)."""
+    return {"probe_seconds": round(host_speed_probe(), 4), "from_elapsed": round(elapsed, 3)}
+
+
+def weighted_probe(segments: Sequence[Mapping[str, float]], total_seconds: float) -> float | None:
+    """The probe of a run trained in ``segments`` (:func:`probe_segment`, in order), each weighted by the training
+    seconds it ran until the next one began (the last until ``total_seconds``); the last probe when no segment
+    ran any seconds, None without segments."""
+    if not segments:
+        return None
+    ends = [float(s["from_elapsed"]) for s in segments[1:]] + [float(total_seconds)]
+    spans = [max(end - float(s["from_elapsed"]), 0.0) for s, end in zip(segments, ends)]
+    if sum(spans) <= 0:
+        return float(segments[-1]["probe_seconds"])
+    return sum(float(s["probe_seconds"]) * span for s, span in zip(segments, spans)) / sum(spans)
+
+
+def run_environment(device: torch.device | str = "cpu", probe_seconds: float | None = None) -> dict[str, Any]:
     """Versions, Python, CPU model and the kernel path torch uses on it, threads, the compute device, and
-    (on the CPU) the host speed probe's seconds."""
+    (on the CPU) the host speed probe's seconds: ``probe_seconds`` when given (a run's :func:`weighted_probe`),
+    else measured now."""
     device = torch.device(device)
+    if device.type == "cpu" and probe_seconds is None:
+        probe_seconds = host_speed_probe()
     return {
         "seg_transfer": _version("seg-transfer"),
         "seg_transfer_revision": source_revision(),  # the version string does not change between commits
@@ -107,7 +129,7 @@ def run_environment(device: torch.device | str = "cpu") -> dict[str, Any]:
         "threads": torch.get_num_threads(),
         "device": device.type,
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-        "probe_seconds": round(host_speed_probe(), 4) if device.type == "cpu" else None,
+        "probe_seconds": round(probe_seconds, 4) if device.type == "cpu" else None,
     }
 
 

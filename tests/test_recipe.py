@@ -284,6 +284,17 @@ def test_the_report_warns_when_runs_computed_in_different_environments():
     assert environment_lines({"environment_differences": {}, "runs_without_environment": 3}) == []
 
 
+def test_a_resumed_runs_probe_weighs_each_hosts_probe_by_the_seconds_trained_there():
+    from seg_transfer.environment import weighted_probe
+
+    fast_then_slow = [{"probe_seconds": 0.03, "from_elapsed": 0.0}, {"probe_seconds": 0.09, "from_elapsed": 100.0}]
+    assert weighted_probe(fast_then_slow, 400.0) == pytest.approx((0.03 * 100 + 0.09 * 300) / 400)
+    assert weighted_probe(fast_then_slow[:1], 400.0) == pytest.approx(0.03)
+    assert weighted_probe(fast_then_slow, 100.0) == pytest.approx(0.03)  # resumed after its last epoch: no seconds there
+    assert weighted_probe([{"probe_seconds": 0.05, "from_elapsed": 7.0}], 7.0) == pytest.approx(0.05)
+    assert weighted_probe([], 10.0) is None
+
+
 def test_host_speed_probe_times_its_workload_and_leaves_the_global_rng_alone():
     """Eight times the voxels take longer; torch's global RNG draws the same numbers with or without a probe."""
     from seg_transfer.environment import PROBE_SHAPE, host_speed_probe

@@ -195,6 +195,24 @@ def test_tiny_study_end_to_end_and_resume(tmp_path, study_root, capsys):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_a_study_before_its_first_run_already_names_its_cases_for_the_nnunet_peer(tmp_path, study_root, capsys):
+    """``--max-runs 0`` on a new study trains nothing but writes results.json with the design, which is what
+    benchmarks/nnunet_peer.py reads to train nnU-Net on the same cases before (or instead of) the arms."""
+    from tests.test_nnunet_peer import nnunet_peer
+
+    study_path, out = write_study(tmp_path, study_root), tmp_path / "study"
+    assert main(["compare", "--config", str(study_path), "--output", str(out), "--max-runs", "0"]) == 0
+    printed = capsys.readouterr().out
+    assert "0 of 4 runs finished" in printed and "no run finished yet" in printed
+    assert not list(out.glob("runs/*/*/checkpoints/*.pt")) and not (out / "report.md").exists()
+    peer_view = nnunet_peer.load_study(out)
+    design = json.loads((out / "results.json").read_text())["study"]
+    assert design["finished_runs"] == 0 and sorted(peer_view.subsets) == ["n2_seed0", "n5_seed0"]
+    assert len(peer_view.subsets["n2_seed0"]) == 2 and set(peer_view.subsets["n2_seed0"]) < set(peer_view.subsets["n5_seed0"])
+    assert len(peer_view.test_images) == 3 and len(peer_view.val) == 2
+    assert not set(peer_view.val) & set(peer_view.subsets["n5_seed0"])
+
+
 def test_study_refuses_a_changed_config_for_existing_runs(tmp_path, study_root, capsys):
     study_path, out = write_study(tmp_path, study_root, train_sizes=[2]), tmp_path / "study"
     assert main(["compare", "--config", str(study_path), "--output", str(out), "--max-runs", "1"]) == 0

@@ -93,7 +93,8 @@ def test_resume_continues_to_the_same_result(phantom_root, tmp_path):
     straight = train(config, tmp_path / "straight")
     interrupted = tmp_path / "interrupted"
     _train_until_epoch(config, interrupted, 2)  # killed mid-stage, after epoch 2 was checkpointed
-    assert Checkpoint.load(interrupted / "checkpoints" / "last.pt").progress["epoch"] == 2
+    halfway = Checkpoint.load(interrupted / "checkpoints" / "last.pt").progress
+    assert halfway["epoch"] == 2 and len(halfway["host_probes"]) == 1
     resumed = train(config, interrupted, resume=True)
     assert resumed.epochs == straight.epochs == 3
     a = Checkpoint.load(tmp_path / "straight" / "checkpoints" / "last.pt")
@@ -102,6 +103,13 @@ def test_resume_continues_to_the_same_result(phantom_root, tmp_path):
     assert resumed.best_dice == pytest.approx(straight.best_dice, abs=1e-7)
     epochs = [json.loads(line)["epoch"] for line in (interrupted / "metrics.jsonl").read_text().splitlines()]
     assert epochs == [1, 2, 3]
+    # each training process probed its host as it started; the run's probe weighs them by the seconds they ran
+    environment = json.loads((interrupted / "summary.json").read_text())["environment"]
+    first, second = environment["probe_segments"]
+    assert first["from_elapsed"] == 0 and second["from_elapsed"] == pytest.approx(halfway["elapsed"], abs=1e-3)
+    low, high = sorted((first["probe_seconds"], second["probe_seconds"]))
+    assert low - 1e-4 <= environment["probe_seconds"] <= high + 1e-4
+    assert "probe_segments" not in json.loads((tmp_path / "straight" / "summary.json").read_text())["environment"]
 
 
 def test_resume_refuses_an_optimiser_state_of_other_parameters_in_one_line(phantom_root, tmp_path):

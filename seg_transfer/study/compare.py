@@ -11,7 +11,7 @@ from pathlib import Path
 from seg_transfer.atomic import write_atomic
 from seg_transfer.study.analysis import analyse
 from seg_transfer.study.config import StudyConfig, load_study_config
-from seg_transfer.study.report import write_report
+from seg_transfer.study.report import write_report, write_results
 from seg_transfer.study.plan import RunSpec, plan_runs
 from seg_transfer.study.runner import (
     StudyError,
@@ -58,7 +58,9 @@ def compare(study_path: str | Path, output: str | Path, *, device: str = "auto",
     peers = read_peer_rows(output, {spec.size for spec in progress.specs})
     results = {"study": study_summary(study, output, progress), **analyse(progress.records, study, peers),
                "transferability": agreement(progress.records, read_scores(output, progress.records))}
-    files = write_report(results, output) if progress.records else {}
+    # before any run has finished, results.json still holds the design (cases, subsets), so a peer
+    # (benchmarks/nnunet_peer.py) can train on the study's cases first
+    files = write_report(results, output) if progress.records else {"json": write_results(results, output)}
     return CompareOutcome(progress, results, files, failed)
 
 

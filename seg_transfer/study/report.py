@@ -423,6 +423,12 @@ def html_report(results: dict[str, Any], images: dict[str, Path]) -> str:
             f"<h2>Convergence</h2>{image('convergence')}{ranking}</body></html>")
 
 
+def write_results(results: dict[str, Any], output: Path) -> Path:
+    """Write ``results.json`` (the study's design under ``"study"``, then the analysis) into ``output``."""
+    output.mkdir(parents=True, exist_ok=True)
+    return write_atomic(output / "results.json", json.dumps(json_safe(results), indent=2) + "\n")
+
+
 def write_report(results: dict[str, Any], output: Path) -> dict[str, Path]:
     """Write ``results.json``, the three PNGs, ``report.md`` and ``report.html`` into ``output``."""
     output.mkdir(parents=True, exist_ok=True)
@@ -433,7 +439,7 @@ def write_report(results: dict[str, Any], output: Path) -> dict[str, Path]:
     if results.get("transferability"):
         images["transferability"] = plot_transferability(results, output / "transferability.png")
     return {
-        "json": write_atomic(output / "results.json", json.dumps(json_safe(results), indent=2) + "\n"),
+        "json": write_results(results, output),
         "markdown": write_atomic(output / "report.md", markdown_report(results)),
         "html": write_atomic(output / "report.html", html_report(results, images)),
         **images,

@@ -35,7 +35,7 @@ from seg_transfer.checkpoint import Checkpoint, CheckpointError
 from seg_transfer.config import ConfigError, RunConfig, StageConfig, dump_config
 from seg_transfer.data.pipeline import PreparedData, prepare_data, volume_dataset
 from seg_transfer.data.transforms import Preprocessing
-from seg_transfer.environment import run_environment
+from seg_transfer.environment import probe_segment, run_environment, weighted_probe
 from seg_transfer.errors import UserError
 from seg_transfer.evaluation.metrics import dice_per_class
 from seg_transfer.models.factory import count_parameters
@@ -104,6 +104,7 @@ class Progress:
     encoder_epochs: int = 0  # epochs completed in stages that train the encoder
     collapse_warnings: list[dict] = field(default_factory=list)  # see :func:`collapsed_classes`
     stopped: str | None = None  # why the run ended before its budget ("collapse"), else None
+    host_probes: list[dict] = field(default_factory=list)  # one :func:`probe_segment` per training process (CPU)
 
 
 @dataclass
@@ -192,6 +193,8 @@ def _train(config: RunConfig, run_dir: Path, context: DistributedContext, resume
         if session.metrics is not None:
             session.metrics.truncate_after(progress.epoch)
         log.info("resuming %s after epoch %d (stage %d)", run_dir, progress.epoch, progress.stage)
+    if session.device.type == "cpu":  # this host's speed, taken before training (a resumed run may be on another)
+        progress.host_probes.append(probe_segment(progress.elapsed))
     try:
         _run_stages(session, progress, checkpoint)
     finally:
@@ -562,6 +565,15 @@ def _save(session: _Session, progress: Progress, optimizer, scheduler, which: st
     checkpoint.save(session.run_dir / "checkpoints" / f"{which}.pt")
 
 
+def _environment(session: _Session, progress: Progress) -> dict:
+    """:func:`run_environment` with the run's probe weighted over its training processes (``probe_segments``
+    lists them when it was resumed)."""
+    environment = run_environment(session.device, weighted_probe(progress.host_probes, progress.elapsed))
+    if len(progress.host_probes) > 1:
+        environment["probe_segments"] = progress.host_probes
+    return environment
+
+
 def _finish(session: _Session, progress: Progress) -> RunResult:
     names = list(session.data.labels.values())[1:]
     result = RunResult(
@@ -577,7 +589,7 @@ def _finish(session: _Session, progress: Progress) -> RunResult:
         collapse_warnings=progress.collapse_warnings,
         stopped=progress.stopped,
         peak_gpu_gb=speed.peak_gpu_memory_gb(session.device),
-        environment=run_environment(session.device),
+        environment=_environment(session, progress),
     )
     summary = {**asdict(result), "run_dir": str(result.run_dir), "weights": session.provenance.as_dict(),
                "arch": session.config.model.arch, "encoder": session.config.model.encoder}
