@@ -73,9 +73,28 @@ def test_a_checkpoint_holding_unread_encoder_layers_loads_and_predicts_as_before
     checkpoint.save(tmp_path / "old.pt")
     network = load_network(tmp_path / "old.pt")
     assert len(network.model.state_dict()) < len(checkpoint.model)
+    whole.to(memory_format=torch.channels_last)  # the loaded network's CPU layout: the same arithmetic, bit for bit
     image = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(network.model(image), whole(image))
+
+
+def test_a_loaded_network_is_channels_last_on_the_cpu_and_predicts_as_the_contiguous_one(tmp_path, phantom_root):
+    """The memory-format rule predict shares with training (README, "Channels last on the CPU"): another layout,
+    the same probabilities to float rounding."""
+    from seg_transfer.routes.precision import resolve_channels_last
+
+    network = load_network(save_random_checkpoint(phantom_root, tmp_path / "run"))
+    convs = [m.weight for m in network.model.modules() if isinstance(m, nn.Conv2d) and min(m.weight.shape[1:]) > 1]
+    assert convs and all(w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous() for w in convs)
+    contiguous = load_network(tmp_path / "run").model.to(memory_format=torch.contiguous_format)
+    assert not any(m.weight.is_contiguous(memory_format=torch.channels_last)
+                   for m in contiguous.modules() if isinstance(m, nn.Conv2d) and min(m.weight.shape[1:]) > 1)
+    image = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(network.model(image).softmax(1), contiguous(image).softmax(1), rtol=0, atol=1e-5)
+    assert resolve_channels_last("auto", torch.device("cpu")) and not resolve_channels_last("off", torch.device("cuda"))
+    assert not resolve_channels_last("auto", torch.device("mps")) and resolve_channels_last("on", torch.device("mps"))
 
 
 def test_route_and_config_must_agree(tmp_path, phantom_root):

@@ -1,7 +1,9 @@
-"""The one mixed-precision rule, shared by training and inference.
+"""The one mixed-precision rule and the one memory-format rule, shared by training and inference.
 
 ``auto`` autocasts to bfloat16 on CUDA GPUs that support it, else float16, and not at all on CPU;
 training's ``training.amp`` and ``predict --amp`` both resolve through :func:`resolve_amp`.
+Activations are laid out channels last on CUDA and on the CPU (:func:`resolve_channels_last`;
+``training.channels_last`` overrides it for training): faster on both, the same arithmetic in another order.
 """
 from __future__ import annotations
 
@@ -36,3 +38,22 @@ def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextM
     """Inference autocast: ``enabled`` follows the ``auto`` rule of :func:`resolve_amp` (CUDA only)."""
     dtype = resolve_amp("auto" if enabled else "off", torch.device(device))
     return torch.autocast(torch.device(device).type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+#: devices whose ``auto`` memory format is channels last: cuDNN's tensor-core kernels want it; on the CPU oneDNN
+#: trained 1.1-1.2x faster and predicted 1.06-1.2x faster with it (README, "Channels last on the CPU")
+CHANNELS_LAST_DEVICES = ("cuda", "cpu")
+
+
+def resolve_channels_last(setting: Literal["auto", "on", "off"], device: torch.device) -> bool:
+    """Whether activations are channels last: ``auto`` on the devices of :data:`CHANNELS_LAST_DEVICES`."""
+    if setting == "auto":
+        return torch.device(device).type in CHANNELS_LAST_DEVICES
+    return setting == "on"
+
+
+def memory_format_for(channels_last: bool, ndim: int = 4) -> torch.memory_format:
+    """The memory format of ``ndim``-D activations: channels last (``channels_last_3d`` for 5-D) or contiguous."""
+    if not channels_last:
+        return torch.contiguous_format
+    return torch.channels_last_3d if ndim == 5 else torch.channels_last
