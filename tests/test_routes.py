@@ -80,8 +80,8 @@ def test_a_checkpoint_holding_unread_encoder_layers_loads_and_predicts_as_before
 
 
 def test_a_loaded_network_is_channels_last_on_the_cpu_and_predicts_as_the_contiguous_one(tmp_path, phantom_root):
-    """The memory-format rule predict shares with training (README, "Channels last on the CPU"): another layout,
-    the same probabilities to float rounding."""
+    """The 2.5D route predicts channels last on the CPU (README, "Channels last on the CPU"): another layout, the
+    same probabilities to float rounding. Training's ``channels_last: auto`` is on for CPU and CUDA alike."""
     from seg_transfer.routes.precision import resolve_channels_last
 
     network = load_network(save_random_checkpoint(phantom_root, tmp_path / "run"))

@@ -13,7 +13,7 @@ from seg_transfer.config import RunConfig
 from seg_transfer.data.transforms import Preprocessing
 from seg_transfer.routes import get_route
 from seg_transfer.routes.base import InferenceOptions, Inferer, NetworkSpec, Route
-from seg_transfer.routes.precision import memory_format_for, resolve_channels_last
+from seg_transfer.routes.precision import memory_format_for
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +50,8 @@ def network_spec(config: RunConfig, classes: int, settings: dict) -> NetworkSpec
 
 
 def load_network(checkpoint: str | Path | Checkpoint, device: torch.device | str = "cpu") -> LoadedNetwork:
-    """Build the checkpoint's network (no pretrained download), load its weights, eval mode, on ``device``, in the
-    device's memory format (:func:`~seg_transfer.routes.precision.resolve_channels_last`).
+    """Build the checkpoint's network (no pretrained download), load its weights, eval mode, on ``device``, channels
+    last where the route predicts faster so (:attr:`~seg_transfer.routes.base.Route.predict_channels_last`).
 
     ``checkpoint`` is a file, a run folder (its best checkpoint) or a loaded :class:`Checkpoint`.
     Raises :class:`CheckpointError` (one line) when the stored config is invalid, names another route,
@@ -72,7 +72,8 @@ def load_network(checkpoint: str | Path | Checkpoint, device: torch.device | str
         raise CheckpointError(f"{source}: cannot build the stored network ({type(exc).__name__}: {str(exc)[:160]})") from None
     load_weights(model, checkpoint.model, source)
     device = torch.device(device)
-    model.to(device, memory_format=memory_format_for(resolve_channels_last("auto", device), route.spatial_dims + 2)).eval()
+    channels_last = device.type in route.predict_channels_last
+    model.to(device, memory_format=memory_format_for(channels_last, route.spatial_dims + 2)).eval()
     spec = network_spec(config, len(labels), checkpoint.route_settings)
     return LoadedNetwork(model, config, Preprocessing.from_dict(checkpoint.preprocessing), labels, route, spec,
                          device, source)

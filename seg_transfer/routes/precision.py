@@ -2,8 +2,9 @@
 
 ``auto`` autocasts to bfloat16 on CUDA GPUs that support it, else float16, and not at all on CPU;
 training's ``training.amp`` and ``predict --amp`` both resolve through :func:`resolve_amp`.
-Activations are laid out channels last on CUDA and on the CPU (:func:`resolve_channels_last`;
-``training.channels_last`` overrides it for training): faster on both, the same arithmetic in another order.
+Training lays activations out channels last on CUDA and on the CPU (:func:`resolve_channels_last`, unless
+``training.channels_last`` says otherwise): faster on both, the same arithmetic in another order; ``predict``
+does where its route measured it faster (``Route.predict_channels_last``).
 """
 from __future__ import annotations
 
@@ -40,8 +41,8 @@ def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextM
     return torch.autocast(torch.device(device).type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
-#: devices whose ``auto`` memory format is channels last: cuDNN's tensor-core kernels want it; on the CPU oneDNN
-#: trained 1.1-1.2x faster and predicted 1.06-1.2x faster with it (README, "Channels last on the CPU")
+#: devices whose ``auto`` training memory format is channels last: cuDNN's tensor-core kernels want it; on the CPU
+#: oneDNN trained 1.07-1.23x faster with it (README, "Channels last on the CPU")
 CHANNELS_LAST_DEVICES = ("cuda", "cpu")
 
 

@@ -1,9 +1,9 @@
 """Speed switches of ``training.*``, resolved for the device a run trains on.
 
 ``amp``, ``cudnn_benchmark`` and ``pin_memory`` default to ``auto``: on for CUDA, off on CPU.
-``channels_last: auto`` is on for CUDA and the CPU (:func:`~seg_transfer.routes.precision.resolve_channels_last`,
-the rule ``predict`` follows too): on the CPU it trains 1.1-1.2x faster, with the same arithmetic in another
-order, so CPU runs before it differ from today's by float rounding only. ``cudnn_benchmark:
+``channels_last: auto`` is on for CUDA and the CPU (:func:`~seg_transfer.routes.precision.resolve_channels_last`):
+on the CPU it trains 1.07-1.23x faster, with the same arithmetic in another order, so CPU runs from before it
+differ from today's by float rounding only. ``cudnn_benchmark:
 auto`` is on only where the route feeds the network one input shape (``Route.fixed_input_shapes``): cuDNN
 tunes kernels for every new shape, which cost the 2.5D route about 70 s of a 141 s H100 run and gained
 nothing per steady epoch (README, "On one GPU"). ``compile``
