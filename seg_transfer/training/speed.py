@@ -104,8 +104,7 @@ def process_settings_restored() -> Iterator[None]:
 
 def memory_format(settings: SpeedSettings, ndim: int = 4) -> torch.memory_format:
     """``channels_last`` (``channels_last_3d`` for 5-D tensors) when switched on, else ``preserve_format``."""
-    return memory_format_for(settings.channels_last, ndim) if settings.channels_last else torch.preserve_format
-
+    return memory_format_for(True, ndim) if settings.channels_last else torch.preserve_format
 
 
 def reset_peak_gpu_memory(device: torch.device) -> None:
