@@ -242,7 +242,7 @@ def main() -> None:
             name = f"phantoms ({args.cases} cases, 48x48x32)"
         else:
             name = f"{root.name} (first {args.cases} cases)"
-        data = case_csv(Path(root), args.cases, tmp / "cases.csv")
+        data = case_csv(Path(root).resolve(), args.cases, tmp / "cases.csv")  # the csv sits in tmp: absolute paths
         runs = {label: timed_run(run_config(data, args.epochs, mode, tmp / "cache", args.threads, seed, args.device,
                                             args.route, args.variants),
                                  tmp / label.replace(" ", "_")) for label, (mode, seed) in args.runs.items()}

@@ -1,4 +1,4 @@
-"""Channels-last memory format on the CPU: training and `predict` time with and without it, one run, one ratio.
+"""Channels-last memory format on the CPU (or a GPU): training and `predict` time with and without it, one run, one ratio.
 
 For each route's shipped Hippocampus config (2.5D and 3D), the same short training (one ``all`` stage of
 ``--steps`` optimiser steps from the ImageNet weights, ``--train-cases`` training and ``--val-cases`` validation
@@ -8,7 +8,11 @@ its network in each memory format, alternating. Prints the fastest seconds of ea
 difference between the two formats' validation Dice (the same arithmetic in another order: equal to float noise).
 
     python benchmarks/memory_format.py [--data ../shared/data/Task04_Hippocampus] [--routes 2.5d 3d]
-        [--steps 12] [--repeats 2] [--train-cases 10] [--val-cases 2] [--predict-cases 6] [--threads 1]
+        [--steps 12] [--repeats 2] [--train-cases 10] [--val-cases 2] [--predict-cases 6] [--threads 1] [--device cpu]
+
+With ``--device cuda`` training runs with ``training.device=cuda`` and the config's ``amp: auto`` (bf16 where
+supported); ``predict`` runs in float32 on the GPU. The first run of each route also pays CUDA's start-up and
+cuDNN's autotuner, hence the fastest of the repeats.
 """
 from __future__ import annotations
 
@@ -32,11 +36,13 @@ CONFIGS = {"2.5d": ROOT / "configs" / "hippocampus_2p5d_effnet_lite0.yaml", "3d"
 FORMATS = ("off", "on")
 
 
-def short_run(route: str, data: Path, steps: int, threads: int, channels_last: str):
+def short_run(route: str, data: Path, steps: int, threads: int, channels_last: str, device: str = "cpu"):
     """The route's shipped config cut to one ``all`` stage of ``steps`` steps, with ``channels_last`` set."""
-    stage = f"[{{name: all, train: all, epochs: 1, max_steps: {steps}, lr: 1.0e-3}}]"
+    stage = "[{name: all, train: all, epochs: 1, lr: 1.0e-3}]"
+    batch = load_config(CONFIGS[route], [f"data.root={data}"]).training.batch_size  # one epoch of exactly `steps` steps
     return load_config(CONFIGS[route], [f"data.root={data}", f"training.num_threads={threads}", f"training.stages={stage}",
-                                        f"training.channels_last={channels_last}", "data.cache=memory"])
+                                        f"training.channels_last={channels_last}", "data.cache=memory",
+                                        f"training.device={device}", f"data.slices_per_epoch={steps * batch}"])
 
 
 def time_training(route: str, data: Path, cases: list[str], val: list[str], args, work: Path) -> tuple[dict, Path]:
@@ -47,16 +53,16 @@ def time_training(route: str, data: Path, cases: list[str], val: list[str], args
             run_dir = work / f"{route}_{setting}_{repeat}"
             run_dir.mkdir(parents=True)
             (run_dir / "splits.json").write_text(json.dumps({"train": cases, "val": val, "test": []}))
-            result = train(short_run(route, args.data, args.steps, args.threads, setting), run_dir)
+            result = train(short_run(route, args.data, args.steps, args.threads, setting, args.device), run_dir)
             seconds[setting].append(result.seconds)
             dice[setting].append(result.best_dice)
             last = run_dir
     return {"seconds": seconds, "dice": dice}, last
 
 
-def time_prediction(run_dir: Path, images: list[Path], repeats: int) -> dict[str, list[float]]:
+def time_prediction(run_dir: Path, images: list[Path], repeats: int, device: str = "cpu") -> dict[str, list[float]]:
     """Seconds to predict ``images`` with the run's best checkpoint in each memory format, alternating."""
-    loaded = load_model(str(run_dir), torch.device("cpu"))
+    loaded = load_model(str(run_dir), torch.device(device))
     ndim = loaded.network.route.spatial_dims + 2
     options = PredictOptions(tta=False, progress=False)
     seconds = {f: [] for f in FORMATS}
@@ -80,13 +86,14 @@ def main() -> None:
     parser.add_argument("--val-cases", type=int, default=2)
     parser.add_argument("--predict-cases", type=int, default=6)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
     args = parser.parse_args()
     args.data = args.data.resolve()
     torch.set_num_threads(args.threads)
     names = sorted(case.name for case in cases_from_msd(args.data)[0])
     cases, val = names[:args.train_cases], names[args.train_cases:args.train_cases + args.val_cases]
     images = sorted((args.data / "imagesTs").glob("*.nii.gz"))[:args.predict_cases]
-    print(f"channels_last on the CPU: {args.steps} training steps, {len(cases)} training / {len(val)} validation cases, "
+    print(f"channels_last on {args.device}: {args.steps} training steps, {len(cases)} training / {len(val)} validation cases, "
           f"{len(images)} imagesTs predicted, {args.threads} thread(s), fastest of {args.repeats} alternating repeats")
     print("| route | what | contiguous (s) | channels_last (s) | speed-up | largest val Dice difference |")
     print("|---|---|---|---|---|---|")
@@ -97,7 +104,7 @@ def main() -> None:
             gap = max(abs(a - b) for a in training["dice"]["off"] for b in training["dice"]["on"])
             print(f"| {route} | training ({args.steps} steps + validation) | {off:.1f} | {on:.1f} | {off / on:.2f}x | {gap:.4f} |",
                   flush=True)
-            predicting = time_prediction(last, images, args.repeats)
+            predicting = time_prediction(last, images, args.repeats, args.device)
             off, on = min(predicting["off"]), min(predicting["on"])
             print(f"| {route} | predict {len(images)} cases | {off:.1f} | {on:.1f} | {off / on:.2f}x | |", flush=True)
 

@@ -81,8 +81,7 @@ def test_a_checkpoint_holding_unread_encoder_layers_loads_and_predicts_as_before
 
 def test_a_loaded_network_is_channels_last_on_the_cpu_and_predicts_as_the_contiguous_one(tmp_path, phantom_root):
     """The 2.5D route predicts channels last on the CPU (README, "Channels last on the CPU"): another layout, the
-    same probabilities to float rounding. Training's ``channels_last: auto`` is on for CPU and CUDA alike."""
-    from seg_transfer.routes.precision import resolve_channels_last
+    same probabilities to float rounding."""
 
     network = load_network(save_random_checkpoint(phantom_root, tmp_path / "run"))
     convs = [m.weight for m in network.model.modules() if isinstance(m, nn.Conv2d) and min(m.weight.shape[1:]) > 1]
@@ -93,8 +92,6 @@ def test_a_loaded_network_is_channels_last_on_the_cpu_and_predicts_as_the_contig
     image = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(network.model(image).softmax(1), contiguous(image).softmax(1), rtol=0, atol=1e-5)
-    assert resolve_channels_last("auto", torch.device("cpu")) and not resolve_channels_last("off", torch.device("cuda"))
-    assert not resolve_channels_last("auto", torch.device("mps")) and resolve_channels_last("on", torch.device("mps"))
 
 
 def test_route_and_config_must_agree(tmp_path, phantom_root):

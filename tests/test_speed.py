@@ -67,6 +67,24 @@ def test_cudnn_benchmark_auto_follows_the_routes_input_shapes():
     assert not resolve_speed(_training(), CPU, fixed_input_shapes=True).cudnn_benchmark
 
 
+def test_channels_last_auto_follows_the_route_measured_devices():
+    """benchmarks/memory_format.py: channels last trained faster on the CPU for both routes and on an H200 for the
+    2.5D route only (3D 0.94x there); ``on``/``off`` win on any device, ``auto`` is off on devices not measured."""
+    from seg_transfer.routes import get_route
+    from seg_transfer.routes.precision import resolve_switch
+
+    slab, volume = get_route("2.5d"), get_route("3d")
+    for device, slab_on, volume_on in ((CPU, True, True), (CUDA, True, False)):
+        for route, expected in ((slab, slab_on), (volume, volume_on)):
+            settings = resolve_speed(_training(), device, True, channels_last_devices=route.train_channels_last)
+            assert settings.channels_last == expected, (route.name, device)
+    assert resolve_speed(_training(channels_last="on"), CUDA, True, channels_last_devices=volume.train_channels_last).channels_last
+    assert not resolve_speed(_training(channels_last="off"), CPU, channels_last_devices=slab.train_channels_last).channels_last
+    assert "cuda" in slab.predict_channels_last and "cuda" not in volume.predict_channels_last
+    mps = torch.device("mps")
+    assert not resolve_switch("auto", mps, ("cuda", "cpu")) and resolve_switch("on", mps, ()) and not resolve_switch("off", CPU, ("cpu",))
+
+
 def test_grad_scaler_only_for_fp16():
     assert grad_scaler(SpeedSettings(amp_dtype=torch.bfloat16), CPU) is None
     assert isinstance(grad_scaler(SpeedSettings(amp_dtype=torch.float16), CPU), torch.amp.GradScaler)

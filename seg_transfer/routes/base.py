@@ -133,9 +133,9 @@ class Route:
       inputs change shape from case to case (2.5D whole slices) leaves it off (README, "On one GPU").
     - ``ranking_scores`` / ``ranking_strides``: what ``rank-encoders`` scores when not told, chosen by the
       README's encoder-choice studies for this route (the first score orders the ranking).
-    - ``predict_channels_last``: device types on which :func:`~seg_transfer.routes.network.load_network` lays the
-      network out channels last, where ``benchmarks/memory_format.py`` measured it faster (README, "Channels last
-      on the CPU"); training follows ``training.channels_last`` instead.
+    - ``train_channels_last`` / ``predict_channels_last``: device types on which training's ``channels_last: auto``
+      and :func:`~seg_transfer.routes.network.load_network` lay activations and the network out channels last,
+      where ``benchmarks/memory_format.py`` measured it faster (README, "Channels last on the CPU").
     """
 
     name: str
@@ -150,4 +150,5 @@ class Route:
     fixed_input_shapes: bool
     ranking_scores: tuple[str, ...]
     ranking_strides: tuple[int, ...]
+    train_channels_last: tuple[str, ...] = ()
     predict_channels_last: tuple[str, ...] = ()

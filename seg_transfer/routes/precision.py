@@ -2,9 +2,10 @@
 
 ``auto`` autocasts to bfloat16 on CUDA GPUs that support it, else float16, and not at all on CPU;
 training's ``training.amp`` and ``predict --amp`` both resolve through :func:`resolve_amp`.
-Training lays activations out channels last on CUDA and on the CPU (:func:`resolve_channels_last`, unless
-``training.channels_last`` says otherwise): faster on both, the same arithmetic in another order; ``predict``
-does where its route measured it faster (``Route.predict_channels_last``).
+Every on/off/auto switch resolves through :func:`resolve_switch`, ``auto`` meaning "on for these device types".
+Channels last is such a switch whose devices each route declares where ``benchmarks/memory_format.py`` measured
+it faster (``Route.train_channels_last`` for ``training.channels_last: auto``, ``Route.predict_channels_last`` for
+``predict``): the same arithmetic in another order, so only speed differs.
 """
 from __future__ import annotations
 
@@ -41,15 +42,11 @@ def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextM
     return torch.autocast(torch.device(device).type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
-#: devices whose ``auto`` training memory format is channels last: cuDNN's tensor-core kernels want it; on the CPU
-#: oneDNN trained 1.07-1.23x faster with it (README, "Channels last on the CPU")
-CHANNELS_LAST_DEVICES = ("cuda", "cpu")
-
-
-def resolve_channels_last(setting: Literal["auto", "on", "off"], device: torch.device) -> bool:
-    """Whether activations are channels last: ``auto`` on the devices of :data:`CHANNELS_LAST_DEVICES`."""
+def resolve_switch(setting: Literal["auto", "on", "off"], device: torch.device,
+                   auto_devices: tuple[str, ...] = ("cuda",)) -> bool:
+    """An on/off/auto switch on ``device``: ``auto`` is on for the device types in ``auto_devices``."""
     if setting == "auto":
-        return torch.device(device).type in CHANNELS_LAST_DEVICES
+        return torch.device(device).type in auto_devices
     return setting == "on"
 
 

@@ -135,6 +135,7 @@ VOLUME_ROUTE = Route(
     # feature variety at stride 8: tau 0.74 over the inflation modes, declared before it ran (LogME: -0.53)
     ranking_scores=("variety",),
     ranking_strides=(8,),
-    # contiguous: channels last predicted only 1.03-1.06x faster on the CPU, and took 0.05 GB more per 128x128x64 window
+    train_channels_last=("cpu",),  # CPU 1.15-1.23x; on an H200 channels_last_3d trained 0.94x (slower)
+    # contiguous: channels last predicted only 1.03-1.06x faster on the CPU (0.05 GB more per 128x128x64 window), 0.90x on an H200
     predict_channels_last=(),
 )

@@ -1,9 +1,9 @@
 """Speed switches of ``training.*``, resolved for the device a run trains on.
 
 ``amp``, ``cudnn_benchmark`` and ``pin_memory`` default to ``auto``: on for CUDA, off on CPU.
-``channels_last: auto`` is on for CUDA and the CPU (:func:`~seg_transfer.routes.precision.resolve_channels_last`):
-on the CPU it trains 1.07-1.23x faster, with the same arithmetic in another order, so CPU runs from before it
-differ from today's by float rounding only. ``cudnn_benchmark:
+``channels_last: auto`` is on where the route measured it faster (``Route.train_channels_last``): the CPU for
+both routes (1.07-1.23x), CUDA for 2.5D only (3D trained 0.94x on an H200); the same arithmetic in another order,
+so CPU runs from before it differ from today's by float rounding only. ``cudnn_benchmark:
 auto`` is on only where the route feeds the network one input shape (``Route.fixed_input_shapes``): cuDNN
 tunes kernels for every new shape, which cost the 2.5D route about 70 s of a 141 s H100 run and gained
 nothing per steady epoch (README, "On one GPU"). ``compile``
@@ -15,12 +15,11 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 
 from seg_transfer.config import TrainingConfig
-from seg_transfer.routes.precision import memory_format_for, resolve_amp, resolve_channels_last
+from seg_transfer.routes.precision import memory_format_for, resolve_amp, resolve_switch
 
 
 @dataclass(frozen=True)
@@ -43,20 +42,15 @@ class SpeedSettings:
 FULL_PRECISION = SpeedSettings()
 
 
-def resolve_switch(setting: Literal["auto", "on", "off"], device: torch.device) -> bool:
-    """An on/off/auto switch on ``device``: ``auto`` is on for CUDA only."""
-    if setting == "auto":
-        return device.type == "cuda"
-    return setting == "on"
-
-
 def resolve_speed(training: TrainingConfig, device: torch.device, cuda_bf16_supported: bool | None = None,
-                  fixed_input_shapes: bool = True) -> SpeedSettings:
-    """All speed switches of ``training`` resolved for ``device``; ``fixed_input_shapes`` is the route's
-    (:attr:`~seg_transfer.routes.base.Route.fixed_input_shapes`): without it ``cudnn_benchmark: auto`` is off."""
+                  fixed_input_shapes: bool = True, channels_last_devices: tuple[str, ...] = ("cuda", "cpu")) -> SpeedSettings:
+    """All speed switches of ``training`` resolved for ``device``. ``fixed_input_shapes`` and
+    ``channels_last_devices`` are the route's (:attr:`~seg_transfer.routes.base.Route.fixed_input_shapes`,
+    ``train_channels_last``): without the first ``cudnn_benchmark: auto`` is off; the second is where
+    ``channels_last: auto`` is on."""
     return SpeedSettings(
         amp_dtype=resolve_amp(training.amp, device, cuda_bf16_supported),
-        channels_last=resolve_channels_last(training.channels_last, device),
+        channels_last=resolve_switch(training.channels_last, device, channels_last_devices),
         compile=training.compile,
         cudnn_benchmark=resolve_switch(training.cudnn_benchmark, device)
         and (fixed_input_shapes or training.cudnn_benchmark == "on"),
