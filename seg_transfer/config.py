@@ -223,7 +223,8 @@ class TrainingConfig(_Strict):
     ``batch_size`` is the global batch: under ``torchrun``/``srun`` with N processes each one takes
     ``batch_size / N`` slices per step (it must divide), so a run means the same at any scale.
     The speed switches (``amp``, ``cudnn_benchmark``, ``pin_memory``: ``auto`` = on for CUDA, off on CPU;
-    ``channels_last``: ``auto`` = on for CUDA and CPU; ``compile`` off unless set) are resolved by
+    ``channels_last``: ``auto`` = on where the route measured it faster, ``Route.train_channels_last``;
+    ``compile`` off unless set) are resolved by
     :mod:`seg_transfer.training.speed`.
     """
 
