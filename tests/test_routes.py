@@ -82,7 +82,6 @@ def test_a_checkpoint_holding_unread_encoder_layers_loads_and_predicts_as_before
 def test_a_loaded_network_is_channels_last_on_the_cpu_and_predicts_as_the_contiguous_one(tmp_path, phantom_root):
     """The 2.5D route predicts channels last on the CPU (README, "Channels last on the CPU"): another layout, the
     same probabilities to float rounding."""
-
     network = load_network(save_random_checkpoint(phantom_root, tmp_path / "run"))
     convs = [m.weight for m in network.model.modules() if isinstance(m, nn.Conv2d) and min(m.weight.shape[1:]) > 1]
     assert convs and all(w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous() for w in convs)

@@ -150,5 +150,5 @@ class Route:
     fixed_input_shapes: bool
     ranking_scores: tuple[str, ...]
     ranking_strides: tuple[int, ...]
-    train_channels_last: tuple[str, ...] = ()
-    predict_channels_last: tuple[str, ...] = ()
+    train_channels_last: tuple[str, ...]
+    predict_channels_last: tuple[str, ...]

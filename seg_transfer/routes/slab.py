@@ -82,6 +82,6 @@ SLAB_ROUTE = Route(
     # LogME at stride 16: Kendall tau 0.6 on seeds 0-2 (picked there), 0.8 on fresh seeds 3-5 (declared before)
     ranking_scores=("logme",),
     ranking_strides=(16,),
-    train_channels_last=("cuda", "cpu"),  # CPU 1.07-1.14x; H200 1.02x (cuDNN's tensor-core kernels want it)
+    train_channels_last=("cuda", "cpu"),  # CPU 1.07-1.14x; H200 1.02x (neutral there)
     predict_channels_last=("cuda", "cpu"),  # CPU 1.20-1.31x; H200 1.14x
 )
