@@ -39,10 +39,11 @@ FORMATS = ("off", "on")
 def short_run(route: str, data: Path, steps: int, threads: int, channels_last: str, device: str = "cpu"):
     """The route's shipped config cut to one ``all`` stage of ``steps`` steps, with ``channels_last`` set."""
     stage = "[{name: all, train: all, epochs: 1, lr: 1.0e-3}]"
-    batch = load_config(CONFIGS[route], [f"data.root={data}"]).training.batch_size  # one epoch of exactly `steps` steps
-    return load_config(CONFIGS[route], [f"data.root={data}", f"training.num_threads={threads}", f"training.stages={stage}",
-                                        f"training.channels_last={channels_last}", "data.cache=memory",
-                                        f"training.device={device}", f"data.slices_per_epoch={steps * batch}"])
+    config = load_config(CONFIGS[route], [f"data.root={data}", f"training.num_threads={threads}", f"training.stages={stage}",
+                                          f"training.channels_last={channels_last}", "data.cache=memory",
+                                          f"training.device={device}"])
+    epoch = steps * config.training.batch_size  # one epoch of exactly `steps` steps
+    return config.model_copy(update={"data": config.data.model_copy(update={"slices_per_epoch": epoch})})
 
 
 def time_training(route: str, data: Path, cases: list[str], val: list[str], args, work: Path) -> tuple[dict, Path]:

@@ -11,6 +11,7 @@ import yaml
 
 from seg_transfer.config import ConfigError, ModelConfig, TrainingConfig, config_from_dict, load_config
 from seg_transfer.models.factory import build_model
+from seg_transfer.routes import get_route
 from seg_transfer.training.speed import (
     FULL_PRECISION,
     SpeedSettings,
@@ -24,6 +25,7 @@ from seg_transfer.training.trainer import train, train_step
 from tests.conftest import tiny_config
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda", 0)
+SLAB, VOLUME = get_route("2.5d"), get_route("3d")
 
 
 def _training(**switches) -> TrainingConfig:
@@ -31,17 +33,19 @@ def _training(**switches) -> TrainingConfig:
 
 
 def test_auto_on_cpu_is_float32_eager_and_channels_last():
-    """Channels last trains 1.1-1.2x faster on the CPU (benchmarks/memory_format.py); the rest stays off there."""
-    assert resolve_speed(_training(), CPU) == SpeedSettings(channels_last=True)
-    assert resolve_speed(_training(channels_last="off"), CPU) == FULL_PRECISION
+    """Channels last trains 1.1-1.2x faster on the CPU for both routes (benchmarks/memory_format.py); the rest stays
+    off there."""
+    for route in (SLAB, VOLUME):
+        assert resolve_speed(_training(), CPU, route) == SpeedSettings(channels_last=True)
+        assert resolve_speed(_training(channels_last="off"), CPU, route) == FULL_PRECISION
 
 
 def test_auto_on_cuda_is_bf16_where_supported_else_fp16_with_scaler():
-    modern = resolve_speed(_training(), CUDA, cuda_bf16_supported=True)
-    assert modern == SpeedSettings(amp_dtype=torch.bfloat16, channels_last=True, compile=False,
+    modern = resolve_speed(_training(), CUDA, VOLUME, cuda_bf16_supported=True)
+    assert modern == SpeedSettings(amp_dtype=torch.bfloat16, channels_last=False, compile=False,
                                    cudnn_benchmark=True, pin_memory=True)
     assert not modern.needs_grad_scaler
-    older = resolve_speed(_training(), CUDA, cuda_bf16_supported=False)
+    older = resolve_speed(_training(), CUDA, SLAB, cuda_bf16_supported=False)
     assert older.amp_dtype == torch.float16 and older.needs_grad_scaler
 
 
@@ -49,38 +53,34 @@ def test_forced_switches_win_over_the_device():
     assert resolve_amp("bf16", CPU) == torch.bfloat16
     assert resolve_amp("fp16", CPU) == torch.float16
     assert resolve_amp("off", CUDA, cuda_bf16_supported=True) is None
-    forced = resolve_speed(_training(channels_last="on", cudnn_benchmark="off", pin_memory="off", compile=True), CPU)
+    forced = resolve_speed(_training(channels_last="on", cudnn_benchmark="off", pin_memory="off", compile=True), CPU, SLAB)
     assert forced.channels_last and forced.compile and not forced.cudnn_benchmark and not forced.pin_memory
-    on_cuda = resolve_speed(_training(channels_last="off", amp="off"), CUDA, cuda_bf16_supported=True)
+    on_cuda = resolve_speed(_training(channels_last="off", amp="off"), CUDA, VOLUME, cuda_bf16_supported=True)
     assert not on_cuda.channels_last and on_cuda.amp_dtype is None and on_cuda.cudnn_benchmark
+    assert resolve_speed(_training(channels_last="on"), CUDA, VOLUME, True).channels_last
+    assert not resolve_speed(_training(channels_last="off"), CPU, SLAB).channels_last
 
 
 def test_cudnn_benchmark_auto_follows_the_routes_input_shapes():
     """Measured on an H100 (README, "On one GPU"): the autotuner cost the 2.5D route, whose validation slices
     change shape from case to case, about 70 s of a 141 s run; 3D patches and windows have one shape."""
-    from seg_transfer.routes import get_route
-
-    assert get_route("3d").fixed_input_shapes and not get_route("2.5d").fixed_input_shapes
-    varying = resolve_speed(_training(), CUDA, cuda_bf16_supported=True, fixed_input_shapes=False)
+    assert VOLUME.fixed_input_shapes and not SLAB.fixed_input_shapes
+    varying = resolve_speed(_training(), CUDA, SLAB, cuda_bf16_supported=True)
     assert not varying.cudnn_benchmark and varying.channels_last and varying.amp_dtype == torch.bfloat16
-    assert resolve_speed(_training(cudnn_benchmark="on"), CUDA, True, fixed_input_shapes=False).cudnn_benchmark
-    assert not resolve_speed(_training(), CPU, fixed_input_shapes=True).cudnn_benchmark
+    assert resolve_speed(_training(cudnn_benchmark="on"), CUDA, SLAB, True).cudnn_benchmark
+    assert resolve_speed(_training(), CUDA, VOLUME, True).cudnn_benchmark
+    assert not resolve_speed(_training(), CPU, VOLUME).cudnn_benchmark
 
 
 def test_channels_last_auto_follows_the_route_measured_devices():
     """benchmarks/memory_format.py: channels last trained faster on the CPU for both routes and on an H200 for the
     2.5D route only (3D 0.94x there); ``on``/``off`` win on any device, ``auto`` is off on devices not measured."""
-    from seg_transfer.routes import get_route
     from seg_transfer.routes.precision import resolve_switch
 
-    slab, volume = get_route("2.5d"), get_route("3d")
     for device, slab_on, volume_on in ((CPU, True, True), (CUDA, True, False)):
-        for route, expected in ((slab, slab_on), (volume, volume_on)):
-            settings = resolve_speed(_training(), device, True, channels_last_devices=route.train_channels_last)
-            assert settings.channels_last == expected, (route.name, device)
-    assert resolve_speed(_training(channels_last="on"), CUDA, True, channels_last_devices=volume.train_channels_last).channels_last
-    assert not resolve_speed(_training(channels_last="off"), CPU, channels_last_devices=slab.train_channels_last).channels_last
-    assert "cuda" in slab.predict_channels_last and "cuda" not in volume.predict_channels_last
+        for route, expected in ((SLAB, slab_on), (VOLUME, volume_on)):
+            assert resolve_speed(_training(), device, route, True).channels_last == expected, (route.name, device)
+    assert "cuda" in SLAB.predict_channels_last and "cuda" not in VOLUME.predict_channels_last
     mps = torch.device("mps")
     assert not resolve_switch("auto", mps, ("cuda", "cpu")) and resolve_switch("on", mps, ()) and not resolve_switch("off", CPU, ("cpu",))
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from seg_transfer.config import TrainingConfig
+from seg_transfer.routes.base import Route
 from seg_transfer.routes.precision import memory_format_for, resolve_amp, resolve_switch
 
 
@@ -42,18 +43,17 @@ class SpeedSettings:
 FULL_PRECISION = SpeedSettings()
 
 
-def resolve_speed(training: TrainingConfig, device: torch.device, cuda_bf16_supported: bool | None = None,
-                  fixed_input_shapes: bool = True, channels_last_devices: tuple[str, ...] = ("cuda", "cpu")) -> SpeedSettings:
-    """All speed switches of ``training`` resolved for ``device``. ``fixed_input_shapes`` and
-    ``channels_last_devices`` are the route's (:attr:`~seg_transfer.routes.base.Route.fixed_input_shapes`,
-    ``train_channels_last``): without the first ``cudnn_benchmark: auto`` is off; the second is where
-    ``channels_last: auto`` is on."""
+def resolve_speed(training: TrainingConfig, device: torch.device, route: Route,
+                  cuda_bf16_supported: bool | None = None) -> SpeedSettings:
+    """All speed switches of ``training`` resolved for ``device`` and the route the run trains on: ``cudnn_benchmark:
+    auto`` needs :attr:`~seg_transfer.routes.base.Route.fixed_input_shapes`, ``channels_last: auto`` is on for the
+    devices in ``Route.train_channels_last``."""
     return SpeedSettings(
         amp_dtype=resolve_amp(training.amp, device, cuda_bf16_supported),
-        channels_last=resolve_switch(training.channels_last, device, channels_last_devices),
+        channels_last=resolve_switch(training.channels_last, device, route.train_channels_last),
         compile=training.compile,
         cudnn_benchmark=resolve_switch(training.cudnn_benchmark, device)
-        and (fixed_input_shapes or training.cudnn_benchmark == "on"),
+        and (route.fixed_input_shapes or training.cudnn_benchmark == "on"),
         pin_memory=resolve_switch(training.pin_memory, device),
     )
 

@@ -235,8 +235,7 @@ def _open_session(config: RunConfig, run_dir: Path, skip_bad_cases: bool, contex
     model, provenance = route.build_network(config.model, in_channels, len(labels), True)
     seed_rank_streams(config.seed, context.rank)
     device = context.device if context.enabled else _device(training.device)
-    settings = speed.resolve_speed(training, device, fixed_input_shapes=route.fixed_input_shapes,
-                                   channels_last_devices=route.train_channels_last)
+    settings = speed.resolve_speed(training, device, route)
     stages = encoder_stages(model.encoder, in_channels, spatial_dims=route.spatial_dims)  # traced on CPU, before the model moves
     model.to(device)
     speed.reset_peak_gpu_memory(device)
