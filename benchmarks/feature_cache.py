@@ -42,6 +42,11 @@ separate seed-2 pair gave 0.300 / 0.299), against a seed-to-seed spread of 0.215
 cache. Cache: 87.2 MB of float16 features and labels written, 109 MB allocated; the process RSS
 grew 77 MB in the memory-cache run against 38 MB in the recomputing run before it.
 
+Recorded with ``--epochs 20`` over seeds 0-4 (``--runs "off s0,memory s0,...,off s4,memory s4"``, and
+``--variants 16 --runs "memory s0,...,memory s4"``; README): best validation Dice recomputing 0.779 / 0.802 / 0.792 /
+0.765 / 0.795, memory cache with 4 variants 0.768 / 0.803 / 0.750 / 0.455 / 0.802, with 16 variants 0.792 / 0.801 /
+0.759 / 0.512 / 0.791: equal on three seeds, lower on seeds 2 and 3 with either variant count.
+
 Recorded with ``--route 3d --epochs 6`` (1 thread on the 2-core CPU beside three niced training runs; 39 min):
 from the second epoch on 1.18x (disk), 1.16x (disk warm), 1.03x (memory, seed 1); a recomputing batch spends
 0.070 s loading, 0.135 s in the encoder and 3.510 s in the decoder's forward and backward, so 1.06x is the most
