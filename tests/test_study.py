@@ -254,6 +254,15 @@ def test_parallel_processes_share_the_unfinished_runs_evenly(tmp_path, study_roo
     assert spread_pending(specs, 3) == [[0], [2], []]
 
 
+def test_parallel_processes_each_get_a_mix_of_arms(tmp_path, study_root):
+    """Two arms x two seeds, nothing finished: each process trains one run of each arm (round-robin dealing
+    gave process 0 both runs of the first arm and process 1 both of the second)."""
+    _, specs = plan_runs(load_study_config(write_study(tmp_path, study_root)), tmp_path / "study")
+    shares = spread_pending(specs, 2)
+    assert sorted(sum(shares, [])) == [0, 1, 2, 3]
+    assert [sorted(specs[i].arm for i in share) for share in shares] == [sorted({s.arm for s in specs})] * 2
+
+
 def test_shard_and_processes_together_are_refused_in_one_line(tmp_path, study_root, capsys):
     study_path, out = write_study(tmp_path, study_root, train_sizes=[2]), tmp_path / "study"
     assert main(["compare", "--config", str(study_path), "--output", str(out), "--shard", "1/2", "--processes", "2"]) == 2

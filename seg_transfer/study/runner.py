@@ -120,11 +120,20 @@ def is_evaluated(spec: RunSpec) -> bool:
 
 
 def spread_pending(specs: Sequence[RunSpec], processes: int) -> list[list[int]]:
-    """The plan positions of the runs not yet evaluated, dealt round-robin to ``processes`` lists, so that
-    processes get equal shares of the work left (a static ``--shard`` split can give one of them all of an
-    arm added later)."""
-    pending = [index for index, spec in enumerate(specs) if not is_evaluated(spec)]
-    return [pending[k::processes] for k in range(processes)]
+    """The plan positions of the runs not yet evaluated, dealt so that processes get equal shares of the work
+    left (a static ``--shard`` split can give one of them all of an arm added later) and each a mix of the
+    arms: in plan order, a run goes to the process with the fewest runs, among those to the one with the
+    fewest runs of its arm. Dealing round-robin would give, with two arms and two processes, one process every
+    ImageNet run and the other every scratch run, so a study stopped early holds unpaired runs."""
+    shares: list[list[int]] = [[] for _ in range(processes)]
+    arm_counts: list[dict[str, int]] = [{} for _ in range(processes)]
+    for index, spec in enumerate(specs):
+        if is_evaluated(spec):
+            continue
+        target = min(range(processes), key=lambda k: (len(shares[k]), arm_counts[k].get(spec.arm, 0), k))
+        shares[target].append(index)
+        arm_counts[target][spec.arm] = arm_counts[target].get(spec.arm, 0) + 1
+    return shares
 
 
 def complete_run(spec: RunSpec, test_images: Path, test_labels: Path, labels_file: Path, study: StudyConfig, device: str) -> RunRecord:
