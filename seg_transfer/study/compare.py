@@ -67,7 +67,7 @@ def compare(study_path: str | Path, output: str | Path, *, device: str = "auto",
 def run_shards_in_parallel(study: StudyConfig, study_path: Path, output: Path, processes: int, *, device: str,
                            max_runs: int | None) -> list[str]:
     """Train the study's unfinished runs in ``N`` spawned processes (CUDA-safe; each may start its own
-    data-loading workers), dealt round-robin (:func:`spread_pending`), and wait for all; returns the failed
+    data-loading workers), dealt evenly with a mix of arms each (:func:`spread_pending`), and wait for all; returns the failed
     ones, described. Ctrl-C stops every shard."""
     logs = output / "logs"
     logs.mkdir(exist_ok=True)
