@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections import Counter
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -126,13 +127,13 @@ def spread_pending(specs: Sequence[RunSpec], processes: int) -> list[list[int]]:
     fewest runs of its arm. Dealing round-robin would give, with two arms and two processes, one process every
     ImageNet run and the other every scratch run, so a study stopped early holds unpaired runs."""
     shares: list[list[int]] = [[] for _ in range(processes)]
-    arm_counts: list[dict[str, int]] = [{} for _ in range(processes)]
+    arm_counts = [Counter() for _ in range(processes)]
     for index, spec in enumerate(specs):
         if is_evaluated(spec):
             continue
-        target = min(range(processes), key=lambda k: (len(shares[k]), arm_counts[k].get(spec.arm, 0), k))
+        target = min(range(processes), key=lambda k: (len(shares[k]), arm_counts[k][spec.arm], k))
         shares[target].append(index)
-        arm_counts[target][spec.arm] = arm_counts[target].get(spec.arm, 0) + 1
+        arm_counts[target][spec.arm] += 1
     return shares
 
 
