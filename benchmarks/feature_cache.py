@@ -23,6 +23,7 @@ augmentation and the encoder forward, nothing else.
     OMP_NUM_THREADS=1 python benchmarks/feature_cache.py [--data MSD_ROOT] [--epochs 10] [--threads 1] [--device cuda]
     OMP_NUM_THREADS=1 python benchmarks/feature_cache.py --route 3d --epochs 6   # the shipped 3D network, 40 patches/epoch
     ... [--variants 16] [--runs "memory s0,memory s1"]   # cached variants; a subset of the runs (no CPU breakdown then)
+    ... --json runs.json; python benchmarks/feature_cache.py --summarise a.json b.json   # compare paths over seeds
 
 ``--route 3d`` runs the same five runs with the shipped 3D network (configs/hippocampus_3d_effnet_lite0.yaml,
 ``frozen_bn: adapt``), 4 cached patches per case, 40 patches per epoch, batch 2.
@@ -63,6 +64,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import logging
 import resource
 import statistics
@@ -236,7 +238,13 @@ def main() -> None:
     parser.add_argument("--variants", type=int, default=4, help="training.feature_cache_variants of the cached runs")
     parser.add_argument("--runs", type=parse_runs, default=MODES,
                         help="comma-separated runs, e.g. 'memory s0,memory s1' (default: " + ", ".join(MODES) + ")")
+    parser.add_argument("--json", type=Path, help="also write each run's best validation Dice and seconds here")
+    parser.add_argument("--summarise", type=Path, nargs="+", metavar="JSON",
+                        help="train nothing: compare cached and recomputing runs over the seeds in these --json files")
     args = parser.parse_args()
+    if args.summarise:
+        print(seed_summary(merged_runs(args.summarise)))
+        return
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="feature_cache_bench_") as tmp:
@@ -256,6 +264,58 @@ def main() -> None:
             breakdown = step_breakdown(run_config(data, args.epochs, "off", tmp / "cache", args.threads, route=args.route),
                                        tmp / "probe")
     report(name, args, runs, breakdown)
+    if args.json:
+        write_runs_json(args.json, args, runs)
+
+
+def write_runs_json(path: Path, args, runs: dict) -> None:
+    """One record per run (mode, seed, best validation Dice, seconds per epoch), written atomically."""
+    records = {label: {"mode": args.runs[label][0], "seed": args.runs[label][1], "epochs": args.epochs,
+                       "variants": args.variants, "route": args.route,
+                       "best_dice": float(run["result"].best_dice), "best_epoch": int(run["result"].best_epoch),
+                       "seconds": [round(value, 3) for value in run["seconds"]]}
+               for label, run in runs.items()}
+    partial = path.with_suffix(path.suffix + ".partial")
+    partial.write_text(json.dumps(records, indent=1))
+    partial.replace(path)
+
+
+def merged_runs(paths: list[Path]) -> dict[str, dict[int, float]]:
+    """Best validation Dice by path (``recomputing`` or ``cached``) and seed, over several ``--json`` files."""
+    merged: dict[str, dict[int, float]] = {"recomputing": {}, "cached": {}}
+    for path in paths:
+        for record in json.loads(path.read_text()).values():
+            merged["recomputing" if record["mode"] == "off" else "cached"][record["seed"]] = record["best_dice"]
+    return merged
+
+
+def seed_summary(merged: dict[str, dict[int, float]], failed_below: float = 0.7, resamples: int = 10000) -> str:
+    """Cached against recomputing over seeds, as two independent samples of runs: float rounding alone moves
+    this stage by up to 0.06, so a seed's two runs are not a pair. Mean and SD per path, the difference of
+    means with a 95% percentile bootstrap CI (runs resampled within each path) and Welch's t-test, and the
+    runs below ``failed_below`` per path with Fisher's exact test."""
+    from scipy import stats
+
+    recomputing = np.array(list(merged["recomputing"].values()))
+    cached = np.array(list(merged["cached"].values()))
+    if len(recomputing) < 2 or len(cached) < 2:
+        raise SystemExit("--summarise: need at least two recomputing and two cached runs")
+    difference = stats.bootstrap((cached, recomputing), lambda a, b, axis=-1: a.mean(axis) - b.mean(axis),
+                                 n_resamples=resamples, method="percentile", random_state=0)
+    welch = stats.ttest_ind(cached, recomputing, equal_var=False)
+    failed = [int((values < failed_below).sum()) for values in (cached, recomputing)]
+    fisher = stats.fisher_exact([[failed[0], len(cached) - failed[0]], [failed[1], len(recomputing) - failed[1]]])
+    lines = []
+    for name, runs in merged.items():
+        values = np.array(list(runs.values()))
+        per_seed = " ".join(f"s{seed} {dice:.3f}" for seed, dice in sorted(runs.items()))
+        lines.append(f"{name:11} {len(values)} seeds, mean {values.mean():.3f}, SD {values.std(ddof=1):.3f}, "
+                     f"below {failed_below}: {int((values < failed_below).sum())}; {per_seed}")
+    low, high = difference.confidence_interval
+    lines.append(f"cached - recomputing: {cached.mean() - recomputing.mean():+.3f}, 95% CI [{low:+.3f}, {high:+.3f}] "
+                 f"(bootstrap over runs), Welch p = {welch.pvalue:.2f}; runs below {failed_below}: {failed[0]} cached, "
+                 f"{failed[1]} recomputing (Fisher p = {fisher.pvalue:.2f})")
+    return "\n".join(lines)
 
 
 def report(name: str, args, runs: dict, breakdown: tuple[float, float, float] | None) -> None:

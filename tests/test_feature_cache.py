@@ -451,3 +451,29 @@ def test_a_resumed_cached_3d_stage_continues_to_the_same_result(phantom_root, tm
     b = Checkpoint.load(interrupted / "checkpoints" / "last.pt")
     assert resumed.epochs == straight.epochs == 3 and _equal_states(a.model, b.model)
     assert resumed.best_dice == pytest.approx(straight.best_dice, abs=1e-7)
+
+
+def test_benchmark_summary_compares_cached_and_recomputing_runs_over_seeds(tmp_path):
+    """benchmarks/feature_cache.py --summarise merges the --json files of several processes by path and seed and
+    counts failed runs per path; a seed run twice in one path keeps its last record."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    def record(mode, seed, dice):
+        return {"mode": mode, "seed": seed, "epochs": 20, "variants": 16, "route": "2.5d", "best_dice": dice,
+                "best_epoch": 20, "seconds": [1.0]}
+
+    first, second = tmp_path / "a.json", tmp_path / "b.json"
+    first.write_text(json.dumps({"off s5": record("off", 5, 0.80), "memory s5": record("memory", 5, 0.40),
+                                 "off s6": record("off", 6, 0.10)}))
+    second.write_text(json.dumps({"off s6": record("off", 6, 0.78), "memory s6": record("memory", 6, 0.79),
+                                  "off s7": record("off", 7, 0.76), "memory s7": record("memory", 7, 0.81)}))
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "feature_cache.py"
+    out = subprocess.run([sys.executable, str(script), "--summarise", str(first), str(second)],
+                         capture_output=True, text=True, check=True).stdout
+    lines = out.splitlines()
+    assert lines[0].startswith("recomputing 3 seeds, mean 0.780,") and "below 0.7: 0;" in lines[0]
+    assert lines[1].startswith("cached      3 seeds, mean 0.667,") and "below 0.7: 1;" in lines[1]
+    assert lines[2].startswith("cached - recomputing: -0.113, 95% CI [") and "1 cached, 0 recomputing" in lines[2]
