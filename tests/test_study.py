@@ -365,3 +365,11 @@ def test_study_ranks_the_arms_encoders_on_each_training_subset(tmp_path, study_r
     assert by_arm["staged"]["seed_scores"] == by_arm["scratch"]["seed_scores"] == [logme[0]["staged, scratch"], logme[1]["staged, scratch"]]
     assert "## Encoder ranking (LogME) against fine-tuning, 2 training cases" in (out / "report.md").read_text(encoding="utf-8")
     assert (out / "transferability.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_report_p_values_never_print_as_zero():
+    from seg_transfer.study.report import fmt_p, p_phrase
+
+    assert fmt_p(3e-6) == "< 0.0001" and p_phrase(3e-6) == "< 0.0001"
+    assert fmt_p(0.00005) == "0.0001" and fmt_p(0.01234) == "0.0123" and p_phrase(0.2) == "= 0.2000"
+    assert p_phrase(0.0004, 3) == "< 0.001" and fmt_p(None) == "n/a"

@@ -35,6 +35,19 @@ def fmt(value: Any, digits: int = 3) -> str:
     return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
 
+def fmt_p(value: Any, digits: int = 4) -> str:
+    """A p-value for people: ``0.0123``, or ``< 0.0001`` where it rounds to zero at ``digits``."""
+    if isinstance(value, float) and math.isfinite(value) and value < 0.5 * 10 ** -digits:
+        return f"< {10 ** -digits:.{digits}f}"
+    return fmt(value, digits)
+
+
+def p_phrase(value: Any, digits: int = 4) -> str:
+    """``= 0.0123`` or ``< 0.0001``, to follow a "p" in a sentence."""
+    text = fmt_p(value, digits)
+    return text if text.startswith("<") else f"= {text}"
+
+
 def seed_values(values: Sequence[float], seeds: Sequence[int], digits: int = 3, signed: bool = False) -> str:
     """Per-seed numbers side by side: ``s0 0.812 · s1 0.826 · s2 0.803``."""
     form = f"{{:+.{digits}f}}" if signed else f"{{:.{digits}f}}"
@@ -62,7 +75,7 @@ def comparison_table(results: dict[str, Any]) -> tuple[list[str], list[list[str]
               "p (t, seeds + cases)", "df", "verdict"]
     rows = [[f"{r['arm']} vs {r['control']}", str(r["size"]), f"{r['n_seeds']} x {r['n']}", f"{r['mean_difference']:+.3f}",
              seed_values(r["seed_differences"], r["seeds"], signed=True),
-             f"[{fmt(r['ci_low'])}, {fmt(r['ci_high'])}]", fmt(r["p_value"], 4), fmt(r["degrees_of_freedom"], 1),
+             f"[{fmt(r['ci_low'])}, {fmt(r['ci_high'])}]", fmt_p(r["p_value"]), fmt(r["degrees_of_freedom"], 1),
              ("**NEGATIVE TRANSFER** " if r["negative_transfer"] else "") + r["verdict"]] for r in results["comparisons"]]
     return header, rows
 
@@ -99,8 +112,8 @@ def transferability_lines(row: dict[str, Any]) -> list[str]:
     wrong = "; ".join(row["discordant"]) or "none"
     label = score_label(row["score"])
     return [f"{row['size']} training cases, {len(row['arms'])} encoders, {label} at stride {row['stride']}: Kendall tau "
-            f"{fmt(row['kendall_tau'], 2)} (p = {fmt(row['kendall_p'], 3)}), Spearman rho {fmt(row['spearman_rho'], 2)} "
-            f"(p = {fmt(row['spearman_p'], 3)}) between mean {label} and mean test Dice; tau within each seed: {per_seed}.",
+            f"{fmt(row['kendall_tau'], 2)} (p {p_phrase(row['kendall_p'], 3)}), Spearman rho {fmt(row['spearman_rho'], 2)} "
+            f"(p {p_phrase(row['spearman_p'], 3)}) between mean {label} and mean test Dice; tau within each seed: {per_seed}.",
             f"{label} picks {row['best_by_score']}; fine-tuning's best is {row['best_by_dice']}. Pairs the score orders "
             f"wrongly (its pick first): {wrong}.",
             f"Ranking all encoders took {fmt(row['ranking_seconds'], 0)} s, {fmt(100 * row['cost_ratio'], 1) if row['cost_ratio'] else 'n/a'}% "
@@ -320,7 +333,7 @@ def _signed_rank(comparison: dict[str, Any]) -> str:
     p = comparison.get("p_seeds_signed_rank")
     if comparison["n_seeds"] < 6 or p is None or not math.isfinite(p):
         return ""
-    return f"; exact signed-rank p over the {comparison['n_seeds']} seed differences = {fmt(p, 4)}"
+    return f"; exact signed-rank p over the {comparison['n_seeds']} seed differences {p_phrase(p)}"
 
 
 def findings(results: dict[str, Any]) -> list[str]:
@@ -329,7 +342,7 @@ def findings(results: dict[str, Any]) -> list[str]:
     for r in results["comparisons"]:
         lines.append(f"{r['arm']} vs {r['control']} with {r['size']} training cases: {r['mean_difference']:+.3f} Dice "
                      f"(per seed {seed_values(r['seed_differences'], r['seeds'], signed=True)}; 95% CI {fmt(r['ci_low'])} to "
-                     f"{fmt(r['ci_high'])} by a bootstrap over {r['n_seeds']} seeds and {r['n']} test cases; p = {fmt(r['p_value'], 4)}, "
+                     f"{fmt(r['ci_high'])} by a bootstrap over {r['n_seeds']} seeds and {r['n']} test cases; p {p_phrase(r['p_value'])}, "
                      f"t-test over seeds and cases, {fmt(r['degrees_of_freedom'], 1)} df{_signed_rank(r)}): {r['verdict']}.")
     for r in results["learning_curves"]:
         if r["collapsed_seeds"]:
