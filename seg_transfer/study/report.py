@@ -215,7 +215,7 @@ def plot_learning_curve(results: dict[str, Any], path: Path) -> Path:
         low = [r["ci_low"] if r["ci_low"] is not None else math.nan for r in mine]
         high = [r["ci_high"] if r["ci_high"] is not None else math.nan for r in mine]
         ax.fill_between(sizes, low, high, color=colors[arm], alpha=0.2, linewidth=0)
-    _size_axis(ax, rows, "test Dice (mean over classes)", "Learning curves (95% bootstrap CI over test cases)")
+    _size_axis(ax, rows, "test Dice (mean over classes)", "Learning curves (95% bootstrap CI over seeds and test cases)")
     ax.legend()
     return _save(fig, path)
 
