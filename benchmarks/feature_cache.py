@@ -79,6 +79,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from seg_transfer.atomic import write_atomic
 from seg_transfer.config import config_from_dict
 from seg_transfer.data.cases import cases_from_msd
 from seg_transfer.data.phantoms import make_phantom_dataset
@@ -279,9 +280,7 @@ def write_runs_json(path: Path, args, runs: dict) -> None:
                        "best_dice": float(run["result"].best_dice), "best_epoch": int(run["result"].best_epoch),
                        "seconds": [round(value, 3) for value in run["seconds"]]}
                for label, run in runs.items()}
-    partial = path.with_suffix(path.suffix + ".partial")
-    partial.write_text(json.dumps(records, indent=1))
-    partial.replace(path)
+    write_atomic(path, json.dumps(records, indent=1))
 
 
 def merged_runs(paths: list[Path]) -> dict[str, dict[int, float]]:
@@ -300,25 +299,25 @@ def seed_summary(merged: dict[str, dict[int, float]], failed_below: float = 0.7,
     runs below ``failed_below`` per path with Fisher's exact test."""
     from scipy import stats
 
-    recomputing = np.array(list(merged["recomputing"].values()))
-    cached = np.array(list(merged["cached"].values()))
+    values = {name: np.array(list(runs.values())) for name, runs in merged.items()}
+    failed = {name: int((dice < failed_below).sum()) for name, dice in values.items()}
+    cached, recomputing = values["cached"], values["recomputing"]
     if len(recomputing) < 2 or len(cached) < 2:
         raise SystemExit("--summarise: need at least two recomputing and two cached runs")
     difference = stats.bootstrap((cached, recomputing), lambda a, b, axis=-1: a.mean(axis) - b.mean(axis),
                                  n_resamples=resamples, method="percentile", random_state=0)
     welch = stats.ttest_ind(cached, recomputing, equal_var=False)
-    failed = [int((values < failed_below).sum()) for values in (cached, recomputing)]
-    fisher = stats.fisher_exact([[failed[0], len(cached) - failed[0]], [failed[1], len(recomputing) - failed[1]]])
+    fisher = stats.fisher_exact([[failed["cached"], len(cached) - failed["cached"]],
+                                 [failed["recomputing"], len(recomputing) - failed["recomputing"]]])
     lines = []
     for name, runs in merged.items():
-        values = np.array(list(runs.values()))
         per_seed = " ".join(f"s{seed} {dice:.3f}" for seed, dice in sorted(runs.items()))
-        lines.append(f"{name:11} {len(values)} seeds, mean {values.mean():.3f}, SD {values.std(ddof=1):.3f}, "
-                     f"below {failed_below}: {int((values < failed_below).sum())}; {per_seed}")
+        lines.append(f"{name:11} {len(values[name])} seeds, mean {values[name].mean():.3f}, "
+                     f"SD {values[name].std(ddof=1):.3f}, below {failed_below}: {failed[name]}; {per_seed}")
     low, high = difference.confidence_interval
     lines.append(f"cached - recomputing: {cached.mean() - recomputing.mean():+.3f}, 95% CI [{low:+.3f}, {high:+.3f}] "
-                 f"(bootstrap over runs), Welch p = {welch.pvalue:.2f}; runs below {failed_below}: {failed[0]} cached, "
-                 f"{failed[1]} recomputing (Fisher p = {fisher.pvalue:.2f})")
+                 f"(bootstrap over runs), Welch p = {welch.pvalue:.2f}; runs below {failed_below}: {failed['cached']} "
+                 f"cached, {failed['recomputing']} recomputing (Fisher p = {fisher.pvalue:.2f})")
     return "\n".join(lines)
 
 

@@ -456,11 +456,6 @@ def test_a_resumed_cached_3d_stage_continues_to_the_same_result(phantom_root, tm
 def test_benchmark_summary_compares_cached_and_recomputing_runs_over_seeds(tmp_path):
     """benchmarks/feature_cache.py --summarise merges the --json files of several processes by path and seed and
     counts failed runs per path; a seed run twice in one path keeps its last record."""
-    import json
-    import subprocess
-    import sys
-    from pathlib import Path
-
     def record(mode, seed, dice):
         return {"mode": mode, "seed": seed, "epochs": 20, "variants": 16, "route": "2.5d", "best_dice": dice,
                 "best_epoch": 20, "seconds": [1.0]}
