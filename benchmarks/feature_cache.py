@@ -248,7 +248,10 @@ def main() -> None:
                         help="train nothing: compare cached and recomputing runs over the seeds in these --json files")
     args = parser.parse_args()
     if args.summarise:
-        print(seed_summary(merged_runs(args.summarise)))
+        try:
+            print(seed_summary(merged_runs(args.summarise)))
+        except ValueError as error:
+            parser.error(f"--summarise: {error}")  # one line, exit status 2
         return
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
@@ -287,8 +290,11 @@ def merged_runs(paths: list[Path]) -> dict[str, dict[int, float]]:
     """Best validation Dice by path (``recomputing`` or ``cached``) and seed, over several ``--json`` files."""
     merged: dict[str, dict[int, float]] = {"recomputing": {}, "cached": {}}
     for path in paths:
-        for record in json.loads(path.read_text()).values():
-            merged["recomputing" if record["mode"] == "off" else "cached"][record["seed"]] = record["best_dice"]
+        try:
+            for record in json.loads(path.read_text()).values():
+                merged["recomputing" if record["mode"] == "off" else "cached"][record["seed"]] = record["best_dice"]
+        except (OSError, ValueError, AttributeError, KeyError, TypeError) as error:
+            raise ValueError(f"{path}: not a --json file of this benchmark ({type(error).__name__}: {error})") from None
     return merged
 
 
@@ -303,7 +309,7 @@ def seed_summary(merged: dict[str, dict[int, float]], failed_below: float = 0.7,
     failed = {name: int((dice < failed_below).sum()) for name, dice in values.items()}
     cached, recomputing = values["cached"], values["recomputing"]
     if len(recomputing) < 2 or len(cached) < 2:
-        raise SystemExit("--summarise: need at least two recomputing and two cached runs")
+        raise ValueError("need at least two recomputing and two cached runs")
     difference = stats.bootstrap((cached, recomputing), lambda a, b, axis=-1: a.mean(axis) - b.mean(axis),
                                  n_resamples=resamples, method="percentile", random_state=0)
     welch = stats.ttest_ind(cached, recomputing, equal_var=False)

@@ -472,3 +472,12 @@ def test_benchmark_summary_compares_cached_and_recomputing_runs_over_seeds(tmp_p
     assert lines[0].startswith("recomputing 3 seeds, mean 0.780,") and "below 0.7: 0;" in lines[0]
     assert lines[1].startswith("cached      3 seeds, mean 0.667,") and "below 0.7: 1;" in lines[1]
     assert lines[2].startswith("cached - recomputing: -0.113, 95% CI [") and "1 cached, 0 recomputing" in lines[2]
+
+
+def test_benchmark_summary_refuses_a_bad_file_in_one_line(tmp_path):
+    broken = tmp_path / "broken.json"
+    broken.write_text("{not json")
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "feature_cache.py"
+    run = subprocess.run([sys.executable, str(script), "--summarise", str(broken)], capture_output=True, text=True)
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert f"--summarise: {broken}: not a --json file of this benchmark" in run.stderr.splitlines()[-1]
