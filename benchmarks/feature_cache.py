@@ -250,10 +250,12 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write each run's best validation Dice and seconds here")
     parser.add_argument("--summarise", type=Path, nargs="+", metavar="JSON",
                         help="train nothing: compare cached and recomputing runs over the seeds in these --json files")
+    parser.add_argument("--margin", type=float,
+                        help="with --summarise: equal if the CI of cached - recomputing lies within +-MARGIN")
     args = parser.parse_args()
     if args.summarise:
         try:
-            print(seed_summary(merged_runs(args.summarise)))
+            print(seed_summary(merged_runs(args.summarise), margin=args.margin))
         except ValueError as error:
             parser.error(f"--summarise: {error}")  # one line, exit status 2
         return
@@ -302,11 +304,13 @@ def merged_runs(paths: list[Path]) -> dict[str, dict[int, float]]:
     return merged
 
 
-def seed_summary(merged: dict[str, dict[int, float]], failed_below: float = 0.7, resamples: int = 10000) -> str:
+def seed_summary(merged: dict[str, dict[int, float]], failed_below: float = 0.7, resamples: int = 10000,
+                 margin: float | None = None) -> str:
     """Cached against recomputing over seeds, as two independent samples of runs: float rounding alone moves
     this stage by up to 0.06, so a seed's two runs are not a pair. Mean and SD per path, the difference of
     means with a 95% percentile bootstrap CI (runs resampled within each path) and Welch's t-test, and the
-    runs below ``failed_below`` per path with Fisher's exact test."""
+    runs below ``failed_below`` per path with Fisher's exact test. With ``margin``, a last line gives the
+    verdict of the equivalence rule: see :func:`equivalence_verdict`."""
     from scipy import stats
 
     values = {name: np.array(list(runs.values())) for name, runs in merged.items()}
@@ -328,7 +332,21 @@ def seed_summary(merged: dict[str, dict[int, float]], failed_below: float = 0.7,
     lines.append(f"cached - recomputing: {cached.mean() - recomputing.mean():+.3f}, 95% CI [{low:+.3f}, {high:+.3f}] "
                  f"(bootstrap over runs), Welch p = {welch.pvalue:.2f}; runs below {failed_below}: {failed['cached']} "
                  f"cached, {failed['recomputing']} recomputing (Fisher p = {fisher.pvalue:.2f})")
+    if margin is not None:
+        lines.append(f"verdict (95% CI against +-{margin:g}): {equivalence_verdict(low, high, margin)}")
     return "\n".join(lines)
+
+
+def equivalence_verdict(low: float, high: float, margin: float) -> str:
+    """The declared rule on the CI [low, high] of cached - recomputing: ``equal`` when it lies inside
+    [-margin, +margin], ``worse`` when it lies below 0, ``better`` when above 0, else ``not settled``."""
+    if -margin <= low and high <= margin:
+        return "equal"
+    if high < 0:
+        return "worse"
+    if low > 0:
+        return "better"
+    return "not settled"
 
 
 def report(name: str, args, runs: dict, breakdown: tuple[float, float, float] | None) -> None:

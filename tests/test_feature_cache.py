@@ -481,3 +481,26 @@ def test_benchmark_summary_refuses_a_bad_file_in_one_line(tmp_path):
     run = subprocess.run([sys.executable, str(script), "--summarise", str(broken)], capture_output=True, text=True)
     assert run.returncode == 2 and "Traceback" not in run.stderr
     assert f"--summarise: {broken}: not a --json file of this benchmark" in run.stderr.splitlines()[-1]
+
+
+@pytest.mark.parametrize(("low", "high", "verdict"), [(-0.015, 0.012, "equal"), (-0.03, 0.01, "not settled"),
+                                                      (-0.05, -0.001, "worse"), (0.001, 0.03, "better"),
+                                                      (-0.02, 0.02, "equal")])
+def test_equivalence_verdict_follows_the_declared_rule(low, high, verdict):
+    """A CI inside +-margin is "equal"; one wholly below or above 0 is "worse" / "better"; else "not settled"."""
+    import runpy
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "feature_cache.py"
+    assert runpy.run_path(str(script))["equivalence_verdict"](low, high, 0.02) == verdict
+
+
+def test_benchmark_summary_prints_the_equivalence_verdict(tmp_path):
+    """Two paths with the same runs give a CI of width about 0 around 0: equal within +-0.02."""
+    records = {f"{mode} s{seed}": {"mode": mode, "seed": seed, "best_dice": 0.80 + 0.001 * seed}
+               for mode in ("off", "memory") for seed in range(5)}
+    path = tmp_path / "runs.json"
+    path.write_text(json.dumps(records))
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "feature_cache.py"
+    out = subprocess.run([sys.executable, str(script), "--summarise", str(path), "--margin", "0.02"],
+                         capture_output=True, text=True, check=True).stdout
+    assert out.splitlines()[-1] == "verdict (95% CI against +-0.02): equal"
