@@ -53,6 +53,24 @@ def test_stage_transitions_are_recorded_in_order(staged_run):
     assert Checkpoint.load(run_dir).progress["best_epoch"] == best_epoch
 
 
+def test_validation_time_is_recorded_apart_from_the_epoch_time(phantom_root, tmp_path, caplog):
+    """With ``val_every: 2`` only the validated epochs carry ``val_seconds`` (part of, less than, ``seconds``), and the
+    log's samples per second count training time only."""
+    import re
+
+    raw = tiny_config(phantom_root)
+    raw["training"]["val_every"] = 2
+    raw["training"]["stages"] = [{"name": "all", "train": "all", "epochs": 3, "lr": 1e-3}]
+    with caplog.at_level("INFO", logger="seg_transfer.training.trainer"):
+        train(config_from_dict(raw), tmp_path / "run")
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert ["val_seconds" in r for r in records] == [False, True, True]  # epoch 2, and the last epoch
+    assert all(0 < r["val_seconds"] < r["seconds"] for r in records if "val_seconds" in r)
+    epochs = [r.getMessage() for r in caplog.records if re.match(r"epoch \d+/3 ", r.getMessage())]
+    assert ["(validation " in line for line in epochs] == [False, True, True]
+    assert all("slices/s training" in line for line in epochs)
+
+
 def test_splits_are_case_level_and_disjoint(staged_run):
     run_dir, _ = staged_run
     splits = json.loads((run_dir / "splits.json").read_text())

@@ -368,7 +368,9 @@ def _run_stage(session: _Session, stage: StageConfig, progress: Progress, optimi
                   "stage_epoch": progress.stage_epoch, "step": progress.step, "lr": optimizer.param_groups[0]["lr"],
                   "train_loss": train_loss}
         if progress.epoch % session.config.training.val_every == 0 or last_epoch:
+            validation_start = time.monotonic()
             record.update(_validate_and_keep_best(session, progress))
+            record["val_seconds"] = time.monotonic() - validation_start
             collapse = _check_collapse(session, stage, progress, record)
             if collapse and session.config.training.collapse.stop:
                 progress.stopped, last_epoch = "collapse", True
@@ -381,11 +383,13 @@ def _run_stage(session: _Session, stage: StageConfig, progress: Progress, optimi
             session.metrics.append(record)
         _save(session, progress, optimizer, scheduler, "last")
         remaining = sum(s.epochs for s in session.config.training.stages[progress.stage + 1:]) + stage.epochs - progress.stage_epoch
-        rate = steps * session.config.training.batch_size / max(record["seconds"], 1e-9)
-        log.info("epoch %d/%d (%s, step %d): loss %.3f%s; %.*f %s/s, %.0f s, ETA %s", progress.epoch,
+        val_seconds = record.get("val_seconds", 0.0)
+        rate = steps * session.config.training.batch_size / max(record["seconds"] - val_seconds, 1e-9)
+        log.info("epoch %d/%d (%s, step %d): loss %.3f%s; %.*f %s/s training, %.0f s%s, ETA %s", progress.epoch,
                  progress.epoch + remaining, record["stage"], progress.step, train_loss,
                  f", val Dice {record['val_dice']:.3f}" if "val_dice" in record else "",
                  0 if rate >= 10 else 1, rate, session.route.sample_name, record["seconds"],
+                 f" (validation {val_seconds:.0f} s)" if "val_seconds" in record else "",
                  duration(remaining * progress.elapsed / max(progress.epoch, 1)))
         if stop:
             return
