@@ -339,9 +339,12 @@ def seed_summary(merged: dict[str, dict[int, float]], failed_below: float = 0.7,
 
 def equivalence_verdict(low: float, high: float, margin: float) -> str:
     """The declared rule on the CI [low, high] of cached - recomputing: ``equal`` when it lies inside
-    [-margin, +margin], ``worse`` when it lies below 0, ``better`` when above 0, else ``not settled``."""
+    [-margin, +margin], ``worse`` when it lies below 0, ``better`` when above 0, else ``not settled``. A CI
+    inside the margin and on one side of 0 meets two clauses: equal within the margin, and measurably
+    lower (or higher); the verdict says both."""
     if -margin <= low and high <= margin:
-        return "equal"
+        side = ", but lower (CI below 0)" if high < 0 else ", but higher (CI above 0)" if low > 0 else ""
+        return f"equal within +-{margin:g}{side}"
     if high < 0:
         return "worse"
     if low > 0:

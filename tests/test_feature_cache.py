@@ -483,11 +483,13 @@ def test_benchmark_summary_refuses_a_bad_file_in_one_line(tmp_path):
     assert f"--summarise: {broken}: not a --json file of this benchmark" in run.stderr.splitlines()[-1]
 
 
-@pytest.mark.parametrize(("low", "high", "verdict"), [(-0.015, 0.012, "equal"), (-0.03, 0.01, "not settled"),
-                                                      (-0.05, -0.001, "worse"), (0.001, 0.03, "better"),
-                                                      (-0.02, 0.02, "equal")])
+@pytest.mark.parametrize(("low", "high", "verdict"), [
+    (-0.015, 0.012, "equal within +-0.02"), (-0.02, 0.02, "equal within +-0.02"), (-0.03, 0.01, "not settled"),
+    (-0.05, -0.001, "worse"), (0.001, 0.03, "better"),
+    (-0.008, -0.001, "equal within +-0.02, but lower (CI below 0)"), (0.001, 0.01, "equal within +-0.02, but higher (CI above 0)")])
 def test_equivalence_verdict_follows_the_declared_rule(low, high, verdict):
-    """A CI inside +-margin is "equal"; one wholly below or above 0 is "worse" / "better"; else "not settled"."""
+    """A CI inside +-margin is "equal" (and says so when it also lies on one side of 0); one wholly below or above
+    0 and reaching past the margin is "worse" / "better"; else "not settled"."""
     import runpy
 
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "feature_cache.py"
@@ -503,4 +505,4 @@ def test_benchmark_summary_prints_the_equivalence_verdict(tmp_path):
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "feature_cache.py"
     out = subprocess.run([sys.executable, str(script), "--summarise", str(path), "--margin", "0.02"],
                          capture_output=True, text=True, check=True).stdout
-    assert out.splitlines()[-1] == "verdict (95% CI against +-0.02): equal"
+    assert out.splitlines()[-1] == "verdict (95% CI against +-0.02): equal within +-0.02"
