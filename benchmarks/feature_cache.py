@@ -256,6 +256,8 @@ def main() -> None:
     parser.add_argument("--margin", type=float,
                         help="with --summarise: equal if the CI of cached - recomputing lies within +-MARGIN")
     args = parser.parse_args()
+    if args.margin is not None and (not args.summarise or args.margin <= 0):
+        parser.error("--margin: a Dice margin above 0, used with --summarise")  # one line, exit status 2
     if args.summarise:
         try:
             print(seed_summary(merged_runs(args.summarise), margin=args.margin))

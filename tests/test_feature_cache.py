@@ -24,6 +24,7 @@ from seg_transfer.training.trainer import train
 from tests.conftest import tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
+BENCHMARK = REPO / "benchmarks" / "feature_cache.py"
 
 
 @pytest.fixture(autouse=True)
@@ -465,8 +466,7 @@ def test_benchmark_summary_compares_cached_and_recomputing_runs_over_seeds(tmp_p
                                  "off s6": record("off", 6, 0.10)}))
     second.write_text(json.dumps({"off s6": record("off", 6, 0.78), "memory s6": record("memory", 6, 0.79),
                                   "off s7": record("off", 7, 0.76), "memory s7": record("memory", 7, 0.81)}))
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "feature_cache.py"
-    out = subprocess.run([sys.executable, str(script), "--summarise", str(first), str(second)],
+    out = subprocess.run([sys.executable, str(BENCHMARK), "--summarise", str(first), str(second)],
                          capture_output=True, text=True, check=True).stdout
     lines = out.splitlines()
     assert lines[0].startswith("recomputing 3 seeds, mean 0.780,") and "below 0.7: 0;" in lines[0]
@@ -477,8 +477,7 @@ def test_benchmark_summary_compares_cached_and_recomputing_runs_over_seeds(tmp_p
 def test_benchmark_summary_refuses_a_bad_file_in_one_line(tmp_path):
     broken = tmp_path / "broken.json"
     broken.write_text("{not json")
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "feature_cache.py"
-    run = subprocess.run([sys.executable, str(script), "--summarise", str(broken)], capture_output=True, text=True)
+    run = subprocess.run([sys.executable, str(BENCHMARK), "--summarise", str(broken)], capture_output=True, text=True)
     assert run.returncode == 2 and "Traceback" not in run.stderr
     assert f"--summarise: {broken}: not a --json file of this benchmark" in run.stderr.splitlines()[-1]
 
@@ -492,8 +491,7 @@ def test_equivalence_verdict_follows_the_declared_rule(low, high, verdict):
     0 and reaching past the margin is "worse" / "better"; else "not settled"."""
     import runpy
 
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "feature_cache.py"
-    assert runpy.run_path(str(script))["equivalence_verdict"](low, high, 0.02) == verdict
+    assert runpy.run_path(str(BENCHMARK))["equivalence_verdict"](low, high, 0.02) == verdict
 
 
 def test_benchmark_summary_prints_the_equivalence_verdict(tmp_path):
@@ -502,7 +500,14 @@ def test_benchmark_summary_prints_the_equivalence_verdict(tmp_path):
                for mode in ("off", "memory") for seed in range(5)}
     path = tmp_path / "runs.json"
     path.write_text(json.dumps(records))
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "feature_cache.py"
-    out = subprocess.run([sys.executable, str(script), "--summarise", str(path), "--margin", "0.02"],
+    out = subprocess.run([sys.executable, str(BENCHMARK), "--summarise", str(path), "--margin", "0.02"],
                          capture_output=True, text=True, check=True).stdout
     assert out.splitlines()[-1] == "verdict (95% CI against +-0.02): equal within +-0.02"
+
+
+@pytest.mark.parametrize("arguments", [["--margin", "0.02"], ["--summarise", "runs.json", "--margin", "0"]])
+def test_benchmark_refuses_a_margin_it_cannot_use_in_one_line(arguments):
+    """``--margin`` only means something with ``--summarise`` and above 0: anything else is a one-line error, exit 2."""
+    run = subprocess.run([sys.executable, str(BENCHMARK), *arguments], capture_output=True, text=True)
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert "--margin" in run.stderr.splitlines()[-1]
