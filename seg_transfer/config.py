@@ -71,6 +71,10 @@ class DataConfig(_Strict):
     modality: Literal["mri", "ct"] = "mri"
     ct_window: tuple[float, float] = (-1000.0, 1000.0)
     mri_percentiles: tuple[float, float] = (0.5, 99.5)
+    #: MRI intensities after clipping to ``mri_percentiles``: ``zscore`` (mean 0, SD 1 over the volume) or
+    #: ``range`` (the percentile range mapped linearly onto [-1, 1], the input range of the TF
+    #: EfficientNet-Lite stems: ImageNet mean 0.5 and SD 0.5 on [0, 1] pixels)
+    mri_scaling: Literal["zscore", "range"] = "zscore"
     spacing: tuple[float, float, float] | None = None
     crop_foreground: bool = False
     slice_axis: Literal[0, 1, 2] = 2

@@ -268,6 +268,22 @@ def test_preprocessing_spacing_intensity_and_crop(phantom_root):
     assert int(cropped["label"].sum()) == int(plain["label"].sum())  # the crop keeps every labelled voxel
 
 
+def test_mri_range_scaling_maps_the_percentiles_onto_minus_one_one_and_old_records_mean_zscore(phantom_root):
+    from seg_transfer.data.transforms import Preprocessing, preprocessing_transforms
+
+    image = sorted((phantom_root / "imagesTr").glob("*.nii.gz"))[0]
+    raw = np.asarray(nib.load(image).dataobj, dtype=np.float64)
+    low, high = np.percentile(raw, [2.0, 98.0])
+    ranged = preprocessing_transforms(Preprocessing(modality="mri", mri_percentiles=(2.0, 98.0), mri_scaling="range"),
+                                      with_label=False)({"image": str(image)})["image"].numpy()
+    assert float(ranged.min()) == pytest.approx(-1.0) and float(ranged.max()) == pytest.approx(1.0)
+    inside = (raw > low) & (raw < high)  # unclipped voxels keep their order and spacing: a linear map
+    expected = (raw - low) / (high - low) * 2 - 1
+    np.testing.assert_allclose(ranged[0][inside], expected[inside], atol=1e-5)
+    old = Preprocessing.from_dict({k: v for k, v in Preprocessing(modality="mri").as_dict().items() if k != "mri_scaling"})
+    assert old.mri_scaling == "zscore"  # checkpoints written before the field existed
+
+
 def test_epochs_log_progress_lines_when_no_bar_is_shown(phantom_root, tmp_path, monkeypatch, caplog):
     """Without a terminal (a log file) each epoch logs its step count; the last epoch is cut to the step budget."""
     import re

@@ -27,6 +27,7 @@ class Preprocessing:
     spacing: tuple[float, float, float] | None = None
     ct_window: tuple[float, float] = (-1000.0, 1000.0)
     mri_percentiles: tuple[float, float] = (0.5, 99.5)
+    mri_scaling: Literal["zscore", "range"] = "zscore"  # absent from checkpoints written before it: zscore
     crop_foreground: bool = False
     slice_axis: int = 2
     context_slices: int = 1
@@ -38,6 +39,7 @@ class Preprocessing:
             spacing=tuple(data.spacing) if data.spacing else None,
             ct_window=tuple(data.ct_window),
             mri_percentiles=tuple(data.mri_percentiles),
+            mri_scaling=data.mri_scaling,
             crop_foreground=data.crop_foreground,
             slice_axis=data.slice_axis,
             context_slices=data.context_slices,
@@ -60,16 +62,25 @@ def is_body(image) -> Any:
     return image > image.min()
 
 
+def _mri_zscore(key: str, low: float, high: float) -> list[mt.MapTransform]:
+    return [mt.ClipIntensityPercentilesd(keys=key, lower=low, upper=high), mt.NormalizeIntensityd(keys=key)]
+
+
+def _mri_range(key: str, low: float, high: float) -> list[mt.MapTransform]:
+    return [mt.ScaleIntensityRangePercentilesd(keys=key, lower=low, upper=high, b_min=-1.0, b_max=1.0, clip=True)]
+
+
+#: ``Preprocessing.mri_scaling`` -> transforms (key, lower percentile, upper percentile)
+MRI_SCALINGS = {"zscore": _mri_zscore, "range": _mri_range}
+
+
 def intensity_transforms(prep: Preprocessing, key: str = "image") -> list[mt.MapTransform]:
-    """CT: clip to the window and scale to [-1, 1]. MRI: clip to percentiles, then z-score."""
+    """CT: clip to the window and scale to [-1, 1]. MRI: clip to the percentiles, then z-score
+    (``mri_scaling: zscore``) or map the percentile range onto [-1, 1] (``range``)."""
     if prep.modality == "ct":
         low, high = prep.ct_window
         return [mt.ScaleIntensityRanged(keys=key, a_min=low, a_max=high, b_min=-1.0, b_max=1.0, clip=True)]
-    low, high = prep.mri_percentiles
-    return [
-        mt.ClipIntensityPercentilesd(keys=key, lower=low, upper=high),
-        mt.NormalizeIntensityd(keys=key),
-    ]
+    return MRI_SCALINGS[prep.mri_scaling](key, *prep.mri_percentiles)
 
 
 def load_transform(keys: list[str]) -> mt.LoadImaged:
