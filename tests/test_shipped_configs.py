@@ -22,7 +22,7 @@ STUDIES = {"ablation_hippocampus_n10.yaml": 240, "robustness_hippocampus_n10.yam
            "ablation_3d_decoder_hippocampus_n10.yaml": 240, "staging_hippocampus_05mm.yaml": 240,
            "ablation_augment_hippocampus_n10.yaml": 240, "ablation_augment_hippocampus_n10_600.yaml": 600,
            "ablation_intensity_hippocampus_n10.yaml": 240, "ablation_augment_3d_hippocampus_n10.yaml": 240,
-           "ablation_lr_loss_hippocampus_n10.yaml": 240}
+           "ablation_lr_loss_hippocampus_n10.yaml": 240, "ablation_scale3_hippocampus_n10.yaml": 240}
 
 
 def without_missing_weights(arm):
