@@ -17,6 +17,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from seg_transfer.errors import UserError, one_line
 
 
+#: image kinds and MRI intensity scalings: named once, used by the config and by the checkpoint's preprocessing
+Modality = Literal["mri", "ct"]
+MriScaling = Literal["zscore", "range"]
+
 #: ``model.encoder_weights`` values that name weights rather than a file
 NAMED_WEIGHTS = frozenset({"imagenet", "none"})
 
@@ -68,13 +72,13 @@ class DataConfig(_Strict):
     images_dir: Path | None = None
     labels_dir: Path | None = None
     labels: dict[int, str] | None = None
-    modality: Literal["mri", "ct"] = "mri"
+    modality: Modality = "mri"
     ct_window: tuple[float, float] = (-1000.0, 1000.0)
     mri_percentiles: tuple[float, float] = (0.5, 99.5)
     #: MRI intensities after clipping to ``mri_percentiles``: ``zscore`` (mean 0, SD 1 over the volume) or
     #: ``range`` (the percentile range mapped linearly onto [-1, 1], the input range of the TF
     #: EfficientNet-Lite stems: ImageNet mean 0.5 and SD 0.5 on [0, 1] pixels)
-    mri_scaling: Literal["zscore", "range"] = "zscore"
+    mri_scaling: MriScaling = "zscore"
     spacing: tuple[float, float, float] | None = None
     crop_foreground: bool = False
     slice_axis: Literal[0, 1, 2] = 2

@@ -282,6 +282,11 @@ def test_mri_range_scaling_maps_the_percentiles_onto_minus_one_one_and_old_recor
     np.testing.assert_allclose(ranged[0][inside], expected[inside], atol=1e-5)
     old = Preprocessing.from_dict({k: v for k, v in Preprocessing(modality="mri").as_dict().items() if k != "mri_scaling"})
     assert old.mri_scaling == "zscore"  # checkpoints written before the field existed
+    from typing import get_args
+
+    from seg_transfer.config import MriScaling
+    from seg_transfer.data.transforms import MRI_SCALINGS
+    assert set(MRI_SCALINGS) == set(get_args(MriScaling))  # every value the config accepts has its transforms
 
 
 def test_epochs_log_progress_lines_when_no_bar_is_shown(phantom_root, tmp_path, monkeypatch, caplog):

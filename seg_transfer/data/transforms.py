@@ -8,12 +8,12 @@ from __future__ import annotations
 import logging
 import warnings
 from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 from monai import transforms as mt
 
-from seg_transfer.config import DataConfig
+from seg_transfer.config import DataConfig, Modality, MriScaling
 from seg_transfer.data.io import SimpleITKReader, non_finite_counts
 from seg_transfer.errors import UserError
 
@@ -22,12 +22,12 @@ from seg_transfer.errors import UserError
 class Preprocessing:
     """Everything needed to reproduce the model's input from a raw volume."""
 
-    modality: Literal["mri", "ct"]
+    modality: Modality
     orientation: str = "RAS"
     spacing: tuple[float, float, float] | None = None
     ct_window: tuple[float, float] = (-1000.0, 1000.0)
     mri_percentiles: tuple[float, float] = (0.5, 99.5)
-    mri_scaling: Literal["zscore", "range"] = "zscore"  # absent from checkpoints written before it: zscore
+    mri_scaling: MriScaling = "zscore"  # absent from checkpoints written before it: zscore
     crop_foreground: bool = False
     slice_axis: int = 2
     context_slices: int = 1
