@@ -68,6 +68,22 @@ def test_the_scale_budget_study_gives_both_arms_about_the_same_wall_clock_not_th
         [(s.name, s.epochs) for s in configs["imagenet_1875"].training.stages]
 
 
+def test_the_scale3_budget_study_gives_the_0333mm_arms_600_steps_over_their_pixel_ratio(monkeypatch, tmp_path):
+    """configs/budget_scale3_hippocampus_n10.yaml: 0.333 mm slices have 1.67x the pixels of 0.5 mm ones, so its
+    0.333 mm arms take 360 steps against the default's 600, with the default's staged epochs, at equal steps
+    with their own scratch network."""
+    monkeypatch.chdir(tmp_path)
+    study = load_study_config(CONFIGS / "budget_scale3_hippocampus_n10.yaml")
+    configs = {arm.name: arm_config(study, arm, 0, arm.name) for arm in study.arms}
+    steps = {name: optimiser_steps(config) for name, config in configs.items()}
+    assert steps == {"imagenet": 600, "scratch": 600, "imagenet_x3_360": 360, "scratch_x3_360": 360}
+    assert study.allow_unequal_budgets and study.arm("imagenet_x3_360").control == "imagenet"
+    check_equal_budgets({name: configs[name] for name in ("imagenet_x3_360", "scratch_x3_360")})
+    x3, default = configs["imagenet_x3_360"], configs["imagenet"]
+    assert tuple(x3.data.spacing) == (0.333, 0.333, 1.0) and tuple(default.data.spacing) == (0.5, 0.5, 1.0)
+    assert [(s.name, s.epochs) for s in x3.training.stages] == [(s.name, s.epochs) for s in default.training.stages]
+
+
 def test_the_thin_decoder_wall_clock_study_gives_it_its_step_time_saving_in_extra_steps(monkeypatch, tmp_path):
     """configs/wallclock_3d_decoder_hippocampus_n10.yaml: the 8-channel full-resolution block is 16% faster per
     step, so it takes 288 steps (1.2x) against the 3D default's 240, with the same staged schedule."""
