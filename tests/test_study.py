@@ -96,6 +96,24 @@ def test_an_arm_can_name_its_own_control():
     assert {r["arm"] for r in paired_comparisons(records, {"imagenet": "scratch"}, alpha=0.05)} == {"imagenet"}
 
 
+def test_an_arm_is_also_compared_with_the_arms_it_names_beside_its_control(tmp_path, study_root):
+    """``also_against``: imagenet_x3 against its own scratch network (its control) and against the default
+    (the decision a scale ablation needs); each pair gets its own row, in the arms' order, without repeats."""
+    arms = [{"name": "imagenet"}, {"name": "scratch", "scratch_control": True},
+            {"name": "imagenet_x3", "control": "scratch_x3", "also_against": ["imagenet", "scratch_x3"]},
+            {"name": "scratch_x3", "scratch_control": True, "also_against": ["scratch"]}]
+    study = load_study_config(write_study(tmp_path, study_root, arms=arms))
+    assert study.comparisons() == [("imagenet", "scratch"), ("imagenet_x3", "scratch_x3"), ("scratch_x3", "scratch"),
+                                   ("imagenet_x3", "imagenet")]
+    base = [0.6, 0.7, 0.8]
+    records = [record(arm, 10, seed, [b + shift for b in base]) for seed in (0, 1)
+               for arm, shift in (("imagenet", 0.05), ("scratch", 0.0), ("imagenet_x3", 0.07), ("scratch_x3", 0.04))]
+    rows = paired_comparisons(records, study.comparisons(), alpha=0.05)
+    assert [(r["arm"], r["control"], round(r["mean_difference"], 3)) for r in rows] == [
+        ("imagenet", "scratch", 0.05), ("imagenet_x3", "scratch_x3", 0.03), ("imagenet_x3", "imagenet", 0.02),
+        ("scratch_x3", "scratch", 0.04)]
+
+
 def test_time_to_target_uses_the_first_epoch_reaching_it():
     fast = [{"epoch": 1, "elapsed": 10.0, "val_dice": 0.5}, {"epoch": 2, "elapsed": 20.0, "val_dice": 0.85}]
     slow = [{"epoch": 1, "elapsed": 12.0, "val_dice": 0.2}, {"epoch": 2, "elapsed": 24.0, "val_dice": 0.7}]
@@ -142,6 +160,8 @@ def test_study_plan_fixes_test_and_val_and_shares_subsets_across_arms(tmp_path, 
     ({"arms": [{"name": "staged"}, {"name": "scratch", "set": {"training.stages.0.lr": "fast"}}]}, "training.stages.0.lr"),
     ({"seeds": [0, 0]}, "seeds has duplicates"),
     ({"arms": [{"name": "staged", "control": "nope"}, {"name": "scratch"}]}, "arm 'staged': 'control': 'nope' is not another arm"),
+    ({"arms": [{"name": "staged", "also_against": ["staged"]}, {"name": "scratch"}]},
+     "arm 'staged': 'also_against': 'staged' is not another arm"),
 ])
 def test_study_config_errors_are_one_line(tmp_path, study_root, changes, message):
     path = write_study(tmp_path, study_root, **changes)

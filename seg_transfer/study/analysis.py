@@ -94,17 +94,25 @@ def verdict(comparison: dict[str, Any], alpha: float) -> str:
     return NEUTRAL
 
 
-def paired_comparisons(records: Sequence[RunRecord], control: str | Mapping[str, str], alpha: float,
-                       confidence: float = 0.95) -> list[dict[str, Any]]:
+def _pairs(arms: Sequence[str], control: str | Mapping[str, str] | Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
+    """(arm, control) pairs in the order of ``arms`` (records' order), whichever form ``control`` takes."""
+    if isinstance(control, str):
+        return [(arm, control) for arm in arms if arm != control]
+    pairs = list(control.items()) if isinstance(control, Mapping) else [tuple(pair) for pair in control]
+    return sorted(pairs, key=lambda pair: arms.index(pair[0]) if pair[0] in arms else len(arms))
+
+
+def paired_comparisons(records: Sequence[RunRecord], control: str | Mapping[str, str] | Sequence[tuple[str, str]],
+                       alpha: float, confidence: float = 0.95) -> list[dict[str, Any]]:
     """Each arm against its control at each size on their shared seeds and test cases: mean difference
     (arm - control), per-seed differences, two-level bootstrap CI and p, verdict, negative-transfer flag.
-    ``control``: one control arm for all others, or ``{arm: its control}`` (arms not in it are not compared)."""
+    ``control``: one control arm for all others, ``{arm: its control}``, or (arm, control) pairs, where an arm
+    may appear more than once (arms not named are not compared)."""
     arms, sizes = arms_and_sizes(records)
-    controls = {arm: control for arm in arms if arm != control} if isinstance(control, str) else dict(control)
     rows = []
-    for arm in (a for a in arms if a in controls):
+    for arm, its_control in _pairs(arms, control):
         for size in sizes:
-            mine, theirs = select(records, arm, size), select(records, controls[arm], size)
+            mine, theirs = select(records, arm, size), select(records, its_control, size)
             if not mine or not theirs:
                 continue
             seeds, cases = shared_axes(mine, theirs)
@@ -112,7 +120,7 @@ def paired_comparisons(records: Sequence[RunRecord], control: str | Mapping[str,
                 continue
             grid = score_grid(mine, seeds, cases) - score_grid(theirs, seeds, cases)
             result = hierarchical_bootstrap(grid, confidence=confidence).as_dict()
-            row = {"arm": arm, "control": controls[arm], "size": size, "seeds": seeds, "n": result["n_cases"], **result}
+            row = {"arm": arm, "control": its_control, "size": size, "seeds": seeds, "n": result["n_cases"], **result}
             row["verdict"] = verdict(row, alpha)
             row["negative_transfer"] = row["verdict"] == NEGATIVE
             rows.append(row)
@@ -139,7 +147,7 @@ def analyse(records: Sequence[RunRecord], study: StudyConfig, peers: Sequence[di
     """Everything the report shows, as JSON-ready data; ``peers`` (nnU-Net rows) count in the host speed check."""
     return {
         "learning_curves": learning_curves(records),
-        "comparisons": paired_comparisons(records, study.controls(), study.alpha),
+        "comparisons": paired_comparisons(records, study.comparisons(), study.alpha),
         "time_to_target": time_to_target(records, study.target_dice),
         "environment_differences": environment_differences([r.environment for r in records]),
         "runs_without_environment": sum(r.environment is None for r in records),

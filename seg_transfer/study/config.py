@@ -32,13 +32,15 @@ class ArmConfig(_Strict):
     derives the from-scratch control from the (overridden) base: ``encoder_weights: none`` and one ``all``
     stage with the same total epochs, learning rate and schedule as the first stage. ``control``: the arm
     this one is compared with, where that is not the study's ``control`` (e.g. each architecture against
-    its own scratch network).
+    its own scratch network). ``also_against``: further arms it is compared with in the report, beside its
+    control (e.g. the default at another input scale, where the control is the scratch network of its own scale).
     """
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     set: dict[str, Any] = Field(default_factory=dict)
     scratch_control: bool = False
     control: str | None = None
+    also_against: list[str] = Field(default_factory=list)
 
 
 class StudySplit(_Strict):
@@ -104,9 +106,10 @@ class StudyConfig(_Strict):
         if self.control not in names:
             raise ValueError(f"'control': {self.control!r} is not an arm; the arms are {', '.join(names)}")
         for arm in self.arms:
-            if arm.control is not None and (arm.control not in names or arm.control == arm.name):
-                raise ValueError(f"arm {arm.name!r}: 'control': {arm.control!r} is not another arm; "
-                                 f"the arms are {', '.join(names)}")
+            for key, other in [("control", arm.control)] + [("also_against", name) for name in arm.also_against]:
+                if other is not None and (other not in names or other == arm.name):
+                    raise ValueError(f"arm {arm.name!r}: {key!r}: {other!r} is not another arm; "
+                                     f"the arms are {', '.join(names)}")
         if len(set(self.seeds)) != len(self.seeds):
             raise ValueError("seeds has duplicates")
         return self
@@ -117,6 +120,14 @@ class StudyConfig(_Strict):
     def controls(self) -> dict[str, str]:
         """{arm: the arm it is compared with} for every arm but the study's control."""
         return {arm.name: arm.control or self.control for arm in self.arms if arm.name != self.control}
+
+    def comparisons(self) -> list[tuple[str, str]]:
+        """(arm, the arm it is compared with) pairs: every arm against its control (:meth:`controls`), then each
+        arm's ``also_against`` arms, without repeats, in the order of the arms."""
+        pairs = list(self.controls().items())
+        for arm in self.arms:
+            pairs += [(arm.name, other) for other in arm.also_against if (arm.name, other) not in pairs]
+        return pairs
 
 
 def load_study_config(path: str | Path) -> StudyConfig:

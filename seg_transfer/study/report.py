@@ -222,21 +222,21 @@ def plot_learning_curve(results: dict[str, Any], path: Path) -> Path:
 
 def plot_paired_difference(results: dict[str, Any], path: Path) -> Path:
     rows = results["comparisons"]
-    arms = list(dict.fromkeys(r["arm"] for r in rows))
-    colors = _arm_colors(arms)
-    fig, ax = plt.subplots(figsize=(6, 4 + 0.2 * len(arms)))
-    for index, arm in enumerate(arms):
-        mine = [r for r in rows if r["arm"] == arm]
+    pairs = list(dict.fromkeys((r["arm"], r["control"]) for r in rows))  # an arm may have several
+    colors = _arm_colors([f"{arm} − {control}" for arm, control in pairs])
+    fig, ax = plt.subplots(figsize=(6, 4 + 0.2 * len(pairs)))
+    for index, (arm, control) in enumerate(pairs):
+        mine = [r for r in rows if (r["arm"], r["control"]) == (arm, control)]
         means = [r["mean_difference"] for r in mine]
         errors = [[m - (r["ci_low"] if r["ci_low"] is not None else m) for m, r in zip(means, mine)],
                   [(r["ci_high"] if r["ci_high"] is not None else m) - m for m, r in zip(means, mine)]]
-        # arms side by side at each size (a small factor on the log axis), so their error bars do not overlap
-        shift = 1.0 + 0.04 * (index - (len(arms) - 1) / 2)
-        ax.errorbar([r["size"] * shift for r in mine], means, yerr=errors, marker="o", capsize=4, color=colors[arm],
-                    label=f"{arm} − {mine[0]['control']}")
+        # comparisons side by side at each size (a small factor on the log axis), so their error bars do not overlap
+        shift = 1.0 + 0.04 * (index - (len(pairs) - 1) / 2)
+        ax.errorbar([r["size"] * shift for r in mine], means, yerr=errors, marker="o", capsize=4,
+                    color=colors[f"{arm} − {control}"], label=f"{arm} − {control}")
     ax.axhline(0.0, color="black", linewidth=1)
     _size_axis(ax, rows, "test Dice difference", "Paired difference to the control (95% CI)")
-    if arms:  # below the axes: inside, it covered the error bars of a single-size study
+    if pairs:  # below the axes: inside, it covered the error bars of a single-size study
         ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.15), fontsize=8, frameon=False)
     return _save(fig, path)
 
