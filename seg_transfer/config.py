@@ -206,6 +206,10 @@ class StageConfig(_Strict):
     warmup_epochs: float = Field(0.0, ge=0)
     schedule: Literal["cosine", "onecycle", "constant"] = "cosine"
     weight_decay: float = Field(1e-4, ge=0)
+    #: L2-SP, decoupled: each step pulls every trainable pretrained encoder weight toward its pretrained value,
+    #: ``w -= lr * pretrained_decay * (w - w_pretrained)``, in place of its decay toward 0 (0: off; no effect
+    #: with ``encoder_weights: none``, which has nothing to pull toward)
+    pretrained_decay: float = Field(0.0, ge=0)
     early_stopping: EarlyStopping | None = None
 
     def label(self, index: int) -> str:

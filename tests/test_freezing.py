@@ -14,7 +14,7 @@ from seg_transfer.models.freezing import (
     set_train_mode,
     trainable_encoder_params,
 )
-from seg_transfer.training.optim import build_optimizer, lr_factor, parameter_groups
+from seg_transfer.training.optim import build_optimizer, lr_factor, parameter_groups, pretrained_anchors
 
 
 def _model(encoder="tu-tf_efficientnet_lite0", depth=5):
@@ -162,6 +162,34 @@ def test_layer_decay_and_encoder_multiplier():
     assert wd_of[id(params["encoder." + stages[0][0]])] == 0.1  # conv kernel
     bias = next(n for n, p in params.items() if p.ndim == 1)
     assert wd_of[id(params[bias])] == 0.0
+
+
+def test_pretrained_decay_pulls_encoder_weights_toward_their_anchors_by_lr_times_decay():
+    """Decoupled L2-SP: with zero gradients AdamW moves nothing, so one step leaves exactly
+    w - lr_group * pretrained_decay * (w - w0) on anchored weights (kernels included: no decay toward 0 for
+    them), and the decoder (no anchor) only its ordinary weight decay."""
+    model, stages = _model()
+    apply_trainable(model, stages, "all")
+    anchors = {name: value + 0.0 for name, value in pretrained_anchors(model, "imagenet").items()}
+    assert pretrained_anchors(model, "none") == {} and all(name.startswith("encoder.") for name in anchors)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(0.5)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    stage = StageConfig(lr=0.1, encoder_lr_mult=0.5, layer_decay=None, weight_decay=0.2, pretrained_decay=2.0)
+    optimizer = build_optimizer(model, stages, stage, anchors)
+    for param in model.parameters():
+        param.grad = torch.zeros_like(param)
+    optimizer.step()
+    params = dict(model.named_parameters())
+    kernel = "encoder." + stages[0][0]
+    assert params[kernel].ndim == 4
+    expected = before[kernel] - 0.1 * 0.5 * 2.0 * (before[kernel] - anchors[kernel])  # 0.1 of the way back
+    torch.testing.assert_close(params[kernel], expected)
+    decoder = "decoder.blocks.0.conv1.0.weight"
+    torch.testing.assert_close(params[decoder], before[decoder] * (1 - 0.1 * 0.2))  # AdamW's decay toward 0
+    off = build_optimizer(model, stages, StageConfig(lr=0.1, weight_decay=0.2), anchors)  # pretrained_decay 0: plain AdamW
+    assert {g["weight_decay"] for g in off.param_groups} == {0.0, 0.2} and not off._optimizer_step_post_hooks
 
 
 def test_warmup_then_cosine():

@@ -22,7 +22,8 @@ STUDIES = {"ablation_hippocampus_n10.yaml": 240, "robustness_hippocampus_n10.yam
            "ablation_3d_decoder_hippocampus_n10.yaml": 240, "staging_hippocampus_05mm.yaml": 240,
            "ablation_augment_hippocampus_n10.yaml": 240, "ablation_augment_hippocampus_n10_600.yaml": 600,
            "ablation_intensity_hippocampus_n10.yaml": 240, "ablation_augment_3d_hippocampus_n10.yaml": 240,
-           "ablation_lr_loss_hippocampus_n10.yaml": 240, "ablation_scale3_hippocampus_n10.yaml": 240}
+           "ablation_lr_loss_hippocampus_n10.yaml": 240, "ablation_scale3_hippocampus_n10.yaml": 240,
+           "ablation_l2sp_hippocampus_n10.yaml": 240}
 
 
 def without_missing_weights(arm):
@@ -82,6 +83,15 @@ def test_the_scale3_budget_study_gives_the_0333mm_arms_600_steps_over_their_pixe
     x3, default = configs["imagenet_x3_360"], configs["imagenet"]
     assert tuple(x3.data.spacing) == (0.333, 0.333, 1.0) and tuple(default.data.spacing) == (0.5, 0.5, 1.0)
     assert [(s.name, s.epochs) for s in x3.training.stages] == [(s.name, s.epochs) for s in default.training.stages]
+
+
+def test_the_l2sp_row_pulls_only_the_imagenet_arms_encoders_toward_their_pretrained_weights(monkeypatch, tmp_path):
+    """configs/ablation_l2sp_hippocampus_n10.yaml: pretrained_decay 10 / 100 in the stages that train the encoder;
+    the default and the scratch control (random encoder: nothing to pull toward) keep 0."""
+    monkeypatch.chdir(tmp_path)
+    study = load_study_config(CONFIGS / "ablation_l2sp_hippocampus_n10.yaml")
+    decay = {arm.name: [s.pretrained_decay for s in arm_config(study, arm, 0, arm.name).training.stages] for arm in study.arms}
+    assert decay == {"imagenet": [0, 0, 0], "imagenet_l2sp10": [0, 10, 10], "imagenet_l2sp100": [0, 100, 100], "scratch": [0]}
 
 
 def test_the_thin_decoder_wall_clock_study_gives_it_its_step_time_saving_in_extra_steps(monkeypatch, tmp_path):

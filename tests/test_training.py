@@ -148,6 +148,34 @@ def test_resume_refuses_an_optimiser_state_of_other_parameters_in_one_line(phant
     assert "\n" not in str(error.value)
 
 
+def test_pretrained_decay_holds_the_encoder_at_its_imagenet_weights_and_resumes_exactly(phantom_root, tmp_path):
+    """With lr x pretrained_decay = 1 every step ends with the encoder back on its ImageNet weights while the
+    decoder trains; a resumed run pulls toward the ImageNet weights too (not toward the checkpoint it loaded),
+    so it ends where the uninterrupted run ends."""
+    from seg_transfer.models.factory import build_model
+
+    raw = tiny_config(phantom_root, **{"model.encoder_weights": "imagenet"})
+    raw["training"]["stages"] = [{"name": "all", "train": "all", "epochs": 2, "lr": 1e-3, "schedule": "constant",
+                                  "pretrained_decay": 1000.0}]
+    config = config_from_dict(raw)
+    pretrained = build_model(config.model, 3, 3)[0].state_dict()
+    train(config, tmp_path / "held")
+    held = Checkpoint.load(tmp_path / "held" / "checkpoints" / "last.pt").model
+    kernels = [k for k in held if k.startswith("encoder.") and k.endswith("weight") and held[k].ndim == 4]
+    assert kernels and all(torch.allclose(held[k], pretrained[k], atol=1e-6) for k in kernels)
+    decoder = [k for k in held if k.startswith("decoder.") and k.endswith("weight") and held[k].ndim == 4]
+    assert all(not torch.equal(held[k], pretrained[k]) for k in decoder)
+
+    raw["training"]["stages"][0].update(pretrained_decay=50.0)  # 5% of the way back per step
+    config = config_from_dict(raw)
+    train(config, tmp_path / "straight")
+    _train_until_epoch(config, tmp_path / "interrupted", 1)
+    train(config, tmp_path / "interrupted", resume=True)
+    a = Checkpoint.load(tmp_path / "straight" / "checkpoints" / "last.pt").model
+    b = Checkpoint.load(tmp_path / "interrupted" / "checkpoints" / "last.pt").model
+    assert _equal_states(a, b) and not all(torch.allclose(a[k], pretrained[k], atol=1e-6) for k in kernels)
+
+
 def _train_until_epoch(config, run_dir, epochs: int):
     """Run ``config`` and interrupt it (KeyboardInterrupt, as Ctrl-C) once epoch ``epochs`` is checkpointed."""
     from seg_transfer.training import trainer

@@ -20,8 +20,8 @@ def scratch_control(raw: dict) -> dict:
     """The same run from scratch: ``encoder_weights: none`` and one ``all`` stage with the same epoch budget.
 
     The stage keeps the first stage's learning rate, warm-up, schedule and weight decay (no encoder
-    multiplier or layer decay: a random encoder has nothing to protect) and the summed step/time budgets;
-    nothing else changes.
+    multiplier, layer decay or pretrained_decay: a random encoder has nothing to protect) and the summed
+    step/time budgets; nothing else changes.
     """
     raw = yaml.safe_load(yaml.safe_dump(raw))
     stages = raw["training"]["stages"]

@@ -67,6 +67,7 @@ from seg_transfer.training.optim import (
     backward_and_step,
     build_optimizer,
     build_scheduler,
+    pretrained_anchors,
 )
 from seg_transfer.training.rng import (
     rank_rng_state,
@@ -153,6 +154,7 @@ class _Session:
     route_settings: dict = field(default_factory=dict)  # fixed at training time, stored in checkpoints
     inferer: Inferer | None = None  # validation's inferer: the one ``predict`` builds from the checkpoint
     feature_cache: DecoderStageCache | None = None  # training.feature_cache: decoder-only stages read cached features
+    anchors: dict = field(default_factory=dict)  # pretrained encoder weights by name, for stages with pretrained_decay
 
 
 def train(config: RunConfig, run_dir: Path | None = None, *, resume: bool = False, skip_bad_cases: bool = False) -> RunResult:
@@ -244,6 +246,10 @@ def _open_session(config: RunConfig, run_dir: Path, skip_bad_cases: bool, contex
     if settings.channels_last:
         model.to(memory_format=speed.memory_format(settings, route.spatial_dims + 2))
     speed.apply_backend_flags(settings, device)
+    pulls = any(stage.pretrained_decay > 0 for stage in training.stages)
+    anchors = pretrained_anchors(model, config.model.encoder_weights) if pulls else {}
+    if pulls and not anchors:
+        log.warning("pretrained_decay has no pretrained weights to pull toward (encoder_weights: none): it has no effect")
     log.info("device %s%s; %s", device, f", {context.world_size} processes" if context.enabled else "",
              speed.describe(settings))
     train_volumes = volume_dataset(data.subset("train"), prep, config.data)
@@ -259,7 +265,7 @@ def _open_session(config: RunConfig, run_dir: Path, skip_bad_cases: bool, contex
     return _Session(config, run_dir, data, prep, model, provenance, stages, device, loss, train_set, train_loader,
                     val_volumes, metrics, context, settings, speed.grad_scaler(settings, device),
                     route=route, route_settings=route_settings, inferer=inferer,
-                    feature_cache=open_decoder_cache(config, model, in_channels, context.world_size))
+                    feature_cache=open_decoder_cache(config, model, in_channels, context.world_size), anchors=anchors)
 
 
 def _write_run_files(config: RunConfig, run_dir: Path, data: PreparedData) -> None:
@@ -333,7 +339,7 @@ def _begin_stage(session: _Session, stage: StageConfig, progress: Progress):
     apply_trainable(session.model, session.stages, spec)
     session.train_model = None  # drop the previous stage's DDP reducer before building this stage's
     session.train_model = _training_module(session)
-    optimizer = build_optimizer(session.model, session.stages, stage)
+    optimizer = build_optimizer(session.model, session.stages, stage, session.anchors)
     _set_epoch(session, progress)  # the loader's length is the epoch's, as the schedule needs
     scheduler = build_scheduler(optimizer, stage, max(len(session.train_loader), 1))
     trainable = count_parameters(session.model, trainable_only=True)
