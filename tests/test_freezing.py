@@ -170,8 +170,8 @@ def test_pretrained_decay_pulls_encoder_weights_toward_their_anchors_by_lr_times
     them), and the decoder (no anchor) only its ordinary weight decay."""
     model, stages = _model()
     apply_trainable(model, stages, "all")
-    anchors = {name: value + 0.0 for name, value in pretrained_anchors(model, "imagenet").items()}
-    assert pretrained_anchors(model, "none") == {} and all(name.startswith("encoder.") for name in anchors)
+    anchors = {name: value + 0.0 for name, value in pretrained_anchors(model, True).items()}
+    assert pretrained_anchors(model, False) == {} and all(name.startswith("encoder.") for name in anchors)
     with torch.no_grad():
         for param in model.parameters():
             param.add_(0.5)

@@ -35,10 +35,10 @@ def parameter_groups(model: nn.Module, stages: list[list[str]], stage: StageConf
     return [{"params": params, "lr": lr, "weight_decay": decay} for (lr, decay), params in groups.items()]
 
 
-def pretrained_anchors(model: nn.Module, encoder_weights: str) -> dict[str, torch.Tensor]:
+def pretrained_anchors(model: nn.Module, pretrained: bool) -> dict[str, torch.Tensor]:
     """Copies of the encoder's weights as built (its pretrained values), by parameter name; empty for a
-    randomly initialised encoder (``encoder_weights: none``). Take them before a resumed run loads its weights."""
-    if encoder_weights == "none":
+    randomly initialised encoder (``ModelConfig.pretrained`` false). Take them before a resumed run loads its weights."""
+    if not pretrained:
         return {}
     return {name: param.detach().clone() for name, param in model.named_parameters() if name.startswith("encoder.")}
 

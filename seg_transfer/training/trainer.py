@@ -246,10 +246,7 @@ def _open_session(config: RunConfig, run_dir: Path, skip_bad_cases: bool, contex
     if settings.channels_last:
         model.to(memory_format=speed.memory_format(settings, route.spatial_dims + 2))
     speed.apply_backend_flags(settings, device)
-    pulls = any(stage.pretrained_decay > 0 for stage in training.stages)
-    anchors = pretrained_anchors(model, config.model.encoder_weights) if pulls else {}
-    if pulls and not anchors:
-        log.warning("pretrained_decay has no pretrained weights to pull toward (encoder_weights: none): it has no effect")
+    anchors = _anchors(config, model)
     log.info("device %s%s; %s", device, f", {context.world_size} processes" if context.enabled else "",
              speed.describe(settings))
     train_volumes = volume_dataset(data.subset("train"), prep, config.data)
@@ -266,6 +263,15 @@ def _open_session(config: RunConfig, run_dir: Path, skip_bad_cases: bool, contex
                     val_volumes, metrics, context, settings, speed.grad_scaler(settings, device),
                     route=route, route_settings=route_settings, inferer=inferer,
                     feature_cache=open_decoder_cache(config, model, in_channels, context.world_size), anchors=anchors)
+
+
+def _anchors(config: RunConfig, model: nn.Module) -> dict:
+    """The pretrained encoder weights that stages with ``pretrained_decay`` pull toward (empty when none does)."""
+    if not any(stage.pretrained_decay > 0 for stage in config.training.stages):
+        return {}
+    if not config.model.pretrained:
+        log.warning("pretrained_decay has no pretrained weights to pull toward (encoder_weights: none): it has no effect")
+    return pretrained_anchors(model, config.model.pretrained)
 
 
 def _write_run_files(config: RunConfig, run_dir: Path, data: PreparedData) -> None:
