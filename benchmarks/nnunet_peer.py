@@ -350,11 +350,9 @@ def load_steps(work: Path) -> dict:
 
 def save_step(work: Path, key: str, seconds: float) -> None:
     """Record that step ``key`` finished in ``seconds``."""
-    from seg_transfer.atomic import write_atomic
+    from seg_transfer.atomic import update_json_atomic
 
-    steps = load_steps(work)
-    steps[key] = seconds
-    write_atomic(work / "steps.json", json.dumps(steps, indent=2) + "\n")
+    update_json_atomic(work / "steps.json", lambda steps: {**steps, key: seconds}, {})
 
 
 def preprocess(job: Job, number: int, name: str, env: dict[str, str]) -> float:
@@ -472,12 +470,15 @@ def finished_row(path: Path, job: Job) -> dict | None:
 
 
 def save_row(path: Path, row: dict) -> None:
-    """Append ``row`` to ``peer_nnunet.json``, replacing a row with the same key; atomic."""
-    from seg_transfer.atomic import json_safe, write_atomic
+    """Append ``row`` to ``peer_nnunet.json``, replacing a row with the same key; atomic, and under a lock so that
+    two processes on one study (``--seeds 1`` and ``--seeds 2`` side by side) keep each other's rows."""
+    from seg_transfer.atomic import update_json_atomic
 
-    rows = [r for r in load_rows(path) if row_key(r) != row_key(row)] + [row]
-    rows.sort(key=row_key)
-    write_atomic(path, json.dumps(json_safe({"format": FORMAT, "rows": rows}), indent=2) + "\n")
+    def add(data: dict) -> dict:
+        rows = [r for r in data["rows"] if row_key(r) != row_key(row)] + [row]
+        return {"format": FORMAT, "rows": sorted(rows, key=row_key)}
+
+    update_json_atomic(path, add, {"rows": []})
 
 
 def describe(row: dict) -> str:

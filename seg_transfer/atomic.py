@@ -1,10 +1,12 @@
 """Atomic file output: nothing is ever half-written (temp file in the same folder, then ``os.replace``)."""
 from __future__ import annotations
 
+import fcntl
+import json
 import math
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
@@ -34,6 +36,31 @@ def write_atomic(path: str | Path, data: str | bytes) -> Path:
     with atomic_open(path, "wb" if isinstance(data, bytes) else "w") as stream:
         stream.write(data)
     return Path(path)
+
+
+@contextmanager
+def locked(path: str | Path) -> Iterator[None]:
+    """Hold an exclusive advisory lock (``fcntl.flock``) on ``<path>.lock`` for the block, so that processes
+    sharing one file (two ``nnunet_peer.py`` runs on a study) read-modify-write it one at a time."""
+    lock = Path(path).with_name(Path(path).name + ".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def update_json_atomic(path: str | Path, update: Callable[[Any], Any], default: Any) -> Any:
+    """Read the JSON at ``path`` (``default`` if absent), replace it with ``update(data)``, atomically and under
+    :func:`locked`, so concurrent updaters never drop each other's changes; returns what was written."""
+    path = Path(path)
+    with locked(path):
+        data = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else default
+        new = update(data)
+        write_atomic(path, json.dumps(json_safe(new), indent=2) + "\n")
+    return new
 
 
 def sweep_temp_files(folder: str | Path) -> list[Path]:

@@ -209,3 +209,29 @@ def test_an_interrupted_nnunet_training_continues_from_its_last_epoch(tmp_path):
     epochs_logged = [line.split(": ", 1)[1].strip() for line in newest.read_text().splitlines() if ": Epoch " in line]
     assert [e for e in epochs_logged if not e.startswith("Epoch time")] == ["Epoch 1", "Epoch 2"]
     assert row["train_seconds"] > sum(done_before.values())
+
+
+def _save_rows(path: str, seed: int, count: int) -> None:
+    for epochs in range(1, count + 1):
+        nnunet_peer.save_row(Path(path), {"configuration": "3d_fullres", "size": 10, "seed": seed, "epochs": epochs,
+                                          "tta": False, "test_dice_mean": seed + epochs / 100})
+
+
+def test_peer_rows_written_side_by_side_keep_each_other(tmp_path):
+    """Two `nnunet_peer.py --seeds k` processes on one study each read-modify-write peer_nnunet.json: under the
+    lock no row is lost (without it, rows written between another process's read and rename disappear)."""
+    import multiprocessing
+
+    path = tmp_path / nnunet_peer.RESULTS_NAME
+    context = multiprocessing.get_context("fork")
+    workers = [context.Process(target=_save_rows, args=(str(path), seed, 25)) for seed in range(4)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    assert all(worker.exitcode == 0 for worker in workers)
+    rows = nnunet_peer.load_rows(path)
+    assert sorted((r["seed"], r["epochs"]) for r in rows) == [(s, e) for s in range(4) for e in range(1, 26)]
+    nnunet_peer.save_row(path, {**rows[0], "test_dice_mean": 0.5})  # same key: replaced, not appended
+    rows = nnunet_peer.load_rows(path)
+    assert len(rows) == 100 and rows[0]["test_dice_mean"] == 0.5
