@@ -14,9 +14,11 @@ from seg_transfer.cli import main
 from seg_transfer.config import ConfigError
 from seg_transfer.data.phantoms import make_phantom_dataset
 from seg_transfer.data.splits import load_splits, training_subset
-from seg_transfer.study.analysis import NEGATIVE, NEUTRAL, POSITIVE, learning_curves, paired_comparisons, time_to_target
+from seg_transfer.study.analysis import (AHEAD, BEHIND, NEGATIVE, NEUTRAL, POSITIVE, learning_curves, paired_comparisons,
+                                         peer_comparisons, time_to_target)
 from seg_transfer.study.config import load_study_config
 from seg_transfer.study.plan import plan_runs
+from seg_transfer.study.report import peer_comparison_table
 from seg_transfer.study.runner import RunRecord, spread_pending
 from tests.conftest import tiny_config
 
@@ -94,6 +96,34 @@ def test_an_arm_can_name_its_own_control():
     assert {arm: (r["control"], round(r["mean_difference"], 3)) for arm, r in rows.items()} == {
         "imagenet": ("scratch", 0.01), "imagenet_z1": ("scratch_z1", 0.03), "scratch_z1": ("scratch", 0.05)}
     assert {r["arm"] for r in paired_comparisons(records, {"imagenet": "scratch"}, alpha=0.05)} == {"imagenet"}
+
+
+def test_every_arm_is_paired_with_every_peer_schedule_on_the_seeds_both_have():
+    """nnU-Net rows (one per subset seed and epoch count, with per-case Dice) become one pseudo-arm per schedule:
+    each of our arms is compared with it on the shared seeds and cases, ahead / behind instead of transfer verdicts,
+    with both sides' mean minutes; rows without per-case Dice (older files) are left out."""
+    rng = np.random.default_rng(2)
+    base = rng.uniform(0.6, 0.9, 12)
+    records = [record(arm, 10, seed, list(base + shift + rng.uniform(0, 0.004, 12))) for seed in (0, 1, 2)
+               for arm, shift in (("imagenet", 0.03), ("scratch", -0.04))]
+
+    def peer(seed, epochs, seconds):
+        return {"peer": "nnU-Net v2", "configuration": "3d_fullres", "size": 10, "seed": seed, "epochs": epochs,
+                "train_seconds": seconds, "test_dice": {f"case{i:02d}": {"a": b, "b": b} for i, b in enumerate(base)}}
+
+    peers = [peer(s, 5, 2400.0 + 60 * s) for s in (0, 1, 2)] + [peer(1, 2, 900.0), peer(2, 2, 960.0)]
+    peers.append({**peer(0, 2, 880.0), "test_dice": {}})  # an old row without per-case Dice: not paired
+    rows = {(r["arm"], r["control"]): r for r in peer_comparisons(records, peers, alpha=0.01)}
+    assert sorted(rows) == [("imagenet", "nnU-Net v2 3d_fullres 2 ep"), ("imagenet", "nnU-Net v2 3d_fullres 5 ep"),
+                            ("scratch", "nnU-Net v2 3d_fullres 2 ep"), ("scratch", "nnU-Net v2 3d_fullres 5 ep")]
+    ahead, behind = rows["imagenet", "nnU-Net v2 3d_fullres 5 ep"], rows["scratch", "nnU-Net v2 3d_fullres 5 ep"]
+    assert ahead["seeds"] == [0, 1, 2] and ahead["mean_difference"] == pytest.approx(0.032, abs=0.003)
+    assert ahead["verdict"] == AHEAD and behind["verdict"] == BEHIND and not behind["negative_transfer"]
+    assert ahead["arm_seconds"] == 10.0 and ahead["peer_seconds"] == pytest.approx(2460.0)
+    assert rows["imagenet", "nnU-Net v2 3d_fullres 2 ep"]["seeds"] == [1, 2]
+    assert rows["imagenet", "nnU-Net v2 3d_fullres 2 ep"]["peer_seconds"] == pytest.approx(930.0)
+    (cells,) = peer_comparison_table({"peer_comparisons": [ahead]})[1]
+    assert cells[:4] == ["imagenet vs nnU-Net v2 3d_fullres 5 ep", "10", "3 x 12", "0.2 / 41.0"] and cells[-1] == AHEAD
 
 
 def test_an_arm_is_also_compared_with_the_arms_it_names_beside_its_control(tmp_path, study_root):

@@ -9,6 +9,7 @@ and a case seen under three seeds is not three independent samples.
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -20,6 +21,7 @@ from seg_transfer.study.runner import RunRecord
 
 NEGATIVE, POSITIVE, NEUTRAL = "worse than control (negative transfer)", "better than control", "no significant difference"
 ONE_SEED = "one seed: no verdict (seed noise unmeasured)"
+AHEAD, BEHIND = "ahead of the peer", "behind the peer"
 
 
 def select(records: Sequence[RunRecord], arm: str, size: int) -> list[RunRecord]:
@@ -127,6 +129,37 @@ def paired_comparisons(records: Sequence[RunRecord], control: str | Mapping[str,
     return rows
 
 
+def peer_label(peer: Mapping[str, Any]) -> str:
+    """Name of a peer schedule (``nnU-Net v2 3d_fullres 5 ep``, ``+ TTA`` when it mirrored)."""
+    name = f"{peer.get('peer', 'peer')} {peer.get('configuration', '')}".strip()
+    return f"{name} {peer['epochs']} ep" + (" + TTA" if peer.get("tta") else "")
+
+
+def peer_records(peers: Sequence[Mapping[str, Any]]) -> list[RunRecord]:
+    """Peer rows that carry per-case Dice, as runs of one pseudo-arm per schedule (:func:`peer_label`); a peer's
+    seed is the study subset it trained on, so it pairs with our runs of that seed."""
+    return [RunRecord(arm=peer_label(p), size=int(p["size"]), seed=int(p["seed"]), run_dir=Path(str(p.get("model", ""))),
+                      best_val_dice=float("nan"), epochs=int(p["epochs"]), seconds=float(p["train_seconds"]),
+                      test_dice=p["test_dice"], curve=[]) for p in peers if p.get("test_dice")]
+
+
+def peer_comparisons(records: Sequence[RunRecord], peers: Sequence[Mapping[str, Any]], alpha: float,
+                     confidence: float = 0.95) -> list[dict[str, Any]]:
+    """Every arm against every peer schedule at each size, paired on the seeds both have (same training subsets)
+    and the shared test cases, with the same two-level bootstrap and t-test as :func:`paired_comparisons`; the
+    verdict says ahead of / behind the peer, and each row carries both sides' mean training seconds on those seeds."""
+    theirs = peer_records(peers)
+    pairs = [(arm, label) for arm in arms_and_sizes(records)[0] for label in dict.fromkeys(r.arm for r in theirs)]
+    rows = paired_comparisons([*records, *theirs], pairs, alpha, confidence)
+    for row in rows:
+        row["verdict"] = {POSITIVE: AHEAD, NEGATIVE: BEHIND}.get(row["verdict"], row["verdict"])
+        row["negative_transfer"] = False
+        for side, arm in (("arm_seconds", row["arm"]), ("peer_seconds", row["control"])):
+            runs = [r for r in select([*records, *theirs], arm, row["size"]) if r.seed in row["seeds"]]
+            row[side] = float(np.mean([r.seconds for r in runs]))
+    return rows
+
+
 def first_reaching(curve: Sequence[dict[str, float]], target: float) -> dict[str, float] | None:
     """The first validated epoch whose Dice reaches ``target`` (its epoch and elapsed seconds), else None."""
     return next((point for point in curve if point["val_dice"] >= target), None)
@@ -153,6 +186,7 @@ def analyse(records: Sequence[RunRecord], study: StudyConfig, peers: Sequence[di
         "runs_without_environment": sum(r.environment is None for r in records),
         "host_speed": host_speed_spread([r.environment for r in records] + [peer.get("environment") for peer in peers]),
         "peers": list(peers),
+        "peer_comparisons": peer_comparisons(records, peers, study.alpha),
         "runs": [{"arm": r.arm, "size": r.size, "seed": r.seed, "run_dir": str(r.run_dir), "best_val_dice": r.best_val_dice,
                   "epochs": r.epochs, "steps": r.steps, "seconds": r.seconds, "test_dice_mean": run_mean(r),
                   "collapsed": r.collapsed, "collapse_warnings": r.collapse_warnings, "stopped": r.stopped,

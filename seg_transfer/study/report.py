@@ -95,6 +95,17 @@ def peer_table(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
+def peer_comparison_table(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """Each arm against each peer schedule, paired on the same subsets and test cases, with both sides' minutes."""
+    header = ["arm vs peer", "training cases", "seeds x test cases", "train min (arm / peer)", "mean difference", "per seed",
+              "95% CI (seeds, cases)", "p (t, seeds + cases)", "verdict"]
+    rows = [[f"{r['arm']} vs {r['control']}", str(r["size"]), f"{r['n_seeds']} x {r['n']}",
+             f"{fmt(r['arm_seconds'] / 60, 1)} / {fmt(r['peer_seconds'] / 60, 1)}", f"{r['mean_difference']:+.3f}",
+             seed_values(r["seed_differences"], r["seeds"], signed=True), f"[{fmt(r['ci_low'])}, {fmt(r['ci_high'])}]",
+             fmt_p(r["p_value"]), r["verdict"]] for r in results.get("peer_comparisons", [])]
+    return header, rows
+
+
 def transferability_table(row: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     """One size's arms, best score first, with their test Dice rank next to it."""
     label = score_label(row["score"])
@@ -400,6 +411,8 @@ def markdown_report(results: dict[str, Any]) -> str:
              "## Paired comparison with the control", "", markdown_table(*comparison_table(results)), "",
              "![paired difference](paired_difference.png)", "", *[f"- {line}" for line in findings(results)], "",
              *(["## Peer: nnU-Net v2 on the same cases", "", markdown_table(*peer_table(results)), ""] if results.get("peers") else []),
+             *(["### Paired with the peer (same training subsets, same test cases)", "",
+                markdown_table(*peer_comparison_table(results)), ""] if results.get("peer_comparisons") else []),
              "## Test Dice against training time", "", "![dice vs time](dice_vs_time.png)", "",
              "## Time to target validation Dice", "", markdown_table(*target_table(results)), "",
              "## Convergence", "", "![convergence](convergence.png)", ""]
@@ -431,7 +444,8 @@ def html_report(results: dict[str, Any], images: dict[str, Path]) -> str:
     return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{title}</title><style>{style}</style></head><body>"
             f"<h1>{title}</h1>{paragraphs}<h2>Learning curves</h2>{html_table(*learning_table(results))}{image('learning_curve')}"
             f"<h2>Paired comparison with the control</h2>{html_table(*comparison_table(results))}{image('paired_difference')}"
-            f"<ul>{finding_items}</ul><h2>Test Dice against training time</h2>{html_table(*peer_table(results))}{image('dice_vs_time')}"
+            f"<ul>{finding_items}</ul><h2>Test Dice against training time</h2>{html_table(*peer_table(results))}"
+            f"{html_table(*peer_comparison_table(results)) if results.get('peer_comparisons') else ''}{image('dice_vs_time')}"
             f"<h2>Time to target validation Dice</h2>{html_table(*target_table(results))}"
             f"<h2>Convergence</h2>{image('convergence')}{ranking}</body></html>")
 
