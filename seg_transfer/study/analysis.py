@@ -149,13 +149,14 @@ def peer_comparisons(records: Sequence[RunRecord], peers: Sequence[Mapping[str, 
     and the shared test cases, with the same two-level bootstrap and t-test as :func:`paired_comparisons`; the
     verdict says ahead of / behind the peer, and each row carries both sides' mean training seconds on those seeds."""
     theirs = peer_records(peers)
+    both = [*records, *theirs]
     pairs = [(arm, label) for arm in arms_and_sizes(records)[0] for label in dict.fromkeys(r.arm for r in theirs)]
-    rows = paired_comparisons([*records, *theirs], pairs, alpha, confidence)
+    rows = paired_comparisons(both, pairs, alpha, confidence)
     for row in rows:
         row["verdict"] = {POSITIVE: AHEAD, NEGATIVE: BEHIND}.get(row["verdict"], row["verdict"])
         row["negative_transfer"] = False
         for side, arm in (("arm_seconds", row["arm"]), ("peer_seconds", row["control"])):
-            runs = [r for r in select([*records, *theirs], arm, row["size"]) if r.seed in row["seeds"]]
+            runs = [r for r in select(both, arm, row["size"]) if r.seed in row["seeds"]]
             row[side] = float(np.mean([r.seconds for r in runs]))
     return rows
 
