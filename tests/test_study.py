@@ -238,7 +238,7 @@ def test_tiny_study_end_to_end_and_resume(tmp_path, study_root, capsys):
     html = (out / "report.html").read_text()
     assert html.count("data:image/png;base64,") == 4 and "Paired comparison" in html
     assert "| staged vs scratch | 5 | 1 x 3 |" in (out / "report.md").read_text(encoding="utf-8")
-    assert "| nnU-Net v2 3d_fullres | 5 | 0 | 1 | 0.700 | 6.5 | 2 |" in (out / "report.md").read_text(encoding="utf-8")
+    assert "| nnU-Net v2 3d_fullres 1 ep | 5 | 0 | 0.700 | 6.5 | 2 |" in (out / "report.md").read_text(encoding="utf-8")
     assert [row["size"] for row in results["peers"]] == [5]  # only the sizes this study trains
     assert {run["steps"] for run in results["runs"]} == {2 * 16 // 8}  # same steps at 2 and 5 training cases
     for name in ("learning_curve.png", "paired_difference.png", "convergence.png", "dice_vs_time.png"):

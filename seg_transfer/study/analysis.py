@@ -186,7 +186,7 @@ def analyse(records: Sequence[RunRecord], study: StudyConfig, peers: Sequence[di
         "environment_differences": environment_differences([r.environment for r in records]),
         "runs_without_environment": sum(r.environment is None for r in records),
         "host_speed": host_speed_spread([r.environment for r in records] + [peer.get("environment") for peer in peers]),
-        "peers": list(peers),
+        "peers": [{**peer, "label": peer_label(peer)} for peer in peers],
         "peer_comparisons": peer_comparisons(records, peers, study.alpha),
         "runs": [{"arm": r.arm, "size": r.size, "seed": r.seed, "run_dir": str(r.run_dir), "best_val_dice": r.best_val_dice,
                   "epochs": r.epochs, "steps": r.steps, "seconds": r.seconds, "test_dice_mean": run_mean(r),

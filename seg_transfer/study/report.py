@@ -88,9 +88,10 @@ def target_table(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
 
 
 def peer_table(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    header = ["peer", "training cases", "seed", "epochs", "test Dice", "train min", "threads"]
-    rows = [[f"{r.get('peer', 'peer')} {r.get('configuration', '')}".strip(), str(r["size"]), str(r["seed"]), str(r["epochs"]),
-             fmt(r["test_dice_mean"]), fmt(r["train_seconds"] / 60, 1), str(r.get("threads", "n/a"))]
+    """The peer's rows as trained (one per schedule, size and seed), named by :func:`analysis.peer_label`."""
+    header = ["peer schedule", "training cases", "seed", "test Dice", "train min", "threads"]
+    rows = [[r["label"], str(r["size"]), str(r["seed"]), fmt(r["test_dice_mean"]), fmt(r["train_seconds"] / 60, 1),
+             str(r.get("threads", "n/a"))]
             for r in results.get("peers", [])]
     return header, rows
 
@@ -264,7 +265,7 @@ def plot_dice_vs_time(results: dict[str, Any], path: Path) -> Path:
         ax.scatter(run["seconds"] / 60, run["test_dice_mean"], color=colors[run["arm"]], marker=markers.get(run["size"], "o"), s=22)
     for peer in results.get("peers", []):
         ax.scatter(peer["train_seconds"] / 60, peer["test_dice_mean"], color="black", marker="x", s=40)
-        ax.annotate(f"nnU-Net {peer['epochs']} ep{' + TTA' if peer.get('tta') else ''}, n={peer['size']}", (peer["train_seconds"] / 60, peer["test_dice_mean"]),
+        ax.annotate(f"{peer['label']}, n={peer['size']}", (peer["train_seconds"] / 60, peer["test_dice_mean"]),
                     fontsize=7, xytext=(3, 3), textcoords="offset points")
     handles = [plt.Line2D([], [], color=colors[a], marker="o", linestyle="", label=a) for a in arms]
     handles += [plt.Line2D([], [], color="gray", marker=markers[s], linestyle="", label=f"{s} cases") for s in sizes]
