@@ -118,7 +118,7 @@ class ModelConfig(_Strict):
     decoder_channels: list[int] | None = None
     #: BatchNorm of frozen encoder layers: ``eval`` keeps the ImageNet statistics, ``train`` updates them
     #: from every training batch, ``adapt`` re-estimates them once on the target data before training
-    #: (then keeps them while frozen). Chosen by the ablation in the README.
+    #: (then keeps them while frozen). Chosen by the ablation in docs/results.md.
     frozen_bn: Literal["eval", "train", "adapt"] = "eval"
     #: the route: ``2.5d`` (a 2D network on a slice and its neighbours) or ``3d`` (the 2D encoder inflated
     #: to 3D in a 3D U-Net, trained on patches, sliding-window inference); see :mod:`seg_transfer.routes`

@@ -132,7 +132,7 @@ class Route:
       windows), so ``training.cudnn_benchmark: auto`` turns cuDNN's autotuner on; a route whose validation
       inputs change shape from case to case (2.5D whole slices) leaves it off (README, "On one GPU").
     - ``ranking_scores`` / ``ranking_strides``: what ``rank-encoders`` scores when not told, chosen by the
-      README's encoder-choice studies for this route (the first score orders the ranking).
+      encoder-choice studies (docs/results.md) for this route (the first score orders the ranking).
     - ``train_channels_last`` / ``predict_channels_last``: device types on which training's ``channels_last: auto``
       and :func:`~seg_transfer.routes.network.load_network` lay activations and the network out channels last,
       where ``benchmarks/memory_format.py`` measured it faster (README, "Channels last on the CPU").
