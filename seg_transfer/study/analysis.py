@@ -129,10 +129,19 @@ def paired_comparisons(records: Sequence[RunRecord], control: str | Mapping[str,
     return rows
 
 
+def peer_name(peer: Mapping[str, Any]) -> str:
+    """The peer method (``nnU-Net v2 3d_fullres``)."""
+    return f"{peer.get('peer', 'peer')} {peer.get('configuration', '')}".strip()
+
+
+def peer_schedule(peer: Mapping[str, Any]) -> str:
+    """The peer's schedule (``5 ep``, ``+ TTA`` when it mirrored)."""
+    return f"{peer['epochs']} ep" + (" + TTA" if peer.get("tta") else "")
+
+
 def peer_label(peer: Mapping[str, Any]) -> str:
-    """Name of a peer schedule (``nnU-Net v2 3d_fullres 5 ep``, ``+ TTA`` when it mirrored)."""
-    name = f"{peer.get('peer', 'peer')} {peer.get('configuration', '')}".strip()
-    return f"{name} {peer['epochs']} ep" + (" + TTA" if peer.get("tta") else "")
+    """Name of a peer schedule (``nnU-Net v2 3d_fullres 5 ep``)."""
+    return f"{peer_name(peer)} {peer_schedule(peer)}"
 
 
 def peer_records(peers: Sequence[Mapping[str, Any]]) -> list[RunRecord]:
@@ -186,7 +195,7 @@ def analyse(records: Sequence[RunRecord], study: StudyConfig, peers: Sequence[di
         "environment_differences": environment_differences([r.environment for r in records]),
         "runs_without_environment": sum(r.environment is None for r in records),
         "host_speed": host_speed_spread([r.environment for r in records] + [peer.get("environment") for peer in peers]),
-        "peers": [{**peer, "label": peer_label(peer)} for peer in peers],
+        "peers": [{**peer, "label": peer_label(peer), "name": peer_name(peer), "schedule": peer_schedule(peer)} for peer in peers],
         "peer_comparisons": peer_comparisons(records, peers, study.alpha),
         "runs": [{"arm": r.arm, "size": r.size, "seed": r.seed, "run_dir": str(r.run_dir), "best_val_dice": r.best_val_dice,
                   "epochs": r.epochs, "steps": r.steps, "seconds": r.seconds, "test_dice_mean": run_mean(r),

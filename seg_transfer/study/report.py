@@ -265,9 +265,11 @@ def plot_dice_vs_time(results: dict[str, Any], path: Path) -> Path:
         ax.scatter(run["seconds"] / 60, run["test_dice_mean"], color=colors[run["arm"]], marker=markers.get(run["size"], "o"), s=22)
     for peer in results.get("peers", []):
         ax.scatter(peer["train_seconds"] / 60, peer["test_dice_mean"], color="black", marker="x", s=40)
-        ax.annotate(f"{peer['label']}, n={peer['size']}", (peer["train_seconds"] / 60, peer["test_dice_mean"]),
+        ax.annotate(f"{peer['schedule']}, n={peer['size']}", (peer["train_seconds"] / 60, peer["test_dice_mean"]),
                     fontsize=7, xytext=(3, 3), textcoords="offset points")
     handles = [plt.Line2D([], [], color=colors[a], marker="o", linestyle="", label=a) for a in arms]
+    handles += [plt.Line2D([], [], color="black", marker="x", linestyle="", label=name)
+                for name in dict.fromkeys(p["name"] for p in results.get("peers", []))]
     handles += [plt.Line2D([], [], color="gray", marker=markers[s], linestyle="", label=f"{s} cases") for s in sizes]
     minutes = [r["seconds"] / 60 for r in runs] + [r["train_seconds"] / 60 for r in results.get("peers", [])]
     if minutes and max(minutes) > 5 * max(min(minutes), 1e-9):  # log axis only where the range is wide
