@@ -2,6 +2,7 @@
 section must not leave a link pointing nowhere, and every image they show must exist."""
 from __future__ import annotations
 
+import functools
 import re
 from pathlib import Path
 
@@ -18,14 +19,23 @@ def github_anchor(heading: str) -> str:
     return text.replace(" ", "-")
 
 
-def anchors(markdown: str) -> set[str]:
-    """Anchors of every heading outside code blocks (repeated headings get -1, -2, ... as on GitHub)."""
-    seen: dict[str, int] = {}
-    out, in_code = set(), False
+def prose_lines(markdown: str) -> list[str]:
+    """The lines outside fenced code blocks (a heading or link inside a code block is not one)."""
+    lines, in_code = [], False
     for line in markdown.split("\n"):
         if line.startswith("```"):
             in_code = not in_code
-        if not in_code and re.match(r"#{1,6} ", line):
+        elif not in_code:
+            lines.append(line)
+    return lines
+
+
+def anchors(markdown: str) -> set[str]:
+    """Anchors of every heading outside code blocks (repeated headings get -1, -2, ... as on GitHub)."""
+    seen: dict[str, int] = {}
+    out = set()
+    for line in prose_lines(markdown):
+        if re.match(r"#{1,6} ", line):
             base = github_anchor(line)
             count = seen.get(base, 0)
             seen[base] = count + 1
@@ -33,23 +43,23 @@ def anchors(markdown: str) -> set[str]:
     return out
 
 
-def outside_code(markdown: str) -> str:
-    return re.sub(r"^```.*?^```", "", markdown, flags=re.M | re.S)
+@functools.cache
+def anchors_of(file: Path) -> frozenset[str]:
+    return frozenset(anchors(file.read_text(encoding="utf-8")))
 
 
 def broken_links(name: str) -> list[str]:
     """Links of one document whose target file, or anchor in it, does not exist."""
     source = DOCS[name]
     bad = []
-    for target in LINK.findall(outside_code(source.read_text(encoding="utf-8"))):
-        if re.match(r"[a-z]+:", target):  # http(s), mailto: not checked offline
-            continue
-        path, _, anchor = target.partition("#")
-        file = (source.parent / path).resolve() if path else source
-        if not file.exists():
-            bad.append(target)
-        elif anchor and anchor not in anchors(file.read_text(encoding="utf-8")):
-            bad.append(target)
+    for line in prose_lines(source.read_text(encoding="utf-8")):
+        for target in LINK.findall(line):
+            if re.match(r"[a-z]+:", target):  # http(s), mailto: not checked offline
+                continue
+            path, _, anchor = target.partition("#")
+            file = (source.parent / path).resolve() if path else source
+            if not file.exists() or (anchor and anchor not in anchors_of(file)):
+                bad.append(target)
     return bad
 
 
