@@ -6,7 +6,7 @@ Everything goes through the library functions the CLI calls (``train``, ``run_pr
 
 * **train**: the shipped Hippocampus configs (``configs/hippocampus_2p5d_effnet_lite0.yaml``, 2.5D, and
   ``configs/hippocampus_3d_effnet_lite0.yaml``, 3D; ImageNet weights, their own staged schedules
-  (2.5D 600 steps, 3D 240) and validation after every epoch; ``--routes`` picks which) on ``cuda``, once with ``training.amp=bf16`` and once with
+  (2.5D 600 steps, 3D 960; the README's GPU numbers for 3D were measured at its earlier 240) and validation after every epoch; ``--routes`` picks which) on ``cuda``, once with ``training.amp=bf16`` and once with
   ``training.amp=off`` (float32), same seed (``--amps`` picks which). Prints wall time, optimiser steps per second over the
   whole run (validation included), peak GPU memory and the best validation Dice: bfloat16 must train
   as well as float32.

@@ -23,7 +23,7 @@ STUDIES = {"ablation_hippocampus_n10.yaml": 240, "robustness_hippocampus_n10.yam
            "ablation_augment_hippocampus_n10.yaml": 240, "ablation_augment_hippocampus_n10_600.yaml": 600,
            "ablation_intensity_hippocampus_n10.yaml": 240, "ablation_augment_3d_hippocampus_n10.yaml": 240,
            "ablation_lr_loss_hippocampus_n10.yaml": 240, "ablation_scale3_hippocampus_n10.yaml": 240,
-           "ablation_l2sp_hippocampus_n10.yaml": 240}
+           "ablation_l2sp_hippocampus_n10.yaml": 240, "study_hippocampus_3d_default_budget.yaml": 960}
 
 
 def without_missing_weights(arm):
@@ -173,3 +173,17 @@ def test_the_3d_budget_study_compares_each_geometry_with_its_own_scratch_network
                                 "scratch_3d_zstride1_x4": "scratch_3d_x4"}
     control = arm_config(study, study.arm("scratch_3d_zstride1_x4"), 0, "r")
     assert control.model.encoder_weights == "none" and control.model.depth_stride_one_stages == 1
+
+
+def test_the_3d_default_is_the_960_step_network_the_budget_studies_measured(monkeypatch, tmp_path):
+    """The shipped 3D config and its scratch control take 960 steps, and apart from the thread count they are the
+    budget study's zstride1 arms (the README's 0.850 at 10 cases); the 240-step 3D studies pin their budget."""
+    monkeypatch.chdir(tmp_path)
+    study = load_study_config(CONFIGS / "budget_hippocampus_3d_n10.yaml")
+    for shipped, arm in (("hippocampus_3d_effnet_lite0.yaml", "imagenet_3d_zstride1_x4"),
+                         ("hippocampus_3d_scratch.yaml", "scratch_3d_zstride1_x4")):
+        config = load_config(CONFIGS / shipped)
+        measured = arm_config(study, study.arm(arm), 0, "r")
+        assert optimiser_steps(config) == 960
+        assert config.model == measured.model and config.data == measured.data
+        assert config.training.model_copy(update={"num_threads": 1}) == measured.training
