@@ -140,7 +140,7 @@ def evaluate(
 
 @app.command()
 def predict(
-    model: Annotated[str, typer.Option("--model", "-m", help="Checkpoint file or run directory (uses checkpoints/best.pt).")],
+    model: Annotated[list[str], typer.Option("--model", "-m", help="Checkpoint file or run directory (uses checkpoints/best.pt). Repeat for an ensemble: each model's probabilities are mapped to the input grid and averaged (members may mix routes and preprocessing; same classes).")],
     input_: Annotated[str, typer.Option("--input", "-i", help="A volume, a folder, a glob, a .txt/.csv list of paths, or a DICOM folder.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Output folder for label maps and the summary.")],
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
@@ -167,7 +167,7 @@ def predict(
     check_writable(output, folder=True)
     options = PredictOptions(batch_size=batch_size, amp=amp, tta=tta, roi_size=roi_size, overlap=overlap,
                              postprocess=postprocess, save_probabilities=save_probabilities)
-    report = run_predict(PredictRequest(model, input_, output, fmt, device, options, overwrite, resume, num_parts, part_id))
+    report = run_predict(PredictRequest(tuple(model), input_, output, fmt, device, options, overwrite, resume, num_parts, part_id))
     typer.echo(f"{report.count('ok')} predicted, {report.count('skipped')} skipped, {len(report.failed)} failed "
                f"in {report.wall_seconds:.1f} s; summary: {report.csv_path}")
     for result in report.failed:

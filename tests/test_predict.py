@@ -194,6 +194,43 @@ def test_summary_and_probabilities(checkpoint, plain, plain_labels, tmp_path):
     assert rows[0]["status"] == "ok" and int(rows[0]["voxels_anterior"]) == expected[1]
 
 
+def _perturbed_copy(checkpoint: Path, out: Path) -> Path:
+    """The same run's checkpoint with its segmentation head shifted: another member with the same classes."""
+    stored = Checkpoint.load(checkpoint)
+    generator = torch.Generator().manual_seed(1)
+    stored.model = {name: value + 0.5 * torch.randn(value.shape, generator=generator)
+                    if name.startswith("segmentation_head") else value for name, value in stored.model.items()}
+    return stored.save(out / "checkpoints" / "best.pt").parents[1]
+
+
+def test_an_ensemble_averages_its_members_probabilities_on_the_input_grid(checkpoint, plain, tmp_path):
+    other = _perturbed_copy(checkpoint, tmp_path / "other")
+    case = discover_cases(plain[2])[0]
+    members = [predict_case(load_model(str(run), torch.device("cpu")), case, PredictOptions(tta=True, save_probabilities=True,
+                                                                                              progress=False))
+               for run in (checkpoint, other)]
+    assert not np.array_equal(members[0].labels, members[1].labels), "the members must disagree somewhere"
+    assert main(["predict", "-m", str(checkpoint), "-m", str(other), "-i", str(plain[2]), "-o", str(tmp_path / "out"),
+                 "--device", "cpu", "--save-probabilities"]) == 0
+    mean = (members[0].probabilities + members[1].probabilities) / 2
+    written = np.moveaxis(np.asarray(nib.load(tmp_path / "out" / "phantom_000_probabilities.nii.gz").dataobj), -1, 0)
+    np.testing.assert_allclose(written, mean, atol=1e-5)
+    np.testing.assert_array_equal(_labels_xyz(tmp_path / "out" / "phantom_000.nii.gz"), mean.argmax(0))
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert [m["checkpoint"] for m in summary["models"]] == [str(checkpoint), str(other)]
+
+
+def test_an_ensemble_of_models_with_other_classes_is_refused_in_one_line(checkpoint, phantom_root, plain, tmp_path, capsys):
+    from tests.checkpoint_helpers import save_random_checkpoint
+
+    foreign = save_random_checkpoint(phantom_root, tmp_path / "foreign")  # classes head / tail
+    assert main(["predict", "-m", str(checkpoint), "-m", str(foreign), "-i", str(plain[2]), "-o", str(tmp_path / "out"),
+                 "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(foreign) in err and "same classes" in err
+    assert not (tmp_path / "out" / "phantom_000.nii.gz").exists()
+
+
 def test_corrupt_and_unsupported_inputs_fail_alone(checkpoint, phantom_root, tmp_path, capsys):
     inputs = tmp_path / "in"
     shutil.copytree(phantom_root / "imagesTr", inputs)
@@ -397,7 +434,7 @@ def test_cli_predicts_with_the_trained_flips_by_default_and_not_with_no_tta(chec
     assert _predict(plain[2], tmp_path / "default", flipped) == 0
     assert _predict(plain[2], tmp_path / "plain", flipped, "--no-tta") == 0
     summaries = {name: json.loads((tmp_path / name / "summary.json").read_text()) for name in ("default", "plain")}
-    assert summaries["default"]["tta_flips"] == [[], [2]] and summaries["plain"]["tta_flips"] == [[]]
+    assert summaries["default"]["models"][0]["tta_flips"] == [[], [2]] and summaries["plain"]["models"][0]["tta_flips"] == [[]]
     loaded, case = load_model(str(flipped), torch.device("cpu")), discover_cases(plain[2])[0]
     for name, tta in (("default", True), ("plain", False)):
         expected = predict_case(loaded, case, PredictOptions(tta=tta, progress=False)).labels

@@ -84,6 +84,29 @@ def test_3d_predict_writes_label_maps_on_the_input_grid(run_3d, phantom_root, tm
     assert set(np.unique(np.asarray(written.dataobj))) <= {0, 1, 2}
 
 
+def test_a_2p5d_and_a_3d_model_ensemble_on_the_input_grid(run_3d, phantom_root, tmp_path):
+    """Members of different routes and preprocessing (the 2.5D one resampled to 0.8 mm in-plane) are averaged
+    after each is mapped back to the input grid."""
+    from seg_transfer.inference.cases import discover_cases
+    from seg_transfer.inference.predictor import PredictOptions, load_model, predict_case
+
+    raw = tiny_config(phantom_root, **{"data.spacing": [0.8, 0.8, 1.5]})
+    raw["training"]["stages"] = [{"name": "all", "train": "all", "epochs": 1, "lr": 3e-3}]
+    run_2p5d = tmp_path / "run2p5d"
+    train(config_from_dict(raw), run_2p5d)
+    source = phantom_root / "imagesTr" / "phantom_000.nii.gz"
+    case, options = discover_cases(source)[0], PredictOptions(tta=True, save_probabilities=True, progress=False)
+    members = [predict_case(load_model(str(run), torch.device("cpu")), case, options) for run in (run_2p5d, run_3d)]
+    out = tmp_path / "out"
+    assert main(["predict", "-m", str(run_2p5d), "-m", str(run_3d), "-i", str(source), "-o", str(out), "--device", "cpu",
+                 "--save-probabilities"]) == 0
+    mean = (members[0].probabilities + members[1].probabilities) / 2
+    written = nib.load(out / "phantom_000_probabilities.nii.gz")
+    assert written.shape == (*nib.load(source).shape, 3)
+    np.testing.assert_allclose(np.moveaxis(np.asarray(written.dataobj), -1, 0), mean, atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(nib.load(out / "phantom_000.nii.gz").dataobj), mean.argmax(0))
+
+
 def test_3d_scratch_control_keeps_the_route_and_drops_weights_and_stages(phantom_root):
     from seg_transfer.study.arms import scratch_control
 

@@ -22,8 +22,8 @@ from seg_transfer.inference.predictor import (
     LoadedModel,
     PredictOptions,
     PredictSetupError,
-    load_model,
-    predict_case,
+    load_models,
+    predict_ensemble_case,
     resolve_device,
 )
 from seg_transfer.inference.summary import (
@@ -45,9 +45,9 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class PredictRequest:
-    """Everything ``seg-transfer predict`` was asked to do."""
+    """Everything ``seg-transfer predict`` was asked to do; several checkpoints predict as one ensemble."""
 
-    checkpoint: str
+    checkpoint: str | tuple[str, ...]
     input: str
     out_dir: Path
     fmt: str = "nii.gz"
@@ -57,6 +57,10 @@ class PredictRequest:
     resume: bool = False
     num_parts: int = 1
     part_id: int = 0
+
+    @property
+    def checkpoints(self) -> tuple[str, ...]:
+        return (self.checkpoint,) if isinstance(self.checkpoint, str) else tuple(self.checkpoint)
 
 
 @dataclass
@@ -86,6 +90,8 @@ def check_request(request: PredictRequest) -> None:
         raise PredictSetupError(f"--postprocess {request.options.postprocess!r}: expected none or largest-component")
     if request.options.roi_size is not None and request.options.roi_size < 1:
         raise PredictSetupError("--roi-size must be at least 1")
+    if not request.checkpoints:
+        raise PredictSetupError("--model: give at least one checkpoint or run folder")
     if request.options.batch_size < 1:
         raise PredictSetupError("--batch-size must be at least 1")
     if request.options.overlap is not None and not 0.0 <= request.options.overlap < 1.0:
@@ -126,28 +132,30 @@ def run_predict(request: PredictRequest) -> PredictReport:
     """Predict every case of this shard into ``request.out_dir`` and write the summary."""
     check_request(request)
     cases = plan_cases(request)
-    loaded = load_model(request.checkpoint, resolve_device(request.device))
-    names = list(loaded.labels.values())
+    models = load_models(request.checkpoints, resolve_device(request.device))
+    names = list(models[0].labels.values())
     stem = summary_stem(request.num_parts, request.part_id)
     earlier = previous_results(request.out_dir / f"{stem}.json") if request.resume else {}
     if request.resume:
         for stale in sweep_temp_files(request.out_dir):
             log.info("removed %s (left by an interrupted write)", stale)
-    extra = {"checkpoint": str(request.checkpoint), "format": request.fmt, "device": str(loaded.device),
-             "labels": {str(k): v for k, v in loaded.labels.items()}, "part": [request.part_id, request.num_parts],
-             "tta_flips": [list(dims) for dims in tta_flips(loaded.network.spec.data, request.options)]}
+    extra = {"models": [{"checkpoint": str(checkpoint),
+                         "tta_flips": [list(dims) for dims in tta_flips(loaded.network.spec.data, request.options)]}
+                        for checkpoint, loaded in zip(request.checkpoints, models)],
+             "format": request.fmt, "device": str(models[0].device),
+             "labels": {str(k): v for k, v in models[0].labels.items()}, "part": [request.part_id, request.num_parts]}
     results: list[CaseResult] = []
     start = time.perf_counter()
     show = request.options.progress and sys.stderr.isatty()
     for case in tqdm(cases, desc="cases", unit="case", disable=not show):
-        results.append(_process(loaded, case, request, earlier.get(case.name)))
+        results.append(_process(models, case, request, earlier.get(case.name)))
         csv_path, json_path = write_summary(results, names, request.out_dir, stem, time.perf_counter() - start, extra)
     wall = time.perf_counter() - start
     csv_path, json_path = write_summary(results, names, request.out_dir, stem, wall, extra)
     return PredictReport(results, csv_path, json_path, wall)
 
 
-def _process(loaded: LoadedModel, case: InputCase, request: PredictRequest, earlier: CaseResult | None) -> CaseResult:
+def _process(models: list[LoadedModel], case: InputCase, request: PredictRequest, earlier: CaseResult | None) -> CaseResult:
     """Skip, fail or predict one case; never raises for a problem with the case itself."""
     target = output_path(request.out_dir, case.name, request.fmt)
     if request.resume and target.exists():
@@ -157,7 +165,7 @@ def _process(loaded: LoadedModel, case: InputCase, request: PredictRequest, earl
         return CaseResult(case.name, str(case.source), "", "failed", case.problem)
     started = time.perf_counter()
     try:
-        voxels, input_voxels = predict_and_write(loaded, case, request, target)
+        voxels, input_voxels = predict_and_write(models, case, request, target)
     except Exception as exc:
         log.warning("%s failed: %s", case.name, one_line(exc, root_cause=True, limit=300))
         log.debug("%s traceback", case.name, exc_info=True)
@@ -165,22 +173,24 @@ def _process(loaded: LoadedModel, case: InputCase, request: PredictRequest, earl
     return CaseResult(case.name, str(case.source), str(target), "ok", "", time.perf_counter() - started, voxels, input_voxels)
 
 
-def predict_and_write(loaded: LoadedModel, case: InputCase, request: PredictRequest, target: Path) -> tuple[dict[str, int], int]:
-    """Predict ``case`` and write its outputs (probabilities first, the label map last, each atomically).
+def predict_and_write(models: list[LoadedModel], case: InputCase, request: PredictRequest, target: Path) -> tuple[dict[str, int], int]:
+    """Predict ``case`` with one model or an ensemble and write its outputs (probabilities first, the label map
+    last, each atomically).
 
     Returns voxels per class name and the number of input voxels.
     """
     if request.fmt == "dicom-seg" and not case.is_dicom:
         raise ValueError("--format dicom-seg needs a DICOM series input")
-    prediction = predict_case(loaded, case, request.options)
+    prediction = predict_ensemble_case(models, case, request.options)
+    labels = models[0].labels
     if prediction.probabilities is not None:
         write_probabilities(prediction.probabilities, prediction.geometry,
                             output_path(request.out_dir, case.name, request.fmt, kind="probabilities"))
     if request.fmt == "dicom-seg":
         from seg_transfer.inference.dicom_seg import write_dicom_seg
 
-        write_dicom_seg(prediction.labels, case, loaded.labels, target)
+        write_dicom_seg(prediction.labels, case, labels, target)
     else:
         write_label_map(prediction.labels, prediction.geometry, target)
-    counts = np.bincount(prediction.labels.ravel(), minlength=len(loaded.labels))
-    return {name: int(counts[k]) for k, name in loaded.labels.items()}, int(prediction.labels.size)
+    counts = np.bincount(prediction.labels.ravel(), minlength=len(labels))
+    return {name: int(counts[k]) for k, name in labels.items()}, int(prediction.labels.size)

@@ -1,5 +1,8 @@
 """One case: load the checkpoint's network and preprocessing, preprocess, infer (the route's inferer), map back.
 
+Several checkpoints (an ensemble: seeds, folds, or the 2.5D and 3D routes) each map their probabilities back
+to the input grid, where they are averaged before the arg-max, as nnU-Net ensembles folds.
+
 The checkpoint's own :class:`~seg_transfer.data.transforms.Preprocessing` is applied with MONAI
 transforms that record what they did; the prediction is mapped back to the input's voxel grid with
 MONAI's ``Invertd`` (orientation, spacing, foreground crop all undone), so the label map overlays
@@ -8,7 +11,9 @@ are to be saved (then one float32 probability volume).
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -106,6 +111,16 @@ def load_model(checkpoint: str, device: torch.device) -> LoadedModel:
     return LoadedModel(network, preprocessing_transforms(network.prep, with_label=False))
 
 
+def load_models(checkpoints: Sequence[str], device: torch.device) -> list[LoadedModel]:
+    """Every checkpoint of an ensemble; :class:`PredictSetupError` unless they all segment the same labels."""
+    models = [load_model(checkpoint, device) for checkpoint in checkpoints]
+    for checkpoint, loaded in zip(checkpoints[1:], models[1:]):
+        if loaded.labels != models[0].labels:
+            raise PredictSetupError(f"--model {checkpoint}: labels {loaded.labels} differ from --model "
+                                    f"{checkpoints[0]}'s {models[0].labels}; an ensemble needs the same classes")
+    return models
+
+
 def preprocess(loaded: LoadedModel, case: InputCase) -> MetaTensor:
     """The model-space image ``(1, X', Y', Z')`` of ``case``, carrying the operations to invert."""
     image = loaded.transform({"image": case.loader_input})["image"]
@@ -173,9 +188,38 @@ def predict_case(loaded: LoadedModel, case: InputCase, options: PredictOptions) 
     probabilities = None
     if probs is not None:
         del labels
-        probabilities = invert_to_input(loaded, image, probs, nearest=False).numpy()
-        probabilities[0] += np.clip(1.0 - probabilities.sum(0), 0.0, None)  # padded (cropped-away) voxels: background
+        probabilities = _input_grid_probabilities(loaded, image, probs)
     return CasePrediction(labels_np, geometry, probabilities)
+
+
+def predict_ensemble_case(models: Sequence[LoadedModel], case: InputCase, options: PredictOptions) -> CasePrediction:
+    """The mean of every model's probabilities on the input grid, its arg-max (→ post-process); one model is
+    :func:`predict_case`. Each model applies its own preprocessing and route, so members may differ in both."""
+    if len(models) == 1:
+        return predict_case(models[0], case, options)
+    total, geometry = None, None
+    for loaded in models:
+        image = preprocess(loaded, case)
+        geometry = input_geometry(case, image)
+        probs = _input_grid_probabilities(loaded, image, infer(loaded, image, _with_probabilities(options))[1])
+        _check_grid(probs.shape[1:], geometry)
+        total = probs if total is None else np.add(total, probs, out=total)
+    mean = total / len(models)
+    labels = argmax_labels(torch.from_numpy(mean)).numpy()
+    if options.postprocess == "largest-component":
+        labels = keep_largest_component(labels, [k for k in models[0].labels if k != 0])
+    return CasePrediction(labels, geometry, mean if options.save_probabilities else None)
+
+
+def _with_probabilities(options: PredictOptions) -> PredictOptions:
+    return dataclasses.replace(options, save_probabilities=True)
+
+
+def _input_grid_probabilities(loaded: LoadedModel, image: MetaTensor, probs: torch.Tensor) -> np.ndarray:
+    """Model-space probabilities ``(C, X', Y', Z')`` on the input grid (linear interpolation), summing to 1."""
+    probabilities = invert_to_input(loaded, image, probs, nearest=False).numpy()
+    probabilities[0] += np.clip(1.0 - probabilities.sum(0), 0.0, None)  # padded (cropped-away) voxels: background
+    return probabilities
 
 
 def _check_grid(shape: tuple[int, ...], geometry: InputGeometry) -> None:
