@@ -1,7 +1,8 @@
 """One case: load the checkpoint's network and preprocessing, preprocess, infer (the route's inferer), map back.
 
 Several checkpoints (an ensemble: seeds, folds, or the 2.5D and 3D routes) each map their probabilities back
-to the input grid, where they are averaged before the arg-max, as nnU-Net ensembles folds.
+to the input grid, where they are averaged before the arg-max, as nnU-Net ensembles folds: two float32
+probability volumes of the input's size (the running sum and the current member's) are alive at a time.
 
 The checkpoint's own :class:`~seg_transfer.data.transforms.Preprocessing` is applied with MONAI
 transforms that record what they did; the prediction is mapped back to the input's voxel grid with
