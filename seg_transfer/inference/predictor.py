@@ -12,7 +12,6 @@ are to be saved (then one float32 probability volume).
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -147,11 +146,15 @@ def infer(loaded: LoadedModel, image: MetaTensor, options: PredictOptions) -> tu
 
     The route's inferer does the work: the same one training validation uses.
     """
-    inferer = loaded.network.inferer(options)
     if options.save_probabilities:
-        probs = inferer.probabilities(loaded.model, image.as_tensor(), loaded.device)
+        probs = model_probabilities(loaded, image, options)
         return argmax_labels(probs), probs
-    return inferer.label_map(loaded.model, image.as_tensor(), loaded.device), None
+    return loaded.network.inferer(options).label_map(loaded.model, image.as_tensor(), loaded.device), None
+
+
+def model_probabilities(loaded: LoadedModel, image: MetaTensor, options: InferenceOptions) -> torch.Tensor:
+    """Model-space probabilities ``(C, X', Y', Z')`` from the route's inferer."""
+    return loaded.network.inferer(options).probabilities(loaded.model, image.as_tensor(), loaded.device)
 
 
 def invert_to_input(loaded: LoadedModel, image: MetaTensor, array: torch.Tensor, nearest: bool) -> torch.Tensor:
@@ -202,7 +205,7 @@ def predict_ensemble_case(models: Sequence[LoadedModel], case: InputCase, option
     for loaded in models:
         image = preprocess(loaded, case)
         geometry = input_geometry(case, image)
-        probs = _input_grid_probabilities(loaded, image, infer(loaded, image, _with_probabilities(options))[1])
+        probs = _input_grid_probabilities(loaded, image, model_probabilities(loaded, image, options))
         _check_grid(probs.shape[1:], geometry)
         total = probs if total is None else np.add(total, probs, out=total)
     mean = total / len(models)
@@ -210,10 +213,6 @@ def predict_ensemble_case(models: Sequence[LoadedModel], case: InputCase, option
     if options.postprocess == "largest-component":
         labels = keep_largest_component(labels, [k for k in models[0].labels if k != 0])
     return CasePrediction(labels, geometry, mean if options.save_probabilities else None)
-
-
-def _with_probabilities(options: PredictOptions) -> PredictOptions:
-    return dataclasses.replace(options, save_probabilities=True)
 
 
 def _input_grid_probabilities(loaded: LoadedModel, image: MetaTensor, probs: torch.Tensor) -> np.ndarray:
