@@ -93,7 +93,7 @@ def predict_runs(routes: list[str], data: Path, out: Path, device: str, limit: i
             cases = sorted((data / "imagesTs").glob("*.nii.gz"))[:limit]
             listing = out / "predict_cases.txt"
             listing.write_text("".join(f"{case}\n" for case in cases))
-            request = PredictRequest(str(checkpoint), str(listing), out / f"predict_{route}_{amp}",
+            request = PredictRequest((str(checkpoint),), str(listing), out / f"predict_{route}_{amp}",
                                      device=device, options=options, overwrite=True)
             report = run_predict(request)
             row = {"route": route, "amp": amp, "cases": report.count("ok"), "failed": len(report.failed),
@@ -117,7 +117,7 @@ def large_runs(out: Path, device: str, depths: list[int], record: Callable[[dict
             for batch_size in (1, 4):
                 _peak_reset()
                 options = PredictOptions(batch_size=batch_size, amp=True, overlap=0.25, progress=False)
-                report = run_predict(PredictRequest(str(checkpoint), str(volume), out / f"large_{depth}_{batch_size}",
+                report = run_predict(PredictRequest((str(checkpoint),), str(volume), out / f"large_{depth}_{batch_size}",
                                                     device=device, options=options, overwrite=True))
                 row = {"shape": [512, 512, depth], "window": [128, 128, 64], "overlap": 0.25,
                        "windows_per_forward": batch_size, "ok": report.count("ok") == 1,

@@ -256,7 +256,7 @@ def end_to_end_seconds(checkpoint: Path, data: str, batch_size: int, out: Path) 
 
     options = PredictOptions(batch_size=batch_size, progress=False)
     start, cpu = time.perf_counter(), time.process_time()
-    report = run_predict(PredictRequest(str(checkpoint), data, out, device="cpu", options=options, overwrite=True))
+    report = run_predict(PredictRequest((str(checkpoint),), data, out, device="cpu", options=options, overwrite=True))
     seconds = time.perf_counter() - start, time.process_time() - cpu
     if report.failed:
         raise SystemExit(f"{len(report.failed)} case(s) failed, e.g. {report.failed[0].case}: {report.failed[0].reason}")

@@ -66,7 +66,7 @@ def score_run(run_dir: Path, study: Path, data: Path, batch_size: int, options: 
             for option in ["plain", *options]:
                 out = tmp / f"{subset}_{option}"
                 predict_options = PredictOptions(batch_size=batch_size, progress=False, **OPTIONS[option])
-                report = run_predict(PredictRequest(str(run_dir), str(images), out / "pred", device="cpu", options=predict_options))
+                report = run_predict(PredictRequest((str(run_dir),), str(images), out / "pred", device="cpu", options=predict_options))
                 if report.failed:
                     raise SystemExit(f"{run_dir}: {len(report.failed)} case(s) failed, e.g. {report.failed[0].reason}")
                 scores[subset, option] = mean_case_dice(out / "pred", labels, labels_json, out / "eval")

@@ -83,7 +83,7 @@ def end_to_end_seconds(checkpoint: Path, data: str, device: str, batch_size: int
     """Wall time of the whole `predict` pipeline (read → preprocess → infer → invert → write)."""
     options = PredictOptions(batch_size=batch_size, progress=False)
     start = time.perf_counter()
-    report = run_predict(PredictRequest(str(checkpoint), data, out, device=device, options=options, overwrite=True))
+    report = run_predict(PredictRequest((str(checkpoint),), data, out, device=device, options=options, overwrite=True))
     seconds = time.perf_counter() - start
     if report.failed:
         raise SystemExit(f"{len(report.failed)} case(s) failed, e.g. {report.failed[0].case}: {report.failed[0].reason}")

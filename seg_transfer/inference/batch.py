@@ -47,7 +47,7 @@ log = logging.getLogger(__name__)
 class PredictRequest:
     """Everything ``seg-transfer predict`` was asked to do; several checkpoints predict as one ensemble."""
 
-    checkpoint: str | tuple[str, ...]
+    checkpoints: tuple[str, ...]  # checkpoint files or run folders; several predict as one ensemble
     input: str
     out_dir: Path
     fmt: str = "nii.gz"
@@ -57,10 +57,6 @@ class PredictRequest:
     resume: bool = False
     num_parts: int = 1
     part_id: int = 0
-
-    @property
-    def checkpoints(self) -> tuple[str, ...]:
-        return (self.checkpoint,) if isinstance(self.checkpoint, str) else tuple(self.checkpoint)
 
 
 @dataclass

@@ -185,7 +185,7 @@ def predict_test_cases(run_dir: Path, test_images: Path, batch_size: int, device
     """Label maps of the test cases from the run's best checkpoint into ``run_dir/test_predictions``."""
     out = run_dir / "test_predictions"
     options = PredictOptions(batch_size=batch_size, progress=False)
-    report = run_predict(PredictRequest(str(run_dir), str(test_images), out, device=device, options=options, resume=True))
+    report = run_predict(PredictRequest((str(run_dir),), str(test_images), out, device=device, options=options, resume=True))
     if report.failed:
         first = report.failed[0]
         raise StudyError(f"{run_dir}: prediction failed for {len(report.failed)} test case(s), e.g. {first.case}: {first.reason}")
