@@ -140,7 +140,7 @@ def evaluate(
 
 @app.command()
 def predict(
-    model: Annotated[list[str], typer.Option("--model", "-m", help="Checkpoint file or run directory (uses checkpoints/best.pt). Repeat for an ensemble: each model's probabilities are mapped to the input grid and averaged (members may mix routes and preprocessing; same classes).")],
+    model: Annotated[list[str], typer.Option("--model", "-m", metavar="RUN_OR_CKPT", help="Checkpoint file or run directory (uses checkpoints/best.pt). Repeat for an ensemble: each model's probabilities are mapped to the input grid and averaged (members may mix routes and preprocessing; same classes).")],
     input_: Annotated[str, typer.Option("--input", "-i", help="A volume, a folder, a glob, a .txt/.csv list of paths, or a DICOM folder.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Output folder for label maps and the summary.")],
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
