@@ -118,7 +118,7 @@ def report(rows: list[tuple[str, dict[str, dict[str, float]], dict[str, float], 
         stats = hierarchical_bootstrap(grid)
         name = list(rows[0][1])[position]
         label = name if len(rows) == 1 else name.split("/")[0]  # one ensemble: its members are seeds of one arm
-        per = " · ".join(f"{name} {d:+.3f}" for (name, *_), d in zip(rows, stats.seed_differences))
+        per = " · ".join(f"{ensemble} {d:+.3f}" for (ensemble, *_), d in zip(rows, stats.seed_differences))
         member_mean = np.mean([np.mean([m[c] for c in cases]) for m in member])
         ensemble_mean = np.mean([np.mean([t[c] for c in cases]) for _, _, t, _ in rows])
         print(f"| {label} | {len(rows)} | {member_mean:.3f} | {ensemble_mean:.3f} | {per} | {stats.mean_difference:+.3f} "

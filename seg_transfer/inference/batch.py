@@ -47,7 +47,7 @@ log = logging.getLogger(__name__)
 class PredictRequest:
     """Everything ``seg-transfer predict`` was asked to do; several checkpoints predict as one ensemble."""
 
-    checkpoints: tuple[str, ...]  # checkpoint files or run folders; several predict as one ensemble
+    checkpoints: tuple[str, ...]  # checkpoint files or run folders
     input: str
     out_dir: Path
     fmt: str = "nii.gz"

@@ -187,8 +187,7 @@ def predict_case(loaded: LoadedModel, case: InputCase, options: PredictOptions) 
     restored = invert_to_input(loaded, image, labels[None], nearest=True)[0]
     labels_np = np.rint(restored.numpy()).astype(labels.numpy().dtype)
     _check_grid(labels_np.shape, geometry)
-    if options.postprocess == "largest-component":
-        labels_np = keep_largest_component(labels_np, [k for k in loaded.labels if k != 0])
+    labels_np = postprocess(labels_np, loaded.labels, options)
     probabilities = None
     if probs is not None:
         del labels
@@ -204,15 +203,21 @@ def predict_ensemble_case(models: Sequence[LoadedModel], case: InputCase, option
     total, geometry = None, None
     for loaded in models:
         image = preprocess(loaded, case)
-        geometry = input_geometry(case, image)
+        if geometry is None:  # the input's grid (and NIfTI header): the same whichever member reads it
+            geometry = input_geometry(case, image)
         probs = _input_grid_probabilities(loaded, image, model_probabilities(loaded, image, options))
         _check_grid(probs.shape[1:], geometry)
         total = probs if total is None else np.add(total, probs, out=total)
     mean = total / len(models)
-    labels = argmax_labels(torch.from_numpy(mean)).numpy()
-    if options.postprocess == "largest-component":
-        labels = keep_largest_component(labels, [k for k in models[0].labels if k != 0])
+    labels = postprocess(argmax_labels(torch.from_numpy(mean)).numpy(), models[0].labels, options)
     return CasePrediction(labels, geometry, mean if options.save_probabilities else None)
+
+
+def postprocess(labels: np.ndarray, names: dict[int, str], options: PredictOptions) -> np.ndarray:
+    """``labels`` after ``options.postprocess`` (largest component of every foreground class, or unchanged)."""
+    if options.postprocess == "largest-component":
+        return keep_largest_component(labels, [k for k in names if k != 0])
+    return labels
 
 
 def _input_grid_probabilities(loaded: LoadedModel, image: MetaTensor, probs: torch.Tensor) -> np.ndarray:
