@@ -510,3 +510,23 @@ def test_dicom_seg_for_a_nifti_input_fails_that_case(checkpoint, plain, tmp_path
     assert _predict(plain[2], tmp_path / "out", checkpoint, "--format", "dicom-seg") == 1
     (row,) = json.loads((tmp_path / "out" / "summary.json").read_text())["cases"]
     assert row["status"] == "failed" and "needs a DICOM series input" in row["reason"]
+
+
+@pytest.mark.parametrize(
+    ("change", "flag"),
+    [
+        ({"checkpoints": ()}, "--model"),
+        ({"fmt": "png"}, "--format"),
+        ({"overwrite": True, "resume": True}, "--overwrite and --continue"),
+        ({"options": PredictOptions(postprocess="holes")}, "--postprocess"),
+        ({"options": PredictOptions(roi_size=0)}, "--roi-size"),
+        ({"options": PredictOptions(batch_size=0)}, "--batch-size"),
+        ({"options": PredictOptions(overlap=1.0)}, "--overlap"),
+    ],
+)
+def test_contradictory_requests_are_refused_before_any_work_naming_the_option(change, flag, tmp_path):
+    """A library caller (not only the CLI) gets the one-line refusal, and the valid request passes."""
+    valid = batch.PredictRequest(checkpoints=("run",), input="scans", out_dir=tmp_path)
+    batch.check_request(valid)
+    with pytest.raises(batch.PredictSetupError, match=flag):
+        batch.check_request(dataclasses.replace(valid, **change))
