@@ -292,6 +292,26 @@ def test_parallel_processes_train_the_same_runs_as_one_process(tmp_path, study_r
     assert "n002_seed0" in logs["shard_0_of_2.log"] and "n002_seed0" in logs["shard_1_of_2.log"]
 
 
+def test_a_run_another_shard_finishes_meanwhile_is_in_this_shards_report(tmp_path, study_root, monkeypatch):
+    """Shard 1/2 trains plan run 2 while shard 0/2 finishes plan run 1: shard 1's report holds both runs
+    (it used to look at run 1 before training its own and leave it out)."""
+    from seg_transfer.study import runner
+
+    study = load_study_config(write_study(tmp_path, study_root, train_sizes=[2]))
+    out = tmp_path / "study"
+    _, specs = plan_runs(study, out)
+    real_complete_run = runner.complete_run
+
+    def other_shard_finishes_first_run_meanwhile(spec, *args):
+        if spec.key == specs[1].key and not runner.is_evaluated(specs[0]):
+            real_complete_run(specs[0], *args)  # what shard 0/2 does in its own process at the same time
+        return real_complete_run(spec, *args)
+
+    monkeypatch.setattr(runner, "complete_run", other_shard_finishes_first_run_meanwhile)
+    progress = runner.run_study(study, out, device="cpu", shard=(1, 2))
+    assert [(r.arm, r.seed) for r in progress.records] == [(s.arm, s.seed) for s in specs]
+
+
 def test_parallel_processes_share_the_unfinished_runs_evenly(tmp_path, study_root):
     """Runs 2 and 4 of the plan are evaluated: the two left (1 and 3) go one to each process, where a static
     --shard 0/2 would give both to shard 0 and nothing to shard 1."""

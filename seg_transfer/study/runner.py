@@ -96,20 +96,20 @@ def run_study(study: StudyConfig, output: Path, *, device: str = "auto", max_run
     output = Path(output)
     cases, specs = plan_runs(study, output)
     test_images, test_labels, labels_file = write_test_inputs(cases, output)
-    records, trained = [], 0
     mine, shards = shard
-    for index, spec in enumerate(specs, 1):
-        trains_here = (index - 1) in runs if runs is not None else (index - 1) % shards == mine
-        if not trains_here:
-            if is_evaluated(spec):
-                records.append(complete_run(spec, test_images, test_labels, labels_file, study, device))
-            continue
+    own = [i for i in range(len(specs)) if (i in runs if runs is not None else i % shards == mine)]
+    finished, trained = {}, 0
+    for index in own:
+        spec = specs[index]
         is_new = finished_result(spec.run_dir) is None
         if is_new and max_runs is not None and trained >= max_runs:
             continue  # past --max-runs: later runs that are already finished still count
-        log.info("run %d/%d: %s%s", index, len(specs), spec.key, "" if is_new else " (finished, reused)")
-        records.append(complete_run(spec, test_images, test_labels, labels_file, study, device))
+        log.info("run %d/%d: %s%s", index + 1, len(specs), spec.key, "" if is_new else " (finished, reused)")
+        finished[index] = complete_run(spec, test_images, test_labels, labels_file, study, device)
         trained += is_new
+    # other processes' runs are looked at only now, so one that finished while this process trained counts
+    records = [finished[i] if i in finished else complete_run(spec, test_images, test_labels, labels_file, study, device)
+               for i, spec in enumerate(specs) if i in finished or (i not in own and is_evaluated(spec))]
     if max_runs is not None and len(records) < len(specs):
         log.info("%d new run(s) trained (--max-runs %d); %d of %d runs finished", trained, max_runs, len(records), len(specs))
     return StudyProgress(cases, specs, records)
