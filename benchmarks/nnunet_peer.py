@@ -30,10 +30,17 @@ Wall-clock seconds (``time.monotonic`` around each child process) of preprocessi
 go into one row per (configuration, size, seed, epochs) of ``<study>/peer_nnunet.json``; a finished row is
 skipped on rerun, a finished preprocessing or training is reused. Data-augmentation workers:
 ``nnUNet_n_proc_DA`` if set, else threads - 1 (0 = nnU-Net's single-threaded augmenter).
+
+Another study with the same training subsets and validation cases (every Hippocampus study: a subset depends
+on size and seed only) can pair the same nnU-Net trainings with its own arms: ``--study OTHER --work
+<study>/nnunet_peer`` reuses preprocessing and training (their recorded seconds) and only predicts and scores
+``OTHER``'s test cases (inputs and predictions are kept per test set). Each raw dataset records the cases it
+was built for (``seg_transfer_split.json``); a study whose subset or validation cases differ is refused.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib
 import importlib.util
 import json
@@ -52,6 +59,7 @@ DATASET_ID_BASE = 500
 DEFAULT_ITERATIONS, DEFAULT_VAL_ITERATIONS = 250, 50
 FILE_ENDING = ".nii.gz"
 PLANS = "nnUNetPlans"
+SPLIT_NAME = "seg_transfer_split.json"  # in a raw dataset folder: the training / validation cases it was built for
 
 TRAIN_CODE = """\
 import json, sys, torch
@@ -260,8 +268,39 @@ def write_splits(preprocessed: Path, train: list[str], val: list[str]) -> Path:
     return write_atomic(preprocessed / "splits_final.json", json.dumps(splits_final(train, val), indent=2) + "\n")
 
 
+def record_split(folder: Path, train: list[str], val: list[str]) -> None:
+    """Record in raw dataset ``folder`` the training and validation cases it is built for; PeerError if it was
+    built for others (its preprocessing, splits and trained models would belong to them), so that studies with
+    the same subsets can share one ``--work`` and reuse its trainings, and studies with other subsets cannot.
+    A folder built before splits were recorded is accepted when it holds exactly these cases."""
+    from seg_transfer.atomic import write_atomic
+
+    split = {"train": sorted(train), "val": sorted(val)}
+    path = folder / SPLIT_NAME
+    if path.is_file():
+        held = json.loads(path.read_text())
+    elif (folder / "labelsTr").is_dir():
+        cases = sorted(p.name.removesuffix(FILE_ENDING) for p in (folder / "labelsTr").iterdir())
+        held = split if cases == sorted(train + val) else {"train": cases, "val": []}
+    else:
+        held = split
+    if held != split:
+        raise PeerError(f"{folder}: was built for {len(held['train'])} training / {len(held['val'])} validation cases "
+                        f"other than this study's {len(train)} / {len(val)}; use a new --work")
+    if not path.is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, json.dumps(split, indent=2) + "\n")
+
+
+def test_set_id(images: list[Path]) -> str:
+    """Short stable name of a set of test images (their resolved paths, order ignored)."""
+    text = "\n".join(sorted(str(Path(image).resolve()) for image in images))
+    return hashlib.sha1(text.encode()).hexdigest()[:10]
+
+
 def link_test_inputs(folder: Path, images: list[Path]) -> Path:
-    """``folder/<case>_0000.nii.gz`` links to the study's test images; returns ``folder``."""
+    """``folder/<case>_0000.nii.gz`` links to the study's test images; returns ``folder`` (one folder per test
+    set, :func:`test_set_id`: nnU-Net predicts every image in it)."""
     from seg_transfer.data.io import strip_volume_suffix
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -502,6 +541,7 @@ def prepare_dataset(study: Study, job: Job, sources: dict[str, tuple[Path, Path]
     if missing:
         raise PeerError(f"{study.dataset}: no case(s) {', '.join(missing[:5])} of the study")
     cases = {c: sources[c] for c in train + study.val}
+    record_split(job.work / "nnUNet_raw" / name, train, study.val)
     write_raw_dataset(job.work / "nnUNet_raw" / name, cases, nnunet_labels(study.labels_file), channel_names(study.dataset))
     return number, name, train
 
@@ -522,8 +562,9 @@ def run_job(study: Study, job: Job, sources: dict[str, tuple[Path, Path]]) -> di
     preprocess_seconds = preprocess(job, number, name, env)
     write_splits(job.work / "nnUNet_preprocessed" / name, train_cases, study.val)
     train_seconds = train(job, number, name, trainer, env)
-    run_dir = job.work / "runs" / name / f"{trainer}__{job.configuration}"
-    test_input = link_test_inputs(job.work / "test_input", study.test_images)
+    test_set = test_set_id(study.test_images)
+    run_dir = job.work / "runs" / name / f"{trainer}__{job.configuration}" / f"test_set_{test_set}"
+    test_input = link_test_inputs(job.work / "test_input" / test_set, study.test_images)
     suffix = "_tta" if job.tta else ""
     predict_seconds = predict(job, name, trainer, test_input, run_dir / f"test_predictions{suffix}", env)
     test_dice = score(study, run_dir / f"test_predictions{suffix}", run_dir / f"test_evaluation{suffix}")

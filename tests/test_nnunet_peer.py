@@ -119,7 +119,7 @@ def test_tiny_nnunet_peer_end_to_end(tmp_path):
     plain, tta = json.loads((study / "peer_nnunet.json").read_text())["rows"]
     assert plain == row and tta["tta"] is True and tta["peer"] == "nnU-Net v2 + mirror TTA"
     assert tta["train_seconds"] == row["train_seconds"]  # the trained model was reused, only prediction ran
-    predicted = list(study.glob("nnunet_peer/runs/*/*/test_predictions_tta/*.nii.gz"))
+    predicted = list(study.glob("nnunet_peer/runs/*/*/test_set_*/test_predictions_tta/*.nii.gz"))
     assert sorted(p.name for p in predicted) == [f"phantom_00{i}.nii.gz" for i in range(3)]
 
 
@@ -235,3 +235,35 @@ def test_peer_rows_written_side_by_side_keep_each_other(tmp_path):
     nnunet_peer.save_row(path, {**rows[0], "test_dice_mean": 0.5})  # same key: replaced, not appended
     rows = nnunet_peer.load_rows(path)
     assert len(rows) == 100 and rows[0]["test_dice_mean"] == 0.5
+
+
+def test_a_raw_dataset_serves_only_the_split_it_was_built_for(tmp_path):
+    folder = tmp_path / "raw" / "Dataset504_peer_n3_seed0"
+    nnunet_peer.record_split(folder, ["c", "a", "d"], ["b", "e"])
+    assert json.loads((folder / nnunet_peer.SPLIT_NAME).read_text()) == {"train": ["a", "c", "d"], "val": ["b", "e"]}
+    nnunet_peer.record_split(folder, ["a", "c", "d"], ["e", "b"])  # another study, same cases: shared
+    with pytest.raises(nnunet_peer.PeerError, match="3 training / 2 validation cases other than this study's 3 / 2"):
+        nnunet_peer.record_split(folder, ["a", "c", "b"], ["d", "e"])  # same cases, another split
+    with pytest.raises(nnunet_peer.PeerError, match="other than this study's 4 / 2"):
+        nnunet_peer.record_split(folder, ["a", "c", "d", "f"], ["b", "e"])  # a superset of the training cases
+
+
+def test_a_raw_dataset_from_before_splits_were_recorded_is_checked_by_its_cases(tmp_path):
+    cases = fake_files(tmp_path / "src", ["a", "b", "c"])
+    built = nnunet_peer.write_raw_dataset(tmp_path / "old", cases, {"background": 0, "x": 1})
+    with pytest.raises(nnunet_peer.PeerError, match="3 training / 0 validation cases other than this study's 3 / 1"):
+        nnunet_peer.record_split(built, ["a", "b", "d"], ["c"])
+    assert not (built / nnunet_peer.SPLIT_NAME).exists()
+    nnunet_peer.record_split(built, ["a", "b"], ["c"])
+    assert json.loads((built / nnunet_peer.SPLIT_NAME).read_text()) == {"train": ["a", "b"], "val": ["c"]}
+
+
+def test_each_test_set_gets_its_own_input_folder(tmp_path):
+    first = fake_files(tmp_path / "one", ["p", "q"])
+    second = fake_files(tmp_path / "two", ["p", "r"])
+    one = nnunet_peer.test_set_id([first["q"][0], first["p"][0]])
+    assert one == nnunet_peer.test_set_id([first["p"][0], first["q"][0]])  # order does not matter
+    two = nnunet_peer.test_set_id([second["p"][0], second["r"][0]])
+    assert one != two
+    folder = nnunet_peer.link_test_inputs(tmp_path / "test_input" / two, [second["p"][0], second["r"][0]])
+    assert sorted(p.name for p in folder.iterdir()) == ["p_0000.nii.gz", "r_0000.nii.gz"]
