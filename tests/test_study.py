@@ -18,7 +18,7 @@ from seg_transfer.study.analysis import (AHEAD, BEHIND, NEGATIVE, NEUTRAL, POSIT
                                          peer_comparisons, time_to_target)
 from seg_transfer.study.config import load_study_config
 from seg_transfer.study.plan import plan_runs
-from seg_transfer.study.report import peer_comparison_table
+from seg_transfer.study.report import peer_comparison_table, peer_labels
 from seg_transfer.study.runner import RunRecord, spread_pending
 from tests.conftest import tiny_config
 
@@ -443,3 +443,12 @@ def test_report_p_values_never_print_as_zero():
     assert fmt_p(3e-6) == "< 0.0001" and p_phrase(3e-6) == "< 0.0001"
     assert fmt_p(0.00005) == "0.0001" and fmt_p(0.01234) == "0.0123" and p_phrase(0.2) == "= 0.2000"
     assert p_phrase(0.0004, 3) == "< 0.001" and fmt_p(None) == "n/a"
+
+
+def test_repeated_peer_runs_get_one_label_at_their_best_run():
+    peers = [{"schedule": "2 ep", "size": 140, "train_seconds": 3270, "test_dice_mean": 0.843},
+             {"schedule": "2 ep", "size": 140, "train_seconds": 3300, "test_dice_mean": 0.840},
+             {"schedule": "2 ep", "size": 10, "train_seconds": 1800, "test_dice_mean": 0.814},
+             {"schedule": "1 ep", "size": 140, "train_seconds": 1770, "test_dice_mean": 0.334}]
+    assert peer_labels(peers) == [("2 ep, n=140 x2", (54.5, 0.843)), ("2 ep, n=10", (30.0, 0.814)),
+                                  ("1 ep, n=140", (29.5, 0.334))]

@@ -253,6 +253,20 @@ def plot_paired_difference(results: dict[str, Any], path: Path) -> Path:
     return _save(fig, path)
 
 
+def peer_labels(peers: list[dict[str, Any]]) -> list[tuple[str, tuple[float, float]]]:
+    """One label per peer schedule and training-set size ("2 ep, n=140", "x3" when it ran several times),
+    placed at its best run's (minutes, test Dice), so repeated runs do not print their labels over each other."""
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for peer in peers:
+        groups.setdefault((peer["schedule"], peer["size"]), []).append(peer)
+    labels = []
+    for (schedule, size), runs in groups.items():
+        best = max(runs, key=lambda r: r["test_dice_mean"])
+        times = f" x{len(runs)}" if len(runs) > 1 else ""
+        labels.append((f"{schedule}, n={size}{times}", (best["train_seconds"] / 60, best["test_dice_mean"])))
+    return labels
+
+
 def plot_dice_vs_time(results: dict[str, Any], path: Path) -> Path:
     """One point per run (test Dice against its training minutes), peers as crosses."""
     runs = results["runs"]
@@ -265,8 +279,8 @@ def plot_dice_vs_time(results: dict[str, Any], path: Path) -> Path:
         ax.scatter(run["seconds"] / 60, run["test_dice_mean"], color=colors[run["arm"]], marker=markers.get(run["size"], "o"), s=22)
     for peer in results.get("peers", []):
         ax.scatter(peer["train_seconds"] / 60, peer["test_dice_mean"], color="black", marker="x", s=40)
-        ax.annotate(f"{peer['schedule']}, n={peer['size']}", (peer["train_seconds"] / 60, peer["test_dice_mean"]),
-                    fontsize=7, xytext=(3, 3), textcoords="offset points")
+    for text, point in peer_labels(results.get("peers", [])):
+        ax.annotate(text, point, fontsize=7, xytext=(3, 3), textcoords="offset points")
     handles = [plt.Line2D([], [], color=colors[a], marker="o", linestyle="", label=a) for a in arms]
     handles += [plt.Line2D([], [], color="black", marker="x", linestyle="", label=name)
                 for name in dict.fromkeys(p["name"] for p in results.get("peers", []))]
