@@ -279,17 +279,17 @@ def record_split(folder: Path, train: list[str], val: list[str]) -> None:
     path = folder / SPLIT_NAME
     if path.is_file():
         held = json.loads(path.read_text())
-    elif (folder / "labelsTr").is_dir():
+        if held != split:
+            raise PeerError(f"{folder}: was built for {len(held['train'])} training / {len(held['val'])} validation cases "
+                            f"other than this study's {len(train)} / {len(val)}; use a new --work")
+        return
+    if (folder / "labelsTr").is_dir():
         cases = sorted(p.name.removesuffix(FILE_ENDING) for p in (folder / "labelsTr").iterdir())
-        held = split if cases == sorted(train + val) else {"train": cases, "val": []}
-    else:
-        held = split
-    if held != split:
-        raise PeerError(f"{folder}: was built for {len(held['train'])} training / {len(held['val'])} validation cases "
-                        f"other than this study's {len(train)} / {len(val)}; use a new --work")
-    if not path.is_file():
-        folder.mkdir(parents=True, exist_ok=True)
-        write_atomic(path, json.dumps(split, indent=2) + "\n")
+        if cases != sorted(train + val):
+            raise PeerError(f"{folder}: holds {len(cases)} cases other than this study's {len(train)} training + "
+                            f"{len(val)} validation cases; use a new --work")
+    folder.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, json.dumps(split, indent=2) + "\n")
 
 
 def test_set_id(images: list[Path]) -> str:

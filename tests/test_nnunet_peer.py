@@ -251,7 +251,7 @@ def test_a_raw_dataset_serves_only_the_split_it_was_built_for(tmp_path):
 def test_a_raw_dataset_from_before_splits_were_recorded_is_checked_by_its_cases(tmp_path):
     cases = fake_files(tmp_path / "src", ["a", "b", "c"])
     built = nnunet_peer.write_raw_dataset(tmp_path / "old", cases, {"background": 0, "x": 1})
-    with pytest.raises(nnunet_peer.PeerError, match="3 training / 0 validation cases other than this study's 3 / 1"):
+    with pytest.raises(nnunet_peer.PeerError, match="holds 3 cases other than this study's 3 training \\+ 1 validation cases"):
         nnunet_peer.record_split(built, ["a", "b", "d"], ["c"])
     assert not (built / nnunet_peer.SPLIT_NAME).exists()
     nnunet_peer.record_split(built, ["a", "b"], ["c"])
