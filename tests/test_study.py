@@ -386,6 +386,24 @@ def test_ranking_agreement_on_known_scores():
     assert row["discordant"] == ["d over a", "d over b", "d over c"]
 
 
+def test_ranking_candidates_share_a_score_by_encoder_and_weights_and_in_3d_by_inflation(tmp_path):
+    """Arms with the same encoder and weights are one candidate; a 2.5D arm's (ignored) inflation setting does
+    not split it, while 3D arms that inflate differently are different candidates."""
+    from seg_transfer.config import config_from_dict
+    from seg_transfer.study.plan import RunSpec
+    from seg_transfer.study.transferability import candidate_key
+
+    def spec(arm: str, **model) -> RunSpec:
+        raw = tiny_config(tmp_path)
+        raw["model"].update(model)
+        return RunSpec(arm, 10, 0, config_from_dict(raw), tmp_path / arm, {})
+
+    staged, unstaged = spec("staged", inflation="centre"), spec("unstaged", inflation="mean")
+    assert candidate_key(staged) == candidate_key(unstaged) == ("tu-tf_efficientnet_lite0", "none", None)
+    centre, mean = spec("centre", dims="3d", inflation="centre"), spec("mean", dims="3d", inflation="mean")
+    assert (candidate_key(centre)[2], candidate_key(mean)[2]) == ("centre", "mean")
+
+
 def test_report_lists_every_score_of_every_arm_at_the_study_stride():
     """The per-arm table shows all declared scores (not only the first) with each arm's rank under each,
     arms in test Dice order: a score that reverses fine-tuning's order shows ranks 4..1."""

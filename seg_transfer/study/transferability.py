@@ -43,8 +43,11 @@ def rankable(group: Sequence[RunSpec]) -> list[RunSpec]:
 
 def candidate_key(spec: RunSpec) -> tuple[str, str, str | None]:
     """What the ranking scores of a run: its encoder, weights and (3D) inflation mode."""
+    from seg_transfer.routes import get_route
+
     model = spec.config.model
-    return model.encoder, model.encoder_weights, model.inflation if model.dims == "3d" else None
+    inflated = get_route(model.dims).spatial_dims == 3  # only a 3D network inflates its 2D encoder
+    return model.encoder, model.encoder_weights, model.inflation if inflated else None
 
 
 def rank_subsets(specs: Sequence[RunSpec], output: Path, settings: RankEncodersConfig, device: str = "auto") -> None:
