@@ -95,11 +95,13 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 
 class {name}(nnUNetTrainer):
-    def on_train_start(self):
+    def initialize(self):
+        # here, not in on_train_start: a continued training (--c) builds the optimiser and its poly LR schedule
+        # over num_epochs in load_checkpoint -> initialize, before on_train_start runs
         self.num_epochs, self.num_iterations_per_epoch = {epochs}, {iterations}
         self.num_val_iterations_per_epoch = {val_iterations}
         self.save_every = 1
-        super().on_train_start()
+        super().initialize()
 '''
 
 

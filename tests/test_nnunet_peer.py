@@ -178,7 +178,8 @@ def test_trainer_choice_keeps_stock_one_epoch_and_finished_stock_models(tmp_path
 @pytest.mark.slow
 def test_an_interrupted_nnunet_training_continues_from_its_last_epoch(tmp_path):
     """Killed once epoch 0's checkpoint is written, the rerun continues at epoch 1 (nnU-Net's own log of the
-    second process has no epoch 0) and its seconds include epoch 0's logged time."""
+    second process has no epoch 0) with the learning rates of an uninterrupted training, and its seconds include
+    epoch 0's logged time."""
     import signal
     import time
 
@@ -209,6 +210,10 @@ def test_an_interrupted_nnunet_training_continues_from_its_last_epoch(tmp_path):
     epochs_logged = [line.split(": ", 1)[1].strip() for line in newest.read_text().splitlines() if ": Epoch " in line]
     assert [e for e in epochs_logged if not e.startswith("Epoch time")] == ["Epoch 1", "Epoch 2"]
     assert row["train_seconds"] > sum(done_before.values())
+    # the continued epochs follow the uninterrupted poly schedule over 3 epochs (0.01 (1 - e / 3) ** 0.9), not one
+    # over nnU-Net's default 1000 epochs (0.00999, 0.00998), which a continued training used to get
+    rates = [float(line.rsplit(":", 1)[1]) for line in newest.read_text().splitlines() if "Current learning rate" in line]
+    assert rates == [round(0.01 * (1 - epoch / 3) ** 0.9, 5) for epoch in (1, 2)]
 
 
 def _save_rows(path: str, seed: int, count: int) -> None:
