@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from seg_transfer.routes import get_route
 from seg_transfer.study.config import RankEncodersConfig
 from seg_transfer.study.plan import RunSpec
 from seg_transfer.study.runner import RunRecord
@@ -43,8 +44,6 @@ def rankable(group: Sequence[RunSpec]) -> list[RunSpec]:
 
 def candidate_key(spec: RunSpec) -> tuple[str, str, str | None]:
     """What the ranking scores of a run: its encoder, weights and (3D) inflation mode."""
-    from seg_transfer.routes import get_route
-
     model = spec.config.model
     inflated = get_route(model.dims).spatial_dims == 3  # only a 3D network inflates its 2D encoder
     return model.encoder, model.encoder_weights, model.inflation if inflated else None
@@ -53,8 +52,6 @@ def candidate_key(spec: RunSpec) -> tuple[str, str, str | None]:
 def rank_subsets(specs: Sequence[RunSpec], output: Path, settings: RankEncodersConfig, device: str = "auto") -> None:
     """Rank the arms' encoders on every (size, seed) training subset that has no ranking with these settings yet."""
     from seg_transfer.selection.rank import Candidate, RankOptions, rank_encoders
-
-    from seg_transfer.routes import get_route
 
     asked = RankOptions(pixels=settings.pixels, strides=None if settings.strides is None else tuple(settings.strides),
                         seed=settings.seed, device=device, scores=None if settings.scores is None else tuple(settings.scores))
