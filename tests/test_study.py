@@ -18,7 +18,7 @@ from seg_transfer.study.analysis import (AHEAD, BEHIND, NEGATIVE, NEUTRAL, POSIT
                                          peer_comparisons, time_to_target)
 from seg_transfer.study.config import load_study_config
 from seg_transfer.study.plan import plan_runs
-from seg_transfer.study.report import peer_comparison_table, peer_labels
+from seg_transfer.study.report import log_tick_label, peer_comparison_table, peer_labels
 from seg_transfer.study.runner import RunRecord, spread_pending
 from tests.conftest import tiny_config
 
@@ -470,3 +470,9 @@ def test_repeated_peer_runs_get_one_label_at_their_best_run():
              {"schedule": "1 ep", "size": 140, "train_seconds": 1770, "test_dice_mean": 0.334}]
     assert peer_labels(peers) == [("2 ep, n=140 x2", (54.5, 0.843)), ("2 ep, n=10", (30.0, 0.814)),
                                   ("1 ep, n=140", (29.5, 0.334))]
+
+
+def test_log_axis_labels_only_the_one_two_five_steps():
+    labels = {v: log_tick_label(v) for v in (0.5, 2, 3, 10, 20, 30, 50, 80, 90, 100, 200, 300, 500)}
+    assert labels == {0.5: "0.5", 2: "2", 3: "", 10: "10", 20: "20", 30: "", 50: "50", 80: "", 90: "",
+                      100: "100", 200: "200", 300: "", 500: "500"}

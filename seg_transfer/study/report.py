@@ -267,6 +267,15 @@ def peer_labels(peers: list[dict[str, Any]]) -> list[tuple[str, tuple[float, flo
     return labels
 
 
+def log_tick_label(value: float, _position: Any = None) -> str:
+    """Tick label of a log axis: plain numbers on the 1-2-5 steps (2, 5, 10, 20, 50 ...), none between them,
+    so that a decade's minor ticks (60 70 80 90) do not print over each other."""
+    if value <= 0:
+        return ""
+    leading = round(value / 10 ** math.floor(math.log10(value) + 1e-9), 6)
+    return f"{value:g}" if leading in (1.0, 2.0, 5.0) else ""
+
+
 def plot_dice_vs_time(results: dict[str, Any], path: Path) -> Path:
     """One point per run (test Dice against its training minutes), peers as crosses."""
     runs = results["runs"]
@@ -288,9 +297,9 @@ def plot_dice_vs_time(results: dict[str, Any], path: Path) -> Path:
     minutes = [r["seconds"] / 60 for r in runs] + [r["train_seconds"] / 60 for r in results.get("peers", [])]
     if minutes and max(minutes) > 5 * max(min(minutes), 1e-9):  # log axis only where the range is wide
         ax.set_xscale("log")
-        plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")
-        ax.xaxis.set_major_formatter(plain)
-        ax.xaxis.set_minor_formatter(plain)
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(log_tick_label))
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.FuncFormatter(log_tick_label))
+    ax.margins(x=0.12)  # room for the peers' labels at the right edge
     ax.set_xlabel("training wall-clock minutes (per run, as logged)")
     ax.set_ylabel("test Dice (mean over classes and cases)")
     ax.set_title("Test Dice against training time")
