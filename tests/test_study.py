@@ -18,7 +18,7 @@ from seg_transfer.study.analysis import (AHEAD, BEHIND, NEGATIVE, NEUTRAL, POSIT
                                          peer_comparisons, time_to_target)
 from seg_transfer.study.config import load_study_config
 from seg_transfer.study.plan import plan_runs
-from seg_transfer.study.report import log_tick_label, peer_comparison_table, peer_labels
+from seg_transfer.study.report import NO_PAIRS, log_tick_label, peer_comparison_table, peer_labels, write_report
 from seg_transfer.study.runner import RunRecord, spread_pending
 from tests.conftest import tiny_config
 
@@ -243,6 +243,12 @@ def test_tiny_study_end_to_end_and_resume(tmp_path, study_root, capsys):
     assert {run["steps"] for run in results["runs"]} == {2 * 16 // 8}  # same steps at 2 and 5 training cases
     for name in ("learning_curve.png", "paired_difference.png", "convergence.png", "dice_vs_time.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # a report without any arm-control pair draws no empty axes and removes the figure an earlier report left
+    write_report({**results, "comparisons": []}, out)
+    assert not (out / "paired_difference.png").exists()
+    assert NO_PAIRS in (out / "report.md").read_text(encoding="utf-8")
+    assert (out / "report.html").read_text().count("data:image/png;base64,") == 3
 
 
 def test_a_study_before_its_first_run_already_names_its_cases_for_the_nnunet_peer(tmp_path, study_root, capsys):

@@ -24,6 +24,7 @@ PLOTS = {"learning_curve": "Test Dice against training cases",
          "paired_difference": "Arm minus control, paired by test case",
          "convergence": "Validation Dice against wall-clock seconds and epochs",
          "transferability": "transferability score before fine-tuning against test Dice after it"}
+NO_PAIRS = "No paired comparison yet: no arm shares a training-set size and seed with its control."
 
 
 # ----------------------------------------------------------------------------- tables
@@ -435,7 +436,8 @@ def markdown_report(results: dict[str, Any]) -> str:
     parts = [f"# Transfer study: {results['study']['name']}", "", *header_lines(results), "",
              "## Learning curves", "", markdown_table(*learning_table(results)), "", "![learning curve](learning_curve.png)", "",
              "## Paired comparison with the control", "", markdown_table(*comparison_table(results)), "",
-             "![paired difference](paired_difference.png)", "", *[f"- {line}" for line in findings(results)], "",
+             "![paired difference](paired_difference.png)" if results["comparisons"] else NO_PAIRS, "",
+             *[f"- {line}" for line in findings(results)], "",
              *(["## Peer: nnU-Net v2 on the same cases", "", markdown_table(*peer_table(results)), ""] if results.get("peers") else []),
              *(["### Paired with the peer (same training subsets, same test cases)", "",
                 markdown_table(*peer_comparison_table(results)), ""] if results.get("peer_comparisons") else []),
@@ -469,7 +471,8 @@ def html_report(results: dict[str, Any], images: dict[str, Path]) -> str:
         ranking += image("transferability")
     return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{title}</title><style>{style}</style></head><body>"
             f"<h1>{title}</h1>{paragraphs}<h2>Learning curves</h2>{html_table(*learning_table(results))}{image('learning_curve')}"
-            f"<h2>Paired comparison with the control</h2>{html_table(*comparison_table(results))}{image('paired_difference')}"
+            f"<h2>Paired comparison with the control</h2>{html_table(*comparison_table(results))}"
+            f"{image('paired_difference') if 'paired_difference' in images else f'<p>{html.escape(NO_PAIRS)}</p>'}"
             f"<ul>{finding_items}</ul><h2>Test Dice against training time</h2>{html_table(*peer_table(results))}"
             f"{html_table(*peer_comparison_table(results)) if results.get('peer_comparisons') else ''}{image('dice_vs_time')}"
             f"<h2>Time to target validation Dice</h2>{html_table(*target_table(results))}"
@@ -483,12 +486,16 @@ def write_results(results: dict[str, Any], output: Path) -> Path:
 
 
 def write_report(results: dict[str, Any], output: Path) -> dict[str, Path]:
-    """Write ``results.json``, the three PNGs, ``report.md`` and ``report.html`` into ``output``."""
+    """Write ``results.json``, the PNGs, ``report.md`` and ``report.html`` into ``output`` (the paired-difference
+    figure only once some arm and its control share a training-set size and seed)."""
     output.mkdir(parents=True, exist_ok=True)
     images = {"learning_curve": plot_learning_curve(results, output / "learning_curve.png"),
-              "paired_difference": plot_paired_difference(results, output / "paired_difference.png"),
               "dice_vs_time": plot_dice_vs_time(results, output / "dice_vs_time.png"),
               "convergence": plot_convergence(results, output / "convergence.png")}
+    if results["comparisons"]:
+        images["paired_difference"] = plot_paired_difference(results, output / "paired_difference.png")
+    else:  # no empty axes, and no figure left over from an earlier report of this folder
+        (output / "paired_difference.png").unlink(missing_ok=True)
     if results.get("transferability"):
         images["transferability"] = plot_transferability(results, output / "transferability.png")
     return {
