@@ -28,7 +28,7 @@ from seg_transfer.config import load_config
 from seg_transfer.data.cases import cases_from_msd
 from seg_transfer.inference.cases import InputCase
 from seg_transfer.inference.predictor import PredictOptions, load_model, predict_case
-from seg_transfer.routes.precision import memory_format_for
+from seg_transfer.routes.precision import lay_out_weights, memory_format_for
 from seg_transfer.training.trainer import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,7 +69,7 @@ def time_prediction(run_dir: Path, images: list[Path], repeats: int, device: str
     seconds = {f: [] for f in FORMATS}
     for _ in range(repeats):
         for setting in FORMATS:
-            loaded.model.to(memory_format=memory_format_for(setting == "on", ndim))
+            lay_out_weights(loaded.model, memory_format_for(setting == "on", ndim))
             start = time.perf_counter()
             for image in images:
                 predict_case(loaded, InputCase(image.name.removesuffix(".nii.gz"), image, (image,)), options)

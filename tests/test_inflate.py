@@ -20,6 +20,7 @@ from seg_transfer.models.inflate import (
     register_agnostic,
 )
 from seg_transfer.models.unet3d import Unet3d, build_unet3d
+from seg_transfer.routes.precision import lay_out_weights
 from seg_transfer.training.optim import build_optimizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -361,3 +362,19 @@ def test_unet3d_decode_is_monai_unet_decoder_and_deep_supervision_adds_coarser_o
 def test_deep_supervision_is_refused_on_the_2p5d_route():
     with pytest.raises(ValueError, match="deep_supervision applies to the 3D route only"):
         ModelConfig(deep_supervision=True)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_channels_last_3d_lays_out_the_5d_weights_and_keeps_acs_2d_kernels_as_they_are(lite0, mode):
+    """3D training on the CPU is channels last by default; ``model.to(memory_format=channels_last_3d)`` raised on
+    ACS's 4-D kernels ('required rank 5 tensor'), so a `model.inflation: acs` run failed before its first step."""
+    encoder = inflate_encoder(lite0, mode)
+    reference = [f.detach() for f in _features(encoder.eval(), torch.randn(1, 1, 16, 16, 16, generator=torch.Generator().manual_seed(0)))]
+    lay_out_weights(encoder, torch.channels_last_3d)
+    weights = [p for p in encoder.parameters() if p.dim() >= 4]
+    assert all(p.is_contiguous(memory_format=torch.channels_last_3d) for p in weights if p.dim() == 5)
+    assert all(p.is_contiguous() for p in weights if p.dim() == 4)
+    assert any(p.dim() == 4 for p in weights) == (mode == "acs")
+    x = torch.randn(1, 1, 16, 16, 16, generator=torch.Generator().manual_seed(0)).contiguous(memory_format=torch.channels_last_3d)
+    for got, want in zip(_features(encoder, x), reference):  # the same arithmetic in another order
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)

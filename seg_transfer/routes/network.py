@@ -13,7 +13,7 @@ from seg_transfer.config import RunConfig
 from seg_transfer.data.transforms import Preprocessing
 from seg_transfer.routes import get_route
 from seg_transfer.routes.base import InferenceOptions, Inferer, NetworkSpec, Route
-from seg_transfer.routes.precision import memory_format_for
+from seg_transfer.routes.precision import lay_out_weights, memory_format_for
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ def load_network(checkpoint: str | Path | Checkpoint, device: torch.device | str
     load_weights(model, checkpoint.model, source)
     device = torch.device(device)
     channels_last = device.type in route.predict_channels_last
-    model.to(device, memory_format=memory_format_for(channels_last, route.spatial_dims + 2)).eval()
+    lay_out_weights(model.to(device), memory_format_for(channels_last, route.spatial_dims + 2)).eval()
     spec = network_spec(config, len(labels), checkpoint.route_settings)
     return LoadedNetwork(model, config, Preprocessing.from_dict(checkpoint.preprocessing), labels, route, spec,
                          device, source)

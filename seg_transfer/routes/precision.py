@@ -50,6 +50,18 @@ def resolve_switch(setting: Literal["auto", "on", "off"], device: torch.device,
     return setting == "on"
 
 
+def lay_out_weights(model: torch.nn.Module, memory_format: torch.memory_format) -> torch.nn.Module:
+    """Lay out ``model``'s parameters in ``memory_format`` where their rank takes it (``channels_last``: 4-D,
+    ``channels_last_3d``: 5-D, contiguous: both) and leave the rest as they are; ``model.to(memory_format=...)``
+    instead fails on a 3-D network holding 4-D weights (ACS convolutions keep their 2-D kernels). Returns ``model``."""
+    ranks = {torch.channels_last: (4,), torch.channels_last_3d: (5,)}.get(memory_format, (4, 5))
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() in ranks:
+                param.data = param.data.contiguous(memory_format=memory_format)
+    return model
+
+
 def memory_format_for(channels_last: bool, ndim: int = 4) -> torch.memory_format:
     """The memory format of ``ndim``-D activations: channels last (``channels_last_3d`` for 5-D) or contiguous."""
     if not channels_last:

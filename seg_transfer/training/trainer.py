@@ -50,6 +50,7 @@ from seg_transfer.models.weights import WeightsProvenance
 from seg_transfer.routes import get_route
 from seg_transfer.routes.base import InferenceOptions, Inferer, Route
 from seg_transfer.routes.network import load_weights, network_spec
+from seg_transfer.routes.precision import lay_out_weights
 from seg_transfer.training import distributed, speed
 from seg_transfer.training.collapse import (
     collapse_check_due,
@@ -244,7 +245,7 @@ def _open_session(config: RunConfig, run_dir: Path, skip_bad_cases: bool, contex
     if training.sync_batchnorm:
         model = distributed.convert_sync_batchnorm(model, context)
     if settings.channels_last:
-        model.to(memory_format=speed.memory_format(settings, route.spatial_dims + 2))
+        lay_out_weights(model, speed.memory_format(settings, route.spatial_dims + 2))
     speed.apply_backend_flags(settings, device)
     anchors = _anchors(config, model)
     log.info("device %s%s; %s", device, f", {context.world_size} processes" if context.enabled else "",
