@@ -248,7 +248,7 @@ def plot_paired_difference(results: dict[str, Any], path: Path) -> Path:
         ax.errorbar([r["size"] * shift for r in mine], means, yerr=errors, marker="o", capsize=4,
                     color=colors[f"{arm} − {control}"], label=f"{arm} − {control}")
     ax.axhline(0.0, color="black", linewidth=1)
-    _size_axis(ax, rows, "test Dice difference", "Paired difference to the control (95% CI)")
+    _size_axis(ax, rows, "test Dice difference", "Paired differences as in the legend (95% CI, seeds and cases)")
     if pairs:  # below the axes: inside, it covered the error bars of a single-size study
         ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.15), fontsize=8, frameon=False)
     return _save(fig, path)
