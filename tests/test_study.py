@@ -460,6 +460,13 @@ def test_study_ranks_the_arms_encoders_on_each_training_subset(tmp_path, study_r
     assert "## Encoder ranking (LogME) against fine-tuning, 2 training cases" in (out / "report.md").read_text(encoding="utf-8")
     assert (out / "transferability.png").read_bytes()[:4] == b"\x89PNG"
 
+    # an arm added after the first ranking is ranked too (the subsets are re-ranked, not left without its score)
+    write_study(tmp_path, study_root, train_sizes=[2], seeds=[0, 1], rank_encoders={"pixels": 60, "strides": [8]},
+                arms=[*arms, {"name": "imagenet_again", "set": {"model.encoder_weights": "imagenet"}}])
+    assert main(["compare", "--config", str(study_path), "--output", str(out), "--max-runs", "0"]) == 0
+    ranking = json.loads((out / "rank_encoders" / "n002_seed0" / "ranking.json").read_text())
+    assert sorted(row["candidate"] for row in ranking["ranking"]) == ["imagenet, imagenet_again", "staged, scratch"]
+
 
 def test_report_p_values_never_print_as_zero():
     from seg_transfer.study.report import fmt_p, p_phrase

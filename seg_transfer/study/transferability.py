@@ -59,23 +59,26 @@ def rank_subsets(specs: Sequence[RunSpec], output: Path, settings: RankEncodersC
         folder = subset_folder(output, size, seed)
         runs = rankable(group)
         options = asked.for_route(get_route(runs[0].config.model.dims))
-        if _ranked_with(folder / "ranking.json", options) or len(runs) < 2:
-            continue
         keys = dict.fromkeys(candidate_key(spec) for spec in runs)
         names = {key: ", ".join(spec.arm for spec in runs if candidate_key(spec) == key) for key in keys}
         candidates = [Candidate(names[key], *key) for key in keys]
+        if ranking_is_current(folder / "ranking.json", options, [c.text for c in candidates]) or len(runs) < 2:
+            continue
         log.info("ranking %d encoders by %s on the %d training cases of n=%d seed %d", len(candidates),
                  "/".join(options.scores), size, size, seed)
         rank_encoders(runs[0].config, candidates, folder, options, splits=runs[0].splits)
 
 
-def _ranked_with(path: Path, options) -> bool:
-    """Whether ``path`` holds a ranking made with these pixels, strides, seed and scores (else it is redone)."""
+def ranking_is_current(path: Path, options, candidates: Sequence[str]) -> bool:
+    """Whether ``path`` holds a ranking of exactly these candidates (arm names as shown) made with these pixels,
+    strides, seed and scores; else it is redone (an arm added to a study after its first ranking gets a score)."""
     if not path.is_file():
         return False
-    made = json.loads(path.read_text()).get("options", {})
-    return ((made.get("pixels"), made.get("strides"), made.get("seed"), made.get("scores", ["logme"]))
-            == (options.pixels, list(options.strides), options.seed, list(options.scores)))
+    made = json.loads(path.read_text())
+    options_made = made.get("options", {})
+    return ((options_made.get("pixels"), options_made.get("strides"), options_made.get("seed"),
+             options_made.get("scores", ["logme"])) == (options.pixels, list(options.strides), options.seed, list(options.scores))
+            and sorted({row["candidate"] for row in made.get("ranking", [])}) == sorted(candidates))
 
 
 def _by_subset(specs: Sequence[RunSpec]) -> dict[tuple[int, int], list[RunSpec]]:
