@@ -62,6 +62,18 @@ def test_consistently_worse_arm_is_flagged_as_negative_transfer():
     assert row["verdict"] == NEGATIVE and row["negative_transfer"]
 
 
+def test_worse_than_another_pretrained_arm_is_not_negative_transfer():
+    rng = np.random.default_rng(0)
+    base = rng.uniform(0.6, 0.9, 15)
+    records = [record(arm, 10, seed, list(base - shift)) for seed in (0, 1, 2)
+               for arm, shift in (("scratch", 0.05), ("imagenet", 0.0), ("imagenet_mean", 0.01))]
+    rows = paired_comparisons(records, [("imagenet", "scratch"), ("imagenet_mean", "scratch"), ("imagenet_mean", "imagenet")],
+                              alpha=0.05, scratch_arms={"scratch"})
+    worse = rows[-1]
+    assert worse["verdict"] == NEGATIVE and not worse["negative_transfer"]  # worse than ImageNet, still ahead of scratch
+    assert [r["verdict"] for r in rows[:2]] == [POSITIVE, POSITIVE]
+
+
 def test_better_and_indistinguishable_arms():
     rng = np.random.default_rng(1)
     control = rng.uniform(0.6, 0.9, 15)

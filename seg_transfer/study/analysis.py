@@ -8,7 +8,7 @@ and a case seen under three seeds is not three independent samples.
 """
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,7 @@ from seg_transfer.evaluation.stats import hierarchical_bootstrap
 from seg_transfer.study.config import StudyConfig
 from seg_transfer.study.runner import RunRecord
 
-NEGATIVE, POSITIVE, NEUTRAL = "worse than control (negative transfer)", "better than control", "no significant difference"
+NEGATIVE, POSITIVE, NEUTRAL = "worse than control", "better than control", "no significant difference"
 ONE_SEED = "one seed: no verdict (seed noise unmeasured)"
 AHEAD, BEHIND = "ahead of the peer", "behind the peer"
 
@@ -105,11 +105,13 @@ def _pairs(arms: Sequence[str], control: str | Mapping[str, str] | Sequence[tupl
 
 
 def paired_comparisons(records: Sequence[RunRecord], control: str | Mapping[str, str] | Sequence[tuple[str, str]],
-                       alpha: float, confidence: float = 0.95) -> list[dict[str, Any]]:
+                       alpha: float, confidence: float = 0.95, scratch_arms: Collection[str] | None = None) -> list[dict[str, Any]]:
     """Each arm against its control at each size on their shared seeds and test cases: mean difference
     (arm - control), per-seed differences, two-level bootstrap CI and p, verdict, negative-transfer flag.
     ``control``: one control arm for all others, ``{arm: its control}``, or (arm, control) pairs, where an arm
-    may appear more than once (arms not named are not compared)."""
+    may appear more than once (arms not named are not compared). Negative transfer is a worse verdict against
+    a from-scratch arm (``scratch_arms``; None: every control counts as one); worse than another pretrained
+    arm is only worse."""
     arms, sizes = arms_and_sizes(records)
     rows = []
     for arm, its_control in _pairs(arms, control):
@@ -124,7 +126,7 @@ def paired_comparisons(records: Sequence[RunRecord], control: str | Mapping[str,
             result = hierarchical_bootstrap(grid, confidence=confidence).as_dict()
             row = {"arm": arm, "control": its_control, "size": size, "seeds": seeds, "n": result["n_cases"], **result}
             row["verdict"] = verdict(row, alpha)
-            row["negative_transfer"] = row["verdict"] == NEGATIVE
+            row["negative_transfer"] = row["verdict"] == NEGATIVE and (scratch_arms is None or its_control in scratch_arms)
             rows.append(row)
     return rows
 
@@ -190,7 +192,8 @@ def analyse(records: Sequence[RunRecord], study: StudyConfig, peers: Sequence[di
     """Everything the report shows, as JSON-ready data; ``peers`` (nnU-Net rows) count in the host speed check."""
     return {
         "learning_curves": learning_curves(records),
-        "comparisons": paired_comparisons(records, study.comparisons(), study.alpha),
+        "comparisons": paired_comparisons(records, study.comparisons(), study.alpha,
+                                          scratch_arms={arm.name for arm in study.arms if arm.scratch_control}),
         "time_to_target": time_to_target(records, study.target_dice),
         "environment_differences": environment_differences([r.environment for r in records]),
         "runs_without_environment": sum(r.environment is None for r in records),

@@ -381,7 +381,8 @@ def findings(results: dict[str, Any]) -> list[str]:
         lines.append(f"{r['arm']} vs {r['control']} with {r['size']} training cases: {r['mean_difference']:+.3f} Dice "
                      f"(per seed {seed_values(r['seed_differences'], r['seeds'], signed=True)}; 95% CI {fmt(r['ci_low'])} to "
                      f"{fmt(r['ci_high'])} by a bootstrap over {r['n_seeds']} seeds and {r['n']} test cases; p {p_phrase(r['p_value'])}, "
-                     f"t-test over seeds and cases, {fmt(r['degrees_of_freedom'], 1)} df{_signed_rank(r)}): {r['verdict']}.")
+                     f"t-test over seeds and cases, {fmt(r['degrees_of_freedom'], 1)} df{_signed_rank(r)}): {r['verdict']}"
+                     f"{' (negative transfer)' if r['negative_transfer'] else ''}.")
     for r in results["learning_curves"]:
         if r["collapsed_seeds"]:
             lines.append(f"{r['arm']} with {r['size']} training cases: seed(s) {', '.join(map(str, r['collapsed_seeds']))} "
