@@ -133,7 +133,8 @@ VOLUME_ROUTE = Route(
     inferer=_inferer,
     fixed_input_shapes=True,   # patches in training, roi-sized windows in validation
     # feature variety at stride 8: tau 0.74 over the inflation modes, declared before it ran (LogME: -0.53);
-    # tau 0.67 over ImageNet Lite0/1/2 and scratch, declared before those ran (LogME: -0.33; docs/results.md)
+    # tau 0.60 over ImageNet Lite0/1/2, the three inflations of Lite0 and scratch, declared before those ran
+    # (LogME: -0.47; docs/results.md)
     ranking_scores=("variety",),
     ranking_strides=(8,),
     train_channels_last=("cpu",),  # CPU 1.15-1.23x; on an H200 channels_last_3d trained 0.94x (slower)
