@@ -121,9 +121,11 @@ def case_csv(root: Path, cases: int, out: Path) -> dict:
 
 
 def run_config(data: dict, epochs: int, mode: str, cache_dir: Path, threads: int, seed: int = 0, device: str = "cpu",
-               route: str = "2.5d", variants: int = 4, lr: float | None = None):
-    """The benchmark's run for one path; ``lr`` replaces the decoder-only stage's learning rate when given."""
+               route: str = "2.5d", variants: int = 4, lr: float | None = None, augment: bool = True):
+    """The benchmark's run for one path; ``lr`` replaces the decoder-only stage's learning rate when given;
+    ``augment=False`` trains both paths on plain slabs / patches (then a cached run stores one variant per sample)."""
     raw = (raw_config_3d if route == "3d" else raw_config_2p5d)(data, epochs, mode, cache_dir, threads, seed, device)
+    raw["data"]["augment"]["enabled"] = augment
     raw["training"]["feature_cache_variants"] = variants
     if lr is not None:
         raw["training"]["stages"][0]["lr"] = lr
@@ -250,6 +252,8 @@ def main() -> None:
     parser.add_argument("--runs", type=parse_runs, default=MODES,
                         help="comma-separated runs, e.g. 'memory s0,memory s1' (default: " + ", ".join(MODES) + ")")
     parser.add_argument("--lr", type=float, help="the decoder-only stage's learning rate (default: 1e-2 in 2.5D, 3e-3 in 3D)")
+    parser.add_argument("--no-augment", action="store_true",
+                        help="no training augmentation in either path (isolates what the cache's fixed variants cost)")
     parser.add_argument("--json", type=Path, help="also write each run's best validation Dice and seconds here")
     parser.add_argument("--summarise", type=Path, nargs="+", metavar="JSON",
                         help="train nothing: compare cached and recomputing runs over the seeds in these --json files")
@@ -276,7 +280,7 @@ def main() -> None:
             name = f"{root.name} (first {args.cases} cases)"
         data = case_csv(Path(root).resolve(), args.cases, tmp / "cases.csv")  # the csv sits in tmp: absolute paths
         runs = {label: timed_run(run_config(data, args.epochs, mode, tmp / "cache", args.threads, seed, args.device,
-                                            args.route, args.variants, args.lr),
+                                            args.route, args.variants, args.lr, not args.no_augment),
                                  tmp / label.replace(" ", "_")) for label, (mode, seed) in args.runs.items()}
         breakdown = None
         if args.device == "cpu" and args.runs == MODES:
@@ -290,7 +294,7 @@ def main() -> None:
 def write_runs_json(path: Path, args, runs: dict) -> None:
     """One record per run (mode, seed, best validation Dice, seconds per epoch), written atomically."""
     records = {label: {"mode": args.runs[label][0], "seed": args.runs[label][1], "epochs": args.epochs,
-                       "variants": args.variants, "route": args.route, "lr": args.lr,
+                       "variants": args.variants, "route": args.route, "lr": args.lr, "augment": not args.no_augment,
                        "best_dice": float(run["result"].best_dice), "best_epoch": int(run["result"].best_epoch),
                        "seconds": [round(value, 3) for value in run["seconds"]]}
                for label, run in runs.items()}
