@@ -58,11 +58,13 @@ def rank_subsets(specs: Sequence[RunSpec], output: Path, settings: RankEncodersC
     for (size, seed), group in _by_subset(specs).items():
         folder = subset_folder(output, size, seed)
         runs = rankable(group)
+        if len(runs) < 2:
+            continue
         options = asked.for_route(get_route(runs[0].config.model.dims))
         keys = dict.fromkeys(candidate_key(spec) for spec in runs)
         names = {key: ", ".join(spec.arm for spec in runs if candidate_key(spec) == key) for key in keys}
         candidates = [Candidate(names[key], *key) for key in keys]
-        if ranking_is_current(folder / "ranking.json", options, [c.text for c in candidates]) or len(runs) < 2:
+        if ranking_is_current(folder / "ranking.json", options, [c.text for c in candidates]):
             continue
         log.info("ranking %d encoders by %s on the %d training cases of n=%d seed %d", len(candidates),
                  "/".join(options.scores), size, size, seed)
