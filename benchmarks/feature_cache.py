@@ -301,16 +301,44 @@ def write_runs_json(path: Path, args, runs: dict) -> None:
     write_atomic(path, json.dumps(records, indent=1))
 
 
+#: Settings every merged run must share (``variants`` among the cached runs only: recomputing runs have none).
+SHARED_SETTINGS = ("epochs", "route", "lr", "augment")
+
+
 def merged_runs(paths: list[Path]) -> dict[str, dict[int, float]]:
-    """Best validation Dice by path (``recomputing`` or ``cached``) and seed, over several ``--json`` files."""
+    """Best validation Dice by path (``recomputing`` or ``cached``) and seed, over several ``--json`` files.
+
+    Refuses (ValueError naming the file and the setting) runs whose stage differs: another epoch count, route,
+    learning rate or augmentation, or cached runs with another number of variants. Records without a setting
+    (files from before it was recorded) are not checked for it."""
     merged: dict[str, dict[int, float]] = {"recomputing": {}, "cached": {}}
+    seen: dict[str, tuple[object, str]] = {}
     for path in paths:
         try:
-            for record in json.loads(path.read_text()).values():
-                merged["recomputing" if record["mode"] == "off" else "cached"][record["seed"]] = record["best_dice"]
+            records = list(json.loads(path.read_text()).values())
+            for record in records:
+                cached = record["mode"] != "off"
+                for setting in SHARED_SETTINGS + (("variants",) if cached else ()):
+                    if setting in record:
+                        check_same_setting(seen, setting, record[setting], f"{path} ({record['mode']} s{record['seed']})")
+                merged["cached" if cached else "recomputing"][record["seed"]] = record["best_dice"]
         except (OSError, ValueError, AttributeError, KeyError, TypeError) as error:
+            if isinstance(error, SettingMismatch):
+                raise
             raise ValueError(f"{path}: not a --json file of this benchmark ({type(error).__name__}: {error})") from None
     return merged
+
+
+class SettingMismatch(ValueError):
+    """Two runs to be merged were trained with different stage settings."""
+
+
+def check_same_setting(seen: dict[str, tuple[object, str]], setting: str, value: object, where: str) -> None:
+    """Remember the first run's ``setting``; raise :class:`SettingMismatch` when a later run's differs."""
+    first_value, first_where = seen.setdefault(setting, (value, where))
+    if value != first_value:
+        raise SettingMismatch(f"{where} has {setting} {value!r} but {first_where} has {first_value!r}: "
+                              "runs of different stages are not one comparison")
 
 
 def seed_summary(merged: dict[str, dict[int, float]], failed_below: float = 0.7, resamples: int = 10000,

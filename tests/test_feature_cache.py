@@ -511,3 +511,35 @@ def test_benchmark_refuses_a_margin_it_cannot_use_in_one_line(arguments):
     run = subprocess.run([sys.executable, str(BENCHMARK), *arguments], capture_output=True, text=True)
     assert run.returncode == 2 and "Traceback" not in run.stderr
     assert "--margin" in run.stderr.splitlines()[-1]
+
+
+@pytest.mark.parametrize(("setting", "other"), [("epochs", 40), ("augment", False), ("lr", 3e-3), ("route", "3d")])
+def test_benchmark_summary_refuses_runs_of_different_stages(tmp_path, setting, other):
+    """Merging a 20-epoch file with a 40-epoch one (or another augmentation, LR or route) would compare two
+    different stages as one: refused in one line naming both files and the setting."""
+    def record(mode, seed, **changed):
+        return {"mode": mode, "seed": seed, "epochs": 20, "variants": 16, "route": "2.5d", "lr": None, "augment": True,
+                "best_dice": 0.8, "best_epoch": 20, "seconds": [1.0], **changed}
+
+    first, second = tmp_path / "a.json", tmp_path / "b.json"
+    first.write_text(json.dumps({"off s5": record("off", 5)}))
+    second.write_text(json.dumps({"memory s5": record("memory", 5, **{setting: other})}))
+    run = subprocess.run([sys.executable, str(BENCHMARK), "--summarise", str(first), str(second)],
+                         capture_output=True, text=True)
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    message = run.stderr.splitlines()[-1]
+    assert f"{second} (memory s5) has {setting} {other!r} but {first} (off s5)" in message
+
+
+def test_benchmark_summary_checks_variants_only_among_cached_runs(tmp_path):
+    """Recomputing runs record the command's --variants but do not use it; two cached runs must agree on it."""
+    records = {f"{mode} s{seed}": {"mode": mode, "seed": seed, "variants": 4 if mode == "off" else 16, "best_dice": 0.8}
+               for mode in ("off", "memory") for seed in (1, 2)}
+    path = tmp_path / "runs.json"
+    path.write_text(json.dumps(records))
+    ok = subprocess.run([sys.executable, str(BENCHMARK), "--summarise", str(path)], capture_output=True, text=True)
+    assert ok.returncode == 0
+    records["memory s3"] = {"mode": "memory", "seed": 3, "variants": 4, "best_dice": 0.8}
+    path.write_text(json.dumps(records))
+    run = subprocess.run([sys.executable, str(BENCHMARK), "--summarise", str(path)], capture_output=True, text=True)
+    assert run.returncode == 2 and "has variants 4 but" in run.stderr.splitlines()[-1]
