@@ -315,30 +315,24 @@ def merged_runs(paths: list[Path]) -> dict[str, dict[int, float]]:
     seen: dict[str, tuple[object, str]] = {}
     for path in paths:
         try:
-            records = list(json.loads(path.read_text()).values())
-            for record in records:
-                cached = record["mode"] != "off"
-                for setting in SHARED_SETTINGS + (("variants",) if cached else ()):
-                    if setting in record:
-                        check_same_setting(seen, setting, record[setting], f"{path} ({record['mode']} s{record['seed']})")
-                merged["cached" if cached else "recomputing"][record["seed"]] = record["best_dice"]
+            records = [(record, record["mode"] != "off", record["seed"], record["best_dice"])
+                       for record in json.loads(path.read_text()).values()]
         except (OSError, ValueError, AttributeError, KeyError, TypeError) as error:
-            if isinstance(error, SettingMismatch):
-                raise
             raise ValueError(f"{path}: not a --json file of this benchmark ({type(error).__name__}: {error})") from None
+        for record, cached, seed, dice in records:
+            for setting in SHARED_SETTINGS + (("variants",) if cached else ()):
+                if setting in record:
+                    check_same_setting(seen, setting, record[setting], f"{path} ({record['mode']} s{seed})")
+            merged["cached" if cached else "recomputing"][seed] = dice
     return merged
 
 
-class SettingMismatch(ValueError):
-    """Two runs to be merged were trained with different stage settings."""
-
-
 def check_same_setting(seen: dict[str, tuple[object, str]], setting: str, value: object, where: str) -> None:
-    """Remember the first run's ``setting``; raise :class:`SettingMismatch` when a later run's differs."""
+    """Remember the first run's ``setting``; raise ValueError when a later run's differs."""
     first_value, first_where = seen.setdefault(setting, (value, where))
     if value != first_value:
-        raise SettingMismatch(f"{where} has {setting} {value!r} but {first_where} has {first_value!r}: "
-                              "runs of different stages are not one comparison")
+        raise ValueError(f"{where} has {setting} {value!r} but {first_where} has {first_value!r}: "
+                         "runs of different stages are not one comparison")
 
 
 def seed_summary(merged: dict[str, dict[int, float]], failed_below: float = 0.7, resamples: int = 10000,
