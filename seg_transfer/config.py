@@ -272,6 +272,24 @@ class TrainingConfig(_Strict):
         return value
 
 
+class RestorationConfig(_Strict):
+    """In-domain self-supervised pretraining (``seg-transfer pretrain``): the whole U-Net learns to restore
+    2.5D slabs of unlabelled scans from corrupted copies (Models Genesis, Zhou et al. 2019: a non-linear
+    intensity curve, local pixel shuffling, in- or out-painting; MONAI's random transforms), starting from
+    ``model.encoder_weights``; its encoder then seeds fine-tuning. Probabilities are Models Genesis' defaults."""
+
+    steps: int = Field(600, ge=1)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    warmup_steps: int = Field(30, ge=0)
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0)  # unlabelled scans held out to score restoration
+    intensity_prob: float = Field(0.9, ge=0.0, le=1.0)  # random monotone intensity curve (RandHistogramShift)
+    shuffle_prob: float = Field(0.5, ge=0.0, le=1.0)  # pixels shuffled inside small random boxes (RandCoarseShuffle)
+    paint_prob: float = Field(0.9, ge=0.0, le=1.0)  # in- or out-painting with random values (RandCoarseDropout)
+    outpaint_share: float = Field(0.8, ge=0.0, le=1.0)  # of the painted slabs, those out-painted (the rest in-painted)
+
+
 class RunConfig(_Strict):
     """A whole training run."""
 
@@ -281,6 +299,7 @@ class RunConfig(_Strict):
     data: DataConfig
     model: ModelConfig = Field(default_factory=ModelConfig)
     training: TrainingConfig
+    pretraining: RestorationConfig = Field(default_factory=RestorationConfig)  # used by ``seg-transfer pretrain`` only
 
     @model_validator(mode="after")
     def _class_weights_match(self) -> RunConfig:

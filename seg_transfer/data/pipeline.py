@@ -54,6 +54,26 @@ def discover_cases(data: DataConfig) -> tuple[list[Case], dict[int, str] | None]
     return cases, None
 
 
+def unlabelled_scans(data: DataConfig, folders: Sequence[str | Path] = ()) -> list[Case]:
+    """Image-only cases for self-supervised pretraining: every volume of ``folders``, or, without folders,
+    the unlabelled test images of the MSD dataset at ``data.root`` (``imagesTs``). One-line
+    :class:`DatasetError` when there are none or two folders hold the same case name."""
+    if folders:
+        scans = [case for folder in folders for case in cases_from_folders(folder, None)]
+    elif data.root is not None:
+        scans = cases_from_msd(data.root)[1]
+    else:
+        raise DatasetError("no unlabelled scans: give folders of images (--images), or a data.root in MSD layout "
+                           "whose imagesTs holds them")
+    if not scans:
+        raise DatasetError(f"{data.root}: dataset.json lists no test images (imagesTs) to pretrain on; give --images")
+    names = [c.name for c in scans]
+    if len(set(names)) < len(names):
+        twice = sorted({n for n in names if names.count(n) > 1})
+        raise DatasetError(f"unlabelled scans: case name(s) {', '.join(twice[:3])} found in more than one folder")
+    return scans
+
+
 def prepare_data(data: DataConfig, run_dir: Path, skip_bad_cases: bool = False) -> PreparedData:
     """Discover and check cases, then split them by case (reusing ``run_dir/splits.json`` if present).
 

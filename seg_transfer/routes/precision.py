@@ -15,6 +15,13 @@ from typing import Literal
 import torch
 
 
+def run_device(name: str) -> torch.device:
+    """The device of a training run's ``training.device``: ``auto`` is CUDA where available, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
 def resolve_amp(setting: Literal["auto", "off", "bf16", "fp16"], device: torch.device,
                 cuda_bf16_supported: bool | None = None) -> torch.dtype | None:
     """The autocast dtype for ``setting`` on ``device`` (None: no autocast).

@@ -50,7 +50,7 @@ from seg_transfer.models.weights import WeightsProvenance
 from seg_transfer.routes import get_route
 from seg_transfer.routes.base import InferenceOptions, Inferer, Route
 from seg_transfer.routes.network import load_weights, network_spec
-from seg_transfer.routes.precision import lay_out_weights
+from seg_transfer.routes.precision import lay_out_weights, run_device
 from seg_transfer.training import distributed, speed
 from seg_transfer.training.collapse import (
     collapse_check_due,
@@ -237,7 +237,7 @@ def _open_session(config: RunConfig, run_dir: Path, skip_bad_cases: bool, contex
     in_channels = route.in_channels(config.data)
     model, provenance = route.build_network(config.model, in_channels, len(labels), True)
     seed_rank_streams(config.seed, context.rank)
-    device = context.device if context.enabled else _device(training.device)
+    device = context.device if context.enabled else run_device(training.device)
     settings = speed.resolve_speed(training, device, route)
     stages = encoder_stages(model.encoder, in_channels, spatial_dims=route.spatial_dims)  # traced on CPU, before the model moves
     model.to(device)
@@ -280,12 +280,6 @@ def _write_run_files(config: RunConfig, run_dir: Path, data: PreparedData) -> No
     if data.skipped:
         skipped = [{"name": b.name, "path": str(b.path), "problem": b.problem} for b in data.skipped]
         write_atomic(run_dir / "skipped_cases.json", json.dumps(skipped, indent=2) + "\n")
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 # --------------------------------------------------------------------------- stages and epochs

@@ -1,0 +1,222 @@
+"""``seg-transfer pretrain``: self-supervised restoration pretraining on unlabelled scans (2.5D route).
+
+Domain-adaptive pretraining: the run config's network (encoder with ``model.encoder_weights``, e.g.
+ImageNet) gets a head with one output per input channel and learns, by mean squared error, to give back
+2.5D slabs of unlabelled scans from copies corrupted by :class:`~seg_transfer.data.corruption.SlabCorruption`.
+Every layer trains (BatchNorm in train mode), AdamW with linear warm-up and cosine decay over
+``pretraining.steps`` optimiser steps. Scans are preprocessed exactly as fine-tuning will preprocess them
+(``data``: spacing, intensity scaling, slice axis, context slices). A share of the scans
+(``pretraining.val_fraction``) is held out: the summary reports their restoration error before and after,
+next to the error of returning the corrupted input unchanged.
+
+Output folder: ``pretrained.pt`` (the whole network's state dict; fine-tuning reads its ``encoder.*``
+part through ``model.encoder_weights: OUT/pretrained.pt``) and ``pretraining.json`` (settings, scans,
+loss curve, held-out errors, seconds, the file's sha256), both written atomically.
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from monai.data import pad_list_data_collate
+from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from seg_transfer.atomic import json_safe, write_atomic
+from seg_transfer.config import ConfigError, RunConfig
+from seg_transfer.data.cases import Case
+from seg_transfer.data.corruption import SlabCorruption
+from seg_transfer.data.pipeline import volume_dataset
+from seg_transfer.data.slices import SliceIndex, pad_to_multiple, slab
+from seg_transfer.data.transforms import Preprocessing
+from seg_transfer.models.factory import encoder_output_stride
+from seg_transfer.models.weights import sha256_file
+from seg_transfer.routes import get_route
+from seg_transfer.routes.precision import run_device
+from seg_transfer.training.metrics_log import Heartbeat
+from seg_transfer.training.optim import backward_and_step, lr_factor
+
+log = logging.getLogger(__name__)
+
+#: held-out slabs scored before and after pretraining (fixed by the seed)
+VALIDATION_SLABS = 256
+#: the loss curve in ``pretraining.json`` is the mean loss over windows of this many steps
+CURVE_WINDOW = 25
+WEIGHTS_NAME = "pretrained.pt"
+SUMMARY_NAME = "pretraining.json"
+
+
+class RestorationSlabs(Dataset):
+    """``count`` (corrupted, original) 2.5D slab pairs of image-only ``volumes``, slices drawn uniformly by
+    ``seed`` (whole shuffled passes, as training draws them); item ``i`` is the same every time:
+    ``{"image": corrupted (C,H,W), "target": original (C,H,W)}``, both padded to ``multiple``."""
+
+    def __init__(self, volumes, axis: int, context: int, multiple: int, corruption: SlabCorruption, count: int, seed: int):
+        self.volumes, self.axis, self.context, self.multiple, self.corruption = volumes, axis, context, multiple, corruption
+        depths = [item["image"].shape[1 + axis] for item in volumes]
+        index = SliceIndex(depths, [np.empty(0, np.int64)] * len(depths))
+        self.pairs = index.pairs
+        self.order = index.epoch_order(seed, 0, count, None)
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def __getitem__(self, item: int) -> dict[str, torch.Tensor]:
+        case, index = self.pairs[self.order[item]]
+        original = slab(self.volumes[int(case)]["image"], self.axis, int(index), self.context).astype(np.float32, copy=False)
+        corrupted = self.corruption(original, int(np.random.default_rng([self.seed, item]).integers(2**31)))
+        fill = float(original.min())
+        return {"image": torch.from_numpy(pad_to_multiple(corrupted, self.multiple, value=fill)),
+                "target": torch.from_numpy(pad_to_multiple(original, self.multiple, value=fill))}
+
+
+@dataclass(frozen=True)
+class PretrainResult:
+    weights: Path
+    summary: dict
+
+
+def split_scans(cases: Sequence[Case], val_fraction: float, seed: int) -> tuple[list[Case], list[Case]]:
+    """(pretraining scans, held-out scans): a seeded share ``val_fraction`` held out, at least one when > 0
+    and at least one scan left to train on."""
+    order = np.random.default_rng([seed, 7]).permutation(len(cases))
+    held = min(max(1, int(round(val_fraction * len(cases)))), len(cases) - 1) if val_fraction > 0 else 0
+    return [cases[i] for i in sorted(order[held:])], [cases[i] for i in sorted(order[:held])]
+
+
+def _outputs(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    out = model(images)
+    return out[0] if isinstance(out, (list, tuple)) else out
+
+
+@torch.no_grad()
+def restoration_errors(model: nn.Module, loader, device: torch.device) -> dict[str, float]:
+    """Mean squared error over ``loader``'s slabs of the network's restoration and of the corrupted input itself."""
+    was_training = model.training
+    model.eval()
+    network = identity = count = 0.0
+    for batch in loader:
+        image, target = batch["image"].to(device), batch["target"].to(device)
+        network += float(((_outputs(model, image) - target) ** 2).mean()) * len(image)
+        identity += float(((image - target) ** 2).mean()) * len(image)
+        count += len(image)
+    model.train(was_training)
+    return {"network_mse": network / max(count, 1), "corrupted_input_mse": identity / max(count, 1)}
+
+
+def _loader(dataset: Dataset, batch_size: int, num_workers: int) -> DataLoader:
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                      collate_fn=pad_list_data_collate, drop_last=False)
+
+
+def _check_route(config: RunConfig) -> None:
+    if get_route(config.model.dims).spatial_dims != 2:
+        raise ConfigError(f"seg-transfer pretrain: restoration pretraining is implemented for the 2.5D route only "
+                          f"(model.dims: {config.model.dims})")
+
+
+def _warn_labelled_overlap(config: RunConfig, scans: Sequence[Case]) -> None:
+    """Scans that are labelled cases of ``data.root`` may include a study's test cases: say so."""
+    if config.data.root is None:
+        return
+    from seg_transfer.data.cases import cases_from_msd
+
+    labelled = {c.image.resolve() for c in cases_from_msd(config.data.root)[0]}
+    shared = [s.name for s in scans if s.image.resolve() in labelled]
+    if shared:
+        log.warning("%d pretraining scan(s) are labelled cases of %s (e.g. %s): a study whose test cases are among "
+                    "them no longer scores unseen images", len(shared), config.data.root, shared[0])
+
+
+def pretrain(config: RunConfig, scans: Sequence[Case], output: Path) -> PretrainResult:
+    """Restoration-pretrain ``config``'s network on ``scans`` (images only) and write ``output``'s two files."""
+    _check_route(config)
+    settings = config.pretraining
+    if len(scans) < 2 and settings.val_fraction > 0:
+        raise ConfigError(f"seg-transfer pretrain: {len(scans)} scan(s); at least 2 are needed to hold one out "
+                          "(or set pretraining.val_fraction=0)")
+    _warn_labelled_overlap(config, scans)
+    if config.training.num_threads:
+        torch.set_num_threads(config.training.num_threads)
+    torch.manual_seed(config.seed)
+    route = get_route(config.model.dims)
+    in_channels = route.in_channels(config.data)
+    model, provenance = route.build_network(config.model, in_channels, in_channels, True)
+    device = run_device(config.training.device)
+    model.to(device)
+    multiple = encoder_output_stride(model)
+    corruption = SlabCorruption(settings)
+    train_scans, held_out = split_scans(scans, settings.val_fraction, config.seed)
+    prep = Preprocessing.from_config(config.data)
+    log.info("restoration pretraining: %d scans (%d held out), %d steps of %d slabs on %s", len(scans), len(held_out),
+             settings.steps, settings.batch_size, device)
+    train_set = RestorationSlabs(volume_dataset(train_scans, prep, config.data, with_label=False), config.data.slice_axis,
+                                 config.data.context_slices, multiple, corruption, settings.steps * settings.batch_size,
+                                 config.seed)
+    val_loader = None
+    if held_out:
+        val_volumes = volume_dataset(held_out, prep, config.data, with_label=False)
+        val_count = min(VALIDATION_SLABS, sum(v["image"].shape[1 + config.data.slice_axis] for v in val_volumes))
+        val_set = RestorationSlabs(val_volumes, config.data.slice_axis, config.data.context_slices, multiple, corruption,
+                                   val_count, config.seed + 1)
+        val_loader = _loader(val_set, config.training.val_batch_size, config.data.num_workers)
+    before = restoration_errors(model, val_loader, device) if val_loader else None
+    start = time.monotonic()
+    curve = _train(model, _loader(train_set, settings.batch_size, config.data.num_workers), settings, device)
+    seconds = time.monotonic() - start
+    after = restoration_errors(model, val_loader, device) if val_loader else None
+    weights = _save_weights(model, output / WEIGHTS_NAME)
+    summary = {
+        "encoder": config.model.encoder, "start_weights": provenance.source, "start_weights_path": provenance.path,
+        "scans": len(train_scans), "held_out_scans": [c.name for c in held_out], "slices": len(train_set.pairs),
+        "steps": settings.steps, "batch_size": settings.batch_size, "seconds": round(seconds, 1),
+        "held_out_before": _rounded(before), "held_out_after": _rounded(after), "loss_curve": curve,
+        "weights": WEIGHTS_NAME, "weights_sha256": sha256_file(weights),
+        "settings": settings.model_dump(mode="json"), "data": config.data.model_dump(mode="json"),
+    }
+    write_atomic(output / SUMMARY_NAME, json.dumps(json_safe(summary), indent=2) + "\n")
+    return PretrainResult(weights, summary)
+
+
+def _train(model: nn.Module, loader: DataLoader, settings, device: torch.device) -> list[dict]:
+    """The optimisation loop; returns the loss curve as ``[{"step": s, "loss": mean of the window ending at s}]``."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    warmup = min(settings.warmup_steps, settings.steps - 1)
+    scheduler = LambdaLR(optimizer, lambda step: lr_factor(step, warmup, settings.steps, "cosine"))
+    model.train()
+    show = sys.stderr.isatty()
+    beat = Heartbeat(log, "pretraining", settings.steps, disable=show)
+    curve, window = [], []
+    bar = tqdm(loader, desc="pretraining", leave=False, disable=not show)
+    for step, batch in enumerate(bar, start=1):
+        loss = nn.functional.mse_loss(_outputs(model, batch["image"].to(device)), batch["target"].to(device))
+        optimizer.zero_grad(set_to_none=True)
+        window.append(backward_and_step(loss, model, optimizer, grad_clip=1.0))
+        scheduler.step()
+        bar.set_postfix(loss=f"{window[-1]:.4f}")
+        beat.tick(step, window[-1])
+        if len(window) == CURVE_WINDOW or step == len(loader):
+            curve.append({"step": step, "loss": round(float(np.mean(window)), 4)})
+            window = []
+    return curve
+
+
+def _save_weights(model: nn.Module, path: Path) -> Path:
+    buffer = io.BytesIO()
+    torch.save({"state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}, buffer)
+    return write_atomic(path, buffer.getvalue())
+
+
+def _rounded(errors: dict[str, float] | None) -> dict[str, float] | None:
+    return None if errors is None else {k: round(v, 4) for k, v in errors.items()}
