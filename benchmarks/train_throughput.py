@@ -5,10 +5,14 @@ batch size and slices. The project loop goes through everything `seg-transfer tr
 SliceDataset (2.5D slab extraction, padding), DataLoader with MONAI's pad collate, freeze-aware train
 mode, `train_step`, the LR scheduler. The bare loop iterates over the same batches pre-built as
 tensors. Augmentation is off in both (it is work, not overhead). Repeats alternate between the two.
+A third loop runs the bare loop on the same batches as MONAI MetaTensors, the type MONAI's pad collate
+returns when a batch's slabs differ in size (the project's collate now returns plain tensors): what that
+type costs per step.
 
     python benchmarks/train_throughput.py [--data PHANTOMS|MSD_ROOT] [--steps 20] [--repeats 3]
 
-Prints slices/s for both and ``overhead = project_time / bare_time`` (goal <= 1.10).
+Prints slices/s for each and ``overhead = project_time / bare_time`` (goal <= 1.10), and the MetaTensor /
+plain time ratio.
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ import time
 from pathlib import Path
 
 import torch
+from monai.data import MetaTensor
 from monai.losses import DiceCELoss
 
 from seg_transfer.config import config_from_dict
@@ -91,16 +96,19 @@ def main() -> None:
         steps = len(batches)
         project_loop(config, model, dataset, loader, 2)  # warm-up (allocator, oneDNN kernels)
         bare_loop(model, batches, 2)
-        project, bare = [], []
+        meta_batches = [(MetaTensor(image), MetaTensor(label)) for image, label in batches]
+        project, bare, meta = [], [], []
         for _ in range(args.repeats):
             project.append(project_loop(config, model, dataset, loader, steps))
             bare.append(bare_loop(model, batches, steps))
+            meta.append(bare_loop(model, meta_batches, steps))
     slices = steps * args.batch_size
     best_project, best_bare = min(project), min(bare)
     print(f"data: {root if args.data else 'phantoms (24 cases, 48x48x32)'}; batch {args.batch_size}; {steps} steps x {args.repeats} repeats; {args.threads} threads")
     print(f"project loop: {slices / best_project:8.1f} slices/s  (best of {args.repeats}: {best_project:.2f} s)")
     print(f"bare PyTorch: {slices / best_bare:8.1f} slices/s  (best of {args.repeats}: {best_bare:.2f} s)")
     print(f"overhead (project / bare time): {best_project / best_bare:.3f}x  (goal <= 1.10)")
+    print(f"MetaTensor batches: {slices / min(meta):8.1f} slices/s  (MetaTensor / plain time {min(meta) / best_bare:.3f}x)")
 
 
 if __name__ == "__main__":

@@ -26,7 +26,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from monai.data import pad_list_data_collate
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader, Dataset
@@ -36,7 +35,7 @@ from seg_transfer.atomic import json_safe, write_atomic
 from seg_transfer.config import ConfigError, RunConfig
 from seg_transfer.data.cases import Case
 from seg_transfer.data.corruption import SlabCorruption
-from seg_transfer.data.pipeline import volume_dataset
+from seg_transfer.data.pipeline import padded_batch, volume_dataset
 from seg_transfer.data.slices import SliceIndex, pad_to_multiple, slab
 from seg_transfer.data.transforms import Preprocessing
 from seg_transfer.models.factory import encoder_output_stride
@@ -117,7 +116,7 @@ def restoration_errors(model: nn.Module, loader, device: torch.device) -> dict[s
 
 def _loader(dataset: Dataset, batch_size: int, num_workers: int) -> DataLoader:
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                      collate_fn=pad_list_data_collate, drop_last=False)
+                      collate_fn=padded_batch, drop_last=False)
 
 
 def _check_route(config: RunConfig) -> None:
