@@ -11,7 +11,7 @@ next to the error of returning the corrupted input unchanged.
 
 Output folder: ``pretrained.pt`` (the whole network's state dict; fine-tuning reads its ``encoder.*``
 part through ``model.encoder_weights: OUT/pretrained.pt``) and ``pretraining.json`` (settings, scans,
-loss curve, held-out errors, seconds, the file's sha256), both written atomically.
+loss curve, held-out errors, seconds, the file's sha256, where it ran), both written atomically.
 """
 from __future__ import annotations
 
@@ -33,7 +33,8 @@ from tqdm.auto import tqdm
 
 from seg_transfer.atomic import json_safe, write_atomic
 from seg_transfer.config import ConfigError, RunConfig
-from seg_transfer.data.cases import Case
+from seg_transfer.environment import run_environment
+from seg_transfer.data.cases import Case, cases_from_msd
 from seg_transfer.data.corruption import SlabCorruption
 from seg_transfer.data.pipeline import padded_batch, volume_dataset
 from seg_transfer.data.slices import SliceIndex, pad_to_multiple, slab
@@ -129,8 +130,6 @@ def _warn_labelled_overlap(config: RunConfig, scans: Sequence[Case]) -> None:
     """Scans that are labelled cases of ``data.root`` may include a study's test cases: say so."""
     if config.data.root is None:
         return
-    from seg_transfer.data.cases import cases_from_msd
-
     labelled = {c.image.resolve() for c in cases_from_msd(config.data.root)[0]}
     shared = [s.name for s in scans if s.image.resolve() in labelled]
     if shared:
@@ -163,13 +162,7 @@ def pretrain(config: RunConfig, scans: Sequence[Case], output: Path) -> Pretrain
     train_set = RestorationSlabs(volume_dataset(train_scans, prep, config.data, with_label=False), config.data.slice_axis,
                                  config.data.context_slices, multiple, corruption, settings.steps * settings.batch_size,
                                  config.seed)
-    val_loader = None
-    if held_out:
-        val_volumes = volume_dataset(held_out, prep, config.data, with_label=False)
-        val_count = min(VALIDATION_SLABS, sum(v["image"].shape[1 + config.data.slice_axis] for v in val_volumes))
-        val_set = RestorationSlabs(val_volumes, config.data.slice_axis, config.data.context_slices, multiple, corruption,
-                                   val_count, config.seed + 1)
-        val_loader = _loader(val_set, config.training.val_batch_size, config.data.num_workers)
+    val_loader = _held_out_loader(config, held_out, prep, multiple, corruption) if held_out else None
     before = restoration_errors(model, val_loader, device) if val_loader else None
     start = time.monotonic()
     curve = _train(model, _loader(train_set, settings.batch_size, config.data.num_workers), settings, device)
@@ -183,9 +176,20 @@ def pretrain(config: RunConfig, scans: Sequence[Case], output: Path) -> Pretrain
         "held_out_before": _rounded(before), "held_out_after": _rounded(after), "loss_curve": curve,
         "weights": WEIGHTS_NAME, "weights_sha256": sha256_file(weights),
         "settings": settings.model_dump(mode="json"), "data": config.data.model_dump(mode="json"),
+        "environment": run_environment(device),
     }
     write_atomic(output / SUMMARY_NAME, json.dumps(json_safe(summary), indent=2) + "\n")
     return PretrainResult(weights, summary)
+
+
+def _held_out_loader(config: RunConfig, held_out: Sequence[Case], prep: Preprocessing, multiple: int,
+                     corruption: SlabCorruption) -> DataLoader:
+    """At most :data:`VALIDATION_SLABS` fixed corrupted slabs of the held-out scans (seed + 1)."""
+    volumes = volume_dataset(held_out, prep, config.data, with_label=False)
+    count = min(VALIDATION_SLABS, sum(v["image"].shape[1 + config.data.slice_axis] for v in volumes))
+    slabs = RestorationSlabs(volumes, config.data.slice_axis, config.data.context_slices, multiple, corruption, count,
+                             config.seed + 1)
+    return _loader(slabs, config.training.val_batch_size, config.data.num_workers)
 
 
 def _train(model: nn.Module, loader: DataLoader, settings, device: torch.device) -> list[dict]:
