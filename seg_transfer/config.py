@@ -211,9 +211,17 @@ class StageConfig(_Strict):
     #: with ``encoder_weights: none``, which has nothing to pull toward)
     pretrained_decay: float = Field(0.0, ge=0)
     early_stopping: EarlyStopping | None = None
+    #: training augmentation in this stage: None follows ``data.augment.enabled``; false trains on plain samples
+    #: (e.g. a cached decoder-only stage, whose cache then holds exactly what the encoder computes); true
+    #: augments with ``data.augment``'s settings
+    augment: bool | None = None
 
     def label(self, index: int) -> str:
         return self.name or f"stage{index}"
+
+    def augments(self, data_augment: AugmentConfig) -> bool:
+        """Whether this stage's training samples are augmented."""
+        return data_augment.enabled if self.augment is None else self.augment
 
 
 class LossConfig(_Strict):

@@ -543,3 +543,21 @@ def test_benchmark_summary_checks_variants_only_among_cached_runs(tmp_path):
     path.write_text(json.dumps(records))
     run = subprocess.run([sys.executable, str(BENCHMARK), "--summarise", str(path)], capture_output=True, text=True)
     assert run.returncode == 2 and "has variants 4 but" in run.stderr.splitlines()[-1]
+
+
+def test_a_plain_decoder_stage_in_an_augmented_run_is_cached_exactly(phantom_root, tmp_path, monkeypatch):
+    """``stages[].augment: false`` on the decoder-only stage of an augmented run: that stage trains on plain slabs,
+    so its cache holds slot 0 only and, with float32 rows, gives the recomputing stage's losses and Dice bit for bit;
+    the next stage augments again (its training loss differs from the same run without augmentation)."""
+    monkeypatch.setattr(fc, "FEATURE_DTYPE", np.float32)
+    stages = [{"name": "decoder", "train": "decoder", "epochs": 2, "lr": 3e-3, "augment": False},
+              {"name": "all", "train": "all", "epochs": 1, "lr": 1e-3}]
+    results = {}
+    for name, overrides in {"off": {"training.feature_cache": "off"}, "memory": {"training.feature_cache": "memory"},
+                            "never": {"data.augment": {"enabled": False}}}.items():
+        config = _config(phantom_root, tmp_path, **{"training.stages": stages, **overrides})
+        assert config.data.augment.enabled == (name != "never")
+        train(config, tmp_path / name)
+        results[name] = [(r["train_loss"], r["val_dice"]) for r in _records(tmp_path / name)]
+    assert results["memory"][:2] == results["off"][:2] == results["never"][:2]
+    assert results["off"][2][0] != results["never"][2][0]

@@ -109,3 +109,23 @@ def test_batches_of_slabs_of_different_sizes_are_plain_padded_tensors():
         assert type(batch[key]) is torch.Tensor and batch[key].shape[-2:] == (32, 64)
         assert torch.equal(batch[key], monai_batch[key].as_tensor())
     assert batch["image"][0, :, :, 16:48].eq(1.0).all() and batch["image"][0, :, :, :16].eq(0.0).all()
+
+
+def test_augmentation_can_be_switched_off_and_on_between_epochs():
+    """``stages[].augment``: a stage switches the dataset's augmentation; off gives the plain slabs exactly."""
+    from seg_transfer.config import AugmentConfig
+    from seg_transfer.data.augment import SliceAugmenter
+
+    rng = np.random.default_rng(0)
+    volumes = [{"image": rng.normal(size=(1, 32, 32, 6)).astype(np.float32),
+                "label": (rng.random((1, 32, 32, 6)) > 0.7).astype(np.int64)}]
+    plain = SliceDataset(volumes, axis=2, context=1, multiple=32)
+    switched = SliceDataset(volumes, axis=2, context=1, multiple=32, augment=SliceAugmenter(AugmentConfig(rotate_degrees=20)))
+    for dataset in (plain, switched):
+        dataset.set_epoch(0, 0, 6, None)
+    augmented = [switched[i]["image"] for i in range(6)]
+    switched.set_augmentation(False)
+    assert all(torch.equal(switched[i]["image"], plain[i]["image"]) for i in range(6))
+    switched.set_augmentation(True)
+    assert all(torch.equal(switched[i]["image"], augmented[i]) for i in range(6))
+    assert not all(torch.equal(a, plain[i]["image"]) for i, a in enumerate(augmented))

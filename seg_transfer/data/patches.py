@@ -77,7 +77,7 @@ class PatchDataset(EpochDataset):
             self.labels.append(label)
             self.foreground.append(fg)
             self.background.append(bg)
-        self.augment = augment
+        self.augment_config, self.augment = augment, augment  # ``augment``: the settings while augmentation is on
         self.fraction = DEFAULT_FOREGROUND_FRACTION
         self._init_epochs(len(self.images))
         self._transform = self._build_transform(self.fraction)
@@ -95,6 +95,13 @@ class PatchDataset(EpochDataset):
             self.fraction, self._transform = fraction, self._build_transform(fraction)
         order = cycled_order(np.random.default_rng([seed, epoch]), len(self.images), size or len(self.images))
         self._start_epoch(order, seed, epoch)
+
+    def set_augmentation(self, enabled: bool) -> None:
+        """Augment from now on (with the settings given at construction; none: never) or not."""
+        augment = self.augment_config if enabled else None
+        if augment is not self.augment:
+            self.augment = augment
+            self._transform = self._build_transform(self.fraction)
 
     def __getitem__(self, item: int) -> dict[str, torch.Tensor]:
         position = self._position(item)
@@ -131,8 +138,8 @@ def patch_loader(volumes, data: DataConfig, batch_size: int, patch_size: Sequenc
     """Training patches and their loader; ``batch_size`` is the global batch (see :func:`slice_loader`)."""
     if batch_size % world_size:
         raise ValueError(f"batch size {batch_size} is not a multiple of the world size {world_size}")
-    augment = data.augment if data.augment.enabled else None
-    dataset = PatchDataset(volumes, patch_size, augment)
+    dataset = PatchDataset(volumes, patch_size, data.augment)
+    dataset.set_augmentation(data.augment.enabled)  # a stage may switch it (stages[].augment)
     drop_last = (data.slices_per_epoch or len(dataset)) > batch_size
     if world_size > 1:
         dataset.shard(rank, world_size, batch_size, drop_last)

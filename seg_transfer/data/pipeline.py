@@ -145,7 +145,8 @@ def slice_loader(
     volumes, data: DataConfig, batch_size: int, multiple: int, train: bool, seed: int = 0,
     *, rank: int = 0, world_size: int = 1, pin_memory: bool = False,
 ) -> tuple[SliceDataset, DataLoader]:
-    """2.5D samples and their loader; augmentation only for training.
+    """2.5D samples and their loader; augmentation only for training, on as ``data.augment.enabled`` says
+    until :meth:`SliceDataset.set_augmentation` switches it.
 
     ``batch_size`` is the global batch. With ``world_size`` > 1 the dataset serves rank ``rank``'s
     shard of each epoch order and the loader takes ``batch_size // world_size`` slices per step
@@ -154,8 +155,8 @@ def slice_loader(
     """
     if batch_size % world_size:
         raise ValueError(f"batch size {batch_size} is not a multiple of the world size {world_size}")
-    augment = SliceAugmenter(data.augment) if (train and data.augment.enabled) else None
-    dataset = SliceDataset(volumes, data.slice_axis, data.context_slices, multiple, augment)
+    dataset = SliceDataset(volumes, data.slice_axis, data.context_slices, multiple, SliceAugmenter(data.augment) if train else None)
+    dataset.set_augmentation(train and data.augment.enabled)  # a stage may switch it (stages[].augment)
     drop_last = train and (data.slices_per_epoch or len(dataset)) > batch_size
     if world_size > 1:
         dataset.shard(rank, world_size, batch_size, drop_last)

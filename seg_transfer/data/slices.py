@@ -161,7 +161,8 @@ class SliceDataset(EpochDataset):
         multiple: int = 32,
         augment: Callable[[np.ndarray, np.ndarray, int], tuple[np.ndarray, np.ndarray]] | None = None,
     ):
-        self.volumes, self.axis, self.context, self.multiple, self.augment = volumes, axis, context, multiple, augment
+        self.volumes, self.axis, self.context, self.multiple = volumes, axis, context, multiple
+        self.augmenter, self.augment = augment, augment  # ``augment``: the augmenter while augmentation is on, else None
         depths, foreground = [], []
         for item in volumes:
             depths.append(item["image"].shape[1 + axis])
@@ -171,6 +172,10 @@ class SliceDataset(EpochDataset):
 
     def set_epoch(self, seed: int, epoch: int, size: int | None, foreground_fraction: float | None) -> None:
         self._start_epoch(self.index.epoch_order(seed, epoch, size, foreground_fraction), seed, epoch)
+
+    def set_augmentation(self, enabled: bool) -> None:
+        """Augment from now on (with the augmenter given at construction; none: never) or not."""
+        self.augment = self.augmenter if enabled else None
 
     def __getitem__(self, item: int) -> dict[str, torch.Tensor]:
         position = self._position(item)

@@ -12,7 +12,8 @@ label (int16). Level 0 is the input itself, which smp's U-Net decoder reads only
 zero-channel tensor of that shape stands in for it) and the 3D U-Net does not read; a decoder that
 reads it is refused (checked once per model by :func:`check_decoder_reads_features_only`). 2.5D: a
 group is every slab of a case; slot 0 is the plain slab (no augmentation), what ``rank-encoders``
-scores and all that training uses with augmentation off; slots 1..V are V fixed pre-augmented
+scores and all that training uses with augmentation off (``data.augment`` off, or a stage's ``augment: false``:
+the spec follows what the dataset serves in the current stage); slots 1..V are V fixed pre-augmented
 variants (``training.feature_cache_variants``). 3D: a group is one patch, slots 1..V are V patches
 per case, cropped (and, with augmentation on, augmented) by the run's own patch sampler. Variants are
 made with a seed from (run seed, case name, row, slot); each training sample takes slot
@@ -462,11 +463,11 @@ class DecoderStageCache:
                             decode=self.rows.decode)
 
     def _spec(self, dataset) -> CacheSpec:
-        """The run's spec; the dataset's augmentation must be the config's."""
-        spec = self.rows.spec(self.config, dataset)
-        if (dataset.augment is None) == self.config.data.augment.enabled:
-            raise ValueError("feature cache: the training samples' augmentation does not match data.augment")
-        return spec
+        """The spec of the samples ``dataset`` serves now: augmented (variants) or plain, as the stage set it
+        (``stages[].augment``, else ``data.augment.enabled``)."""
+        augment = self.config.data.augment.model_copy(update={"enabled": dataset.augment is not None})
+        config = self.config.model_copy(update={"data": self.config.data.model_copy(update={"augment": augment})})
+        return self.rows.spec(config, dataset)
 
     def _case_layouts(self, dataset) -> list[CaseLayout]:
         if self._layouts is None or self._layouts[0] != id(dataset):

@@ -345,9 +345,10 @@ def _begin_stage(session: _Session, stage: StageConfig, progress: Progress):
     scheduler = build_scheduler(optimizer, stage, max(len(session.train_loader), 1))
     trainable = count_parameters(session.model, trainable_only=True)
     total = count_parameters(session.model)
-    log.info("stage %s: %s trainable, %d epoch%s of %d steps; %.2f of %.2f M parameters (%.0f%%) train",
+    log.info("stage %s: %s trainable, %d epoch%s of %d steps%s; %.2f of %.2f M parameters (%.0f%%) train",
              stage.label(progress.stage), describe_spec(spec), stage.epochs, "" if stage.epochs == 1 else "s",
-             len(session.train_loader), trainable / 1e6, total / 1e6, 100 * trainable / max(total, 1))
+             len(session.train_loader), "" if stage.augments(session.config.data.augment) else " without augmentation",
+             trainable / 1e6, total / 1e6, 100 * trainable / max(total, 1))
     return optimizer, scheduler
 
 
@@ -422,7 +423,9 @@ def _check_collapse(session: _Session, stage: StageConfig, progress: Progress, r
 
 
 def _set_epoch(session: _Session, progress: Progress) -> None:
+    """The epoch's samples: order and seeds, augmented as the current stage says (``stages[].augment``)."""
     data = session.config.data
+    session.train_set.set_augmentation(session.config.training.stages[progress.stage].augments(data.augment))
     session.train_set.set_epoch(session.config.seed, progress.epoch, data.slices_per_epoch, data.foreground_fraction)
 
 
