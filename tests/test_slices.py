@@ -95,7 +95,7 @@ def test_predict_volume_feeds_each_slice_with_its_neighbours():
 
 
 def test_batches_of_slabs_of_different_sizes_are_plain_padded_tensors():
-    """MONAI's pad collate returns MetaTensors where it pads (about 10% slower per CPU step); ours returns plain
+    """MONAI's pad collate returns MetaTensors where it pads (about 8% slower per CPU step); ours returns plain
     tensors with the same padded values."""
     from monai.data import MetaTensor, pad_list_data_collate
 

@@ -135,7 +135,7 @@ def disk_cache_dir(data: DataConfig, prep: Preprocessing, with_label: bool) -> P
 def padded_batch(items: Sequence[dict]) -> dict:
     """MONAI's ``pad_list_data_collate`` (samples of different sizes padded to the largest), returning plain
     tensors: where it pads it returns MetaTensors, whose per-operation bookkeeping slowed a 2.5D training step
-    by about 10% on the CPU (``benchmarks/train_throughput.py``); on Hippocampus at 0.5 mm slabs
+    by about 8% on the CPU (``benchmarks/train_throughput.py``); on Hippocampus at 0.5 mm slabs
     pad to four sizes, so nearly every batch was one."""
     batch = pad_list_data_collate(list(items))
     return {key: value.as_tensor() if isinstance(value, MetaTensor) else value for key, value in batch.items()}
