@@ -99,9 +99,15 @@ def test_scans_from_folders_refuse_one_name_twice(unlabelled_root, tmp_path):
 
 @pytest.fixture(scope="module")
 def pretrained(unlabelled_root, tmp_path_factory):
+    """One pretraining run on one thread; the thread count is restored after it (later tests compare numerics
+    across processes and must run on the count they expect)."""
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    config = _config(unlabelled_root, val_fraction=0.4)
-    return pretrain(config, unlabelled_scans(config.data), tmp_path_factory.mktemp("pretrained"))
+    try:
+        config = _config(unlabelled_root, val_fraction=0.4)
+        return pretrain(config, unlabelled_scans(config.data), tmp_path_factory.mktemp("pretrained"))
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_pretraining_learns_to_restore_held_out_scans(pretrained):
