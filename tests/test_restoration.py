@@ -141,6 +141,30 @@ def test_labelled_cases_among_the_scans_are_warned_about(unlabelled_root, tmp_pa
     assert "4 pretraining scan(s) are labelled cases" in caplog.text
 
 
+def test_a_bad_scan_is_left_out_with_its_file_named(unlabelled_root, tmp_path, caplog):
+    folder = tmp_path / "scans"
+    shutil.copytree(unlabelled_root / "imagesTs", folder)
+    (folder / "junk_0000.nii.gz").write_bytes(b"not a volume")
+    config = _config(unlabelled_root, steps=1, val_fraction=0.0)
+    with caplog.at_level(logging.WARNING, logger="seg_transfer.training.restoration"):
+        result = pretrain(config, unlabelled_scans(config.data, [folder]), tmp_path / "out")
+    assert "1 unlabelled scan(s) left out" in caplog.text and "junk_0000.nii.gz" in caplog.text
+    assert result.summary["scans"] == 5
+
+
+def test_too_few_usable_scans_is_a_one_line_error(unlabelled_root, tmp_path, capsys):
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    first = sorted((unlabelled_root / "imagesTs").iterdir())[0]
+    shutil.copy(first, folder / first.name)
+    (folder / "junk_0000.nii.gz").write_bytes(b"not a volume")
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(tiny_config(unlabelled_root)))
+    assert main(["pretrain", "--config", str(path), "--images", str(folder), "--output", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "1 usable scan(s)" in err
+
+
 def test_pretrain_cli_refuses_the_3d_route_in_one_line(unlabelled_root, tmp_path, capsys):
     raw = tiny_config(unlabelled_root)
     raw["model"]["dims"] = "3d"

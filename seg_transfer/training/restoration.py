@@ -34,9 +34,10 @@ from tqdm.auto import tqdm
 from seg_transfer.atomic import json_safe, write_atomic
 from seg_transfer.config import ConfigError, RunConfig
 from seg_transfer.environment import run_environment
-from seg_transfer.data.cases import Case, cases_from_msd
+from seg_transfer.data.cases import Case
+from seg_transfer.data.checks import find_bad_cases, format_bad_cases
 from seg_transfer.data.corruption import SlabCorruption
-from seg_transfer.data.pipeline import padded_batch, volume_dataset
+from seg_transfer.data.pipeline import discover_cases, padded_batch, volume_dataset
 from seg_transfer.data.slices import SliceIndex, pad_to_multiple, slab
 from seg_transfer.data.transforms import Preprocessing
 from seg_transfer.models.factory import encoder_output_stride
@@ -120,35 +121,41 @@ def _loader(dataset: Dataset, batch_size: int, num_workers: int) -> DataLoader:
                       collate_fn=padded_batch, drop_last=False)
 
 
-def _check_route(config: RunConfig) -> None:
-    if get_route(config.model.dims).spatial_dims != 2:
-        raise ConfigError(f"seg-transfer pretrain: restoration pretraining is implemented for the 2.5D route only "
-                          f"(model.dims: {config.model.dims})")
-
-
 def _warn_labelled_overlap(config: RunConfig, scans: Sequence[Case]) -> None:
-    """Scans that are labelled cases of ``data.root`` may include a study's test cases: say so."""
-    if config.data.root is None:
-        return
-    labelled = {c.image.resolve() for c in cases_from_msd(config.data.root)[0]}
+    """Scans that are the run config's labelled cases may include a study's test cases: say so."""
+    labelled = {c.image.resolve() for c in discover_cases(config.data)[0]}
     shared = [s.name for s in scans if s.image.resolve() in labelled]
     if shared:
-        log.warning("%d pretraining scan(s) are labelled cases of %s (e.g. %s): a study whose test cases are among "
-                    "them no longer scores unseen images", len(shared), config.data.root, shared[0])
+        log.warning("%d pretraining scan(s) are labelled cases of the run config's data (e.g. %s): a study whose "
+                    "test cases are among them no longer scores unseen images", len(shared), shared[0])
+
+
+def readable_scans(scans: Sequence[Case]) -> list[Case]:
+    """``scans`` without the unreadable or unusable ones (:func:`~seg_transfer.data.checks.find_bad_cases`),
+    each left out with a warning line naming the file and the problem."""
+    bad = find_bad_cases(scans, set())
+    if bad:
+        log.warning("%d unlabelled scan(s) left out:\n%s", len({b.name for b in bad}), format_bad_cases(bad))
+    left_out = {b.name for b in bad}
+    return [scan for scan in scans if scan.name not in left_out]
 
 
 def pretrain(config: RunConfig, scans: Sequence[Case], output: Path) -> PretrainResult:
-    """Restoration-pretrain ``config``'s network on ``scans`` (images only) and write ``output``'s two files."""
-    _check_route(config)
+    """Restoration-pretrain ``config``'s network on ``scans`` (images only; bad ones are left out) and write
+    ``output``'s two files."""
+    route = get_route(config.model.dims)
+    if route.spatial_dims != 2:
+        raise ConfigError(f"seg-transfer pretrain: restoration pretraining is implemented for the 2.5D route only "
+                          f"(model.dims: {config.model.dims})")
     settings = config.pretraining
+    scans = readable_scans(scans)
     if len(scans) < 2 and settings.val_fraction > 0:
-        raise ConfigError(f"seg-transfer pretrain: {len(scans)} scan(s); at least 2 are needed to hold one out "
+        raise ConfigError(f"seg-transfer pretrain: {len(scans)} usable scan(s); at least 2 are needed to hold one out "
                           "(or set pretraining.val_fraction=0)")
     _warn_labelled_overlap(config, scans)
     if config.training.num_threads:
         torch.set_num_threads(config.training.num_threads)
     torch.manual_seed(config.seed)
-    route = get_route(config.model.dims)
     in_channels = route.in_channels(config.data)
     model, provenance = route.build_network(config.model, in_channels, in_channels, True)
     device = run_device(config.training.device)
