@@ -88,7 +88,8 @@ def pretrain(
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override a config key: key.path=value (repeatable), e.g. pretraining.steps=300.")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
-    """Self-supervised restoration pretraining on unlabelled scans; its encoder then seeds fine-tuning."""
+    """Self-supervised restoration pretraining on unlabelled scans (2.5D slabs or 3D patches); its encoder (and, with
+    model.decoder_from_weights, its decoder) then seeds fine-tuning."""
     _setup_logging(verbose)
     from seg_transfer.atomic import check_writable
     from seg_transfer.config import load_config

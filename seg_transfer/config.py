@@ -135,6 +135,9 @@ class ModelConfig(_Strict):
     #: 3D route: 1x1x1 heads on the coarser decoder levels add their losses in training (weights halving per
     #: level, summing to 1); inference reads the full-resolution output only
     deep_supervision: bool = False
+    #: also initialise the decoder (not the segmentation heads) from the whole-network file ``encoder_weights``
+    #: names (``seg-transfer pretrain``'s ``pretrained.pt`` or a run's ``best.pt``): Models Genesis reuses both
+    decoder_from_weights: bool = False
 
     @field_validator("encoder_weights")
     @classmethod
@@ -149,6 +152,9 @@ class ModelConfig(_Strict):
                              "set it to 0 for model.dims: 2.5d")
         if self.deep_supervision and self.dims != "3d":
             raise ValueError("deep_supervision applies to the 3D route only (model.dims: 3d)")
+        if self.decoder_from_weights and self.encoder_weights in NAMED_WEIGHTS:
+            raise ValueError(f"decoder_from_weights needs encoder_weights to be a whole-network file (e.g. "
+                             f"seg-transfer pretrain's pretrained.pt), not '{self.encoder_weights}'")
         return self
 
     @property
@@ -282,12 +288,12 @@ class TrainingConfig(_Strict):
 
 class RestorationConfig(_Strict):
     """In-domain self-supervised pretraining (``seg-transfer pretrain``): the whole U-Net learns to restore
-    2.5D slabs of unlabelled scans from corrupted copies (Models Genesis, Zhou et al. 2019: a non-linear
+    2.5D slabs or 3D patches (the route's samples) of unlabelled scans from corrupted copies (Models Genesis, Zhou et al. 2019: a non-linear
     intensity curve, local pixel shuffling, in- or out-painting; MONAI's random transforms), starting from
     ``model.encoder_weights``; its encoder then seeds fine-tuning. Probabilities are Models Genesis' defaults."""
 
     steps: int = Field(600, ge=1)
-    batch_size: int = Field(32, ge=1)
+    batch_size: int | None = Field(None, ge=1)  # samples per step; None: the run's training.batch_size
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
     warmup_steps: int = Field(30, ge=0)

@@ -13,14 +13,19 @@ import torch
 import yaml
 
 from seg_transfer.cli import main
-from seg_transfer.config import RestorationConfig, config_from_dict
+from seg_transfer.config import ModelConfig, RestorationConfig, config_from_dict
 from seg_transfer.data.cases import DatasetError, cases_from_msd
-from seg_transfer.data.corruption import SlabCorruption
+from seg_transfer.data.restoration import HELD_OUT_PATCHES_PER_SCAN, Corruption, RestorationPatches
 from seg_transfer.data.phantoms import make_phantom_dataset
 from seg_transfer.data.pipeline import unlabelled_scans
 from seg_transfer.models.factory import build_model
+from seg_transfer.models.unet3d import build_unet3d
+from seg_transfer.models.weights import WeightsError
 from seg_transfer.training.restoration import pretrain, split_scans
+from seg_transfer.training.reuse import check_same_config
+from seg_transfer.training.trainer import RunDirError
 from tests.conftest import tiny_config
+from tests.test_route_3d import tiny_3d
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +48,7 @@ def _slab(seed: int = 0) -> np.ndarray:
 
 
 def test_corruption_is_fixed_by_its_seed_and_leaves_the_input_alone():
-    corruption, slab = SlabCorruption(RestorationConfig()), _slab()
+    corruption, slab = Corruption(RestorationConfig()), _slab()
     kept = slab.copy()
     first, again, other = corruption(slab, 11), corruption(slab, 11), corruption(slab, 12)
     assert np.array_equal(slab, kept)
@@ -53,15 +58,15 @@ def test_corruption_is_fixed_by_its_seed_and_leaves_the_input_alone():
 
 
 def test_no_corruption_when_every_probability_is_zero():
-    corruption = SlabCorruption(RestorationConfig(intensity_prob=0, shuffle_prob=0, paint_prob=0))
+    corruption = Corruption(RestorationConfig(intensity_prob=0, shuffle_prob=0, paint_prob=0))
     assert np.array_equal(corruption(_slab(), 3), _slab())
 
 
 def test_outpainting_changes_more_of_the_slab_than_inpainting():
     """Out-painting keeps a few boxes and paints the rest; in-painting paints only inside its boxes."""
     only_paint = dict(intensity_prob=0, shuffle_prob=0, paint_prob=1)
-    out = SlabCorruption(RestorationConfig(**only_paint, outpaint_share=1.0))
-    inside = SlabCorruption(RestorationConfig(**only_paint, outpaint_share=0.0))
+    out = Corruption(RestorationConfig(**only_paint, outpaint_share=1.0))
+    inside = Corruption(RestorationConfig(**only_paint, outpaint_share=0.0))
     slab = _slab()
     out_changed = np.mean([(out(slab, s) != slab).mean() for s in range(10)])
     in_changed = np.mean([(inside(slab, s) != slab).mean() for s in range(10)])
@@ -165,12 +170,88 @@ def test_too_few_usable_scans_is_a_one_line_error(unlabelled_root, tmp_path, cap
     assert err.startswith("error: ") and "\n" not in err and "1 usable scan(s)" in err
 
 
-def test_pretrain_cli_refuses_the_3d_route_in_one_line(unlabelled_root, tmp_path, capsys):
+# ----------------------------------------------------------------------------- decoders and the 3D route
+
+
+def _with_weights(raw: dict, weights: Path, **model) -> dict:
+    return {**raw, "model": {**raw["model"], "encoder_weights": str(weights), **model}}
+
+
+def _equal_parts(module: torch.nn.Module, saved: dict, prefix: str) -> bool:
+    state = module.state_dict()
+    return len(state) > 0 and all(torch.equal(value, saved[f"{prefix}{key}"]) for key, value in state.items())
+
+
+def test_decoder_from_weights_loads_the_pretrained_decoder_exactly(pretrained, unlabelled_root):
+    saved = torch.load(pretrained.weights, weights_only=True)["state_dict"]
     raw = tiny_config(unlabelled_root)
-    raw["model"]["dims"] = "3d"
-    path = tmp_path / "run3d.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    assert main(["pretrain", "--config", str(path), "--output", str(tmp_path / "out")]) != 0
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and "\n" not in err and "2.5D route only" in err
-    assert not (tmp_path / "out" / "pretrained.pt").exists()
+    with_decoder = build_model(config_from_dict(_with_weights(raw, pretrained.weights, decoder_from_weights=True)).model, 3, 3)[0]
+    encoder_only = build_model(config_from_dict(_with_weights(raw, pretrained.weights)).model, 3, 3)[0]
+    assert _equal_parts(with_decoder.decoder, saved, "decoder.") and _equal_parts(with_decoder.encoder, saved, "encoder.")
+    assert not _equal_parts(encoder_only.decoder, saved, "decoder.")
+    assert with_decoder.segmentation_head[0].weight.shape[0] == 3  # the head is the target task's (3 classes, not 3 channels)
+
+
+def test_a_decoder_of_another_width_is_a_one_line_error(pretrained, unlabelled_root):
+    raw = _with_weights(tiny_config(unlabelled_root), pretrained.weights, decoder_from_weights=True,
+                        decoder_channels=[32, 16, 16, 8, 4])
+    with pytest.raises(WeightsError, match="decoder does not fit this network's decoder: .*of another shape") as error:
+        build_model(config_from_dict(raw).model, 3, 3)
+    assert "\n" not in str(error.value) and str(pretrained.weights) in str(error.value)
+
+
+def test_decoder_from_weights_needs_a_file():
+    with pytest.raises(ValueError, match="decoder_from_weights needs encoder_weights to be a whole-network file"):
+        ModelConfig(encoder_weights="imagenet", decoder_from_weights=True)
+
+
+def test_the_pretraining_section_does_not_make_a_finished_run_another_run(unlabelled_root, tmp_path):
+    """pretraining.* is read by `seg-transfer pretrain` only: a study must still reuse a run after it changes."""
+    config = config_from_dict(tiny_config(unlabelled_root))
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json")))
+    check_same_config(config.model_copy(update={"pretraining": RestorationConfig(batch_size=4, steps=9)}), tmp_path)
+    changed = config_from_dict(tiny_config(unlabelled_root, **{"model.frozen_bn": "train"}))
+    with pytest.raises(RunDirError, match="model"):
+        check_same_config(changed, tmp_path)
+
+
+def test_patches_are_seeded_crops_of_the_patch_size_padded_where_the_volume_is_smaller():
+    volumes = [{"image": np.random.default_rng(i).normal(size=(1, 20, 12, 9)).astype(np.float32)} for i in range(3)]
+    corruption = Corruption(RestorationConfig())
+    patches = RestorationPatches(volumes, (16, 16, 8), corruption, 7, seed=2)
+    again = RestorationPatches(volumes, (16, 16, 8), corruption, 7, seed=2)
+    assert len(patches) == 7 and sorted(np.bincount(patches.order)) == [2, 2, 3]
+    first = patches[0]
+    assert first["image"].shape == first["target"].shape == (1, 16, 16, 8)
+    assert torch.equal(first["image"], again[0]["image"]) and not torch.equal(first["image"], first["target"])
+    volume = volumes[int(patches.order[0])]["image"]
+    assert float(first["target"].min()) == pytest.approx(float(volume.min()))  # the 12-voxel axis was padded with it
+    assert len(RestorationPatches(volumes, (16, 16, 8), corruption, None, seed=2)) == 3 * HELD_OUT_PATCHES_PER_SCAN
+
+
+@pytest.fixture(scope="module")
+def pretrained_3d(unlabelled_root, tmp_path_factory):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        raw = tiny_3d(unlabelled_root)
+        raw["pretraining"] = {"steps": 30, "lr": 3e-3, "warmup_steps": 2, "val_fraction": 0.4}
+        config = config_from_dict(raw)
+        return pretrain(config, unlabelled_scans(config.data), tmp_path_factory.mktemp("pretrained3d"))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_3d_pretraining_restores_patches_and_fine_tuning_reads_its_3d_network(pretrained_3d, unlabelled_root):
+    summary = pretrained_3d.summary
+    assert summary["route"] == "3d" and summary["batch_size"] == 2 and summary["samples"] == 60
+    assert summary["held_out_after"]["network_mse"] < 0.5 * summary["held_out_before"]["network_mse"]
+    saved = torch.load(pretrained_3d.weights, weights_only=True)["state_dict"]
+    assert saved["segmentation_head.weight"].shape[:2] == (1, 8)  # one output: the restored patch
+    config = config_from_dict(_with_weights(tiny_3d(unlabelled_root), pretrained_3d.weights, decoder_from_weights=True))
+    network, provenance = build_unet3d(config.model, 3)
+    assert provenance.source == "file" and provenance.sha256 == summary["weights_sha256"]
+    assert _equal_parts(network.encoder, saved, "encoder.") and _equal_parts(network.decoder, saved, "decoder.")
+    other_inflation = config.model.model_copy(update={"inflation": "acs"})
+    with pytest.raises(WeightsError, match="3D encoder does not fit"):
+        build_unet3d(other_inflation, 3)

@@ -26,7 +26,8 @@ STUDIES = {"ablation_hippocampus_n10.yaml": 240, "robustness_hippocampus_n10.yam
            "ablation_l2sp_hippocampus_n10.yaml": 240, "study_hippocampus_3d_default_budget.yaml": 960,
            "ablation_slices_hippocampus_n10.yaml": 240, "ablation_width_lr_hippocampus_n10.yaml": 240,
            "lr_double_600_hippocampus_n10.yaml": 600, "restoration_pretrain_hippocampus_n10.yaml": 240,
-           "restoration_pretrain_600_hippocampus_n10.yaml": 600}
+           "restoration_pretrain_600_hippocampus_n10.yaml": 600, "restoration_pretrain_3d_hippocampus_n10.yaml": 240,
+           "restoration_decoder_hippocampus_n10.yaml": 240}
 
 
 def without_missing_weights(arm):

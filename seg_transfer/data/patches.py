@@ -126,11 +126,17 @@ def _padded(image, label, patch_size: tuple[int, ...]) -> tuple[np.ndarray, np.n
     """``(1, X, Y, Z)`` arrays padded symmetrically to at least ``patch_size`` (image with its minimum, label 0)."""
     image = np.asarray(image, dtype=np.float32)
     label = np.asarray(label).astype(np.int16)
-    widths = [(0, 0)] + [((max(p - s, 0)) // 2, max(p - s, 0) - max(p - s, 0) // 2) for s, p in zip(image.shape[1:], patch_size)]
+    widths = padding_to(image.shape, patch_size)
     if any(w != (0, 0) for w in widths):
         image = np.pad(image, widths, constant_values=float(image.min()))
         label = np.pad(label, widths)
     return np.ascontiguousarray(image), np.ascontiguousarray(label)
+
+
+def padding_to(shape: Sequence[int], size: Sequence[int]) -> list[tuple[int, int]]:
+    """``np.pad`` widths that bring the spatial axes of a channel-first ``shape`` to at least ``size``, split
+    evenly between both sides (the extra voxel at the end)."""
+    return [(0, 0)] + [(max(p - s, 0) // 2, max(p - s, 0) - max(p - s, 0) // 2) for s, p in zip(shape[1:], size)]
 
 
 def patch_loader(volumes, data: DataConfig, batch_size: int, patch_size: Sequence[int], *, rank: int = 0,

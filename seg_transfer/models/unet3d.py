@@ -8,10 +8,19 @@ import torch
 from monai.networks.nets.flexible_unet import UNetDecoder
 from torch import nn
 
-from seg_transfer.config import ModelConfig
+from seg_transfer.config import NAMED_WEIGHTS, ModelConfig
 from seg_transfer.models.factory import ModelConfigError, build_model, drop_unread_encoder_layers
 from seg_transfer.models.inflate import inflate_encoder
-from seg_transfer.models.weights import WeightsProvenance
+from seg_transfer.models.weights import (
+    WeightsProvenance,
+    encoder_part,
+    is_volumetric,
+    load_decoder_file,
+    load_exact,
+    read_state_dict,
+    sha256_file,
+    weights_file,
+)
 
 DEFAULT_DECODER_CHANNELS = (256, 128, 64, 32, 16)
 #: decoder normalisation. Instance norm, as nnU-Net: 3D patches come in batches of 1-4, where batch
@@ -119,15 +128,35 @@ def build_unet3d(config: ModelConfig, classes: int, *, load_pretrained: bool = T
     :func:`~seg_transfer.models.factory.build_model`) inflated by ``config.inflation`` with
     ``config.depth_stride_one_stages``, one input channel; encoder layers the decoder does not read are dropped
     after inflation (which draws random numbers per layer, so the decoder's initialisation does not depend
-    on them being dropped). Raises ``ModelConfigError`` for an arch other than
+    on them being dropped). A weights file holding a 3D encoder (``seg-transfer pretrain`` on this route)
+    is loaded as it is into the inflated encoder, exactly; ``config.decoder_from_weights`` loads the decoder
+    from the same file. Raises ``ModelConfigError`` for an arch other than
     ``Unet``, ``WeightsError`` / ``InflationError`` with one-line messages.
     """
     if config.arch.lower() != "unet":
         raise ModelConfigError(f"model.arch '{config.arch}' has no 3D version; the 3D route (dims: 3d) builds a Unet")
     channels = decoder_channels(config)
+    volumetric = _volumetric_weights(config) if load_pretrained else None
     # the 2D decoder is discarded; giving it the 3D decoder's channels keeps smp's depth check satisfied
-    config_2d = config.model_copy(update={"decoder_channels": list(channels)})
+    config_2d = config.model_copy(update={"decoder_channels": list(channels), "decoder_from_weights": False,
+                                          **({"encoder_weights": "none"} if volumetric else {})})
     model_2d, provenance = build_model(config_2d, 1, classes, load_pretrained=load_pretrained, drop_unread=False)
     encoder = inflate_encoder(model_2d.encoder, config.inflation, config.depth_stride_one_stages)
     drop_unread_encoder_layers(encoder, 1, config, spatial_dims=3, announce=load_pretrained)
-    return Unet3d(encoder, classes, channels, config.deep_supervision), provenance
+    if volumetric:
+        path, state = volumetric
+        load_exact(encoder, state, str(path), "3D encoder")
+        provenance = WeightsProvenance("file", str(path), sha256_file(path))
+    network = Unet3d(encoder, classes, channels, config.deep_supervision)
+    if load_pretrained and config.decoder_from_weights:
+        load_decoder_file(network.decoder, weights_file(config.encoder_weights))
+    return network, provenance
+
+
+def _volumetric_weights(config: ModelConfig):
+    """(file, encoder state) when ``config.encoder_weights`` names a file whose encoder is already 3D, else None."""
+    if config.encoder_weights in NAMED_WEIGHTS:
+        return None
+    path = weights_file(config.encoder_weights)
+    state = encoder_part(read_state_dict(path))
+    return (path, state) if is_volumetric(state) else None

@@ -241,3 +241,40 @@ def _fit(tensor: torch.Tensor, dst: torch.Tensor, is_first_conv: bool, where: st
 
         return adapt_input_conv(dst.shape[1], tensor.float()).to(tensor.dtype)
     raise WeightsError(f"{where}: shape {tuple(tensor.shape)} does not fit {tuple(dst.shape)}")
+
+
+def decoder_part(state: OrderedDict[str, torch.Tensor]) -> OrderedDict[str, torch.Tensor]:
+    """The ``decoder.*`` tensors (prefix removed) of a whole segmentation network's state dict (empty if none);
+    its segmentation heads are left out: their classes are the source task's."""
+    return OrderedDict((key.removeprefix("decoder."), value) for key, value in state.items() if key.startswith("decoder."))
+
+
+def is_volumetric(state: OrderedDict[str, torch.Tensor]) -> bool:
+    """Whether ``state`` holds 3D convolutions (5-dimensional kernels): an encoder already inflated, e.g. by
+    ``seg-transfer pretrain`` on the 3D route, which loads as it is (no inflation)."""
+    return any(value.ndim == 5 for value in state.values())
+
+
+def load_exact(module: torch.nn.Module, state: OrderedDict[str, torch.Tensor], origin: str, part: str) -> None:
+    """Load ``state`` into ``module``: every key present on both sides with the same shape, else one-line
+    :class:`WeightsError` naming what differs (a file of another architecture, decoder width or inflation mode)."""
+    target = module.state_dict()
+    missing = [key for key in target if key not in state]
+    extra = [key for key in state if key not in target]
+    resized = [key for key in target if key in state and tuple(state[key].shape) != tuple(target[key].shape)]
+    if missing or extra or resized:
+        found = [f"{len(keys)} {what} (e.g. {keys[0]})" for keys, what in
+                 ((missing, "missing"), (extra, "unexpected"), (resized, "of another shape")) if keys]
+        raise WeightsError(f"{origin}: its {part} does not fit this network's {part}: {', '.join(found)} tensors; "
+                           "was it made with the same model settings?")
+    module.load_state_dict(state)
+
+
+def load_decoder_file(decoder: torch.nn.Module, path: str | Path) -> None:
+    """Initialise ``decoder`` from the ``decoder.*`` tensors of the whole-network file ``path`` (exactly)."""
+    source = decoder_part(read_state_dict(path))
+    if not source:
+        raise WeightsError(f"{path}: holds no decoder (decoder.* tensors); model.decoder_from_weights needs a whole "
+                           "network's file, such as seg-transfer pretrain's pretrained.pt or a run's best.pt")
+    load_exact(decoder, source, str(path), "decoder")
+    log.info("decoder weights: file %s", path)

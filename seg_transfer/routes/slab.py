@@ -9,6 +9,7 @@ from torch import nn
 
 from seg_transfer.config import DataConfig
 from seg_transfer.data.pipeline import slice_loader
+from seg_transfer.data.restoration import RestorationSlabs
 from seg_transfer.models.factory import build_model, encoder_output_stride
 from seg_transfer.routes.base import InferenceOptions, NetworkSpec, Route, tta_flips
 from seg_transfer.routes.slicewise import predict_label_map, predict_volume
@@ -63,6 +64,11 @@ def _training_samples(volumes, data: DataConfig, batch_size: int, settings: dict
                         rank=rank, world_size=world_size, pin_memory=pin_memory)
 
 
+def _restoration_samples(volumes, data: DataConfig, network: nn.Module, corruption, count: int | None, seed: int):
+    return RestorationSlabs(volumes, data.slice_axis, data.context_slices, encoder_output_stride(network), corruption,
+                            count, seed)
+
+
 def _inferer(spec: NetworkSpec, options: InferenceOptions, network: nn.Module) -> SlabInferer:
     return SlabInferer(spec.data.slice_axis, spec.data.context_slices, encoder_output_stride(network), options,
                        tta_flips(spec.data, options))
@@ -84,4 +90,5 @@ SLAB_ROUTE = Route(
     ranking_strides=(16,),
     train_channels_last=("cuda", "cpu"),  # CPU 1.07-1.14x; H200 1.02x (neutral there)
     predict_channels_last=("cuda", "cpu"),  # CPU 1.20-1.31x; H200 1.14x
+    restoration_samples=_restoration_samples,
 )

@@ -21,6 +21,7 @@ from torch import nn
 
 from seg_transfer.config import DataConfig, ModelConfig
 from seg_transfer.data.patches import median_patch_size, patch_loader
+from seg_transfer.data.restoration import RestorationPatches
 from seg_transfer.routes.base import (
     InferenceOptions,
     NetworkSpec,
@@ -117,6 +118,11 @@ def _training_samples(volumes, data: DataConfig, batch_size: int, settings: dict
                         pin_memory=pin_memory)
 
 
+def _restoration_samples(volumes, data: DataConfig, network: nn.Module, corruption, count: int | None, seed: int):
+    """Patches of the training patch size (``data.patch_size`` or the median shape of ``volumes``)."""
+    return RestorationPatches(volumes, _settings(data, volumes, network)["patch_size"], corruption, count, seed)
+
+
 def _inferer(spec: NetworkSpec, options: InferenceOptions, network: nn.Module) -> SlidingWindowInferer3d:
     return SlidingWindowInferer3d(tuple(spec.settings["patch_size"]), options, spec.classes, tta_flips(spec.data, options))
 
@@ -140,4 +146,5 @@ VOLUME_ROUTE = Route(
     train_channels_last=("cpu",),  # CPU 1.15-1.23x; on an H200 channels_last_3d trained 0.94x (slower)
     # contiguous: channels last predicted only 1.03-1.06x faster on the CPU (0.05 GB more per 128x128x64 window), 0.90x on an H200
     predict_channels_last=(),
+    restoration_samples=_restoration_samples,
 )

@@ -17,7 +17,8 @@ from seg_transfer.study.config import ArmConfig, StudyConfig
 
 
 def scratch_control(raw: dict) -> dict:
-    """The same run from scratch: ``encoder_weights: none`` and one ``all`` stage with the same epoch budget.
+    """The same run from scratch: ``encoder_weights: none`` (no pretrained decoder either) and one ``all`` stage
+    with the same epoch budget.
 
     The stage keeps the first stage's learning rate, warm-up, schedule and weight decay (no encoder
     multiplier, layer decay or pretrained_decay: a random encoder has nothing to protect) and the summed
@@ -33,6 +34,7 @@ def scratch_control(raw: dict) -> dict:
             single[budget] = sum(stage[budget] for stage in stages)
     raw["training"]["stages"] = [single]
     raw["model"]["encoder_weights"] = "none"
+    raw["model"].pop("decoder_from_weights", None)  # the default: a new decoder
     raw["name"] = str(raw.get("name", "run")).replace("imagenet_staged", "scratch")
     return raw
 

@@ -1,8 +1,9 @@
-"""``seg-transfer pretrain``: self-supervised restoration pretraining on unlabelled scans (2.5D route).
+"""``seg-transfer pretrain``: self-supervised restoration pretraining on unlabelled scans (both routes).
 
 Domain-adaptive pretraining: the run config's network (encoder with ``model.encoder_weights``, e.g.
-ImageNet) gets a head with one output per input channel and learns, by mean squared error, to give back
-2.5D slabs of unlabelled scans from copies corrupted by :class:`~seg_transfer.data.corruption.SlabCorruption`.
+ImageNet, inflated to 3D on the 3D route) gets a head with one output per input channel and learns, by mean
+squared error, to give back samples of unlabelled scans (the route's: 2.5D slabs or 3D patches of the
+training patch size) from copies corrupted by :class:`~seg_transfer.data.restoration.Corruption`.
 Every layer trains (BatchNorm in train mode), AdamW with linear warm-up and cosine decay over
 ``pretraining.steps`` optimiser steps. Scans are preprocessed exactly as fine-tuning will preprocess them
 (``data``: spacing, intensity scaling, slice axis, context slices). A share of the scans
@@ -10,8 +11,9 @@ Every layer trains (BatchNorm in train mode), AdamW with linear warm-up and cosi
 next to the error of returning the corrupted input unchanged.
 
 Output folder: ``pretrained.pt`` (the whole network's state dict; fine-tuning reads its ``encoder.*``
-part through ``model.encoder_weights: OUT/pretrained.pt``) and ``pretraining.json`` (settings, scans,
-loss curve, held-out errors, seconds, the file's sha256, where it ran), both written atomically.
+part through ``model.encoder_weights: OUT/pretrained.pt``, 3D encoders as they are, and with
+``model.decoder_from_weights: true`` its decoder too) and ``pretraining.json`` (settings, scans, loss curve,
+held-out errors, seconds, the file's sha256, where it ran), both written atomically.
 """
 from __future__ import annotations
 
@@ -36,11 +38,9 @@ from seg_transfer.config import ConfigError, RunConfig
 from seg_transfer.environment import run_environment
 from seg_transfer.data.cases import Case
 from seg_transfer.data.checks import find_bad_cases, format_bad_cases
-from seg_transfer.data.corruption import SlabCorruption
+from seg_transfer.data.restoration import Corruption
 from seg_transfer.data.pipeline import discover_cases, padded_batch, volume_dataset
-from seg_transfer.data.slices import SliceIndex, pad_to_multiple, slab
 from seg_transfer.data.transforms import Preprocessing
-from seg_transfer.models.factory import encoder_output_stride
 from seg_transfer.models.weights import sha256_file
 from seg_transfer.routes import get_route
 from seg_transfer.routes.precision import run_device
@@ -49,37 +49,10 @@ from seg_transfer.training.optim import backward_and_step, lr_factor
 
 log = logging.getLogger(__name__)
 
-#: held-out slabs scored before and after pretraining (fixed by the seed)
-VALIDATION_SLABS = 256
 #: the loss curve in ``pretraining.json`` is the mean loss over windows of this many steps
 CURVE_WINDOW = 25
 WEIGHTS_NAME = "pretrained.pt"
 SUMMARY_NAME = "pretraining.json"
-
-
-class RestorationSlabs(Dataset):
-    """``count`` (corrupted, original) 2.5D slab pairs of image-only ``volumes``, slices drawn uniformly by
-    ``seed`` (whole shuffled passes, as training draws them); item ``i`` is the same every time:
-    ``{"image": corrupted (C,H,W), "target": original (C,H,W)}``, both padded to ``multiple``."""
-
-    def __init__(self, volumes, axis: int, context: int, multiple: int, corruption: SlabCorruption, count: int, seed: int):
-        self.volumes, self.axis, self.context, self.multiple, self.corruption = volumes, axis, context, multiple, corruption
-        depths = [item["image"].shape[1 + axis] for item in volumes]
-        index = SliceIndex(depths, [np.empty(0, np.int64)] * len(depths))
-        self.pairs = index.pairs
-        self.order = index.epoch_order(seed, 0, count, None)
-        self.seed = seed
-
-    def __len__(self) -> int:
-        return len(self.order)
-
-    def __getitem__(self, item: int) -> dict[str, torch.Tensor]:
-        case, index = self.pairs[self.order[item]]
-        original = slab(self.volumes[int(case)]["image"], self.axis, int(index), self.context).astype(np.float32, copy=False)
-        corrupted = self.corruption(original, int(np.random.default_rng([self.seed, item]).integers(2**31)))
-        fill = float(original.min())
-        return {"image": torch.from_numpy(pad_to_multiple(corrupted, self.multiple, value=fill)),
-                "target": torch.from_numpy(pad_to_multiple(original, self.multiple, value=fill))}
 
 
 @dataclass(frozen=True)
@@ -144,10 +117,8 @@ def pretrain(config: RunConfig, scans: Sequence[Case], output: Path) -> Pretrain
     """Restoration-pretrain ``config``'s network on ``scans`` (images only; bad ones are left out) and write
     ``output``'s two files."""
     route = get_route(config.model.dims)
-    if route.spatial_dims != 2:
-        raise ConfigError(f"seg-transfer pretrain: restoration pretraining is implemented for the 2.5D route only "
-                          f"(model.dims: {config.model.dims})")
     settings = config.pretraining
+    batch_size = settings.batch_size or config.training.batch_size
     scans = readable_scans(scans)
     if len(scans) < 2 and settings.val_fraction > 0:
         raise ConfigError(f"seg-transfer pretrain: {len(scans)} usable scan(s); at least 2 are needed to hold one out "
@@ -160,26 +131,28 @@ def pretrain(config: RunConfig, scans: Sequence[Case], output: Path) -> Pretrain
     model, provenance = route.build_network(config.model, in_channels, in_channels, True)
     device = run_device(config.training.device)
     model.to(device)
-    multiple = encoder_output_stride(model)
-    corruption = SlabCorruption(settings)
+    corruption = Corruption(settings)
     train_scans, held_out = split_scans(scans, settings.val_fraction, config.seed)
     prep = Preprocessing.from_config(config.data)
-    log.info("restoration pretraining: %d scans (%d held out), %d steps of %d slabs on %s", len(scans), len(held_out),
-             settings.steps, settings.batch_size, device)
-    train_set = RestorationSlabs(volume_dataset(train_scans, prep, config.data, with_label=False), config.data.slice_axis,
-                                 config.data.context_slices, multiple, corruption, settings.steps * settings.batch_size,
-                                 config.seed)
-    val_loader = _held_out_loader(config, held_out, prep, multiple, corruption) if held_out else None
+    log.info("restoration pretraining (%s): %d scans (%d held out), %d steps of %d %s on %s", route.name, len(scans),
+             len(held_out), settings.steps, batch_size, route.sample_name, device)
+    train_set = route.restoration_samples(volume_dataset(train_scans, prep, config.data, with_label=False), config.data,
+                                          model, corruption, settings.steps * batch_size, config.seed)
+    val_loader = None
+    if held_out:
+        held_out_set = route.restoration_samples(volume_dataset(held_out, prep, config.data, with_label=False),
+                                                 config.data, model, corruption, None, config.seed + 1)
+        val_loader = _loader(held_out_set, config.training.val_batch_size, config.data.num_workers)
     before = restoration_errors(model, val_loader, device) if val_loader else None
     start = time.monotonic()
-    curve = _train(model, _loader(train_set, settings.batch_size, config.data.num_workers), settings, device)
+    curve = _train(model, _loader(train_set, batch_size, config.data.num_workers), settings, device)
     seconds = time.monotonic() - start
     after = restoration_errors(model, val_loader, device) if val_loader else None
     weights = _save_weights(model, output / WEIGHTS_NAME)
     summary = {
         "encoder": config.model.encoder, "start_weights": provenance.source, "start_weights_path": provenance.path,
-        "scans": len(train_scans), "held_out_scans": [c.name for c in held_out], "slices": len(train_set.pairs),
-        "steps": settings.steps, "batch_size": settings.batch_size, "seconds": round(seconds, 1),
+        "route": route.name, "scans": len(train_scans), "held_out_scans": [c.name for c in held_out],
+        "samples": len(train_set), "steps": settings.steps, "batch_size": batch_size, "seconds": round(seconds, 1),
         "held_out_before": _rounded(before), "held_out_after": _rounded(after), "loss_curve": curve,
         "weights": WEIGHTS_NAME, "weights_sha256": sha256_file(weights),
         "settings": settings.model_dump(mode="json"), "data": config.data.model_dump(mode="json"),
@@ -187,16 +160,6 @@ def pretrain(config: RunConfig, scans: Sequence[Case], output: Path) -> Pretrain
     }
     write_atomic(output / SUMMARY_NAME, json.dumps(json_safe(summary), indent=2) + "\n")
     return PretrainResult(weights, summary)
-
-
-def _held_out_loader(config: RunConfig, held_out: Sequence[Case], prep: Preprocessing, multiple: int,
-                     corruption: SlabCorruption) -> DataLoader:
-    """At most :data:`VALIDATION_SLABS` fixed corrupted slabs of the held-out scans (seed + 1)."""
-    volumes = volume_dataset(held_out, prep, config.data, with_label=False)
-    count = min(VALIDATION_SLABS, sum(v["image"].shape[1 + config.data.slice_axis] for v in volumes))
-    slabs = RestorationSlabs(volumes, config.data.slice_axis, config.data.context_slices, multiple, corruption, count,
-                             config.seed + 1)
-    return _loader(slabs, config.training.val_batch_size, config.data.num_workers)
 
 
 def _train(model: nn.Module, loader: DataLoader, settings, device: torch.device) -> list[dict]:

@@ -42,15 +42,16 @@ def check_same_config(config: RunConfig, run_dir: Path) -> None:
 
 
 LABELS = ("name", "output_dir")  # what a run is called and where it goes by default, not what it trains
+NOT_TRAINING = ("pretraining",)  # settings of ``seg-transfer pretrain`` only
 
 
 def _what_trains(dumped: dict) -> dict:
     """A dumped config without the settings that cannot change the trained weights: the run's name and
     default output folder (a study arm renamed, or a run copied in from another study under another arm
-    name, is the same run) and collapse detection that only warns (``training.collapse`` with ``stop:
+    name, is the same run), the ``pretraining`` section (read by ``seg-transfer pretrain`` only) and collapse detection that only warns (``training.collapse`` with ``stop:
     false``). A run made under other warning thresholds is the same run; one that may have been stopped
     early is not."""
-    dumped = {k: v for k, v in dumped.items() if k not in LABELS}
+    dumped = {k: v for k, v in dumped.items() if k not in LABELS + NOT_TRAINING}
     collapse = dumped.get("training", {}).get("collapse")
     if not isinstance(collapse, dict) or collapse.get("stop"):
         return dumped
