@@ -13,7 +13,7 @@ import torch
 import yaml
 
 from seg_transfer.cli import main
-from seg_transfer.config import ModelConfig, RestorationConfig, config_from_dict
+from seg_transfer.config import ConfigError, ModelConfig, RestorationConfig, config_from_dict
 from seg_transfer.data.cases import DatasetError, cases_from_msd
 from seg_transfer.data.restoration import HELD_OUT_PATCHES_PER_SCAN, Corruption, RestorationPatches
 from seg_transfer.data.phantoms import make_phantom_dataset
@@ -255,3 +255,46 @@ def test_3d_pretraining_restores_patches_and_fine_tuning_reads_its_3d_network(pr
     other_inflation = config.model.model_copy(update={"inflation": "acs"})
     with pytest.raises(WeightsError, match="3D encoder does not fit"):
         build_unet3d(other_inflation, 3)
+
+
+# ----------------------------------------------------------------------------- continuing and reusing
+
+
+def test_an_interrupted_pretraining_continues_to_the_uninterrupted_result(unlabelled_root, tmp_path, monkeypatch, one_thread):
+    from seg_transfer.training import restoration
+
+    config = _config(unlabelled_root, steps=20, batch_size=4, val_fraction=0.4)
+    scans = unlabelled_scans(config.data)
+    whole = pretrain(config, scans, tmp_path / "whole")
+    monkeypatch.setattr(restoration, "STATE_EVERY", 5)
+    real_step, calls = restoration.backward_and_step, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 13:
+            raise KeyboardInterrupt
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(restoration, "backward_and_step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(config, scans, tmp_path / "cut")
+    assert torch.load(tmp_path / "cut" / restoration.STATE_NAME, weights_only=True)["step"] == 10
+    assert not (tmp_path / "cut" / "pretrained.pt").exists()
+    monkeypatch.setattr(restoration, "backward_and_step", real_step)
+    continued = pretrain(config, scans, tmp_path / "cut")
+    assert continued.summary["weights_sha256"] == whole.summary["weights_sha256"]
+    assert continued.summary["loss_curve"] == whole.summary["loss_curve"]
+    assert continued.summary["held_out_after"] == whole.summary["held_out_after"]
+    assert not (tmp_path / "cut" / restoration.STATE_NAME).exists()
+
+
+def test_a_finished_pretraining_is_reused_and_other_settings_are_refused(unlabelled_root, tmp_path, one_thread):
+    config = _config(unlabelled_root, steps=3, batch_size=4, val_fraction=0.0)
+    scans = unlabelled_scans(config.data)
+    first = pretrain(config, scans, tmp_path)
+    written = first.weights.stat().st_mtime_ns
+    again = pretrain(config, scans, tmp_path)
+    assert again.summary == json.loads((tmp_path / "pretraining.json").read_text())
+    assert first.weights.stat().st_mtime_ns == written
+    with pytest.raises(ConfigError, match=r"\(differs in pretraining\); use a new --output folder"):
+        pretrain(_config(unlabelled_root, steps=4, batch_size=4, val_fraction=0.0), scans, tmp_path)

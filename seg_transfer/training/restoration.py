@@ -10,6 +10,11 @@ Every layer trains (BatchNorm in train mode), AdamW with linear warm-up and cosi
 (``pretraining.val_fraction``) is held out: the summary reports their restoration error before and after,
 next to the error of returning the corrupted input unchanged.
 
+Idempotent like training: every :data:`STATE_EVERY` steps the loop's state (network, optimiser, schedule, loss
+curve) is written to ``pretraining_state.pt``; the same command on the same folder continues from it (samples are
+fixed by their index, so a continued run equals an uninterrupted one), a finished folder of the same settings is
+reused, and a folder of other settings is refused.
+
 Output folder: ``pretrained.pt`` (the whole network's state dict; fine-tuning reads its ``encoder.*``
 part through ``model.encoder_weights: OUT/pretrained.pt``, 3D encoders as they are, and with
 ``model.decoder_from_weights: true`` its decoder too) and ``pretraining.json`` (settings, scans, loss curve,
@@ -30,7 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
 from seg_transfer.atomic import json_safe, write_atomic
@@ -53,6 +58,11 @@ log = logging.getLogger(__name__)
 CURVE_WINDOW = 25
 WEIGHTS_NAME = "pretrained.pt"
 SUMMARY_NAME = "pretraining.json"
+STATE_NAME = "pretraining_state.pt"
+#: optimiser steps between two saved loop states
+STATE_EVERY = 100
+#: config sections that decide what pretraining computes (a folder made with others is another pretraining)
+DECIDING = ("seed", "data", "model", "pretraining")
 
 
 @dataclass(frozen=True)
@@ -118,6 +128,11 @@ def pretrain(config: RunConfig, scans: Sequence[Case], output: Path) -> Pretrain
     ``output``'s two files."""
     route = get_route(config.model.dims)
     settings = config.pretraining
+    finished = _finished(config, output)
+    if finished is not None:
+        log.info("%s: a finished pretraining of these settings; reused", output)
+        return finished
+    resume = _saved_state(config, output)
     batch_size = settings.batch_size or config.training.batch_size
     scans = readable_scans(scans)
     if len(scans) < 2 and settings.val_fraction > 0:
@@ -143,10 +158,11 @@ def pretrain(config: RunConfig, scans: Sequence[Case], output: Path) -> Pretrain
         held_out_set = route.restoration_samples(volume_dataset(held_out, prep, config.data, with_label=False),
                                                  config.data, model, corruption, None, config.seed + 1)
         val_loader = _loader(held_out_set, config.training.val_batch_size, config.data.num_workers)
-    before = restoration_errors(model, val_loader, device) if val_loader else None
-    start = time.monotonic()
-    curve = _train(model, _loader(train_set, batch_size, config.data.num_workers), settings, device)
-    seconds = time.monotonic() - start
+    before = resume["held_out_before"] if resume else (restoration_errors(model, val_loader, device) if val_loader else None)
+    loop = _Loop(model, settings, _identity(config), output / STATE_NAME, resume)
+    loop.held_out_before = before
+    loader = _loader(Subset(train_set, range(loop.step * batch_size, len(train_set))), batch_size, config.data.num_workers)
+    curve, seconds = loop.run(loader, device)
     after = restoration_errors(model, val_loader, device) if val_loader else None
     weights = _save_weights(model, output / WEIGHTS_NAME)
     summary = {
@@ -158,36 +174,113 @@ def pretrain(config: RunConfig, scans: Sequence[Case], output: Path) -> Pretrain
         "settings": settings.model_dump(mode="json"), "data": config.data.model_dump(mode="json"),
         "environment": run_environment(device),
     }
+    summary["config"] = _identity(config)
     write_atomic(output / SUMMARY_NAME, json.dumps(json_safe(summary), indent=2) + "\n")
+    (output / STATE_NAME).unlink(missing_ok=True)
     return PretrainResult(weights, summary)
 
 
-def _train(model: nn.Module, loader: DataLoader, settings, device: torch.device) -> list[dict]:
-    """The optimisation loop; returns the loss curve as ``[{"step": s, "loss": mean of the window ending at s}]``."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
-    warmup = min(settings.warmup_steps, settings.steps - 1)
-    scheduler = LambdaLR(optimizer, lambda step: lr_factor(step, warmup, settings.steps, "cosine"))
-    model.train()
-    show = sys.stderr.isatty()
-    beat = Heartbeat(log, "pretraining", settings.steps, disable=show)
-    curve, window = [], []
-    bar = tqdm(loader, desc="pretraining", leave=False, disable=not show)
-    for step, batch in enumerate(bar, start=1):
-        loss = nn.functional.mse_loss(_outputs(model, batch["image"].to(device)), batch["target"].to(device))
-        optimizer.zero_grad(set_to_none=True)
-        window.append(backward_and_step(loss, model, optimizer, grad_clip=1.0))
-        scheduler.step()
-        bar.set_postfix(loss=f"{window[-1]:.4f}")
-        beat.tick(step, window[-1])
-        if len(window) == CURVE_WINDOW or step == len(loader):
-            curve.append({"step": step, "loss": round(float(np.mean(window)), 4)})
-            window = []
-    return curve
+def _identity(config: RunConfig) -> dict:
+    """What decides the pretraining's result: :data:`DECIDING` of the config, as JSON data."""
+    dumped = json_safe(config.model_dump(mode="json"))
+    return {key: dumped[key] for key in DECIDING}
+
+
+def _finished(config: RunConfig, output: Path) -> PretrainResult | None:
+    """The result in ``output`` when a pretraining of the same settings finished there; ConfigError when
+    ``output`` holds one of other settings."""
+    summary_path, weights = output / SUMMARY_NAME, output / WEIGHTS_NAME
+    if not summary_path.is_file() or not weights.is_file():
+        return None
+    summary = json.loads(summary_path.read_text())
+    _check_same(summary.get("config"), config, summary_path)
+    return PretrainResult(weights, summary)
+
+
+def _saved_state(config: RunConfig, output: Path) -> dict | None:
+    """The loop state an interrupted pretraining of the same settings left in ``output`` (ConfigError for other
+    settings, or a file that cannot be read)."""
+    path = output / STATE_NAME
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - one line for the user
+        raise ConfigError(f"{path}: cannot read the saved pretraining state ({type(exc).__name__}); delete it to "
+                          "start again") from None
+    _check_same(json.loads(state["config"]), config, path)
+    log.info("%s: continuing an interrupted pretraining from step %d", output, state["step"])
+    return state
+
+
+def _check_same(stored: dict | None, config: RunConfig, path: Path) -> None:
+    if stored is None:
+        raise ConfigError(f"{path}: a pretraining that did not record its settings (an older version); use a new "
+                          "--output folder")
+    current = _identity(config)
+    if stored != current:
+        changed = sorted(k for k in DECIDING if stored.get(k) != current[k])
+        raise ConfigError(f"{path}: a pretraining with other settings (differs in {', '.join(changed)}); use a new "
+                          "--output folder")
+
+
+class _Loop:
+    """The optimisation loop, resumable: AdamW with linear warm-up and cosine decay over ``settings.steps``; its
+    state is saved every :data:`STATE_EVERY` steps to ``state_path`` (atomically) and restored from ``resume``."""
+
+    def __init__(self, model: nn.Module, settings, identity: dict, state_path: Path, resume: dict | None):
+        self.model, self.settings, self.identity, self.state_path = model, settings, identity, state_path
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+        warmup = min(settings.warmup_steps, settings.steps - 1)
+        self.scheduler = LambdaLR(self.optimizer, lambda step: lr_factor(step, warmup, settings.steps, "cosine"))
+        self.step, self.curve, self.window, self.seconds, self.held_out_before = 0, [], [], 0.0, None
+        if resume:
+            model.load_state_dict(resume["model"])
+            self.optimizer.load_state_dict(resume["optimizer"])
+            self.scheduler.load_state_dict(resume["scheduler"])
+            self.step, self.curve, self.window, self.seconds = (resume["step"], list(resume["curve"]),
+                                                                list(resume["window"]), float(resume["seconds"]))
+
+    def run(self, loader: DataLoader, device: torch.device) -> tuple[list[dict], float]:
+        """Train over ``loader`` (the steps left); returns the loss curve (``[{"step": s, "loss": mean of the
+        window ending at s}]``) and the seconds spent, both over the whole pretraining."""
+        self.model.train()
+        show = sys.stderr.isatty()
+        beat = Heartbeat(log, "pretraining", self.settings.steps - self.step, disable=show)
+        start = time.monotonic()
+        bar = tqdm(loader, desc="pretraining", initial=self.step, total=self.settings.steps, leave=False, disable=not show)
+        for done, batch in enumerate(bar, start=1):
+            loss = nn.functional.mse_loss(_outputs(self.model, batch["image"].to(device)), batch["target"].to(device))
+            self.optimizer.zero_grad(set_to_none=True)
+            self.window.append(backward_and_step(loss, self.model, self.optimizer, grad_clip=1.0))
+            self.scheduler.step()
+            self.step += 1
+            bar.set_postfix(loss=f"{self.window[-1]:.4f}")
+            beat.tick(done, self.window[-1])
+            if len(self.window) == CURVE_WINDOW or self.step == self.settings.steps:
+                self.curve.append({"step": self.step, "loss": round(float(np.mean(self.window)), 4)})
+                self.window = []
+            if self.step % STATE_EVERY == 0 and self.step < self.settings.steps:
+                self._save(self.seconds + time.monotonic() - start)
+        self.seconds += time.monotonic() - start
+        return self.curve, self.seconds
+
+    def _save(self, seconds: float) -> None:
+        state = {"step": self.step, "model": _cpu(self.model.state_dict()), "optimizer": self.optimizer.state_dict(),
+                 "scheduler": self.scheduler.state_dict(), "curve": self.curve, "window": self.window,
+                 "seconds": seconds, "config": json.dumps(self.identity), "held_out_before": self.held_out_before}
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        write_atomic(self.state_path, buffer.getvalue())
+
+
+def _cpu(state: dict) -> dict:
+    return {k: v.detach().cpu() for k, v in state.items()}
 
 
 def _save_weights(model: nn.Module, path: Path) -> Path:
     buffer = io.BytesIO()
-    torch.save({"state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}, buffer)
+    torch.save({"state_dict": _cpu(model.state_dict())}, buffer)
     return write_atomic(path, buffer.getvalue())
 
 
