@@ -27,7 +27,7 @@ STUDIES = {"ablation_hippocampus_n10.yaml": 240, "robustness_hippocampus_n10.yam
            "ablation_slices_hippocampus_n10.yaml": 240, "ablation_width_lr_hippocampus_n10.yaml": 240,
            "lr_double_600_hippocampus_n10.yaml": 600, "restoration_pretrain_hippocampus_n10.yaml": 240,
            "restoration_pretrain_600_hippocampus_n10.yaml": 600, "restoration_pretrain_3d_hippocampus_n10.yaml": 240,
-           "restoration_decoder_hippocampus_n10.yaml": 240}
+           "restoration_decoder_hippocampus_n10.yaml": 240, "restoration_pretrain_3d_960_hippocampus_n10.yaml": 960}
 
 
 def without_missing_weights(arm):
