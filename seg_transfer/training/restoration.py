@@ -125,7 +125,8 @@ def readable_scans(scans: Sequence[Case]) -> list[Case]:
 
 def pretrain(config: RunConfig, scans: Sequence[Case], output: Path) -> PretrainResult:
     """Restoration-pretrain ``config``'s network on ``scans`` (images only; bad ones are left out) and write
-    ``output``'s two files."""
+    ``output``'s two files; continues an interrupted pretraining of the same settings in ``output``, returns a
+    finished one as it is, refuses one of other settings (ConfigError)."""
     route = get_route(config.model.dims)
     settings = config.pretraining
     finished = _finished(config, output)
@@ -146,21 +147,12 @@ def pretrain(config: RunConfig, scans: Sequence[Case], output: Path) -> Pretrain
     model, provenance = route.build_network(config.model, in_channels, in_channels, True)
     device = run_device(config.training.device)
     model.to(device)
-    corruption = Corruption(settings)
     train_scans, held_out = split_scans(scans, settings.val_fraction, config.seed)
-    prep = Preprocessing.from_config(config.data)
     log.info("restoration pretraining (%s): %d scans (%d held out), %d steps of %d %s on %s", route.name, len(scans),
              len(held_out), settings.steps, batch_size, route.sample_name, device)
-    train_set = route.restoration_samples(volume_dataset(train_scans, prep, config.data, with_label=False), config.data,
-                                          model, corruption, settings.steps * batch_size, config.seed)
-    val_loader = None
-    if held_out:
-        held_out_set = route.restoration_samples(volume_dataset(held_out, prep, config.data, with_label=False),
-                                                 config.data, model, corruption, None, config.seed + 1)
-        val_loader = _loader(held_out_set, config.training.val_batch_size, config.data.num_workers)
+    train_set, val_loader = _restoration_sets(config, route, model, train_scans, held_out, settings.steps * batch_size)
     before = resume["held_out_before"] if resume else (restoration_errors(model, val_loader, device) if val_loader else None)
-    loop = _Loop(model, settings, _identity(config), output / STATE_NAME, resume)
-    loop.held_out_before = before
+    loop = _Loop(model, settings, _identity(config), output / STATE_NAME, resume, before)
     loader = _loader(Subset(train_set, range(loop.step * batch_size, len(train_set))), batch_size, config.data.num_workers)
     curve, seconds = loop.run(loader, device)
     after = restoration_errors(model, val_loader, device) if val_loader else None
@@ -172,12 +164,27 @@ def pretrain(config: RunConfig, scans: Sequence[Case], output: Path) -> Pretrain
         "held_out_before": _rounded(before), "held_out_after": _rounded(after), "loss_curve": curve,
         "weights": WEIGHTS_NAME, "weights_sha256": sha256_file(weights),
         "settings": settings.model_dump(mode="json"), "data": config.data.model_dump(mode="json"),
-        "environment": run_environment(device),
+        "environment": run_environment(device), "config": _identity(config),
     }
-    summary["config"] = _identity(config)
     write_atomic(output / SUMMARY_NAME, json.dumps(json_safe(summary), indent=2) + "\n")
     (output / STATE_NAME).unlink(missing_ok=True)
     return PretrainResult(weights, summary)
+
+
+def _restoration_sets(config: RunConfig, route, model: nn.Module, train_scans: Sequence[Case],
+                      held_out: Sequence[Case], count: int) -> tuple[Dataset, DataLoader | None]:
+    """The route's ``count`` training pairs (seed) and a loader of its held-out pairs (seed + 1; None without
+    held-out scans), both preprocessed as fine-tuning will preprocess them."""
+    prep, corruption = Preprocessing.from_config(config.data), Corruption(config.pretraining)
+
+    def pairs(scans: Sequence[Case], size: int | None, seed: int) -> Dataset:
+        volumes = volume_dataset(scans, prep, config.data, with_label=False)
+        return route.restoration_samples(volumes, config.data, model, corruption, size, seed)
+
+    train_set = pairs(train_scans, count, config.seed)
+    if not held_out:
+        return train_set, None
+    return train_set, _loader(pairs(held_out, None, config.seed + 1), config.training.val_batch_size, config.data.num_workers)
 
 
 def _identity(config: RunConfig) -> dict:
@@ -228,12 +235,14 @@ class _Loop:
     """The optimisation loop, resumable: AdamW with linear warm-up and cosine decay over ``settings.steps``; its
     state is saved every :data:`STATE_EVERY` steps to ``state_path`` (atomically) and restored from ``resume``."""
 
-    def __init__(self, model: nn.Module, settings, identity: dict, state_path: Path, resume: dict | None):
+    def __init__(self, model: nn.Module, settings, identity: dict, state_path: Path, resume: dict | None,
+                 held_out_before: dict | None):
         self.model, self.settings, self.identity, self.state_path = model, settings, identity, state_path
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
         warmup = min(settings.warmup_steps, settings.steps - 1)
         self.scheduler = LambdaLR(self.optimizer, lambda step: lr_factor(step, warmup, settings.steps, "cosine"))
-        self.step, self.curve, self.window, self.seconds, self.held_out_before = 0, [], [], 0.0, None
+        self.step, self.curve, self.window, self.seconds = 0, [], [], 0.0
+        self.held_out_before = held_out_before  # saved with the state: a continued run reports the first error
         if resume:
             model.load_state_dict(resume["model"])
             self.optimizer.load_state_dict(resume["optimizer"])
