@@ -133,8 +133,9 @@ class Route:
       inputs change shape from case to case (2.5D whole slices) leaves it off (README, "On one GPU").
     - ``ranking_scores`` / ``ranking_strides``: what ``rank-encoders`` scores when not told, chosen by the
       encoder-choice studies (docs/results.md) for this route (the first score orders the ranking).
-    - ``restoration_samples(volumes, data, network, corruption, count, seed)`` -> the dataset of (corrupted,
-      original) pairs ``seg-transfer pretrain`` learns from: 2.5D slabs or 3D patches (``count=None``: a held-out set).
+    - ``restoration_samples(volumes, data, settings, network, corruption, count, seed)`` -> the dataset of
+      (corrupted, original) pairs ``seg-transfer pretrain`` learns from: 2.5D slabs or 3D patches, shaped by the
+      ``settings`` of its training scans (``count=None``: a held-out set).
     - ``train_channels_last`` / ``predict_channels_last``: device types on which training's ``channels_last: auto``
       and :func:`~seg_transfer.routes.network.load_network` lay activations and the network out channels last,
       where ``benchmarks/memory_format.py`` measured it faster (README, "Channels last on the CPU").

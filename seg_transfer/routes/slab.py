@@ -64,7 +64,8 @@ def _training_samples(volumes, data: DataConfig, batch_size: int, settings: dict
                         rank=rank, world_size=world_size, pin_memory=pin_memory)
 
 
-def _restoration_samples(volumes, data: DataConfig, network: nn.Module, corruption, count: int | None, seed: int):
+def _restoration_samples(volumes, data: DataConfig, settings: dict, network: nn.Module, corruption, count: int | None,
+                         seed: int):
     return RestorationSlabs(volumes, data.slice_axis, data.context_slices, encoder_output_stride(network), corruption,
                             count, seed)
 

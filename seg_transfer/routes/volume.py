@@ -118,9 +118,10 @@ def _training_samples(volumes, data: DataConfig, batch_size: int, settings: dict
                         pin_memory=pin_memory)
 
 
-def _restoration_samples(volumes, data: DataConfig, network: nn.Module, corruption, count: int | None, seed: int):
-    """Patches of the training patch size (``data.patch_size`` or the median shape of ``volumes``)."""
-    return RestorationPatches(volumes, _settings(data, volumes, network)["patch_size"], corruption, count, seed)
+def _restoration_samples(volumes, data: DataConfig, settings: dict, network: nn.Module, corruption, count: int | None,
+                         seed: int):
+    """Patches of ``settings``' patch size (held-out patches take the pretraining scans' size too)."""
+    return RestorationPatches(volumes, settings["patch_size"], corruption, count, seed)
 
 
 def _inferer(spec: NetworkSpec, options: InferenceOptions, network: nn.Module) -> SlidingWindowInferer3d:

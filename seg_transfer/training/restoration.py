@@ -174,17 +174,18 @@ def pretrain(config: RunConfig, scans: Sequence[Case], output: Path) -> Pretrain
 def _restoration_sets(config: RunConfig, route, model: nn.Module, train_scans: Sequence[Case],
                       held_out: Sequence[Case], count: int) -> tuple[Dataset, DataLoader | None]:
     """The route's ``count`` training pairs (seed) and a loader of its held-out pairs (seed + 1; None without
-    held-out scans), both preprocessed as fine-tuning will preprocess them."""
+    held-out scans), both preprocessed as fine-tuning will preprocess them and shaped by the route settings of
+    the training scans (one 3D patch size for both)."""
     prep, corruption = Preprocessing.from_config(config.data), Corruption(config.pretraining)
-
-    def pairs(scans: Sequence[Case], size: int | None, seed: int) -> Dataset:
-        volumes = volume_dataset(scans, prep, config.data, with_label=False)
-        return route.restoration_samples(volumes, config.data, model, corruption, size, seed)
-
-    train_set = pairs(train_scans, count, config.seed)
+    train_volumes = volume_dataset(train_scans, prep, config.data, with_label=False)
+    settings = route.settings(config.data, train_volumes, model)
+    train_set = route.restoration_samples(train_volumes, config.data, settings, model, corruption, count, config.seed)
     if not held_out:
         return train_set, None
-    return train_set, _loader(pairs(held_out, None, config.seed + 1), config.training.val_batch_size, config.data.num_workers)
+    held_out_volumes = volume_dataset(held_out, prep, config.data, with_label=False)
+    held_out_set = route.restoration_samples(held_out_volumes, config.data, settings, model, corruption, None,
+                                             config.seed + 1)
+    return train_set, _loader(held_out_set, config.training.val_batch_size, config.data.num_workers)
 
 
 def _identity(config: RunConfig) -> dict:
