@@ -32,11 +32,13 @@ STUDIES = {"ablation_hippocampus_n10.yaml": 240, "robustness_hippocampus_n10.yam
 
 def without_missing_weights(arm):
     """The arm, its encoder weights file replaced by ``none`` where that file is not made yet (the phantom
-    encoder of the encoder-choice study is trained by a README command); budgets do not depend on it."""
+    encoder and the restoration-pretrained networks are made by README commands; a fresh clone has no
+    ``runs/``), and with it ``decoder_from_weights``, which needs that file; budgets depend on neither."""
     weights = arm.set.get("model.encoder_weights")
     if weights in (None, "imagenet", "none") or Path(weights).is_file():
         return arm
-    return arm.model_copy(update={"set": {**arm.set, "model.encoder_weights": "none"}})
+    kept = {key: value for key, value in arm.set.items() if key != "model.decoder_from_weights"}
+    return arm.model_copy(update={"set": {**kept, "model.encoder_weights": "none"}})
 
 def optimiser_steps(config) -> int:
     """Steps a run config takes: every stage's epochs x slices per epoch / batch."""
