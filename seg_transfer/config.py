@@ -64,6 +64,16 @@ class AugmentConfig(_Strict):
     flip_axes: list[Literal[0, 1, 2]] = Field(default_factory=list)  # 2.5D: in-plane axes 0, 1; 3D: spatial axes 0-2
 
 
+class PseudoLabelledConfig(_Strict):
+    """Unlabelled scans with label maps predicted by a trained run (``seg-transfer predict``), added to the
+    training cases only (self-training; never validation or test). Label files are matched to images by
+    case name, as for ``data.images_dir`` + ``data.labels_dir``."""
+
+    #: the scans; ``null``: the MSD dataset's unlabelled images (``imagesTs`` under ``data.root``)
+    images_dir: Path | None = None
+    labels_dir: Path
+
+
 class DataConfig(_Strict):
     """Where the cases are and how volumes become 2.5D training samples."""
 
@@ -93,6 +103,8 @@ class DataConfig(_Strict):
     num_workers: int = Field(0, ge=0)
     split: SplitConfig = Field(default_factory=SplitConfig)
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    #: self-training: predicted label maps of unlabelled scans join the training cases (see PseudoLabelledConfig)
+    pseudo_labelled: PseudoLabelledConfig | None = None
 
     @model_validator(mode="after")
     def _one_source(self) -> DataConfig:
@@ -101,6 +113,9 @@ class DataConfig(_Strict):
             raise ValueError("give exactly one of data.root (MSD layout), data.csv, or data.images_dir + data.labels_dir")
         if (self.images_dir is None) != (self.labels_dir is None):
             raise ValueError("data.images_dir and data.labels_dir go together")
+        if self.pseudo_labelled is not None and self.pseudo_labelled.images_dir is None and self.root is None:
+            raise ValueError("data.pseudo_labelled.images_dir is needed unless data.root (MSD layout) holds the "
+                             "unlabelled scans in imagesTs")
         return self
 
     @property
@@ -352,7 +367,8 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
 
 
 #: data keys holding paths (resolved against the file that names them)
-DATA_PATH_KEYS = ("root", "csv", "images_dir", "labels_dir", "cache_dir")
+DATA_PATH_KEYS = ("root", "csv", "images_dir", "labels_dir", "cache_dir",
+                  "pseudo_labelled.images_dir", "pseudo_labelled.labels_dir")
 #: Every config key that may hold a path, dotted (a weights file for ``model.encoder_weights``).
 PATH_KEYS = (*(f"data.{key}" for key in DATA_PATH_KEYS), "model.encoder_weights")
 
@@ -371,10 +387,16 @@ def absolute_config_paths(raw: dict[str, Any], base: Path, source: str = "config
     were file-relative) is kept relative to the working directory, with a warning."""
     raw = dict(raw)
     for dotted in PATH_KEYS:
-        section, key = dotted.split(".")
-        block = raw.get(section)
+        *sections, key = dotted.split(".")
+        parents, block = [], raw
+        for section in sections:
+            parents.append(block)
+            block = block.get(section) if isinstance(block, dict) else None
         if isinstance(block, dict) and is_relative_path(dotted, block.get(key)):
-            raw[section] = {**block, key: str(_resolve_from(base, block[key], f"{source}: '{dotted}'"))}
+            block = {**block, key: str(_resolve_from(base, block[key], f"{source}: '{dotted}'"))}
+            for parent, section in zip(reversed(parents), reversed(sections)):  # copies: ``raw``'s blocks stay as they were
+                block = {**parent, section: block}
+            raw = block
     return raw
 
 

@@ -60,6 +60,28 @@ def test_every_arm_takes_the_stated_steps(name, steps, monkeypatch, tmp_path):
     assert len(study.seeds) >= 3 and study.split.model_dump() == {"test_fraction": 0.2, "val_fraction": 0.1, "seed": 0}
 
 
+def test_the_self_training_study_compares_teacher_plus_student_steps_with_the_default_at_their_sum(monkeypatch, tmp_path):
+    """configs/self_training_3d_hippocampus_n10.yaml: the student (960 steps, on the cases its 960-step teacher
+    labelled) against the 3D default at 1920 steps, and the same from scratch; the students' patch size is the
+    teachers' derived one, and the scratch student is a scratch network."""
+    monkeypatch.chdir(tmp_path)
+    from seg_transfer.study.plan import plan_runs
+
+    study = load_study_config(CONFIGS / "self_training_3d_hippocampus_n10.yaml")
+    _, specs = plan_runs(study, tmp_path / "study")
+    steps = {spec.arm: optimiser_steps(spec.config) for spec in specs}
+    assert steps == {"imagenet_3d": 960, "scratch_3d": 960, "self_trained_3d": 960, "self_trained_scratch_3d": 960,
+                     "imagenet_3d_1920": 1920} and study.allow_unequal_budgets
+    teachers = {"self_trained_3d": "imagenet_3d", "self_trained_scratch_3d": "scratch_3d"}
+    for spec in specs:
+        if spec.arm in teachers:
+            assert spec.teacher_dir == tmp_path / "study" / "runs" / teachers[spec.arm] / f"n010_seed{spec.seed}"
+            assert spec.config.data.pseudo_labelled.labels_dir == spec.teacher_dir / "unlabelled_predictions"
+            assert spec.config.data.patch_size == (40, 56, 36)
+            assert spec.config.model.pretrained == (spec.arm == "self_trained_3d")
+    assert study.seeds == [3, 4, 5] and study.split.model_dump() == {"test_fraction": 0.2, "val_fraction": 0.1, "seed": 0}
+
+
 def test_the_scale_budget_study_gives_both_arms_about_the_same_wall_clock_not_the_same_steps(monkeypatch, tmp_path):
     """configs/budget_scale_hippocampus_n10.yaml compares at equal wall clock on purpose: a 0.5 mm step costs
     about 3x a 1 mm step, so the 0.5 mm arm takes 600 steps against 1875, with the same staged schedule."""

@@ -40,9 +40,15 @@ class PreparedData:
     labels: dict[int, str]
     splits: dict[str, list[str]]
     skipped: list[BadCase] = field(default_factory=list)
+    #: cases whose labels a trained run predicted (``data.pseudo_labelled``): training only, never in ``splits``
+    pseudo_labelled: list[str] = field(default_factory=list)
 
     def subset(self, part: str) -> list[Case]:
         return [self.cases[name] for name in self.splits[part]]
+
+    def training_cases(self) -> list[Case]:
+        """What the network trains on: the split's training cases, then the pseudo-labelled scans."""
+        return self.subset("train") + [self.cases[name] for name in self.pseudo_labelled]
 
 
 def discover_cases(data: DataConfig) -> tuple[list[Case], dict[int, str] | None]:
@@ -74,6 +80,20 @@ def unlabelled_scans(data: DataConfig, folders: Sequence[str | Path] = ()) -> li
     return scans
 
 
+def pseudo_labelled_cases(data: DataConfig) -> list[Case]:
+    """The scans of ``data.pseudo_labelled`` (its ``images_dir``, or the MSD dataset's ``imagesTs``), each with
+    the label map of the same case name in its ``labels_dir``; one-line :class:`DatasetError` naming the
+    scans that have none (a self-trained run never trains on a scan its teacher did not label)."""
+    config = data.pseudo_labelled
+    scans = unlabelled_scans(data, [config.images_dir] if config.images_dir is not None else [])
+    predicted = {case.name: case.image for case in cases_from_folders(config.labels_dir, None)}
+    missing = [case.name for case in scans if case.name not in predicted]
+    if missing:
+        raise DatasetError(f"{config.labels_dir}: no predicted label map for {len(missing)} of {len(scans)} "
+                           f"unlabelled scans, e.g. {', '.join(missing[:3])}")
+    return [Case(case.name, case.image, predicted[case.name]) for case in scans]
+
+
 def prepare_data(data: DataConfig, run_dir: Path, skip_bad_cases: bool = False) -> PreparedData:
     """Discover and check cases, then split them by case (reusing ``run_dir/splits.json`` if present).
 
@@ -89,11 +109,17 @@ def prepare_data(data: DataConfig, run_dir: Path, skip_bad_cases: bool = False) 
     unlabelled = [case.name for case in cases if case.label is None]
     if unlabelled:
         raise DatasetError(f"training cases without a label file: {', '.join(unlabelled[:5])}")
-    bad = find_bad_cases(cases, set(labels))
+    pseudo = pseudo_labelled_cases(data) if data.pseudo_labelled is not None else []
+    both = sorted({case.name for case in cases} & {case.name for case in pseudo})
+    if both:
+        raise DatasetError(f"{data.pseudo_labelled.labels_dir}: case name(s) {', '.join(both[:3])} are labelled cases "
+                           "too; pseudo-labelled scans must be other scans")
+    bad = find_bad_cases([*cases, *pseudo], set(labels))
     if bad and not skip_bad_cases:
         raise BadDataError(f"{len({b.name for b in bad})} bad case(s) found before training (use --skip-bad-cases to train on the rest):\n{format_bad_cases(bad)}")
     bad_names = {b.name for b in bad}
     good = [case for case in cases if case.name not in bad_names]
+    pseudo = [case for case in pseudo if case.name not in bad_names]
     if len(good) < 2:
         raise DatasetError(f"{len(good)} usable case(s): at least 2 are needed (train and validation)")
     splits_path = run_dir / "splits.json"
@@ -110,7 +136,8 @@ def prepare_data(data: DataConfig, run_dir: Path, skip_bad_cases: bool = False) 
             fold=split.fold,
         )
         save_splits(splits, splits_path)
-    return PreparedData({case.name: case for case in good}, dict(sorted(labels.items())), splits, bad)
+    return PreparedData({case.name: case for case in [*good, *pseudo]}, dict(sorted(labels.items())), splits, bad,
+                        [case.name for case in pseudo])
 
 
 def volume_dataset(cases: Sequence[Case], prep: Preprocessing, data: DataConfig, with_label: bool = True):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -50,10 +51,12 @@ def base_raw(study: StudyConfig) -> dict:
     return absolute_config_paths(raw, study.base_config.parent, str(study.base_config))
 
 
-def arm_config(study: StudyConfig, arm: ArmConfig, seed: int, name: str) -> RunConfig:
-    """The validated run config of ``arm`` for ``seed`` (model init and slice sampling use ``seed``)."""
+def arm_config(study: StudyConfig, arm: ArmConfig, seed: int, name: str, pseudo_labels: Path | None = None) -> RunConfig:
+    """The validated run config of ``arm`` for ``seed`` (model init and slice sampling use ``seed``);
+    ``pseudo_labels``: for a self-training arm, the folder its teacher run writes the unlabelled scans' labels to."""
     source = f"{study.base_config} (study arm {arm.name})"
-    overrides = as_overrides({**study.set, **arm.set, "seed": seed, "name": name})
+    teacher = {"data.pseudo_labelled.labels_dir": str(pseudo_labels)} if pseudo_labels is not None else {}
+    overrides = as_overrides({**study.set, **arm.set, **teacher, "seed": seed, "name": name})
     raw = config_from_dict(base_raw(study), overrides, source=source).model_dump(mode="json")
     if arm.scratch_control:
         raw = scratch_control(raw)

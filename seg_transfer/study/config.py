@@ -34,6 +34,8 @@ class ArmConfig(_Strict):
     this one is compared with, where that is not the study's ``control`` (e.g. each architecture against
     its own scratch network). ``also_against``: further arms it is compared with in the report, beside its
     control (e.g. the default at another input scale, where the control is the scratch network of its own scale).
+    ``pseudo_labels_from``: self-training; an earlier arm whose run of the same size and seed, once finished,
+    labels the dataset's unlabelled scans (``data.pseudo_labelled``), and this arm trains on them too.
     """
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -41,6 +43,7 @@ class ArmConfig(_Strict):
     scratch_control: bool = False
     control: str | None = None
     also_against: list[str] = Field(default_factory=list)
+    pseudo_labels_from: str | None = None
 
 
 class StudySplit(_Strict):
@@ -105,11 +108,14 @@ class StudyConfig(_Strict):
             raise ValueError(f"arm names must be unique, got {names}")
         if self.control not in names:
             raise ValueError(f"'control': {self.control!r} is not an arm; the arms are {', '.join(names)}")
-        for arm in self.arms:
+        for position, arm in enumerate(self.arms):
             for key, other in [("control", arm.control)] + [("also_against", name) for name in arm.also_against]:
                 if other is not None and (other not in names or other == arm.name):
                     raise ValueError(f"arm {arm.name!r}: {key!r}: {other!r} is not another arm; "
                                      f"the arms are {', '.join(names)}")
+            if arm.pseudo_labels_from is not None and arm.pseudo_labels_from not in names[:position]:
+                raise ValueError(f"arm {arm.name!r}: 'pseudo_labels_from': {arm.pseudo_labels_from!r} is not an arm "
+                                 f"listed before it (the teacher trains first); earlier arms: {', '.join(names[:position]) or 'none'}")
         if len(set(self.seeds)) != len(self.seeds):
             raise ValueError("seeds has duplicates")
         return self

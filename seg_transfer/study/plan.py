@@ -34,10 +34,15 @@ class RunSpec:
     config: RunConfig
     run_dir: Path
     splits: dict[str, list[str]]
+    teacher_dir: Path | None = None  # self-training: the run (same size and seed) that labels the unlabelled scans
 
     @property
     def key(self) -> str:
         return f"{self.arm}/n{self.size:03d}_seed{self.seed}"
+
+
+#: where a teacher run writes its label maps of the unlabelled scans (``seg-transfer predict`` output)
+PSEUDO_LABELS_DIR = "unlabelled_predictions"
 
 
 def study_cases(study: StudyConfig, config: RunConfig) -> StudyCases:
@@ -77,10 +82,14 @@ def plan_runs(study: StudyConfig, output: Path) -> tuple[StudyCases, list[RunSpe
         for seed in study.seeds:
             train = training_subset(cases.pool, size, seed)
             splits = {"train": train, "val": list(cases.val), "test": list(cases.test)}
-            configs = {arm.name: arm_config(study, arm, seed, f"{arm.name}_n{size}_seed{seed}") for arm in study.arms}
+            run_dirs = {arm.name: Path(output) / "runs" / arm.name / f"n{size:03d}_seed{seed}" for arm in study.arms}
+            teachers = {arm.name: run_dirs[arm.pseudo_labels_from] for arm in study.arms if arm.pseudo_labels_from}
+            configs = {arm.name: arm_config(study, arm, seed, f"{arm.name}_n{size}_seed{seed}",
+                                            teachers[arm.name] / PSEUDO_LABELS_DIR if arm.name in teachers else None)
+                       for arm in study.arms}
             if not study.allow_unequal_budgets:
                 check_equal_budgets(configs)
             for arm in study.arms:
-                run_dir = Path(output) / "runs" / arm.name / f"n{size:03d}_seed{seed}"
-                specs.append(RunSpec(arm.name, size, seed, configs[arm.name], run_dir, splits))
+                specs.append(RunSpec(arm.name, size, seed, configs[arm.name], run_dirs[arm.name], splits,
+                                     teachers.get(arm.name)))
     return cases, specs

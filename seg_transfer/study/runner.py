@@ -15,7 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from seg_transfer.atomic import write_atomic
 from seg_transfer.data.io import volume_suffix
+from seg_transfer.data.pipeline import unlabelled_scans
 from seg_transfer.data.splits import load_splits, save_splits
 from seg_transfer.errors import UserError
 from seg_transfer.evaluation.evaluate import JSON_NAME, evaluate_folders
@@ -104,6 +106,10 @@ def run_study(study: StudyConfig, output: Path, *, device: str = "auto", max_run
         is_new = finished_result(spec.run_dir) is None
         if is_new and max_runs is not None and trained >= max_runs:
             continue  # past --max-runs: later runs that are already finished still count
+        if spec.teacher_dir is not None and not is_evaluated_dir(spec.teacher_dir) and not is_evaluated(spec):
+            log.warning("run %d/%d: %s waits for its teacher run %s, not finished yet (another shard's?)",
+                        index + 1, len(specs), spec.key, spec.teacher_dir)
+            continue
         log.info("run %d/%d: %s%s", index + 1, len(specs), spec.key, "" if is_new else " (finished, reused)")
         finished[index] = complete_run(spec, test_images, test_labels, labels_file, study, device)
         trained += is_new
@@ -117,7 +123,11 @@ def run_study(study: StudyConfig, output: Path, *, device: str = "auto", max_run
 
 def is_evaluated(spec: RunSpec) -> bool:
     """Whether the run is finished for the study: trained, and its test cases predicted and evaluated."""
-    return (spec.run_dir / "test_evaluation" / JSON_NAME).is_file()
+    return is_evaluated_dir(spec.run_dir)
+
+
+def is_evaluated_dir(run_dir: Path) -> bool:
+    return (run_dir / "test_evaluation" / JSON_NAME).is_file()
 
 
 def spread_pending(specs: Sequence[RunSpec], processes: int) -> list[list[int]]:
@@ -128,22 +138,29 @@ def spread_pending(specs: Sequence[RunSpec], processes: int) -> list[list[int]]:
     ImageNet run and the other every scratch run, so a study stopped early holds unpaired runs."""
     shares: list[list[int]] = [[] for _ in range(processes)]
     arm_counts = [Counter() for _ in range(processes)]
+    dealt: dict[Path, int] = {}  # run folder -> process, for a self-training run to follow its teacher
     for index, spec in enumerate(specs):
         if is_evaluated(spec):
             continue
         target = min(range(processes), key=lambda k: (len(shares[k]), arm_counts[k][spec.arm], k))
+        target = dealt.get(spec.teacher_dir, target)  # after its teacher, in the same process
+        dealt[spec.run_dir] = target
         shares[target].append(index)
         arm_counts[target][spec.arm] += 1
     return shares
 
 
 def complete_run(spec: RunSpec, test_images: Path, test_labels: Path, labels_file: Path, study: StudyConfig, device: str) -> RunRecord:
-    """Train (or reuse) one run, then predict and evaluate the test cases with its best checkpoint."""
+    """Train (or reuse) one run, then predict and evaluate the test cases with its best checkpoint; a
+    self-training run first has its teacher run label the unlabelled scans."""
     write_run_splits(spec)
+    if spec.teacher_dir is not None:
+        label_unlabelled_scans(spec, study.predict_batch_size, device)
     result = train_or_reuse(spec.config, spec.run_dir, check_config=True)
     evaluation = spec.run_dir / "test_evaluation" / JSON_NAME
     if not is_evaluated(spec):
-        predictions = predict_test_cases(spec.run_dir, test_images, study.predict_batch_size, device)
+        predictions = predict_with_run(spec.run_dir, test_images, spec.run_dir / "test_predictions",
+                                       study.predict_batch_size, device, "test case")
         evaluate_folders(predictions, test_labels, evaluation.parent, tolerance_mm=study.tolerance_mm, labels=labels_file)
     return RunRecord(spec.arm, spec.size, spec.seed, spec.run_dir, result.best_dice, result.epochs, result.seconds,
                      read_test_dice(evaluation), read_curve(spec.run_dir), result.steps, result.collapsed,
@@ -181,15 +198,26 @@ def write_test_inputs(cases: StudyCases, output: Path) -> tuple[Path, Path, Path
     return images, labels_dir, labels_file
 
 
-def predict_test_cases(run_dir: Path, test_images: Path, batch_size: int, device: str) -> Path:
-    """Label maps of the test cases from the run's best checkpoint into ``run_dir/test_predictions``."""
-    out = run_dir / "test_predictions"
+def predict_with_run(run_dir: Path, images: Path, out: Path, batch_size: int, device: str, what: str) -> Path:
+    """Label maps of the images listed in ``images`` from the run's best checkpoint into ``out`` (cases already
+    there are kept: a killed study continues); StudyError naming a ``what`` that failed."""
     options = PredictOptions(batch_size=batch_size, progress=False)
-    report = run_predict(PredictRequest((str(run_dir),), str(test_images), out, device=device, options=options, resume=True))
+    report = run_predict(PredictRequest((str(run_dir),), str(images), out, device=device, options=options, resume=True))
     if report.failed:
         first = report.failed[0]
-        raise StudyError(f"{run_dir}: prediction failed for {len(report.failed)} test case(s), e.g. {first.case}: {first.reason}")
+        raise StudyError(f"{run_dir}: prediction failed for {len(report.failed)} {what}(s), e.g. {first.case}: {first.reason}")
     return out
+
+
+def label_unlabelled_scans(spec: RunSpec, batch_size: int, device: str) -> Path:
+    """The teacher run's label maps of the unlabelled scans, where ``spec.config.data.pseudo_labelled`` reads
+    them (predicted once; every self-training run of that teacher shares them)."""
+    pseudo = spec.config.data.pseudo_labelled
+    scans = unlabelled_scans(spec.config.data, [pseudo.images_dir] if pseudo.images_dir is not None else [])
+    listing = spec.teacher_dir / "unlabelled_images.txt"
+    write_atomic(listing, "".join(f"{case.image}\n" for case in scans))
+    log.info("%s: its teacher %s labels %d unlabelled scans", spec.key, spec.teacher_dir, len(scans))
+    return predict_with_run(spec.teacher_dir, listing, Path(pseudo.labels_dir), batch_size, device, "unlabelled scan")
 
 
 def read_test_dice(evaluation_json: Path) -> dict[str, dict[str, float]]:

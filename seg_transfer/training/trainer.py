@@ -250,7 +250,10 @@ def _open_session(config: RunConfig, run_dir: Path, skip_bad_cases: bool, contex
     anchors = _anchors(config, model)
     log.info("device %s%s; %s", device, f", {context.world_size} processes" if context.enabled else "",
              speed.describe(settings))
-    train_volumes = volume_dataset(data.subset("train"), prep, config.data)
+    if data.pseudo_labelled:
+        log.info("training on %d labelled and %d pseudo-labelled cases (%s)", len(data.splits["train"]),
+                 len(data.pseudo_labelled), config.data.pseudo_labelled.labels_dir)
+    train_volumes = volume_dataset(data.training_cases(), prep, config.data)
     val_volumes = volume_dataset(distributed.shard_items(data.subset("val"), context), prep, config.data)
     route_settings = route.settings(config.data, train_volumes, model)
     train_set, train_loader = route.training_samples(train_volumes, config.data, training.batch_size, route_settings, model,
@@ -606,7 +609,9 @@ def _finish(session: _Session, progress: Progress) -> RunResult:
         environment=_environment(session, progress),
     )
     summary = {**asdict(result), "run_dir": str(result.run_dir), "weights": session.provenance.as_dict(),
-               "arch": session.config.model.arch, "encoder": session.config.model.encoder}
+               "arch": session.config.model.arch, "encoder": session.config.model.encoder,
+               "training_cases": len(session.data.splits["train"]),
+               "pseudo_labelled_cases": len(session.data.pseudo_labelled)}
     if session.dist.is_main:
         write_atomic(session.run_dir / "summary.json", json.dumps(json_safe(rounded(summary)), indent=2) + "\n")
     distributed.barrier(session.dist)  # every rank returns once rank 0's files are complete

@@ -1,0 +1,128 @@
+"""Self-training: unlabelled scans labelled by a trained run join the training cases only (``data.pseudo_labelled``),
+and a study arm (``pseudo_labels_from``) has its teacher run label them before it trains."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import yaml
+
+from seg_transfer.cli import main
+from seg_transfer.config import ConfigError, config_from_dict
+from seg_transfer.data.cases import DatasetError
+from seg_transfer.data.phantoms import make_phantom_dataset
+from seg_transfer.data.pipeline import prepare_data
+from seg_transfer.study.config import load_study_config
+from seg_transfer.study.plan import plan_runs
+from seg_transfer.study.runner import spread_pending
+from tests.conftest import tiny_config
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> Path:
+    """Eight labelled and three unlabelled (imagesTs) 32x32x12 phantoms."""
+    return make_phantom_dataset(tmp_path_factory.mktemp("self_training"), n_train=8, n_test=3, shape=(32, 32, 12), seed=3)
+
+
+def write_labels(root: Path, folder: Path, skip: int | None = None) -> Path:
+    """A label map (a centred box of class 1) in the grid of every unlabelled scan, named as the scan."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for index, image in enumerate(sorted((root / "imagesTs").glob("*.nii.gz"))):
+        if index == skip:
+            continue
+        scan = nib.load(image)
+        label = np.zeros(scan.shape, np.uint8)
+        label[8:24, 8:24, 3:9] = 1
+        nib.save(nib.Nifti1Image(label, scan.affine), folder / image.name)
+    return folder
+
+
+def config(root: Path, **changes):
+    return config_from_dict(tiny_config(root, **changes))
+
+
+def test_pseudo_labelled_scans_join_the_training_cases_only(root, tmp_path):
+    labels = write_labels(root, tmp_path / "predicted")
+    data = prepare_data(config(root, **{"data.pseudo_labelled": {"labels_dir": str(labels)}}).data, tmp_path)
+    plain = prepare_data(config(root).data, tmp_path / "plain")
+    assert data.splits == plain.splits  # the split of the labelled cases is unchanged
+    names = [case.name for case in data.training_cases()]
+    assert names == plain.splits["train"] + ["phantom_008", "phantom_009", "phantom_010"]
+    assert {case.name for case in data.training_cases()[-3:]} == set(data.pseudo_labelled)
+    assert all(case.label.parent == labels for case in data.training_cases()[-3:])
+    assert not set(data.pseudo_labelled) & {*data.splits["val"], *data.splits["test"]}
+
+
+def test_a_scan_without_a_predicted_label_is_one_line_naming_the_folder(root, tmp_path):
+    labels = write_labels(root, tmp_path / "predicted", skip=1)
+    with pytest.raises(DatasetError, match=r"predicted: no predicted label map for 1 of 3 unlabelled scans, e.g. phantom_009$"):
+        prepare_data(config(root, **{"data.pseudo_labelled": {"labels_dir": str(labels)}}).data, tmp_path)
+
+
+def test_pseudo_labels_need_scans_outside_an_msd_root(root, tmp_path):
+    folders = {"data.root": None, "data.images_dir": str(root / "imagesTr"), "data.labels_dir": str(root / "labelsTr"),
+               "data.labels": {0: "background", 1: "a", 2: "b"}}
+    with pytest.raises(ConfigError, match="data.pseudo_labelled.images_dir is needed"):
+        config(root, **folders, **{"data.pseudo_labelled": {"labels_dir": str(tmp_path)}})
+    # a scan that is a labelled case as well is refused: the same case would be trained on twice
+    labels = tmp_path / "labels"
+    shutil.copytree(root / "labelsTr", labels)
+    with pytest.raises(DatasetError, match="are labelled cases too"):
+        prepare_data(config(root, **folders, **{"data.pseudo_labelled": {"images_dir": str(root / "imagesTr"),
+                                                                         "labels_dir": str(labels)}}).data, tmp_path)
+
+
+def write_study(folder: Path, root: Path, arms: list[dict]) -> Path:
+    base = tiny_config(root, **{"data.slices_per_epoch": 16})
+    base["training"]["stages"] = [{"name": "all", "train": "all", "epochs": 2, "lr": 3e-3}]
+    (folder / "base.yaml").write_text(yaml.safe_dump(base))
+    study = {"name": "self_training", "base_config": "base.yaml", "arms": arms, "control": arms[0]["name"],
+             "train_sizes": [2], "seeds": [0], "split": {"test_fraction": 0.25, "val_fraction": 0.25, "seed": 0}}
+    path = folder / "study.yaml"
+    path.write_text(yaml.safe_dump(study, sort_keys=False))
+    return path
+
+
+def test_a_teacher_must_be_an_earlier_arm(root, tmp_path):
+    path = write_study(tmp_path, root, [{"name": "student", "pseudo_labels_from": "teacher"}, {"name": "teacher"}])
+    with pytest.raises(ConfigError, match="'pseudo_labels_from': 'teacher' is not an arm listed before it"):
+        load_study_config(path)
+
+
+def test_a_study_arm_trains_on_the_scans_its_teacher_run_labelled(root, tmp_path, one_thread):
+    path = write_study(tmp_path, root, [{"name": "teacher"}, {"name": "student", "pseudo_labels_from": "teacher"}])
+    out = tmp_path / "study"
+    assert main(["compare", "--config", str(path), "--output", str(out), "--device", "cpu"]) == 0
+    teacher, student = out / "runs" / "teacher" / "n002_seed0", out / "runs" / "student" / "n002_seed0"
+    predicted = sorted((teacher / "unlabelled_predictions").glob("*.nii.gz"))
+    assert [p.name for p in predicted] == sorted(p.name for p in (root / "imagesTs").glob("*.nii.gz"))
+    for label in predicted:  # each in its scan's grid
+        scan = nib.load(root / "imagesTs" / label.name)
+        assert nib.load(label).shape == scan.shape and np.allclose(nib.load(label).affine, scan.affine)
+    summary = json.loads((student / "summary.json").read_text())
+    assert (summary["training_cases"], summary["pseudo_labelled_cases"]) == (2, 3)
+    assert json.loads((teacher / "summary.json").read_text())["pseudo_labelled_cases"] == 0
+    saved = yaml.safe_load((student / "config.yaml").read_text())
+    assert Path(saved["data"]["pseudo_labelled"]["labels_dir"]) == teacher / "unlabelled_predictions"
+    # both runs start from the same seed and take the same steps: only the extra cases differ, and they change the weights
+    teacher_weights = (teacher / "checkpoints" / "best.pt").read_bytes()
+    assert teacher_weights != (student / "checkpoints" / "best.pt").read_bytes()
+
+
+def test_parallel_processes_keep_a_student_with_its_teacher(root, tmp_path):
+    path = write_study(tmp_path, root, [{"name": "teacher"}, {"name": "other"},
+                                        {"name": "student", "pseudo_labels_from": "teacher"}])
+    study = load_study_config(path)
+    study = study.model_copy(update={"seeds": [0, 1]})
+    _, specs = plan_runs(study, tmp_path / "study")
+    shares = spread_pending(specs, 2)
+    for share in shares:
+        arms = {specs[i].seed: [] for i in share}
+        for i in share:
+            arms[specs[i].seed].append(specs[i].arm)
+        assert all("teacher" in names for seed, names in arms.items() if "student" in names)
+    assert sorted(sum(shares, [])) == list(range(6))
