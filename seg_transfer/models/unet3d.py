@@ -136,7 +136,8 @@ def build_unet3d(config: ModelConfig, classes: int, *, load_pretrained: bool = T
     if config.arch.lower() != "unet":
         raise ModelConfigError(f"model.arch '{config.arch}' has no 3D version; the 3D route (dims: 3d) builds a Unet")
     channels = decoder_channels(config)
-    volumetric = _volumetric_weights(config) if load_pretrained else None
+    path, whole = _weights_file_state(config) if load_pretrained else (None, None)
+    volumetric = whole is not None and is_volumetric(encoder_part(whole))
     # the 2D decoder is discarded; giving it the 3D decoder's channels keeps smp's depth check satisfied
     config_2d = config.model_copy(update={"decoder_channels": list(channels), "decoder_from_weights": False,
                                           **({"encoder_weights": "none"} if volumetric else {})})
@@ -144,19 +145,18 @@ def build_unet3d(config: ModelConfig, classes: int, *, load_pretrained: bool = T
     encoder = inflate_encoder(model_2d.encoder, config.inflation, config.depth_stride_one_stages)
     drop_unread_encoder_layers(encoder, 1, config, spatial_dims=3, announce=load_pretrained)
     if volumetric:
-        path, state = volumetric
-        load_exact(encoder, state, str(path), "3D encoder")
+        load_exact(encoder, encoder_part(whole), str(path), "3D encoder")
         provenance = WeightsProvenance("file", str(path), sha256_file(path))
     network = Unet3d(encoder, classes, channels, config.deep_supervision)
     if load_pretrained and config.decoder_from_weights:
-        load_decoder_file(network.decoder, weights_file(config.encoder_weights))
+        load_decoder_file(network.decoder, path, whole)
     return network, provenance
 
 
-def _volumetric_weights(config: ModelConfig):
-    """(file, encoder state) when ``config.encoder_weights`` names a file whose encoder is already 3D, else None."""
+def _weights_file_state(config: ModelConfig):
+    """(file, its state dict) when ``config.encoder_weights`` names a file (read once here: it may hold a 3D
+    encoder and a decoder), else (None, None)."""
     if config.encoder_weights in NAMED_WEIGHTS:
-        return None
+        return None, None
     path = weights_file(config.encoder_weights)
-    state = encoder_part(read_state_dict(path))
-    return (path, state) if is_volumetric(state) else None
+    return path, read_state_dict(path)

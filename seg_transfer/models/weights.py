@@ -270,9 +270,10 @@ def load_exact(module: torch.nn.Module, state: OrderedDict[str, torch.Tensor], o
     module.load_state_dict(state)
 
 
-def load_decoder_file(decoder: torch.nn.Module, path: str | Path) -> None:
-    """Initialise ``decoder`` from the ``decoder.*`` tensors of the whole-network file ``path`` (exactly)."""
-    source = decoder_part(read_state_dict(path))
+def load_decoder_file(decoder: torch.nn.Module, path: str | Path, state: OrderedDict[str, torch.Tensor] | None = None) -> None:
+    """Initialise ``decoder`` from the ``decoder.*`` tensors of the whole-network file ``path`` (exactly);
+    ``state``: that file's state dict where the caller has read it already."""
+    source = decoder_part(read_state_dict(path) if state is None else state)
     if not source:
         raise WeightsError(f"{path}: holds no decoder (decoder.* tensors); model.decoder_from_weights needs a whole "
                            "network's file, such as seg-transfer pretrain's pretrained.pt or a run's best.pt")
