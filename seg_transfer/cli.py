@@ -241,7 +241,7 @@ def compare(
     device: Annotated[str, typer.Option("--device", help="Device for test-case prediction: auto, cpu, cuda or cuda:N.")] = "auto",
     max_runs: Annotated[int | None, typer.Option("--max-runs", min=0, help="Train at most N new runs now, then report (spread a study over jobs).")] = None,
     shard: Annotated[str, typer.Option("--shard", help="I/N: train only every N-th run from the I-th (0-based), so N processes share one study folder.")] = "0/1",
-    processes: Annotated[int, typer.Option("--processes", min=1, help="Train N shards at once in parallel processes on this machine (one GPU or several cores), then report; logs in OUTPUT/logs.")] = 1,
+    processes: Annotated[int, typer.Option("--processes", min=1, help="Train N runs at once in parallel processes on this machine (one GPU or several cores; each takes the next run when free), then report; logs in OUTPUT/logs.")] = 1,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Transfer study: arms x training-set sizes x seeds, paired comparison with the control, report. Resumable."""
@@ -258,9 +258,9 @@ def compare(
         typer.echo(f"report: {outcome.files['markdown']} and {outcome.files['html']}")
     elif outcome.files:
         typer.echo(f"no run finished yet; the study's cases and training subsets: {outcome.files['json']}")
-    for failed in outcome.failed_shards:
-        typer.echo(f"error: {failed} failed; its runs are missing from the report", err=True)
-    if outcome.failed_shards:
+    for failed in outcome.failed_runs:
+        typer.echo(f"error: run {failed}; it is missing from the report", err=True)
+    if outcome.failed_runs:
         raise typer.Exit(1)
 
 

@@ -18,7 +18,7 @@ from seg_transfer.data.phantoms import make_phantom_dataset
 from seg_transfer.data.pipeline import prepare_data
 from seg_transfer.study.config import load_study_config
 from seg_transfer.study.plan import plan_runs
-from seg_transfer.study.runner import spread_pending
+from seg_transfer.study.parallel import ready_runs
 from tests.conftest import tiny_config
 
 
@@ -113,16 +113,13 @@ def test_a_study_arm_trains_on_the_scans_its_teacher_run_labelled(root, tmp_path
     assert teacher_weights != (student / "checkpoints" / "best.pt").read_bytes()
 
 
-def test_parallel_processes_keep_a_student_with_its_teacher(root, tmp_path):
+def test_a_student_is_handed_out_only_once_its_teacher_is_evaluated(root, tmp_path):
     path = write_study(tmp_path, root, [{"name": "teacher"}, {"name": "other"},
                                         {"name": "student", "pseudo_labels_from": "teacher"}])
-    study = load_study_config(path)
-    study = study.model_copy(update={"seeds": [0, 1]})
-    _, specs = plan_runs(study, tmp_path / "study")
-    shares = spread_pending(specs, 2)
-    for share in shares:
-        arms = {specs[i].seed: [] for i in share}
-        for i in share:
-            arms[specs[i].seed].append(specs[i].arm)
-        assert all("teacher" in names for seed, names in arms.items() if "student" in names)
-    assert sorted(sum(shares, [])) == list(range(6))
+    _, specs = plan_runs(load_study_config(path), tmp_path / "study")
+    assert [spec.arm for spec in specs] == ["teacher", "other", "student"]
+    assert ready_runs(specs, [0, 1, 2]) == [0, 1]
+    evaluation = specs[0].run_dir / "test_evaluation" / "metrics.json"
+    evaluation.parent.mkdir(parents=True)
+    evaluation.write_text("{}")
+    assert ready_runs(specs, [1, 2]) == [1, 2]

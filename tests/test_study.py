@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
+import queue
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +22,8 @@ from seg_transfer.study.analysis import (AHEAD, BEHIND, NEGATIVE, NEUTRAL, POSIT
 from seg_transfer.study.config import load_study_config
 from seg_transfer.study.plan import plan_runs
 from seg_transfer.study.report import NO_PAIRS, log_tick_label, peer_comparison_table, peer_labels, write_report
-from seg_transfer.study.runner import RunRecord, spread_pending
+from seg_transfer.study.parallel import _dispatch
+from seg_transfer.study.runner import RunRecord
 from tests.conftest import tiny_config
 
 
@@ -294,20 +298,20 @@ def test_study_refuses_a_changed_config_for_existing_runs(tmp_path, study_root, 
 
 
 def test_parallel_processes_train_the_same_runs_as_one_process(tmp_path, study_root, capsys, caplog):
-    """--processes 2 spreads the runs over two spawned shards and reports them: same runs, same test Dice."""
+    """--processes 2 trains the runs in two spawned workers and reports them: same runs, same test Dice."""
     study_path = write_study(tmp_path, study_root, train_sizes=[2])
     assert main(["compare", "--config", str(study_path), "--output", str(tmp_path / "serial")]) == 0
-    with caplog.at_level(logging.INFO, logger="seg_transfer.study.compare"):
+    with caplog.at_level(logging.INFO, logger="seg_transfer.study.parallel"):
         assert main(["compare", "--config", str(study_path), "--output", str(tmp_path / "parallel"), "--processes", "2"]) == 0
     assert "2 of 2 runs finished" in capsys.readouterr().out
-    assert "2 run(s) finished; 0 shard(s) still training" in caplog.text  # progress while the shards train
+    assert "2 run(s) finished; 0 training" in caplog.text  # progress while the workers train
     serial, parallel = (json.loads((tmp_path / name / "results.json").read_text())["runs"] for name in ("serial", "parallel"))
     assert [(r["arm"], r["seed"]) for r in parallel] == [(r["arm"], r["seed"]) for r in serial]
     for ours, theirs in zip(parallel, serial):
         assert ours["test_dice_mean"] == pytest.approx(theirs["test_dice_mean"], abs=1e-4)
     logs = {path.name: path.read_text() for path in (tmp_path / "parallel" / "logs").iterdir()}
-    assert sorted(logs) == ["shard_0_of_2.log", "shard_1_of_2.log"]
-    assert "n002_seed0" in logs["shard_0_of_2.log"] and "n002_seed0" in logs["shard_1_of_2.log"]
+    assert sorted(logs) == ["process_0_of_2.log", "process_1_of_2.log"]
+    assert all(f"{arm}/n002_seed0" in "".join(logs.values()) for arm in ("staged", "scratch"))
 
 
 def test_a_run_another_shard_finishes_meanwhile_is_in_this_shards_report(tmp_path, study_root, monkeypatch):
@@ -330,25 +334,33 @@ def test_a_run_another_shard_finishes_meanwhile_is_in_this_shards_report(tmp_pat
     assert [(r.arm, r.seed) for r in progress.records] == [(s.arm, s.seed) for s in specs]
 
 
-def test_parallel_processes_share_the_unfinished_runs_evenly(tmp_path, study_root):
-    """Runs 2 and 4 of the plan are evaluated: the two left (1 and 3) go one to each process, where a static
-    --shard 0/2 would give both to shard 0 and nothing to shard 1."""
+def test_a_free_worker_takes_the_next_run_so_runs_of_unequal_cost_keep_every_worker_busy(tmp_path, study_root):
+    """Four runs, the first eight times as long as the others, two workers: one trains the long run while the
+    other trains the three short ones (dealing two runs to each would leave a worker idle most of the time);
+    runs already evaluated are never handed out. Workers are threads here, spawned processes in compare."""
     _, specs = plan_runs(load_study_config(write_study(tmp_path, study_root)), tmp_path / "study")
     assert len(specs) == 4
-    for spec in specs[1::2]:
-        (spec.run_dir / "test_evaluation").mkdir(parents=True)
-        (spec.run_dir / "test_evaluation" / "metrics.json").write_text("{}")
-    assert spread_pending(specs, 2) == [[0], [2]]
-    assert spread_pending(specs, 3) == [[0], [2], []]
+    seconds = {0: 0.8, 1: 0.1, 2: 0.1, 3: 0.1}
+    tasks, results, taken = queue.Queue(), queue.Queue(), {0: [], 1: []}
 
+    def worker(number: int) -> None:
+        while (index := tasks.get()) is not None:
+            results.put(("start", index, number, None))
+            time.sleep(seconds[index])
+            taken[number].append(index)
+            results.put(("done", index, number, None if index != 3 else "it broke"))
 
-def test_parallel_processes_each_get_a_mix_of_arms(tmp_path, study_root):
-    """Two arms x two seeds, nothing finished: each process trains one run of each arm (round-robin dealing
-    gave process 0 both runs of the first arm and process 1 both of the second)."""
-    _, specs = plan_runs(load_study_config(write_study(tmp_path, study_root)), tmp_path / "study")
-    shares = spread_pending(specs, 2)
-    assert sorted(sum(shares, [])) == [0, 1, 2, 3]
-    assert [sorted(specs[i].arm for i in share) for share in shares] == [sorted({s.arm for s in specs})] * 2
+    workers = [threading.Thread(target=worker, args=(number,)) for number in (0, 1)]
+    for thread in workers:
+        thread.start()
+    failed = []
+    _dispatch(specs, [0, 1, 2, 3], workers, [Path("a.log"), Path("b.log")], tasks, results, failed, poll_seconds=0.05)
+    for thread in workers:
+        tasks.put(None)
+    for thread in workers:
+        thread.join()
+    assert sorted(taken.values()) == [[0], [1, 2, 3]]
+    assert failed == [f"{specs[3].key}: it broke (log {'b.log' if 3 in taken[1] else 'a.log'})"]
 
 
 def test_shard_and_processes_together_are_refused_in_one_line(tmp_path, study_root, capsys):
@@ -359,18 +371,19 @@ def test_shard_and_processes_together_are_refused_in_one_line(tmp_path, study_ro
     assert not list(out.glob("runs/*/*/checkpoints"))  # refused before any training
 
 
-def test_a_failed_parallel_shard_is_reported_in_one_line_and_the_rest_still_counts(tmp_path, study_root, capsys):
+def test_a_failed_parallel_run_is_reported_in_one_line_and_the_rest_still_counts(tmp_path, study_root, capsys):
     study_path, out = write_study(tmp_path, study_root, train_sizes=[2]), tmp_path / "study"
     _, specs = plan_runs(load_study_config(study_path), out)
-    broken = specs[1].run_dir / "splits.json"  # shard 1/2's only run finds other splits in its folder
+    broken = specs[1].run_dir / "splits.json"  # this run finds other splits in its folder
     broken.parent.mkdir(parents=True)
     broken.write_text(json.dumps({"train": ["x"], "val": ["y"], "test": ["z"]}))
     assert main(["compare", "--config", str(study_path), "--output", str(out), "--processes", "2"]) == 1
     captured = capsys.readouterr()
     assert "1 of 2 runs finished" in captured.out
     (line,) = captured.err.strip().splitlines()
-    assert line.startswith("error: shard 1/2 (exit code 1; log ") and "shard_1_of_2.log" in line
-    assert "holds other splits" in (out / "logs" / "shard_1_of_2.log").read_text()
+    assert line.startswith(f"error: run {specs[1].key}: ") and "holds other splits" in line and "process_" in line
+    log_file = line.split("(log ")[1].split(")")[0]
+    assert "holds other splits" in Path(log_file).read_text()
     assert json.loads((out / "results.json").read_text())["study"]["finished_runs"] == 1
 
 

@@ -3,8 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
-import multiprocessing
-from collections.abc import Collection, Sequence
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -12,15 +11,8 @@ from seg_transfer.atomic import write_atomic
 from seg_transfer.study.analysis import analyse
 from seg_transfer.study.config import StudyConfig, load_study_config
 from seg_transfer.study.report import write_report, write_results
-from seg_transfer.study.plan import RunSpec, plan_runs
-from seg_transfer.study.runner import (
-    StudyError,
-    StudyProgress,
-    check_equal_steps,
-    is_evaluated,
-    run_study,
-    spread_pending,
-)
+from seg_transfer.study.parallel import train_in_parallel
+from seg_transfer.study.runner import StudyError, StudyProgress, check_equal_steps, run_study
 from seg_transfer.study.transferability import agreement, rank_subsets, read_scores
 
 log = logging.getLogger(__name__)
@@ -31,16 +23,17 @@ class CompareOutcome:
     progress: StudyProgress
     results: dict
     files: dict[str, Path]
-    failed_shards: list[str] = field(default_factory=list)  # "shard I/N (exit code; log file)" of parallel shards that failed
+    failed_runs: list[str] = field(default_factory=list)  # "arm/nNNN_seedS: reason (log file)" of parallel runs that failed
 
 
 def compare(study_path: str | Path, output: str | Path, *, device: str = "auto", max_runs: int | None = None,
             shard: tuple[int, int] = (0, 1), processes: int = 1) -> CompareOutcome:
     """Run (or continue) the study in ``study_path`` into ``output`` and write its report from the finished runs.
 
-    ``processes > 1`` trains the unfinished runs in that many parallel processes on this machine, dealt evenly
-    (each logs to ``output/logs/shard_I_of_N.log``; ``max_runs`` applies to each), then reports what finished; shards that
-    failed are listed in :attr:`CompareOutcome.failed_shards`, the other shards' runs still count."""
+    ``processes > 1`` trains the unfinished runs (at most ``max_runs``) in that many worker processes on this machine,
+    each taking the next run of the plan when it is free (:mod:`seg_transfer.study.parallel`; logs in
+    ``output/logs/process_K_of_N.log``), then reports what finished; runs that failed are listed in
+    :attr:`CompareOutcome.failed_runs`, the others still count."""
     study = load_study_config(study_path)
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
@@ -49,8 +42,8 @@ def compare(study_path: str | Path, output: str | Path, *, device: str = "auto",
     if processes > 1:
         if shard != (0, 1):
             raise StudyError("use either --shard or --processes, not both")
-        failed = run_shards_in_parallel(study, Path(study_path), output, processes, device=device, max_runs=max_runs)
-        max_runs = 0  # the shards trained what they could; this process only collects and reports
+        failed = train_in_parallel(study, Path(study_path), output, processes, device=device, max_runs=max_runs)
+        max_runs = 0  # the workers trained what they could; this process only collects and reports
     progress = run_study(study, output, device=device, max_runs=max_runs, shard=shard)
     if study.rank_encoders is not None and shard[0] == 0:
         rank_subsets(progress.specs, output, study.rank_encoders, device)
@@ -62,62 +55,6 @@ def compare(study_path: str | Path, output: str | Path, *, device: str = "auto",
     # (benchmarks/nnunet_peer.py) can train on the study's cases first
     files = write_report(results, output) if progress.records else {"json": write_results(results, output)}
     return CompareOutcome(progress, results, files, failed)
-
-
-def run_shards_in_parallel(study: StudyConfig, study_path: Path, output: Path, processes: int, *, device: str,
-                           max_runs: int | None) -> list[str]:
-    """Train the study's unfinished runs in ``N`` spawned processes (CUDA-safe; each may start its own
-    data-loading workers), dealt evenly with a mix of arms each (:func:`spread_pending`), and wait for all; returns the failed
-    ones, described. Ctrl-C stops every shard."""
-    logs = output / "logs"
-    logs.mkdir(exist_ok=True)
-    specs = plan_runs(study, output)[1]
-    shares = spread_pending(specs, processes)
-    context = multiprocessing.get_context("spawn")
-    workers = []
-    for index, runs in enumerate(shares):
-        if not runs:
-            continue
-        log_file = logs / f"shard_{index}_of_{processes}.log"
-        worker = context.Process(target=_train_shard, name=f"shard {index}/{processes}",
-                                 args=(str(study_path), str(output), device, max_runs, runs, str(log_file)))
-        worker.start()
-        workers.append((worker, log_file))
-    log.info("training %d unfinished run(s) of %s in %d parallel processes; logs in %s",
-             sum(map(len, shares)), study_path, len(workers), logs)
-    try:
-        _wait_reporting_progress([worker for worker, _ in workers], specs)
-    finally:
-        for worker, _ in workers:
-            if worker.is_alive():
-                worker.terminate()
-                worker.join()
-    return [f"{worker.name} (exit code {worker.exitcode}; log {log_file})" for worker, log_file in workers if worker.exitcode != 0]
-
-
-def _wait_reporting_progress(workers: list, specs: Sequence[RunSpec], poll_seconds: float = 30.0) -> None:
-    """Wait for every worker; log each time the count of the plan's finished runs (:func:`is_evaluated`) or of
-    the live workers changes, so the last line always shows every shard done."""
-    reported, running = None, len(workers)
-    while running:
-        for worker in workers:
-            worker.join(timeout=poll_seconds / len(workers))
-        running = sum(worker.is_alive() for worker in workers)
-        state = (sum(map(is_evaluated, specs)), running)
-        if state != reported:
-            log.info("%d run(s) finished; %d shard(s) still training", *state)
-            reported = state
-
-
-def _train_shard(study_path: str, output: str, device: str, max_runs: int | None, runs: list[int], log_file: str) -> None:
-    """Body of one parallel shard: train its runs (plan positions) and their test evaluations, logging to ``log_file``."""
-    logging.basicConfig(filename=log_file, level=logging.INFO, force=True,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    try:
-        run_study(load_study_config(study_path), Path(output), device=device, max_runs=max_runs, runs=set(runs))
-    except Exception:  # the log holds the traceback; the parent reports the shard in one line
-        logging.getLogger(__name__).exception("shard with runs %s failed", [r + 1 for r in runs])
-        raise SystemExit(1) from None
 
 
 PEER_FILE = "peer_nnunet.json"  # written by benchmarks/nnunet_peer.py on the same cases

@@ -9,8 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections import Counter
-from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -89,17 +87,16 @@ class StudyProgress:
 
 
 def run_study(study: StudyConfig, output: Path, *, device: str = "auto", max_runs: int | None = None,
-              shard: tuple[int, int] = (0, 1), runs: Collection[int] | None = None) -> StudyProgress:
+              shard: tuple[int, int] = (0, 1)) -> StudyProgress:
     """Train, predict and evaluate every run not yet finished; ``max_runs`` caps how many new runs train now
     (a study can be spread over several time-limited jobs). ``shard=(i, n)``: this process trains only
-    runs ``i, i+n, i+2n, ...`` of the plan, so ``n`` processes (or jobs) share a study folder; ``runs``
-    (0-based plan positions) names this process's runs instead. Runs of other processes count once their
-    test evaluation is written. Returns the finished runs."""
+    runs ``i, i+n, i+2n, ...`` of the plan, so ``n`` processes (or jobs) share a study folder. Runs of other
+    processes count once their test evaluation is written. Returns the finished runs."""
     output = Path(output)
     cases, specs = plan_runs(study, output)
     test_images, test_labels, labels_file = write_test_inputs(cases, output)
     mine, shards = shard
-    own = [i for i in range(len(specs)) if (i in runs if runs is not None else i % shards == mine)]
+    own = [i for i in range(len(specs)) if i % shards == mine]
     finished, trained = {}, 0
     for index in own:
         spec = specs[index]
@@ -128,26 +125,6 @@ def is_evaluated(spec: RunSpec) -> bool:
 
 def is_evaluated_dir(run_dir: Path) -> bool:
     return (run_dir / "test_evaluation" / JSON_NAME).is_file()
-
-
-def spread_pending(specs: Sequence[RunSpec], processes: int) -> list[list[int]]:
-    """The plan positions of the runs not yet evaluated, dealt so that processes get equal shares of the work
-    left (a static ``--shard`` split can give one of them all of an arm added later) and each a mix of the
-    arms: in plan order, a run goes to the process with the fewest runs, among those to the one with the
-    fewest runs of its arm. Dealing round-robin would give, with two arms and two processes, one process every
-    ImageNet run and the other every scratch run, so a study stopped early holds unpaired runs."""
-    shares: list[list[int]] = [[] for _ in range(processes)]
-    arm_counts = [Counter() for _ in range(processes)]
-    dealt: dict[Path, int] = {}  # run folder -> process, for a self-training run to follow its teacher
-    for index, spec in enumerate(specs):
-        if is_evaluated(spec):
-            continue
-        target = min(range(processes), key=lambda k: (len(shares[k]), arm_counts[k][spec.arm], k))
-        target = dealt.get(spec.teacher_dir, target)  # after its teacher, in the same process
-        dealt[spec.run_dir] = target
-        shares[target].append(index)
-        arm_counts[target][spec.arm] += 1
-    return shares
 
 
 def complete_run(spec: RunSpec, test_images: Path, test_labels: Path, labels_file: Path, study: StudyConfig, device: str) -> RunRecord:
