@@ -44,7 +44,7 @@ def train_in_parallel(study: StudyConfig, study_path: Path, output: Path, proces
     count = min(processes, len(waiting))
     log_files = [logs / f"process_{k}_of_{count}.log" for k in range(count)]
     workers = [context.Process(target=_worker, name=f"process {k}/{count}",
-                               args=(str(study_path), str(output), device, str(log_files[k]), tasks, results))
+                               args=(k, str(study_path), str(output), device, str(log_files[k]), tasks, results))
                for k in range(count)]
     for worker in workers:
         worker.start()
@@ -108,11 +108,10 @@ def _fail_runs_of_dead_workers(specs, workers, log_files, busy: dict[int, int], 
             handed.discard(index)
 
 
-def _worker(study_path: str, output: str, device: str, log_file: str, tasks, results) -> None:
-    """Body of one worker: train, predict and evaluate each run it is handed (plan positions) until ``None``."""
+def _worker(number: int, study_path: str, output: str, device: str, log_file: str, tasks, results) -> None:
+    """Body of worker ``number``: train, predict and evaluate each run it is handed (plan positions) until ``None``."""
     logging.basicConfig(filename=log_file, level=logging.INFO, force=True,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    number = int(Path(log_file).stem.split("_")[1])
     study = load_study_config(study_path)
     cases, specs = plan_runs(study, Path(output))
     test_inputs = write_test_inputs(cases, Path(output))
