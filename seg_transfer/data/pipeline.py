@@ -80,12 +80,18 @@ def unlabelled_scans(data: DataConfig, folders: Sequence[str | Path] = ()) -> li
     return scans
 
 
+def pseudo_labelled_scans(data: DataConfig) -> list[Case]:
+    """The image-only scans ``data.pseudo_labelled`` is about: its ``images_dir``, or the MSD dataset's ``imagesTs``."""
+    images_dir = data.pseudo_labelled.images_dir
+    return unlabelled_scans(data, [images_dir] if images_dir is not None else [])
+
+
 def pseudo_labelled_cases(data: DataConfig) -> list[Case]:
-    """The scans of ``data.pseudo_labelled`` (its ``images_dir``, or the MSD dataset's ``imagesTs``), each with
-    the label map of the same case name in its ``labels_dir``; one-line :class:`DatasetError` naming the
-    scans that have none (a self-trained run never trains on a scan its teacher did not label)."""
+    """The scans of ``data.pseudo_labelled`` (:func:`pseudo_labelled_scans`), each with the label map of the same
+    case name in its ``labels_dir``; one-line :class:`DatasetError` naming the scans that have none (a
+    self-trained run never trains on a scan its teacher did not label)."""
     config = data.pseudo_labelled
-    scans = unlabelled_scans(data, [config.images_dir] if config.images_dir is not None else [])
+    scans = pseudo_labelled_scans(data)
     predicted = {case.name: case.image for case in cases_from_folders(config.labels_dir, None)}
     missing = [case.name for case in scans if case.name not in predicted]
     if missing:

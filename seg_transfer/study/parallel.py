@@ -16,7 +16,7 @@ from pathlib import Path
 
 from seg_transfer.study.config import StudyConfig, load_study_config
 from seg_transfer.study.plan import RunSpec, plan_runs
-from seg_transfer.study.runner import complete_run, is_evaluated, is_evaluated_dir, write_test_inputs
+from seg_transfer.study.runner import complete_run, is_evaluated, waits_for_teacher, write_test_inputs
 
 log = logging.getLogger(__name__)
 
@@ -24,8 +24,7 @@ log = logging.getLogger(__name__)
 def ready_runs(specs: Sequence[RunSpec], waiting: Sequence[int]) -> list[int]:
     """The plan positions of ``waiting`` that may start now, in their order: every run but a self-training run
     whose teacher is not evaluated yet (waiting, training, or failed)."""
-    return [index for index in waiting
-            if specs[index].teacher_dir is None or is_evaluated_dir(specs[index].teacher_dir)]
+    return [index for index in waiting if not waits_for_teacher(specs[index])]
 
 
 def train_in_parallel(study: StudyConfig, study_path: Path, output: Path, processes: int, *, device: str,

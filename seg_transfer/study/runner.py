@@ -15,7 +15,7 @@ from typing import Any
 
 from seg_transfer.atomic import write_atomic
 from seg_transfer.data.io import volume_suffix
-from seg_transfer.data.pipeline import unlabelled_scans
+from seg_transfer.data.pipeline import pseudo_labelled_scans
 from seg_transfer.data.splits import load_splits, save_splits
 from seg_transfer.errors import UserError
 from seg_transfer.evaluation.evaluate import JSON_NAME, evaluate_folders
@@ -103,7 +103,7 @@ def run_study(study: StudyConfig, output: Path, *, device: str = "auto", max_run
         is_new = finished_result(spec.run_dir) is None
         if is_new and max_runs is not None and trained >= max_runs:
             continue  # past --max-runs: later runs that are already finished still count
-        if spec.teacher_dir is not None and not is_evaluated_dir(spec.teacher_dir) and not is_evaluated(spec):
+        if waits_for_teacher(spec) and not is_evaluated(spec):
             log.warning("run %d/%d: %s waits for its teacher run %s, not finished yet (another shard's?)",
                         index + 1, len(specs), spec.key, spec.teacher_dir)
             continue
@@ -127,11 +127,16 @@ def is_evaluated_dir(run_dir: Path) -> bool:
     return (run_dir / "test_evaluation" / JSON_NAME).is_file()
 
 
+def waits_for_teacher(spec: RunSpec) -> bool:
+    """Whether ``spec`` is a self-training run whose teacher run is not evaluated yet (so it cannot train)."""
+    return spec.teacher_dir is not None and not is_evaluated_dir(spec.teacher_dir)
+
+
 def complete_run(spec: RunSpec, test_images: Path, test_labels: Path, labels_file: Path, study: StudyConfig, device: str) -> RunRecord:
     """Train (or reuse) one run, then predict and evaluate the test cases with its best checkpoint; a
     self-training run first has its teacher run label the unlabelled scans."""
     write_run_splits(spec)
-    if spec.teacher_dir is not None:
+    if spec.teacher_dir is not None and finished_result(spec.run_dir) is None:  # a trained student needs no labels
         label_unlabelled_scans(spec, study.predict_batch_size, device)
     result = train_or_reuse(spec.config, spec.run_dir, check_config=True)
     evaluation = spec.run_dir / "test_evaluation" / JSON_NAME
@@ -190,7 +195,7 @@ def label_unlabelled_scans(spec: RunSpec, batch_size: int, device: str) -> Path:
     """The teacher run's label maps of the unlabelled scans, where ``spec.config.data.pseudo_labelled`` reads
     them (predicted once; every self-training run of that teacher shares them)."""
     pseudo = spec.config.data.pseudo_labelled
-    scans = unlabelled_scans(spec.config.data, [pseudo.images_dir] if pseudo.images_dir is not None else [])
+    scans = pseudo_labelled_scans(spec.config.data)
     listing = spec.teacher_dir / "unlabelled_images.txt"
     write_atomic(listing, "".join(f"{case.image}\n" for case in scans))
     log.info("%s: its teacher %s labels %d unlabelled scans", spec.key, spec.teacher_dir, len(scans))
