@@ -15,7 +15,10 @@ from seg_transfer.cli import main
 from seg_transfer.config import ConfigError, config_from_dict
 from seg_transfer.data.cases import DatasetError
 from seg_transfer.data.phantoms import make_phantom_dataset
-from seg_transfer.data.pipeline import prepare_data
+from seg_transfer.data.patches import PatchDataset
+from seg_transfer.data.pipeline import prepare_data, slice_loader, volume_dataset
+from seg_transfer.data.slices import MixedEpochs, SliceDataset
+from seg_transfer.data.transforms import Preprocessing
 from seg_transfer.study.config import load_study_config
 from seg_transfer.study.plan import plan_runs
 from seg_transfer.study.parallel import ready_runs
@@ -91,6 +94,77 @@ def test_a_teacher_must_be_an_earlier_arm(root, tmp_path):
     path = write_study(tmp_path, root, [{"name": "student", "pseudo_labels_from": "teacher"}, {"name": "teacher"}])
     with pytest.raises(ConfigError, match="'pseudo_labels_from': 'teacher' is not an arm listed before it"):
         load_study_config(path)
+
+
+def constant_volumes(values, depth: int = 4) -> list[dict]:
+    """One (1, 8, 8, depth) volume per value, filled with it (so a sample tells which volume it came from)."""
+    return [{"image": np.full((1, 8, 8, depth), value, np.float32), "label": np.zeros((1, 8, 8, depth), np.int64)}
+            for value in values]
+
+
+def sources(dataset) -> list[float]:
+    """The volume value of every sample of the dataset's current epoch, in order."""
+    return [float(dataset[i]["image"].flatten()[0]) for i in range(len(dataset))]
+
+
+@pytest.mark.parametrize("build", [lambda v: SliceDataset(v, axis=2, context=0, multiple=8),
+                                   lambda v: PatchDataset(v, (8, 8, 4))], ids=["slices", "patches"])
+def test_mixed_epochs_draw_the_declared_share_from_the_second_pool(build):
+    mixed = MixedEpochs(build(constant_volumes([0, 1])), build(constant_volumes([10, 11, 12])), share=0.25)
+    mixed.set_epoch(seed=5, epoch=0, size=40, foreground_fraction=None)
+    drawn = sources(mixed)
+    assert len(drawn) == 40 and sum(v >= 10 for v in drawn) == 10  # 25% of 40, although the second pool is larger
+    assert {v for v in drawn if v < 10} == {0, 1} and {v for v in drawn if v >= 10} == {10, 11, 12}
+    second = [i for i, v in enumerate(drawn) if v >= 10]
+    assert second != list(range(second[0], second[0] + 10))  # shuffled together, not one pool then the other
+    mixed.set_epoch(seed=5, epoch=0, size=40, foreground_fraction=None)
+    assert sources(mixed) == drawn  # deterministic in (seed, epoch)
+    mixed.set_epoch(seed=5, epoch=1, size=40, foreground_fraction=None)
+    assert sources(mixed) != drawn
+
+
+def test_mixed_epochs_shard_like_one_dataset():
+    """Two ranks together serve exactly the single-process epoch (every sample once, the same samples)."""
+    def mixed():
+        return MixedEpochs(SliceDataset(constant_volumes([0, 1, 2]), 2, 0, 8),
+                           SliceDataset(constant_volumes([10, 11]), 2, 0, 8), share=0.5)
+    whole = mixed()
+    whole.set_epoch(1, 0, 32, None)
+    ranks = []
+    for rank in range(2):
+        part = mixed()
+        part.shard(rank, 2, global_batch=8, drop_last=True)
+        part.set_epoch(1, 0, 32, None)
+        ranks.append(sources(part))
+    assert sorted(ranks[0] + ranks[1]) == sorted(sources(whole)) and len(ranks[0]) == len(ranks[1]) == 16
+
+
+def test_mixed_epochs_need_a_share_strictly_between_0_and_1():
+    pool = SliceDataset(constant_volumes([0]), 2, 0, 8)
+    with pytest.raises(ValueError, match="share 1.0 must lie strictly between 0 and 1"):
+        MixedEpochs(pool, pool, 1.0)
+
+
+def test_the_loader_takes_the_share_of_pseudo_labelled_scans_from_the_config(root, tmp_path):
+    labels = write_labels(root, tmp_path / "labels")
+    run = config(root, **{"data.pseudo_labelled": {"labels_dir": str(labels), "share": 0.75},
+                          "data.cache_dir": str(tmp_path / "cache")})
+    data = prepare_data(run.data, tmp_path / "run")
+    volumes = volume_dataset(data.training_cases(), Preprocessing.from_config(run.data), run.data)
+    labelled = len(data.splits["train"])
+    dataset, _ = slice_loader(volumes, run.data, 8, 32, train=True, labelled=labelled)
+    assert (dataset.first.pool_size, dataset.second.pool_size) == (12 * labelled, 12 * 3)  # 12 slices per phantom
+    dataset.set_epoch(0, 0, 24, None)
+    assert int((dataset.order >= dataset.split).sum()) == 18  # 75% of 24 from the 3 scans
+    unshared = slice_loader(volumes, run.data.model_copy(update={"pseudo_labelled": None}), 8, 32, train=True,
+                            labelled=labelled)[0]
+    assert isinstance(unshared, SliceDataset) and unshared.pool_size == 12 * (labelled + 3)
+
+
+def test_a_share_cannot_be_combined_with_the_feature_cache(root, tmp_path):
+    with pytest.raises(ConfigError, match="data.pseudo_labelled.share and training.feature_cache cannot be combined"):
+        config(root, **{"data.pseudo_labelled": {"labels_dir": str(tmp_path), "share": 0.5},
+                        "training.feature_cache": "memory"})
 
 
 def test_a_study_arm_trains_on_the_scans_its_teacher_run_labelled(root, tmp_path, one_thread):

@@ -82,6 +82,28 @@ def test_the_self_training_study_compares_teacher_plus_student_steps_with_the_de
     assert study.seeds == [3, 4, 5] and study.split.model_dump() == {"test_fraction": 0.2, "val_fraction": 0.1, "seed": 0}
 
 
+def test_the_self_training_share_study_gives_the_student_half_its_patches_from_the_labelled_cases(monkeypatch, tmp_path):
+    """configs/self_training_share_3d_hippocampus_n10.yaml: the first self-training study's teacher, student steps and
+    1920-step control, with the student drawing half of every epoch from the pseudo-labelled scans; its teacher and
+    control resolve to exactly the first study's configs (so that they reproduce its runs)."""
+    monkeypatch.chdir(tmp_path)
+    from seg_transfer.study.plan import plan_runs
+
+    study = load_study_config(CONFIGS / "self_training_share_3d_hippocampus_n10.yaml")
+    first = load_study_config(CONFIGS / "self_training_3d_hippocampus_n10.yaml")
+    specs = plan_runs(study, tmp_path / "study")[1]
+    earlier = {(spec.arm, spec.seed): spec.config for spec in plan_runs(first, tmp_path / "first")[1]}
+    assert {spec.arm: optimiser_steps(spec.config) for spec in specs} == {
+        "imagenet_3d": 960, "self_trained_half_3d": 960, "imagenet_3d_1920": 1920}
+    for spec in specs:
+        if spec.arm == "self_trained_half_3d":
+            assert spec.config.data.pseudo_labelled.share == 0.5 and spec.config.data.patch_size == (40, 56, 36)
+            assert spec.teacher_dir == tmp_path / "study" / "runs" / "imagenet_3d" / f"n010_seed{spec.seed}"
+        else:
+            assert spec.config == earlier[(spec.arm, spec.seed)]
+    assert study.seeds == first.seeds == [3, 4, 5] and study.split == first.split
+
+
 def test_the_scale_budget_study_gives_both_arms_about_the_same_wall_clock_not_the_same_steps(monkeypatch, tmp_path):
     """configs/budget_scale_hippocampus_n10.yaml compares at equal wall clock on purpose: a 0.5 mm step costs
     about 3x a 1 mm step, so the 0.5 mm arm takes 600 steps against 1875, with the same staged schedule."""

@@ -16,7 +16,7 @@ from monai.transforms.utils import map_binary_to_indices
 from torch.utils.data import DataLoader
 
 from seg_transfer.config import AugmentConfig, DataConfig
-from seg_transfer.data.slices import EpochDataset
+from seg_transfer.data.slices import EpochDataset, MixedEpochs, mixed_pools
 
 #: share of patches centred on foreground when ``data.foreground_fraction`` is unset (nnU-Net's 0.33)
 DEFAULT_FOREGROUND_FRACTION = 1 / 3
@@ -79,7 +79,8 @@ class PatchDataset(EpochDataset):
             self.background.append(bg)
         self.augment_config, self.augment = augment, augment  # ``augment``: the settings while augmentation is on
         self.fraction = DEFAULT_FOREGROUND_FRACTION
-        self._init_epochs(len(self.images))
+        self.pool_size = len(self.images)
+        self._init_epochs(self.pool_size)
         self._transform = self._build_transform(self.fraction)
 
     def _build_transform(self, fraction: float) -> mt.Compose:
@@ -140,11 +141,14 @@ def padding_to(shape: Sequence[int], size: Sequence[int]) -> list[tuple[int, int
 
 
 def patch_loader(volumes, data: DataConfig, batch_size: int, patch_size: Sequence[int], *, rank: int = 0,
-                 world_size: int = 1, pin_memory: bool = False) -> tuple[PatchDataset, DataLoader]:
-    """Training patches and their loader; ``batch_size`` is the global batch (see :func:`slice_loader`)."""
+                 world_size: int = 1, pin_memory: bool = False,
+                 labelled: int | None = None) -> tuple[PatchDataset | MixedEpochs, DataLoader]:
+    """Training patches and their loader; ``batch_size`` is the global batch, ``labelled`` the number of labelled
+    cases before the pseudo-labelled ones in ``volumes`` (see :func:`seg_transfer.data.pipeline.slice_loader`)."""
     if batch_size % world_size:
         raise ValueError(f"batch size {batch_size} is not a multiple of the world size {world_size}")
-    dataset = PatchDataset(volumes, patch_size, data.augment)
+    dataset = mixed_pools(lambda pool: PatchDataset(pool, patch_size, data.augment), volumes, labelled,
+                          data.pseudo_labelled.share if data.pseudo_labelled else None)
     dataset.set_augmentation(data.augment.enabled)  # a stage may switch it (stages[].augment)
     drop_last = (data.slices_per_epoch or len(dataset)) > batch_size
     if world_size > 1:

@@ -21,7 +21,7 @@ from seg_transfer.data.cases import (
     cases_from_msd,
 )
 from seg_transfer.data.checks import BadCase, find_bad_cases, format_bad_cases
-from seg_transfer.data.slices import SliceDataset
+from seg_transfer.data.slices import MixedEpochs, SliceDataset, mixed_pools
 from seg_transfer.data.splits import load_splits, make_splits, save_splits
 from seg_transfer.data.transforms import Preprocessing, preprocessing_transforms
 
@@ -176,19 +176,23 @@ def padded_batch(items: Sequence[dict]) -> dict:
 
 def slice_loader(
     volumes, data: DataConfig, batch_size: int, multiple: int, train: bool, seed: int = 0,
-    *, rank: int = 0, world_size: int = 1, pin_memory: bool = False,
-) -> tuple[SliceDataset, DataLoader]:
+    *, rank: int = 0, world_size: int = 1, pin_memory: bool = False, labelled: int | None = None,
+) -> tuple[SliceDataset | MixedEpochs, DataLoader]:
     """2.5D samples and their loader; augmentation only for training, on as ``data.augment.enabled`` says
     until :meth:`SliceDataset.set_augmentation` switches it.
 
     ``batch_size`` is the global batch. With ``world_size`` > 1 the dataset serves rank ``rank``'s
     shard of each epoch order and the loader takes ``batch_size // world_size`` slices per step
     (``batch_size`` must be a multiple of ``world_size``), so the ranks' batches together are the
-    single-process batch.
+    single-process batch. ``labelled``: the first ``labelled`` volumes are labelled cases and the rest
+    pseudo-labelled scans, which give ``data.pseudo_labelled.share`` of every epoch when it is set
+    (:class:`MixedEpochs`); otherwise every sample counts alike.
     """
     if batch_size % world_size:
         raise ValueError(f"batch size {batch_size} is not a multiple of the world size {world_size}")
-    dataset = SliceDataset(volumes, data.slice_axis, data.context_slices, multiple, SliceAugmenter(data.augment) if train else None)
+    augmenter = SliceAugmenter(data.augment) if train else None
+    dataset = mixed_pools(lambda pool: SliceDataset(pool, data.slice_axis, data.context_slices, multiple, augmenter),
+                          volumes, labelled, data.pseudo_labelled.share if data.pseudo_labelled else None)
     dataset.set_augmentation(train and data.augment.enabled)  # a stage may switch it (stages[].augment)
     drop_last = train and (data.slices_per_epoch or len(dataset)) > batch_size
     if world_size > 1:

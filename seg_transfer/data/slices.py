@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 
 
 def context_indices(index: int, depth: int, context: int) -> np.ndarray:
@@ -143,6 +143,67 @@ class EpochDataset(Dataset):
         return item if self.positions is None else int(self.positions[item])
 
 
+#: added to the seed of the second pool's epoch orders in :class:`MixedEpochs`, so both pools draw independently
+SECOND_POOL_SEED_OFFSET = 1_000_003
+
+
+class MixedEpochs(EpochDataset):
+    """Samples of two pools in a fixed proportion (self-training: labelled cases and pseudo-labelled scans).
+
+    An epoch of ``size`` samples holds ``round(share * size)`` samples of ``second`` and the rest of ``first``,
+    shuffled together, deterministic in (seed, epoch). Each pool keeps its own sampling (whole passes, foreground
+    share) and its own augmentation seeds; a pool smaller than its part is cycled. Both pools must be unsharded:
+    :meth:`shard` shards the mixed order.
+    """
+
+    def __init__(self, first: EpochDataset, second: EpochDataset, share: float):
+        if not 0 < share < 1:
+            raise ValueError(f"share {share} must lie strictly between 0 and 1")
+        self.first, self.second, self.share = first, second, share
+        self.pool_size = first.pool_size + second.pool_size
+        self.split = 0  # positions below ``split`` in this epoch's order are ``first``'s samples
+        self._init_epochs(self.pool_size)
+
+    def parts(self, size: int | None) -> tuple[int, int]:
+        """How many samples of an epoch of ``size`` (None: one pass over both pools) each pool gives."""
+        size = size or self.pool_size
+        second = int(round(self.share * size))
+        return size - second, second
+
+    def set_epoch(self, seed: int, epoch: int, size: int | None, foreground_fraction: float | None) -> None:
+        first, second = self.parts(size)
+        _set_part(self.first, seed, epoch, first, foreground_fraction)
+        _set_part(self.second, seed + SECOND_POOL_SEED_OFFSET, epoch, second, foreground_fraction)
+        self.split = first
+        self._start_epoch(np.random.default_rng([seed, epoch, 2]).permutation(first + second), seed, epoch)
+
+    def set_augmentation(self, enabled: bool) -> None:
+        self.first.set_augmentation(enabled)
+        self.second.set_augmentation(enabled)
+
+    def __getitem__(self, item: int) -> dict[str, torch.Tensor]:
+        code = int(self.order[self._position(item)])
+        return self.first[code] if code < self.split else self.second[code - self.split]
+
+
+def _set_part(dataset: EpochDataset, seed: int, epoch: int, size: int, foreground_fraction: float | None) -> None:
+    """``dataset.set_epoch`` for exactly ``size`` samples (0 included: ``set_epoch`` reads 0 as one whole pass)."""
+    if size:
+        dataset.set_epoch(seed, epoch, size, foreground_fraction)
+    else:
+        dataset._start_epoch(np.empty(0, np.int64), seed, epoch)
+
+
+def mixed_pools(build: Callable[[Sequence], EpochDataset], volumes: Sequence, labelled: int | None,
+                share: float | None) -> EpochDataset:
+    """``build(volumes)``, or with a ``share``, :class:`MixedEpochs` of the first ``labelled`` volumes (the labelled
+    cases) and the rest (pseudo-labelled scans), the rest giving ``share`` of every epoch."""
+    if share is None or labelled is None or labelled >= len(volumes):
+        return build(volumes)
+    return MixedEpochs(build(Subset(volumes, range(labelled))), build(Subset(volumes, range(labelled, len(volumes)))),
+                       share)
+
+
 class SliceDataset(EpochDataset):
     """2.5D training samples from cached, preprocessed volumes.
 
@@ -168,7 +229,8 @@ class SliceDataset(EpochDataset):
             depths.append(item["image"].shape[1 + axis])
             foreground.append(foreground_slices(item["label"], axis))
         self.index = SliceIndex(depths, foreground)
-        self._init_epochs(len(self.index))
+        self.pool_size = len(self.index)
+        self._init_epochs(self.pool_size)
 
     def set_epoch(self, seed: int, epoch: int, size: int | None, foreground_fraction: float | None) -> None:
         self._start_epoch(self.index.epoch_order(seed, epoch, size, foreground_fraction), seed, epoch)

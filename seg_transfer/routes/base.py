@@ -125,8 +125,9 @@ class Route:
     - ``build_network(model, in_channels, classes, load_pretrained)`` -> ``(network, provenance)``.
     - ``spatial_multiple(network)``: per-axis multiple every network input must have.
     - ``settings(data, volumes, network)``: route settings fixed at training time (stored in checkpoints).
-    - ``training_samples(volumes, data, batch_size, settings, network, rank, world_size, pin_memory)``
-      -> ``(dataset with set_epoch, loader)``; an epoch is exactly ``data.slices_per_epoch`` samples.
+    - ``training_samples(volumes, data, batch_size, settings, network, rank, world_size, pin_memory, labelled)``
+      -> ``(dataset with set_epoch, loader)``; an epoch is exactly ``data.slices_per_epoch`` samples; the first
+      ``labelled`` volumes are labelled cases, the rest pseudo-labelled scans (``data.pseudo_labelled.share``).
     - ``inferer(spec, options, network)``: the :class:`Inferer` used by validation and ``predict`` alike.
     - ``fixed_input_shapes``: every training and validation forward has one input shape (3D patches and
       windows), so ``training.cudnn_benchmark: auto`` turns cuDNN's autotuner on; a route whose validation

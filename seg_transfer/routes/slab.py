@@ -59,9 +59,9 @@ def _settings(data: DataConfig, volumes, network: nn.Module) -> dict[str, Any]:
 
 
 def _training_samples(volumes, data: DataConfig, batch_size: int, settings: dict, network: nn.Module, *,
-                      rank: int = 0, world_size: int = 1, pin_memory: bool = False):
+                      rank: int = 0, world_size: int = 1, pin_memory: bool = False, labelled: int | None = None):
     return slice_loader(volumes, data, batch_size, encoder_output_stride(network), train=True,
-                        rank=rank, world_size=world_size, pin_memory=pin_memory)
+                        rank=rank, world_size=world_size, pin_memory=pin_memory, labelled=labelled)
 
 
 def _restoration_samples(volumes, data: DataConfig, settings: dict, network: nn.Module, corruption, count: int | None,

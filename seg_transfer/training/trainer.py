@@ -251,14 +251,16 @@ def _open_session(config: RunConfig, run_dir: Path, skip_bad_cases: bool, contex
     log.info("device %s%s; %s", device, f", {context.world_size} processes" if context.enabled else "",
              speed.describe(settings))
     if data.pseudo_labelled:
-        log.info("training on %d labelled and %d pseudo-labelled cases (%s)", len(data.splits["train"]),
-                 len(data.pseudo_labelled), config.data.pseudo_labelled.labels_dir)
+        share = config.data.pseudo_labelled.share
+        log.info("training on %d labelled and %d pseudo-labelled cases (%s); %s", len(data.splits["train"]),
+                 len(data.pseudo_labelled), config.data.pseudo_labelled.labels_dir,
+                 "every case alike" if share is None else f"{share:.0%} of the samples from pseudo-labelled scans")
     train_volumes = volume_dataset(data.training_cases(), prep, config.data)
     val_volumes = volume_dataset(distributed.shard_items(data.subset("val"), context), prep, config.data)
     route_settings = route.settings(config.data, train_volumes, model)
     train_set, train_loader = route.training_samples(train_volumes, config.data, training.batch_size, route_settings, model,
                                                      rank=context.rank, world_size=context.world_size,
-                                                     pin_memory=settings.pin_memory)
+                                                     pin_memory=settings.pin_memory, labelled=len(data.splits["train"]))
     inferer = route.inferer(network_spec(config, len(labels), route_settings),
                             InferenceOptions(batch_size=training.val_batch_size, roi_size=None, max_batch_pixels=None), model)
     loss = build_loss(config.training.loss, config.model.supervised_outputs, device)
@@ -611,7 +613,8 @@ def _finish(session: _Session, progress: Progress) -> RunResult:
     summary = {**asdict(result), "run_dir": str(result.run_dir), "weights": session.provenance.as_dict(),
                "arch": session.config.model.arch, "encoder": session.config.model.encoder,
                "training_cases": len(session.data.splits["train"]),
-               "pseudo_labelled_cases": len(session.data.pseudo_labelled)}
+               "pseudo_labelled_cases": len(session.data.pseudo_labelled),
+               "pseudo_labelled_share": pseudo.share if (pseudo := session.config.data.pseudo_labelled) else None}
     if session.dist.is_main:
         write_atomic(session.run_dir / "summary.json", json.dumps(json_safe(rounded(summary)), indent=2) + "\n")
     distributed.barrier(session.dist)  # every rank returns once rank 0's files are complete
