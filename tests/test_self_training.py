@@ -161,6 +161,30 @@ def test_the_loader_takes_the_share_of_pseudo_labelled_scans_from_the_config(roo
     assert isinstance(unshared, SliceDataset) and unshared.pool_size == 12 * (labelled + 3)
 
 
+def test_pseudo_labelled_scans_do_not_change_the_derived_3d_patch_size(root, tmp_path, one_thread):
+    """The labelled cases (32x32x12) plan the patch; six larger scans (64x64x24), a majority of the training cases,
+    would otherwise move the median shape."""
+    from seg_transfer.checkpoint import Checkpoint
+    from seg_transfer.training.trainer import train
+    from tests.test_route_3d import tiny_3d
+
+    scans, labels = tmp_path / "scans", tmp_path / "labels"
+    scans.mkdir(), labels.mkdir()
+    for copy in range(2):
+        for path in sorted((root / "imagesTs").glob("*.nii.gz")):
+            scan = nib.load(path)
+            image = np.pad(np.asarray(scan.dataobj, np.float32), [(16, 16), (16, 16), (6, 6)])
+            name = f"big{copy}_{path.name}"
+            nib.save(nib.Nifti1Image(image, scan.affine), scans / name)
+            nib.save(nib.Nifti1Image((image > image.mean()).astype(np.uint8), scan.affine), labels / name)
+    run = config_from_dict(tiny_3d(root, **{"data.patch_size": None, "data.cache_dir": str(tmp_path / "cache"),
+                                            "data.pseudo_labelled": {"images_dir": str(scans), "labels_dir": str(labels)}}))
+    train(run, tmp_path / "run")
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["pseudo_labelled_cases"] == 6 > summary["training_cases"]
+    assert Checkpoint.load(tmp_path / "run" / "checkpoints" / "last.pt").route_settings["patch_size"][:2] == [32, 32]
+
+
 def test_a_share_cannot_be_combined_with_the_feature_cache(root, tmp_path):
     with pytest.raises(ConfigError, match="data.pseudo_labelled.share and training.feature_cache cannot be combined"):
         config(root, **{"data.pseudo_labelled": {"labels_dir": str(tmp_path), "share": 0.5},

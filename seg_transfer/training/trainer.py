@@ -28,6 +28,7 @@ import numpy as np
 import torch
 import yaml
 from torch import nn
+from torch.utils.data import Subset
 from tqdm.auto import tqdm
 
 from seg_transfer.atomic import json_safe, sweep_temp_files, write_atomic
@@ -257,10 +258,11 @@ def _open_session(config: RunConfig, run_dir: Path, skip_bad_cases: bool, contex
                  "every case alike" if share is None else f"{share:.0%} of the samples from pseudo-labelled scans")
     train_volumes = volume_dataset(data.training_cases(), prep, config.data)
     val_volumes = volume_dataset(distributed.shard_items(data.subset("val"), context), prep, config.data)
-    route_settings = route.settings(config.data, train_volumes, model)
+    labelled = len(data.splits["train"])  # the first training volumes; pseudo-labelled scans follow
+    route_settings = route.settings(config.data, Subset(train_volumes, range(labelled)), model)  # scans do not change the plan
     train_set, train_loader = route.training_samples(train_volumes, config.data, training.batch_size, route_settings, model,
                                                      rank=context.rank, world_size=context.world_size,
-                                                     pin_memory=settings.pin_memory, labelled=len(data.splits["train"]))
+                                                     pin_memory=settings.pin_memory, labelled=labelled)
     inferer = route.inferer(network_spec(config, len(labels), route_settings),
                             InferenceOptions(batch_size=training.val_batch_size, roi_size=None, max_batch_pixels=None), model)
     loss = build_loss(config.training.loss, config.model.supervised_outputs, device)
