@@ -195,7 +195,9 @@ def predict(
     options = PredictOptions(batch_size=batch_size, amp=amp, tta=tta, roi_size=roi_size, overlap=overlap,
                              postprocess=postprocess, save_probabilities=save_probabilities)
     report = run_predict(PredictRequest(tuple(model), input_, output, fmt, device, options, overwrite, resume, num_parts, part_id))
-    typer.echo(f"{report.count('ok')} predicted, {report.count('skipped')} skipped, {len(report.failed)} failed "
+    carried = sum(r.carried_over for r in report.results)
+    earlier = f" ({carried} by an earlier run, kept by --continue)" if carried else ""
+    typer.echo(f"{report.count('ok')} predicted{earlier}, {report.count('skipped')} skipped, {len(report.failed)} failed "
                f"in {report.wall_seconds:.1f} s; summary: {report.csv_path}")
     for result in report.failed:
         typer.echo(f"failed: {result.case}: {result.reason}", err=True)

@@ -318,10 +318,19 @@ def test_continue_after_an_interrupted_run(checkpoint, phantom_root, tmp_path, m
     assert [r["case"] for r in interrupted_summary["cases"]] == ["phantom_000", "phantom_001"]
 
     assert _predict(phantom_root / "imagesTr", out, checkpoint, "--continue") == 0
-    rows = {r["case"]: r for r in json.loads((out / "summary.json").read_text())["cases"]}
-    assert [rows[f"phantom_00{i}"]["status"] for i in range(6)] == ["skipped"] * 2 + ["ok"] * 4
-    assert rows["phantom_000"]["voxels"] == interrupted_summary["cases"][0]["voxels"]  # counts carried over
+    resumed = json.loads((out / "summary.json").read_text())
+    rows = {r["case"]: r for r in resumed["cases"]}
+    assert [rows[f"phantom_00{i}"]["status"] for i in range(6)] == ["ok"] * 6
+    assert [rows[f"phantom_00{i}"]["carried_over"] for i in range(6)] == [True] * 2 + [False] * 4
+    for earlier in interrupted_summary["cases"]:  # the earlier rows, timing and counts, kept
+        assert {**earlier, "carried_over": True} == rows[earlier["case"]]
+    totals = resumed["totals"]
+    assert (totals["ok"], totals["carried_over"], totals["skipped"]) == (6, 2, 0)
+    assert totals["predict_seconds"] >= sum(r["seconds"] for r in interrupted_summary["cases"]) > 0
     assert len(list(out.glob("*.nii.gz"))) == 6
+    (out / "summary.json").unlink()  # an output no summary row accounts for is skipped, not claimed as predicted
+    assert _predict(phantom_root / "imagesTr", out, checkpoint, "--continue") == 0
+    assert {r["status"] for r in json.loads((out / "summary.json").read_text())["cases"]} == {"skipped"}
 
 
 def test_atomic_output_leaves_nothing_when_interrupted(tmp_path):

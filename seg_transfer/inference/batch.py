@@ -1,7 +1,9 @@
 """Batch prediction over many cases: independent cases, atomic outputs, ``--continue``, shards, summary.
 
-Each case either succeeds (outputs renamed into place), is skipped (``--continue`` and its label map
-exists: outputs only ever appear complete), or fails with a one-line reason while the others go on.
+Each case either succeeds (outputs renamed into place), is carried over (``--continue``, its label map exists
+and the earlier summary says it was predicted: its row, timing included, is kept), is skipped (``--continue``
+and a label map no summary row accounts for: outputs only ever appear complete), or fails with a one-line
+reason while the others go on.
 The summary is rewritten after every case, so an interrupted run still leaves an accurate one.
 """
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -155,8 +157,10 @@ def _process(models: list[LoadedModel], case: InputCase, request: PredictRequest
     """Skip, fail or predict one case; never raises for a problem with the case itself."""
     target = output_path(request.out_dir, case.name, request.fmt)
     if request.resume and target.exists():
-        voxels = earlier.voxels if earlier is not None and earlier.output == str(target) else {}
-        return CaseResult(case.name, str(case.source), str(target), "skipped", "output exists (--continue)", 0.0, voxels)
+        if earlier is not None and earlier.status == "ok" and earlier.output == str(target):
+            return replace(earlier, input=str(case.source), carried_over=True)
+        return CaseResult(case.name, str(case.source), str(target), "skipped",
+                          "output exists (--continue) but no earlier summary row says it was predicted")
     if case.problem:
         return CaseResult(case.name, str(case.source), "", "failed", case.problem)
     started = time.perf_counter()

@@ -15,7 +15,8 @@ Status = Literal["ok", "failed", "skipped"]
 
 @dataclass
 class CaseResult:
-    """What happened to one case. ``voxels`` counts output voxels per class name (ok/skipped cases)."""
+    """What happened to one case. ``voxels`` counts output voxels per class name (ok/skipped cases);
+    ``carried_over``: an ok row of an earlier run's summary, kept by ``--continue`` with its timing and counts."""
 
     case: str
     input: str
@@ -25,6 +26,7 @@ class CaseResult:
     seconds: float = 0.0
     voxels: dict[str, int] = field(default_factory=dict)
     input_voxels: int = 0
+    carried_over: bool = False
 
 
 def summary_stem(num_parts: int = 1, part_id: int = 0) -> str:
@@ -33,18 +35,22 @@ def summary_stem(num_parts: int = 1, part_id: int = 0) -> str:
 
 
 def totals(results: list[CaseResult], wall_seconds: float) -> dict[str, float | int]:
-    """Counts per status, time and throughput (predicted cases and input voxels per second)."""
+    """Counts per status, time and throughput. ``ok`` includes the rows carried over from an earlier run
+    (``carried_over``), as do ``predict_seconds`` and voxels per second; ``cases_per_second`` counts the cases
+    predicted within ``wall_seconds`` (this run) only."""
     done = [r for r in results if r.status == "ok"]
     busy = sum(r.seconds for r in done)
     voxels = sum(r.input_voxels for r in done)
+    carried = sum(r.carried_over for r in done)
     return {
         "cases": len(results),
         "ok": len(done),
+        "carried_over": carried,
         "failed": sum(r.status == "failed" for r in results),
         "skipped": sum(r.status == "skipped" for r in results),
         "wall_seconds": round(wall_seconds, 3),
         "predict_seconds": round(busy, 3),
-        "cases_per_second": round(len(done) / wall_seconds, 4) if wall_seconds > 0 else 0.0,
+        "cases_per_second": round((len(done) - carried) / wall_seconds, 4) if wall_seconds > 0 else 0.0,
         "voxels_per_second": round(voxels / busy, 1) if busy > 0 else 0.0,
     }
 
