@@ -62,8 +62,16 @@ def test_pseudo_labelled_scans_join_the_training_cases_only(root, tmp_path):
 
 def test_a_scan_without_a_predicted_label_is_one_line_naming_the_folder(root, tmp_path):
     labels = write_labels(root, tmp_path / "predicted", skip=1)
-    with pytest.raises(DatasetError, match=r"predicted: no predicted label map for 1 of 3 unlabelled scans, e.g. phantom_009$"):
+    with pytest.raises(DatasetError, match=r"predicted: no predicted label map for 1 of 3 unlabelled scans, "
+                                           r"e.g. phantom_009 \(seg-transfer predict writes them\)$"):
         prepare_data(config(root, **{"data.pseudo_labelled": {"labels_dir": str(labels)}}).data, tmp_path)
+
+
+def test_an_empty_label_folder_says_which_scans_lack_a_label_map(root, tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DatasetError, match=r"empty: no predicted label map for 3 of 3 unlabelled scans, "
+                                           r"e.g. phantom_008, phantom_009, phantom_010"):
+        prepare_data(config(root, **{"data.pseudo_labelled": {"labels_dir": str(tmp_path / "empty")}}).data, tmp_path)
 
 
 def test_pseudo_labels_need_scans_outside_an_msd_root(root, tmp_path):

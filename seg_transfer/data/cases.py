@@ -242,6 +242,12 @@ def _volumes_by_key(folder: Path, strip_channel: bool) -> dict[str, Path]:
     return out
 
 
+def volume_files(folder: str | Path) -> dict[str, Path]:
+    """{case name: file} for the volume files of ``folder`` (empty if it holds none); DatasetError if it is missing
+    or two files are the same case."""
+    return _volumes_by_key(Path(folder), strip_channel=False)
+
+
 def cases_from_folders(images_dir: str | Path, labels_dir: str | Path | None) -> list[Case]:
     """Cases pairing images and labels by file name, sorted by name.
 

@@ -19,6 +19,7 @@ from seg_transfer.data.cases import (
     cases_from_csv,
     cases_from_folders,
     cases_from_msd,
+    volume_files,
 )
 from seg_transfer.data.checks import BadCase, find_bad_cases, format_bad_cases
 from seg_transfer.data.slices import MixedEpochs, SliceDataset, mixed_pools
@@ -92,11 +93,11 @@ def pseudo_labelled_cases(data: DataConfig) -> list[Case]:
     self-trained run never trains on a scan its teacher did not label)."""
     config = data.pseudo_labelled
     scans = pseudo_labelled_scans(data)
-    predicted = {case.name: case.image for case in cases_from_folders(config.labels_dir, None)}
+    predicted = volume_files(config.labels_dir)
     missing = [case.name for case in scans if case.name not in predicted]
     if missing:
         raise DatasetError(f"{config.labels_dir}: no predicted label map for {len(missing)} of {len(scans)} "
-                           f"unlabelled scans, e.g. {', '.join(missing[:3])}")
+                           f"unlabelled scans, e.g. {', '.join(missing[:3])} (seg-transfer predict writes them)")
     return [Case(case.name, case.image, predicted[case.name]) for case in scans]
 
 
