@@ -9,6 +9,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 import yaml
 
 from seg_transfer.cli import main
@@ -200,7 +201,9 @@ def test_a_share_cannot_be_combined_with_the_feature_cache(root, tmp_path):
 
 
 def test_a_study_arm_trains_on_the_scans_its_teacher_run_labelled(root, tmp_path, one_thread):
-    path = write_study(tmp_path, root, [{"name": "teacher"}, {"name": "student", "pseudo_labels_from": "teacher"}])
+    path = write_study(tmp_path, root, [{"name": "teacher"}, {"name": "student", "pseudo_labels_from": "teacher"},
+                                        {"name": "student_half", "pseudo_labels_from": "teacher",
+                                         "set": {"data.pseudo_labelled.share": 0.5}}])
     out = tmp_path / "study"
     assert main(["compare", "--config", str(path), "--output", str(out), "--device", "cpu"]) == 0
     teacher, student = out / "runs" / "teacher" / "n002_seed0", out / "runs" / "student" / "n002_seed0"
@@ -217,6 +220,15 @@ def test_a_study_arm_trains_on_the_scans_its_teacher_run_labelled(root, tmp_path
     # both runs start from the same seed and take the same steps: only the extra cases differ, and they change the weights
     teacher_weights = (teacher / "checkpoints" / "best.pt").read_bytes()
     assert teacher_weights != (student / "checkpoints" / "best.pt").read_bytes()
+    # the same cases drawn half and half instead of alike: other samples, other weights
+    half = out / "runs" / "student_half" / "n002_seed0"
+    half_summary = json.loads((half / "summary.json").read_text())
+    assert (half_summary["pseudo_labelled_share"], summary["pseudo_labelled_share"]) == (0.5, None)
+    assert half_summary["steps"] == summary["steps"] and half_summary["pseudo_labelled_cases"] == 3
+    from seg_transfer.checkpoint import Checkpoint
+
+    weights = [Checkpoint.load(run / "checkpoints" / "last.pt").model for run in (half, student)]
+    assert any(not torch.equal(weights[0][key], weights[1][key]) for key in weights[0])
 
 
 def test_a_student_is_handed_out_only_once_its_teacher_is_evaluated(root, tmp_path):
