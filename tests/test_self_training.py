@@ -194,6 +194,25 @@ def test_pseudo_labelled_scans_do_not_change_the_derived_3d_patch_size(root, tmp
     assert Checkpoint.load(tmp_path / "run" / "checkpoints" / "last.pt").route_settings["patch_size"][:2] == [32, 32]
 
 
+def test_a_run_with_a_share_resumes_to_the_same_weights(root, tmp_path, one_thread):
+    """Both pools' epoch orders and augmentation seeds follow (seed, epoch): an interrupted 3D run continues exactly."""
+    from seg_transfer.checkpoint import Checkpoint
+    from seg_transfer.training.trainer import train
+    from tests.test_route_3d import tiny_3d
+    from tests.test_training import _equal_states, _train_until_epoch
+
+    raw = tiny_3d(root, **{"data.cache_dir": str(tmp_path / "cache"), "data.slices_per_epoch": 8,
+                           "data.pseudo_labelled": {"labels_dir": str(write_labels(root, tmp_path / "labels")),
+                                                    "share": 0.5}})
+    raw["training"]["stages"] = [{"name": "all", "train": "all", "epochs": 3, "lr": 1e-3}]
+    run = config_from_dict(raw)
+    train(run, tmp_path / "straight")
+    _train_until_epoch(run, tmp_path / "interrupted", 1)
+    train(run, tmp_path / "interrupted", resume=True)
+    states = [Checkpoint.load(tmp_path / name / "checkpoints" / "last.pt").model for name in ("straight", "interrupted")]
+    assert _equal_states(*states)
+
+
 def test_a_share_cannot_be_combined_with_the_feature_cache(root, tmp_path):
     with pytest.raises(ConfigError, match="data.pseudo_labelled.share and training.feature_cache cannot be combined"):
         config(root, **{"data.pseudo_labelled": {"labels_dir": str(tmp_path), "share": 0.5},
