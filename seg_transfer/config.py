@@ -122,6 +122,11 @@ class DataConfig(_Strict):
         return self
 
     @property
+    def pseudo_labelled_share(self) -> float | None:
+        """``pseudo_labelled.share``; None without pseudo-labelled scans or without a share (every case alike)."""
+        return self.pseudo_labelled.share if self.pseudo_labelled is not None else None
+
+    @property
     def in_channels(self) -> int:
         """Channels of one 2.5D sample: the slice and ``context_slices`` neighbours on each side."""
         return 2 * self.context_slices + 1
@@ -344,8 +349,7 @@ class RunConfig(_Strict):
 
     @model_validator(mode="after")
     def _share_without_feature_cache(self) -> RunConfig:
-        pseudo = self.data.pseudo_labelled
-        if pseudo is not None and pseudo.share is not None and self.training.feature_cache != "off":
+        if self.data.pseudo_labelled_share is not None and self.training.feature_cache != "off":
             raise ValueError("data.pseudo_labelled.share and training.feature_cache cannot be combined (the cache "
                              "follows one pool's epoch order); drop one of them")
         return self

@@ -130,6 +130,8 @@ def test_mixed_epochs_draw_the_declared_share_from_the_second_pool(build):
     assert sources(mixed) == drawn  # deterministic in (seed, epoch)
     mixed.set_epoch(seed=5, epoch=1, size=40, foreground_fraction=None)
     assert sources(mixed) != drawn
+    mixed.set_epoch(seed=5, epoch=2, size=1, foreground_fraction=None)  # 25% of one sample rounds to none
+    assert mixed.parts(1) == (1, 0) and len(sources(mixed)) == 1 and sources(mixed)[0] < 10
 
 
 def test_mixed_epochs_shard_like_one_dataset():

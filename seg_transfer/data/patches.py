@@ -34,7 +34,7 @@ def median_patch_size(shapes: Sequence[Sequence[int]], multiple: Sequence[int], 
 
 def cycled_order(rng: np.random.Generator, total: int, size: int) -> np.ndarray:
     """``size`` indices of ``range(total)`` as whole shuffled passes (cycled when ``size > total``, cut otherwise)."""
-    if total == 0:
+    if total == 0 or size == 0:
         return np.empty(0, np.int64)
     passes = -(-size // total)
     return np.concatenate([rng.permutation(total) for _ in range(passes)])[:size]
@@ -94,7 +94,8 @@ class PatchDataset(EpochDataset):
         fraction = DEFAULT_FOREGROUND_FRACTION if foreground_fraction is None else foreground_fraction
         if fraction != self.fraction:
             self.fraction, self._transform = fraction, self._build_transform(fraction)
-        order = cycled_order(np.random.default_rng([seed, epoch]), len(self.images), size or len(self.images))
+        order = cycled_order(np.random.default_rng([seed, epoch]), len(self.images),
+                             len(self.images) if size is None else size)
         self._start_epoch(order, seed, epoch)
 
     def set_augmentation(self, enabled: bool) -> None:
@@ -148,7 +149,7 @@ def patch_loader(volumes, data: DataConfig, batch_size: int, patch_size: Sequenc
     if batch_size % world_size:
         raise ValueError(f"batch size {batch_size} is not a multiple of the world size {world_size}")
     dataset = mixed_pools(lambda pool: PatchDataset(pool, patch_size, data.augment), volumes, labelled,
-                          data.pseudo_labelled.share if data.pseudo_labelled else None)
+                          data.pseudo_labelled_share)
     dataset.set_augmentation(data.augment.enabled)  # a stage may switch it (stages[].augment)
     drop_last = (data.slices_per_epoch or len(dataset)) > batch_size
     if world_size > 1:

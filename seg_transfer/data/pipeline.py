@@ -193,7 +193,7 @@ def slice_loader(
         raise ValueError(f"batch size {batch_size} is not a multiple of the world size {world_size}")
     augmenter = SliceAugmenter(data.augment) if train else None
     dataset = mixed_pools(lambda pool: SliceDataset(pool, data.slice_axis, data.context_slices, multiple, augmenter),
-                          volumes, labelled, data.pseudo_labelled.share if data.pseudo_labelled else None)
+                          volumes, labelled, data.pseudo_labelled_share)
     dataset.set_augmentation(train and data.augment.enabled)  # a stage may switch it (stages[].augment)
     drop_last = train and (data.slices_per_epoch or len(dataset)) > batch_size
     if world_size > 1:

@@ -86,7 +86,7 @@ class SliceIndex:
     def epoch_order(self, seed: int, epoch: int, size: int | None, foreground_fraction: float | None) -> np.ndarray:
         """Indices into ``pairs`` for one epoch, deterministic in (seed, epoch); exactly ``size`` of them.
 
-        ``size=None`` means one pass over all slices. ``foreground_fraction=None``: uniform over slices,
+        ``size=None`` means one pass over all slices (0: an empty epoch). ``foreground_fraction=None``: uniform over slices,
         drawn as whole shuffled passes (a pool smaller than ``size`` is cycled, so every slice is seen
         equally often, and a larger pool is cut). Otherwise that share of ``size`` is drawn from slices
         with labels, the rest from all slices. The length never depends on the pool, so a budget of
@@ -94,7 +94,7 @@ class SliceIndex:
         """
         rng = np.random.default_rng([seed, epoch])
         total = len(self.pairs)
-        size = size or total
+        size = total if size is None else size
         if foreground_fraction is None:
             passes = -(-size // total) if total else 0
             order = np.concatenate([rng.permutation(total) for _ in range(passes)]) if passes else np.empty(0, np.int64)
@@ -172,8 +172,8 @@ class MixedEpochs(EpochDataset):
 
     def set_epoch(self, seed: int, epoch: int, size: int | None, foreground_fraction: float | None) -> None:
         first, second = self.parts(size)
-        _set_part(self.first, seed, epoch, first, foreground_fraction)
-        _set_part(self.second, seed + SECOND_POOL_SEED_OFFSET, epoch, second, foreground_fraction)
+        self.first.set_epoch(seed, epoch, first, foreground_fraction)
+        self.second.set_epoch(seed + SECOND_POOL_SEED_OFFSET, epoch, second, foreground_fraction)
         self.split = first
         self._start_epoch(np.random.default_rng([seed, epoch, 2]).permutation(first + second), seed, epoch)
 
@@ -184,14 +184,6 @@ class MixedEpochs(EpochDataset):
     def __getitem__(self, item: int) -> dict[str, torch.Tensor]:
         code = int(self.order[self._position(item)])
         return self.first[code] if code < self.split else self.second[code - self.split]
-
-
-def _set_part(dataset: EpochDataset, seed: int, epoch: int, size: int, foreground_fraction: float | None) -> None:
-    """``dataset.set_epoch`` for exactly ``size`` samples (0 included: ``set_epoch`` reads 0 as one whole pass)."""
-    if size:
-        dataset.set_epoch(seed, epoch, size, foreground_fraction)
-    else:
-        dataset._start_epoch(np.empty(0, np.int64), seed, epoch)
 
 
 def mixed_pools(build: Callable[[Sequence], EpochDataset], volumes: Sequence, labelled: int | None,

@@ -252,7 +252,7 @@ def _open_session(config: RunConfig, run_dir: Path, skip_bad_cases: bool, contex
     log.info("device %s%s; %s", device, f", {context.world_size} processes" if context.enabled else "",
              speed.describe(settings))
     if data.pseudo_labelled:
-        share = config.data.pseudo_labelled.share
+        share = config.data.pseudo_labelled_share
         log.info("training on %d labelled and %d pseudo-labelled cases (%s); %s", len(data.splits["train"]),
                  len(data.pseudo_labelled), config.data.pseudo_labelled.labels_dir,
                  "every case alike" if share is None else f"{share:.0%} of the samples from pseudo-labelled scans")
@@ -616,7 +616,7 @@ def _finish(session: _Session, progress: Progress) -> RunResult:
                "arch": session.config.model.arch, "encoder": session.config.model.encoder,
                "training_cases": len(session.data.splits["train"]),
                "pseudo_labelled_cases": len(session.data.pseudo_labelled),
-               "pseudo_labelled_share": pseudo.share if (pseudo := session.config.data.pseudo_labelled) else None}
+               "pseudo_labelled_share": session.config.data.pseudo_labelled_share}
     if session.dist.is_main:
         write_atomic(session.run_dir / "summary.json", json.dumps(json_safe(rounded(summary)), indent=2) + "\n")
     distributed.barrier(session.dist)  # every rank returns once rank 0's files are complete
