@@ -215,6 +215,12 @@ def test_a_run_with_a_share_resumes_to_the_same_weights(root, tmp_path, one_thre
     assert _equal_states(*states)
 
 
+@pytest.mark.parametrize("share", [0, 1, 1.5])
+def test_a_share_outside_0_to_1_is_a_config_error_naming_it(root, tmp_path, share):
+    with pytest.raises(ConfigError, match=r"data\.pseudo_labelled\.share"):
+        config(root, **{"data.pseudo_labelled": {"labels_dir": str(tmp_path), "share": share}})
+
+
 def test_a_share_cannot_be_combined_with_the_feature_cache(root, tmp_path):
     with pytest.raises(ConfigError, match="data.pseudo_labelled.share and training.feature_cache cannot be combined"):
         config(root, **{"data.pseudo_labelled": {"labels_dir": str(tmp_path), "share": 0.5},
