@@ -161,6 +161,10 @@ class ModelConfig(_Strict):
     #: also initialise the decoder (not the segmentation heads) from the whole-network file ``encoder_weights``
     #: names (``seg-transfer pretrain``'s ``pretrained.pt`` or a run's ``best.pt``): Models Genesis reuses both
     decoder_from_weights: bool = False
+    #: with ``decoder_from_weights``, also initialise the segmentation head(s) from that file, so the whole
+    #: network continues from it (a run's ``best.pt`` with this run's classes: e.g. a self-training student
+    #: started from its teacher, or a finished run trained further on more cases)
+    head_from_weights: bool = False
 
     @field_validator("encoder_weights")
     @classmethod
@@ -178,6 +182,9 @@ class ModelConfig(_Strict):
         if self.decoder_from_weights and self.encoder_weights in NAMED_WEIGHTS:
             raise ValueError(f"decoder_from_weights needs encoder_weights to be a whole-network file (e.g. "
                              f"seg-transfer pretrain's pretrained.pt), not '{self.encoder_weights}'")
+        if self.head_from_weights and not self.decoder_from_weights:
+            raise ValueError("head_from_weights needs decoder_from_weights: true (a head on a new decoder would "
+                             "read features it was not trained on)")
         return self
 
     @property
@@ -443,15 +450,18 @@ def read_yaml_mapping(path: str | Path, what: str = "config file") -> dict[str, 
     return raw
 
 
-def config_from_dict(raw: dict[str, Any], overrides: list[str] | None = None, source: str = "config") -> RunConfig:
-    """Validate a config mapping (after ``--set`` overrides) into a :class:`RunConfig`."""
+def config_from_dict(raw: dict[str, Any], overrides: list[str] | None = None, source: str = "config", *,
+                     weights_written_later: bool = False) -> RunConfig:
+    """Validate a config mapping (after ``--set`` overrides) into a :class:`RunConfig`; its data paths and
+    ``model.encoder_weights`` must exist, the latter unless ``weights_written_later`` (a study arm that
+    starts from an earlier arm's run, not trained yet)."""
     raw = _apply_overrides(raw, overrides or [], source)
     try:
         config = RunConfig.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError(f"{source}: {_describe_validation_error(exc)}") from None
     config = config.resolve_paths(Path.cwd())
-    _check_paths_exist(config, source)
+    _check_paths_exist(config, source, check_weights=not weights_written_later)
     return config
 
 
@@ -552,12 +562,13 @@ def _nested_model(annotation: Any) -> type[BaseModel] | None:
     return None
 
 
-def _check_paths_exist(config: RunConfig, source: str) -> None:
+def _check_paths_exist(config: RunConfig, source: str, *, check_weights: bool = True) -> None:
     data = config.data
     for key in ("root", "csv", "images_dir", "labels_dir"):
         value = getattr(data, key)
         if value is not None and not Path(value).exists():
             raise ConfigError(f"{source}: 'data.{key}' path does not exist: {value}")
     weights = config.model.encoder_weights
-    if weights not in NAMED_WEIGHTS and not Path(weights).is_file():
-        raise ConfigError(f"{source}: 'model.encoder_weights' is neither imagenet, none, nor an existing file: {weights}")
+    if check_weights and weights not in NAMED_WEIGHTS and not Path(weights).expanduser().exists():
+        raise ConfigError(f"{source}: 'model.encoder_weights' is neither imagenet, none, nor an existing file or "
+                          f"run folder: {weights}")

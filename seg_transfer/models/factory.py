@@ -18,6 +18,7 @@ from seg_transfer.models.weights import (
     encoder_part,
     imagenet_weight_source,
     load_decoder_file,
+    load_head_file,
     map_state_dict,
     no_weights_message,
     read_state_dict,
@@ -64,7 +65,7 @@ def build_model(
     config: ModelConfig, in_channels: int, classes: int, *, load_pretrained: bool = True, drop_unread: bool = True
 ) -> tuple[nn.Module, WeightsProvenance]:
     """Create the network and load its encoder weights as ``config.encoder_weights`` says (and its decoder's
-    from the same file with ``config.decoder_from_weights``).
+    and heads' from the same file with ``config.decoder_from_weights`` / ``config.head_from_weights``).
 
     ``load_pretrained=False`` builds the bare network (e.g. before loading a checkpoint). Encoder layers the
     decoder does not read are then dropped (:func:`drop_unread_encoder_layers`) unless ``drop_unread=False``.
@@ -75,6 +76,8 @@ def build_model(
     provenance = _load_encoder_weights(model, config, in_channels, classes) if load_pretrained else WeightsProvenance("none")
     if load_pretrained and config.decoder_from_weights:
         load_decoder_file(model.decoder, weights_file(config.encoder_weights))
+    if load_pretrained and config.head_from_weights:
+        load_head_file(model, weights_file(config.encoder_weights))
     if drop_unread:
         drop_unread_encoder_layers(model.encoder, in_channels, config, announce=load_pretrained)
     return model, provenance

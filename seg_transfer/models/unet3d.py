@@ -16,6 +16,7 @@ from seg_transfer.models.weights import (
     encoder_part,
     is_volumetric,
     load_decoder_file,
+    load_head_file,
     load_exact,
     read_state_dict,
     sha256_file,
@@ -130,7 +131,7 @@ def build_unet3d(config: ModelConfig, classes: int, *, load_pretrained: bool = T
     after inflation (which draws random numbers per layer, so the decoder's initialisation does not depend
     on them being dropped). A weights file holding a 3D encoder (``seg-transfer pretrain`` on this route)
     is loaded as it is into the inflated encoder, exactly; ``config.decoder_from_weights`` loads the decoder
-    from the same file. Raises ``ModelConfigError`` for an arch other than
+    from the same file, ``config.head_from_weights`` the segmentation head(s). Raises ``ModelConfigError`` for an arch other than
     ``Unet``, ``WeightsError`` / ``InflationError`` with one-line messages.
     """
     if config.arch.lower() != "unet":
@@ -140,6 +141,7 @@ def build_unet3d(config: ModelConfig, classes: int, *, load_pretrained: bool = T
     volumetric = whole is not None and is_volumetric(encoder_part(whole))
     # the 2D decoder is discarded; giving it the 3D decoder's channels keeps smp's depth check satisfied
     config_2d = config.model_copy(update={"decoder_channels": list(channels), "decoder_from_weights": False,
+                                          "head_from_weights": False,
                                           **({"encoder_weights": "none"} if volumetric else {})})
     model_2d, provenance = build_model(config_2d, 1, classes, load_pretrained=load_pretrained, drop_unread=False)
     encoder = inflate_encoder(model_2d.encoder, config.inflation, config.depth_stride_one_stages)
@@ -150,6 +152,8 @@ def build_unet3d(config: ModelConfig, classes: int, *, load_pretrained: bool = T
     network = Unet3d(encoder, classes, channels, config.deep_supervision)
     if load_pretrained and config.decoder_from_weights:
         load_decoder_file(network.decoder, path, whole)
+    if load_pretrained and config.head_from_weights:
+        load_head_file(network, path, whole)
     return network, provenance
 
 

@@ -246,7 +246,18 @@ def _fit(tensor: torch.Tensor, dst: torch.Tensor, is_first_conv: bool, where: st
 def decoder_part(state: OrderedDict[str, torch.Tensor]) -> OrderedDict[str, torch.Tensor]:
     """The ``decoder.*`` tensors (prefix removed) of a whole segmentation network's state dict (empty if none);
     its segmentation heads are left out: their classes are the source task's."""
-    return OrderedDict((key.removeprefix("decoder."), value) for key, value in state.items() if key.startswith("decoder."))
+    return module_part(state, "decoder")
+
+
+#: the modules of a segmentation network (smp's and :class:`~seg_transfer.models.unet3d.Unet3d`) that map decoder
+#: features to class logits: the full-resolution head and, with deep supervision, the coarser levels' heads
+HEAD_MODULES = ("segmentation_head", "aux_heads")
+
+
+def module_part(state: OrderedDict[str, torch.Tensor], module: str) -> OrderedDict[str, torch.Tensor]:
+    """The ``module.*`` tensors (prefix removed) of a whole network's state dict (empty if none)."""
+    prefix = f"{module}."
+    return OrderedDict((key.removeprefix(prefix), value) for key, value in state.items() if key.startswith(prefix))
 
 
 def is_volumetric(state: OrderedDict[str, torch.Tensor]) -> bool:
@@ -279,3 +290,19 @@ def load_decoder_file(decoder: torch.nn.Module, path: str | Path, state: Ordered
                            "network's file, such as seg-transfer pretrain's pretrained.pt or a run's best.pt")
     load_exact(decoder, source, str(path), "decoder")
     log.info("decoder weights: file %s", path)
+
+
+def load_head_file(network: torch.nn.Module, path: str | Path, state: OrderedDict[str, torch.Tensor] | None = None) -> None:
+    """Initialise ``network``'s segmentation head(s) (:data:`HEAD_MODULES` it has) from the whole-network file
+    ``path``, exactly: the file must be a network of the same classes (and deep supervision) as this one."""
+    state = read_state_dict(path) if state is None else state
+    for name in HEAD_MODULES:
+        module = getattr(network, name, None)
+        if module is None or not module.state_dict():
+            continue
+        source = module_part(state, name)
+        if not source:
+            raise WeightsError(f"{path}: holds no {name} ({name}.* tensors); model.head_from_weights needs a run's "
+                               "best.pt with this run's classes" + (" and deep supervision" if name == "aux_heads" else ""))
+        load_exact(module, source, str(path), name)
+    log.info("segmentation head weights: file %s", path)

@@ -35,7 +35,8 @@ def scratch_control(raw: dict) -> dict:
             single[budget] = sum(stage[budget] for stage in stages)
     raw["training"]["stages"] = [single]
     raw["model"]["encoder_weights"] = "none"
-    raw["model"].pop("decoder_from_weights", None)  # the default: a new decoder
+    raw["model"].pop("decoder_from_weights", None)  # the defaults: a new decoder and heads
+    raw["model"].pop("head_from_weights", None)
     raw["name"] = str(raw.get("name", "run")).replace("imagenet_staged", "scratch")
     return raw
 
@@ -51,17 +52,23 @@ def base_raw(study: StudyConfig) -> dict:
     return absolute_config_paths(raw, study.base_config.parent, str(study.base_config))
 
 
-def arm_config(study: StudyConfig, arm: ArmConfig, seed: int, name: str, pseudo_labels: Path | None = None) -> RunConfig:
+def arm_config(study: StudyConfig, arm: ArmConfig, seed: int, name: str, pseudo_labels: Path | None = None,
+               start_from: Path | None = None) -> RunConfig:
     """The validated run config of ``arm`` for ``seed`` (model init and slice sampling use ``seed``);
-    ``pseudo_labels``: for a self-training arm, the folder its teacher run writes the unlabelled scans' labels to."""
+    ``pseudo_labels``: for a self-training arm, the folder its teacher run writes the unlabelled scans' labels to;
+    ``start_from``: for a ``weights_from`` arm, the run folder whose whole network it starts from (which may not
+    be trained yet)."""
     source = f"{study.base_config} (study arm {arm.name})"
     teacher = {"data.pseudo_labelled.labels_dir": str(pseudo_labels)} if pseudo_labels is not None else {}
-    overrides = as_overrides({**study.set, **arm.set, **teacher, "seed": seed, "name": name})
-    raw = config_from_dict(base_raw(study), overrides, source=source).model_dump(mode="json")
+    start = {"model.encoder_weights": str(start_from), "model.decoder_from_weights": True,
+             "model.head_from_weights": True} if start_from is not None else {}
+    overrides = as_overrides({**study.set, **arm.set, **teacher, **start, "seed": seed, "name": name})
+    later = start_from is not None
+    raw = config_from_dict(base_raw(study), overrides, source=source, weights_written_later=later).model_dump(mode="json")
     if arm.scratch_control:
         raw = scratch_control(raw)
         raw["name"] = name
-    return config_from_dict(raw, source=source)
+    return config_from_dict(raw, source=source, weights_written_later=later)
 
 
 def training_budget(config: RunConfig) -> dict[str, Any]:

@@ -36,6 +36,9 @@ class ArmConfig(_Strict):
     control (e.g. the default at another input scale, where the control is the scratch network of its own scale).
     ``pseudo_labels_from``: self-training; an earlier arm whose run of the same size and seed, once finished,
     labels the dataset's unlabelled scans (``data.pseudo_labelled``), and this arm trains on them too.
+    ``weights_from``: an earlier arm whose run of the same size and seed, once finished, is this arm's starting
+    network: encoder, decoder and heads (``model.encoder_weights`` = that run, ``decoder_from_weights`` and
+    ``head_from_weights``), e.g. a self-training student that continues from its teacher.
     """
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -44,6 +47,14 @@ class ArmConfig(_Strict):
     control: str | None = None
     also_against: list[str] = Field(default_factory=list)
     pseudo_labels_from: str | None = None
+    weights_from: str | None = None
+
+    @model_validator(mode="after")
+    def _weights_or_scratch(self) -> ArmConfig:
+        if self.weights_from is not None and self.scratch_control:
+            raise ValueError(f"arm {self.name!r}: 'weights_from' and 'scratch_control' contradict each other (a "
+                             "scratch control starts from random weights)")
+        return self
 
 
 class StudySplit(_Strict):
@@ -113,9 +124,10 @@ class StudyConfig(_Strict):
                 if other is not None and (other not in names or other == arm.name):
                     raise ValueError(f"arm {arm.name!r}: {key!r}: {other!r} is not another arm; "
                                      f"the arms are {', '.join(names)}")
-            if arm.pseudo_labels_from is not None and arm.pseudo_labels_from not in names[:position]:
-                raise ValueError(f"arm {arm.name!r}: 'pseudo_labels_from': {arm.pseudo_labels_from!r} is not an arm "
-                                 f"listed before it (the teacher trains first); earlier arms: {', '.join(names[:position]) or 'none'}")
+            for key, source in (("pseudo_labels_from", arm.pseudo_labels_from), ("weights_from", arm.weights_from)):
+                if source is not None and source not in names[:position]:
+                    raise ValueError(f"arm {arm.name!r}: {key!r}: {source!r} is not an arm listed before it (its run "
+                                     f"trains first); earlier arms: {', '.join(names[:position]) or 'none'}")
         if len(set(self.seeds)) != len(self.seeds):
             raise ValueError("seeds has duplicates")
         return self

@@ -2,8 +2,8 @@
 
 The parent hands out runs in plan order, one at a time, to whichever worker is free, so runs of unequal cost
 (a 1920-step arm beside 960-step ones) keep every worker busy, and a study stopped early holds whole
-(size, seed) groups of paired runs. A self-training run (``pseudo_labels_from``) is handed out only once its
-teacher run is evaluated. Workers are spawned (CUDA-safe; each may start its own data-loading workers) and
+(size, seed) groups of paired runs. A run that needs an earlier arm's run (``pseudo_labels_from``,
+``weights_from``) is handed out only once that run is evaluated. Workers are spawned (CUDA-safe; each may start its own data-loading workers) and
 log to ``OUTPUT/logs/process_K_of_N.log``.
 """
 from __future__ import annotations
@@ -16,21 +16,27 @@ from pathlib import Path
 
 from seg_transfer.study.config import StudyConfig, load_study_config
 from seg_transfer.study.plan import RunSpec, plan_runs
-from seg_transfer.study.runner import complete_run, is_evaluated, waits_for_teacher, write_test_inputs
+from seg_transfer.study.runner import (
+    complete_run,
+    is_evaluated,
+    unfinished_prerequisites,
+    waits_for_earlier_runs,
+    write_test_inputs,
+)
 
 log = logging.getLogger(__name__)
 
 
 def ready_runs(specs: Sequence[RunSpec], waiting: Sequence[int]) -> list[int]:
-    """The plan positions of ``waiting`` that may start now, in their order: every run but a self-training run
-    whose teacher is not evaluated yet (waiting, training, or failed)."""
-    return [index for index in waiting if not waits_for_teacher(specs[index])]
+    """The plan positions of ``waiting`` that may start now, in their order: every run but one that needs an earlier
+    run (its teacher, the run it starts from) not evaluated yet (waiting, training, or failed)."""
+    return [index for index in waiting if not waits_for_earlier_runs(specs[index])]
 
 
 def train_in_parallel(study: StudyConfig, study_path: Path, output: Path, processes: int, *, device: str,
                       max_runs: int | None, poll_seconds: float = 30.0) -> list[str]:
     """Train the study's runs not yet evaluated (at most ``max_runs`` of them) in ``processes`` workers and wait
-    for them; returns one line per run that failed or could not start (its teacher failed). Ctrl-C stops every
+    for them; returns one line per run that failed or could not start (a run it needs failed). Ctrl-C stops every
     worker."""
     specs = plan_runs(study, output)[1]
     waiting = [index for index, spec in enumerate(specs) if not is_evaluated(spec)][:max_runs]
@@ -73,8 +79,9 @@ def _dispatch(specs: Sequence[RunSpec], waiting: list[int], workers: list, log_f
             waiting.remove(index)
             handed.add(index)
             tasks.put(index)
-        if not handed:  # only runs whose teacher failed are left
-            failed.extend(f"{specs[i].key}: its teacher run {specs[i].teacher_dir} did not finish" for i in waiting)
+        if not handed:  # only runs that need a failed run are left
+            failed.extend(f"{specs[i].key}: {', '.join(map(str, unfinished_prerequisites(specs[i])))} did not finish"
+                          for i in waiting)
             return
         try:
             kind, index, worker, error = results.get(timeout=poll_seconds)

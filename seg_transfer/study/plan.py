@@ -35,10 +35,16 @@ class RunSpec:
     run_dir: Path
     splits: dict[str, list[str]]
     teacher_dir: Path | None = None  # self-training: the run (same size and seed) that labels the unlabelled scans
+    start_dir: Path | None = None  # ``weights_from``: the run (same size and seed) whose network this one starts from
 
     @property
     def key(self) -> str:
         return f"{self.arm}/n{self.size:03d}_seed{self.seed}"
+
+    @property
+    def prerequisites(self) -> tuple[Path, ...]:
+        """Run folders that must be finished (trained and evaluated) before this run may train."""
+        return tuple(dict.fromkeys(d for d in (self.teacher_dir, self.start_dir) if d is not None))
 
 
 #: where a teacher run writes its label maps of the unlabelled scans (``seg-transfer predict`` output)
@@ -84,12 +90,14 @@ def plan_runs(study: StudyConfig, output: Path) -> tuple[StudyCases, list[RunSpe
             splits = {"train": train, "val": list(cases.val), "test": list(cases.test)}
             run_dirs = {arm.name: Path(output) / "runs" / arm.name / f"n{size:03d}_seed{seed}" for arm in study.arms}
             teachers = {arm.name: run_dirs[arm.pseudo_labels_from] for arm in study.arms if arm.pseudo_labels_from}
+            starts = {arm.name: run_dirs[arm.weights_from] for arm in study.arms if arm.weights_from}
             configs = {arm.name: arm_config(study, arm, seed, f"{arm.name}_n{size}_seed{seed}",
-                                            teachers[arm.name] / PSEUDO_LABELS_DIR if arm.name in teachers else None)
+                                            teachers[arm.name] / PSEUDO_LABELS_DIR if arm.name in teachers else None,
+                                            starts.get(arm.name))
                        for arm in study.arms}
             if not study.allow_unequal_budgets:
                 check_equal_budgets(configs)
             for arm in study.arms:
                 specs.append(RunSpec(arm.name, size, seed, configs[arm.name], run_dirs[arm.name], splits,
-                                     teachers.get(arm.name)))
+                                     teachers.get(arm.name), starts.get(arm.name)))
     return cases, specs

@@ -103,9 +103,9 @@ def run_study(study: StudyConfig, output: Path, *, device: str = "auto", max_run
         is_new = finished_result(spec.run_dir) is None
         if is_new and max_runs is not None and trained >= max_runs:
             continue  # past --max-runs: later runs that are already finished still count
-        if waits_for_teacher(spec) and not is_evaluated(spec):
-            log.warning("run %d/%d: %s waits for its teacher run %s, not finished yet (another shard's?)",
-                        index + 1, len(specs), spec.key, spec.teacher_dir)
+        if waits_for_earlier_runs(spec) and not is_evaluated(spec):
+            log.warning("run %d/%d: %s waits for %s, not finished yet (another shard's?)",
+                        index + 1, len(specs), spec.key, ", ".join(map(str, unfinished_prerequisites(spec))))
             continue
         log.info("run %d/%d: %s%s", index + 1, len(specs), spec.key, "" if is_new else " (finished, reused)")
         finished[index] = complete_run(spec, test_images, test_labels, labels_file, study, device)
@@ -127,9 +127,14 @@ def is_evaluated_dir(run_dir: Path) -> bool:
     return (run_dir / "test_evaluation" / JSON_NAME).is_file()
 
 
-def waits_for_teacher(spec: RunSpec) -> bool:
-    """Whether ``spec`` is a self-training run whose teacher run is not evaluated yet (so it cannot train)."""
-    return spec.teacher_dir is not None and not is_evaluated_dir(spec.teacher_dir)
+def unfinished_prerequisites(spec: RunSpec) -> list[Path]:
+    """The runs ``spec`` needs (its teacher, the run it starts from) that are not evaluated yet."""
+    return [run_dir for run_dir in spec.prerequisites if not is_evaluated_dir(run_dir)]
+
+
+def waits_for_earlier_runs(spec: RunSpec) -> bool:
+    """Whether ``spec`` cannot train yet: a run it needs (its teacher, the run it starts from) is not evaluated."""
+    return bool(unfinished_prerequisites(spec))
 
 
 def complete_run(spec: RunSpec, test_images: Path, test_labels: Path, labels_file: Path, study: StudyConfig, device: str) -> RunRecord:
