@@ -104,6 +104,33 @@ def test_the_self_training_share_study_gives_the_student_half_its_patches_from_t
     assert study.seeds == first.seeds == [3, 4, 5] and study.split == first.split
 
 
+def test_the_from_teacher_study_continues_each_teacher_and_reuses_the_share_studys_runs(monkeypatch, tmp_path):
+    """configs/self_training_from_teacher_3d_hippocampus_n10.yaml: the share study's three arms resolve to exactly
+    its configs in the same output folder (so its runs are reused), and both new arms start from the teacher run of
+    their seed, whole network, for 960 steps: teacher + student is the control's 1920."""
+    monkeypatch.chdir(tmp_path)
+    from seg_transfer.study.plan import plan_runs
+
+    study = load_study_config(CONFIGS / "self_training_from_teacher_3d_hippocampus_n10.yaml")
+    share = load_study_config(CONFIGS / "self_training_share_3d_hippocampus_n10.yaml")
+    specs = plan_runs(study, tmp_path / "study")[1]
+    earlier = {(spec.arm, spec.seed): spec.config for spec in plan_runs(share, tmp_path / "study")[1]}
+    assert {spec.arm: optimiser_steps(spec.config) for spec in specs} == {
+        "imagenet_3d": 960, "self_trained_half_3d": 960, "imagenet_3d_1920": 1920, "restarted_3d": 960,
+        "self_trained_from_teacher_3d": 960}
+    for spec in specs:
+        teacher = tmp_path / "study" / "runs" / "imagenet_3d" / f"n010_seed{spec.seed}"
+        if (spec.arm, spec.seed) in earlier:
+            assert spec.config == earlier[(spec.arm, spec.seed)]
+        else:
+            model = spec.config.model
+            assert (spec.start_dir, Path(model.encoder_weights), model.decoder_from_weights, model.head_from_weights) \
+                == (teacher, teacher, True, True)
+            pseudo = spec.config.data.pseudo_labelled
+            assert (pseudo.share if pseudo else None) == (0.5 if spec.arm == "self_trained_from_teacher_3d" else None)
+    assert study.seeds == share.seeds and study.split == share.split and study.control == "imagenet_3d_1920"
+
+
 def test_the_scale_budget_study_gives_both_arms_about_the_same_wall_clock_not_the_same_steps(monkeypatch, tmp_path):
     """configs/budget_scale_hippocampus_n10.yaml compares at equal wall clock on purpose: a 0.5 mm step costs
     about 3x a 1 mm step, so the 0.5 mm arm takes 600 steps against 1875, with the same staged schedule."""
