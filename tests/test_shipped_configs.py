@@ -82,17 +82,23 @@ def test_the_self_training_study_compares_teacher_plus_student_steps_with_the_de
     assert study.seeds == [3, 4, 5] and study.split.model_dump() == {"test_fraction": 0.2, "val_fraction": 0.1, "seed": 0}
 
 
+def plan_beside(name: str, earlier_name: str, output: Path, earlier_output: Path):
+    """(study ``name``, its planned runs, study ``earlier_name``, {(arm, seed): run config} of the earlier study's
+    runs): a follow-up study's arms that repeat earlier ones must resolve to their configs to reproduce them."""
+    from seg_transfer.study.plan import plan_runs
+
+    study, earlier = load_study_config(CONFIGS / name), load_study_config(CONFIGS / earlier_name)
+    configs = {(spec.arm, spec.seed): spec.config for spec in plan_runs(earlier, earlier_output)[1]}
+    return study, plan_runs(study, output)[1], earlier, configs
+
+
 def test_the_self_training_share_study_gives_the_student_half_its_patches_from_the_labelled_cases(monkeypatch, tmp_path):
     """configs/self_training_share_3d_hippocampus_n10.yaml: the first self-training study's teacher, student steps and
     1920-step control, with the student drawing half of every epoch from the pseudo-labelled scans; its teacher and
     control resolve to exactly the first study's configs (so that they reproduce its runs)."""
     monkeypatch.chdir(tmp_path)
-    from seg_transfer.study.plan import plan_runs
-
-    study = load_study_config(CONFIGS / "self_training_share_3d_hippocampus_n10.yaml")
-    first = load_study_config(CONFIGS / "self_training_3d_hippocampus_n10.yaml")
-    specs = plan_runs(study, tmp_path / "study")[1]
-    earlier = {(spec.arm, spec.seed): spec.config for spec in plan_runs(first, tmp_path / "first")[1]}
+    study, specs, first, earlier = plan_beside("self_training_share_3d_hippocampus_n10.yaml",
+                                               "self_training_3d_hippocampus_n10.yaml", tmp_path / "study", tmp_path / "first")
     assert {spec.arm: optimiser_steps(spec.config) for spec in specs} == {
         "imagenet_3d": 960, "self_trained_half_3d": 960, "imagenet_3d_1920": 1920}
     for spec in specs:
@@ -109,12 +115,8 @@ def test_the_from_teacher_study_continues_each_teacher_and_reuses_the_share_stud
     its configs in the same output folder (so its runs are reused), and both new arms start from the teacher run of
     their seed, whole network, for 960 steps: teacher + student is the control's 1920."""
     monkeypatch.chdir(tmp_path)
-    from seg_transfer.study.plan import plan_runs
-
-    study = load_study_config(CONFIGS / "self_training_from_teacher_3d_hippocampus_n10.yaml")
-    share = load_study_config(CONFIGS / "self_training_share_3d_hippocampus_n10.yaml")
-    specs = plan_runs(study, tmp_path / "study")[1]
-    earlier = {(spec.arm, spec.seed): spec.config for spec in plan_runs(share, tmp_path / "study")[1]}
+    study, specs, share, earlier = plan_beside("self_training_from_teacher_3d_hippocampus_n10.yaml",
+                                               "self_training_share_3d_hippocampus_n10.yaml", tmp_path / "study", tmp_path / "study")
     assert {spec.arm: optimiser_steps(spec.config) for spec in specs} == {
         "imagenet_3d": 960, "self_trained_half_3d": 960, "imagenet_3d_1920": 1920, "restarted_3d": 960,
         "self_trained_from_teacher_3d": 960}
