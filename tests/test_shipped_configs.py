@@ -133,6 +133,27 @@ def test_the_from_teacher_study_continues_each_teacher_and_reuses_the_share_stud
     assert study.seeds == share.seeds and study.split == share.split and study.control == "imagenet_3d_1920"
 
 
+def test_the_five_case_self_training_study_differs_from_its_control_by_the_pseudo_labels_only(monkeypatch, tmp_path):
+    """configs/self_training_3d_hippocampus_n5.yaml: the control and the student both continue the teacher run of their
+    seed for 960 steps with the same recipe; the student's config differs from the control's in its pseudo-labelled
+    scans (labelled by that teacher, half of every epoch) and its name, nothing else."""
+    monkeypatch.chdir(tmp_path)
+    from seg_transfer.study.plan import plan_runs
+
+    specs = plan_runs(load_study_config(CONFIGS / "self_training_3d_hippocampus_n5.yaml"), tmp_path / "study")[1]
+    assert {spec.arm: optimiser_steps(spec.config) for spec in specs} == {
+        "imagenet_3d": 960, "restarted_3d": 960, "self_trained_from_teacher_3d": 960}
+    by_run = {(spec.arm, spec.seed): spec for spec in specs}
+    for seed in (3, 4, 5):
+        teacher, control, student = (by_run[(arm, seed)] for arm in ("imagenet_3d", "restarted_3d",
+                                                                      "self_trained_from_teacher_3d"))
+        assert control.start_dir == student.start_dir == student.teacher_dir == teacher.run_dir
+        assert len(teacher.splits["train"]) == 5 and teacher.splits == control.splits == student.splits
+        plain = student.config.model_copy(update={"name": control.config.name, "data": student.config.data.model_copy(
+            update={"pseudo_labelled": None})})
+        assert plain == control.config and student.config.data.pseudo_labelled.share == 0.5
+
+
 def test_the_scale_budget_study_gives_both_arms_about_the_same_wall_clock_not_the_same_steps(monkeypatch, tmp_path):
     """configs/budget_scale_hippocampus_n10.yaml compares at equal wall clock on purpose: a 0.5 mm step costs
     about 3x a 1 mm step, so the 0.5 mm arm takes 600 steps against 1875, with the same staged schedule."""
