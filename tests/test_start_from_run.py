@@ -116,3 +116,16 @@ def test_a_study_arm_starts_from_the_earlier_arms_run_of_its_seed(root, tmp_path
     assert json.loads((first / "summary.json").read_text())["weights"]["source"] == "none"
     models = [Checkpoint.load(run / "checkpoints" / "last.pt").model for run in (first, later)]
     assert any(not torch.equal(models[0][key], models[1][key]) for key in models[0])  # and it trained on
+
+
+def test_a_run_whose_starting_run_failed_is_reported_not_waited_for(root, tmp_path, capsys):
+    path = write_study(tmp_path, root, [{"name": "first"}, {"name": "continued", "weights_from": "first"}])
+    out = tmp_path / "study"
+    _, specs = plan_runs(load_study_config(path), out)
+    broken = specs[0].run_dir / "splits.json"  # the first run finds other splits in its folder and fails
+    broken.parent.mkdir(parents=True)
+    broken.write_text(json.dumps({"train": ["x"], "val": ["y"], "test": ["z"]}))
+    assert main(["compare", "--config", str(path), "--output", str(out), "--processes", "2"]) == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 2 and "holds other splits" in lines[0]
+    assert lines[1].startswith(f"error: run {specs[1].key}: {specs[0].run_dir} did not finish; ")
