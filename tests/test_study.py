@@ -514,3 +514,15 @@ def test_log_axis_labels_only_the_one_two_five_steps():
     labels = {v: log_tick_label(v) for v in (0.5, 2, 3, 10, 20, 30, 50, 80, 90, 100, 200, 300, 500)}
     assert labels == {0.5: "0.5", 2: "2", 3: "", 10: "10", 20: "20", 30: "", 50: "50", 80: "", 90: "",
                       100: "100", 200: "200", 300: "", 500: "500"}
+
+
+def test_the_report_header_says_when_runs_took_unequal_steps_and_which_arms_continue_a_run():
+    from seg_transfer.study.report import header_lines
+
+    study = {"dataset": "d", "n_test": 4, "n_val": 2, "n_pool": 10, "arms": ["a", "b"], "control": "a", "seeds": [0],
+             "finished_runs": 2, "total_runs": 2, "steps": [960], "continued_arms": {}}
+    assert "Every run takes the same number of optimiser steps" in header_lines({"study": study})[0]
+    unequal = {**study, "steps": [960, 1920], "continued_arms": {"b": "a"}}
+    header = header_lines({"study": unequal})[0]
+    assert "same number" not in header and "different numbers of optimiser steps on purpose (960 to 1920" in header
+    assert header.endswith("b continues a's run of its seed: its steps come on top of that run's.")

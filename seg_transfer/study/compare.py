@@ -82,5 +82,6 @@ def study_summary(study: StudyConfig, output: Path, progress: StudyProgress) -> 
         "sizes": sorted({s.size for s in specs}), "n_test": len(cases.test), "n_val": len(cases.val), "n_pool": len(cases.pool),
         "test_cases": cases.test, "val_cases": cases.val, "train_subsets": subsets,
         "finished_runs": len(progress.records), "total_runs": progress.total_runs, "target_dice": study.target_dice,
-        "alpha": study.alpha,
+        "alpha": study.alpha, "steps": sorted({record.steps for record in progress.records}),
+        "continued_arms": {arm.name: arm.weights_from for arm in study.arms if arm.weights_from},
     }

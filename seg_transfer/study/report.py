@@ -428,9 +428,20 @@ def header_lines(results: dict[str, Any]) -> list[str]:
             f"{study['n_pool']} cases (nested per seed). Arms: {', '.join(study['arms'])}; control: {study['control']}; "
             f"seeds: {study['seeds']}. Test Dice = mean over classes per case, then over seeds and cases; CIs from a two-level "
             "bootstrap (seeds resampled, then cases); p-values from a t-test whose standard error adds seed and case "
-            "variance (Satterthwaite df), so seed-to-seed noise counts and a case is not counted once per seed. Every run takes the "
-            "same number of optimiser steps (column steps; the study refuses to report otherwise).",
+            f"variance (Satterthwaite df), so seed-to-seed noise counts and a case is not counted once per seed. {_budget_sentence(study)}",
             f"{study['finished_runs']} of {study['total_runs']} runs finished."]
+
+
+def _budget_sentence(study: dict[str, Any]) -> str:
+    """Whether the runs took equal optimiser steps, and what a continued arm's steps count."""
+    steps = study.get("steps", [])
+    continued = study.get("continued_arms", {})
+    also = "".join(f" {arm} continues {source}'s run of its seed: its steps come on top of that run's." for arm, source
+                   in continued.items())
+    if len(steps) > 1:
+        return (f"Runs take different numbers of optimiser steps on purpose ({steps[0]} to {steps[-1]}, column steps; "
+                f"allow_unequal_budgets): compare arms with that in mind.{also}")
+    return f"Every run takes the same number of optimiser steps (column steps; the study refuses to report otherwise).{also}"
 
 
 def markdown_report(results: dict[str, Any]) -> str:
