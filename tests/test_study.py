@@ -526,3 +526,10 @@ def test_the_report_header_says_when_runs_took_unequal_steps_and_which_arms_cont
     header = header_lines({"study": unequal})[0]
     assert "same number" not in header and "different numbers of optimiser steps on purpose (960 to 1920" in header
     assert header.endswith("b continues a's run of its seed: its steps come on top of that run's.")
+
+
+def test_a_pair_listed_the_other_way_round_is_compared_once(tmp_path, study_root):
+    """The control naming an arm in ``also_against`` that is compared with it anyway gives one row, not both signs."""
+    arms = [{"name": "teacher"}, {"name": "continued", "also_against": ["teacher"]}]
+    study = load_study_config(write_study(tmp_path, study_root, arms=arms, control="continued"))
+    assert study.comparisons() == [("teacher", "continued")]

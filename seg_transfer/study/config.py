@@ -141,10 +141,12 @@ class StudyConfig(_Strict):
 
     def comparisons(self) -> list[tuple[str, str]]:
         """(arm, the arm it is compared with) pairs: every arm against its control (:meth:`controls`), then each
-        arm's ``also_against`` arms, without repeats, in the order of the arms."""
+        arm's ``also_against`` arms, without repeats (a pair listed already the other way round is one), in the order
+        of the arms."""
         pairs = list(self.controls().items())
         for arm in self.arms:
-            pairs += [(arm.name, other) for other in arm.also_against if (arm.name, other) not in pairs]
+            pairs += [(arm.name, other) for other in arm.also_against
+                      if (arm.name, other) not in pairs and (other, arm.name) not in pairs]
         return pairs
 
 
