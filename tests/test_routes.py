@@ -8,7 +8,8 @@ from torch import nn
 
 from seg_transfer.checkpoint import FORMAT, Checkpoint, CheckpointError
 from seg_transfer.config import AugmentConfig, DataConfig, config_from_dict, dump_config
-from seg_transfer.data.patches import PatchDataset, cycled_order, median_patch_size
+from seg_transfer.data.patches import PatchDataset, median_patch_size
+from seg_transfer.data.slices import cycled_order
 from seg_transfer.routes import get_route, route_names
 from seg_transfer.routes.base import InferenceOptions, trained_mirrorings
 from seg_transfer.routes.network import load_network

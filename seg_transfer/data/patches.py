@@ -16,7 +16,7 @@ from monai.transforms.utils import map_binary_to_indices
 from torch.utils.data import DataLoader
 
 from seg_transfer.config import AugmentConfig, DataConfig
-from seg_transfer.data.slices import EpochDataset, MixedEpochs, mixed_pools
+from seg_transfer.data.slices import EpochDataset, MixedEpochs, cycled_order, mixed_pools
 
 #: share of patches centred on foreground when ``data.foreground_fraction`` is unset (nnU-Net's 0.33)
 DEFAULT_FOREGROUND_FRACTION = 1 / 3
@@ -30,14 +30,6 @@ def median_patch_size(shapes: Sequence[Sequence[int]], multiple: Sequence[int], 
         rounded = int(-(-int(np.ceil(size)) // step) * step)
         sizes.append(max(step, min(rounded, cap // step * step)))
     return tuple(sizes)
-
-
-def cycled_order(rng: np.random.Generator, total: int, size: int) -> np.ndarray:
-    """``size`` indices of ``range(total)`` as whole shuffled passes (cycled when ``size > total``, cut otherwise)."""
-    if total == 0 or size == 0:
-        return np.empty(0, np.int64)
-    passes = -(-size // total)
-    return np.concatenate([rng.permutation(total) for _ in range(passes)])[:size]
 
 
 def patch_augmentation(config: AugmentConfig | None) -> list[mt.Transform]:

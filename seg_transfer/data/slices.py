@@ -71,6 +71,14 @@ def shard_positions(total: int, rank: int, world_size: int, global_batch: int, d
     return positions[rank::world_size]
 
 
+def cycled_order(rng: np.random.Generator, total: int, size: int) -> np.ndarray:
+    """``size`` indices of ``range(total)`` as whole shuffled passes (cycled when ``size > total``, cut otherwise)."""
+    if total == 0 or size == 0:
+        return np.empty(0, np.int64)
+    passes = -(-size // total)
+    return np.concatenate([rng.permutation(total) for _ in range(passes)])[:size]
+
+
 class SliceIndex:
     """All (case, slice) pairs of a set of volumes, with their foreground slices."""
 
@@ -96,9 +104,7 @@ class SliceIndex:
         total = len(self.pairs)
         size = total if size is None else size
         if foreground_fraction is None:
-            passes = -(-size // total) if total else 0
-            order = np.concatenate([rng.permutation(total) for _ in range(passes)]) if passes else np.empty(0, np.int64)
-            return order[:size]
+            return cycled_order(rng, total, size)
         n_fg = int(round(foreground_fraction * size)) if len(self.foreground) else 0
         picks = np.concatenate([
             rng.choice(self.foreground, size=n_fg, replace=n_fg > len(self.foreground)) if n_fg else np.empty(0, np.int64),
