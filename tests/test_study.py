@@ -7,6 +7,7 @@ import logging
 import queue
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,8 @@ from seg_transfer.study.analysis import (AHEAD, BEHIND, NEGATIVE, NEUTRAL, POSIT
                                          peer_comparisons, time_to_target)
 from seg_transfer.study.config import load_study_config
 from seg_transfer.study.plan import plan_runs
-from seg_transfer.study.report import NO_PAIRS, log_tick_label, peer_comparison_table, peer_labels, write_report
+from seg_transfer.study.report import (NO_PAIRS, log_tick_label, peer_comparison_table, peer_labels, target_table,
+                                       write_report)
 from seg_transfer.study.parallel import _dispatch
 from seg_transfer.study.runner import RunRecord
 from tests.conftest import tiny_config
@@ -167,6 +169,27 @@ def test_time_to_target_uses_the_first_epoch_reaching_it():
     rows = {r["arm"]: r for r in time_to_target(records, 0.8)}
     assert rows["imagenet"]["reached"] == 1 and rows["imagenet"]["runs"] == 2 and rows["imagenet"]["seconds"] == 20.0
     assert rows["scratch"]["reached"] == 0 and rows["scratch"]["seconds"] is None
+
+
+def test_time_to_target_of_a_continued_run_includes_the_runs_it_needed(tmp_path, study_root):
+    """A student that continues its teacher (``weights_from`` and ``pseudo_labels_from`` the same arm) counts the
+    teacher's training once; a run continuing the student counts both; the report says whose time is included."""
+    arms = [{"name": "teacher"}, {"name": "student", "pseudo_labels_from": "teacher", "weights_from": "teacher"},
+            {"name": "again", "weights_from": "student"}]
+    study = load_study_config(write_study(tmp_path, study_root, arms=arms, control="teacher"))
+    assert study.prerequisite_arms() == {"student": ["teacher"], "again": ["student"]}
+    reach = [{"epoch": 1, "elapsed": 5.0, "val_dice": 0.5}, {"epoch": 2, "elapsed": 8.0, "val_dice": 0.9}]
+    records = [replace(record(arm, 10, 0, [0.8], reach), seconds=seconds)
+               for arm, seconds in (("teacher", 100.0), ("student", 40.0), ("again", 30.0))]
+    records.append(replace(record("teacher", 10, 1, [0.8], reach), seconds=70.0))  # no student of seed 1
+    rows = {r["arm"]: r for r in time_to_target(records, 0.8, study.prerequisite_arms())}
+    assert rows["teacher"]["seconds"] == 8.0 and rows["teacher"]["includes"] == []
+    assert rows["student"]["seconds"] == 108.0 and rows["student"]["includes"] == ["teacher"]
+    assert rows["again"]["seconds"] == 148.0 and set(rows["again"]["includes"]) == {"student", "teacher"}
+    assert rows["again"]["epochs"] == 2.0  # its own epochs
+    assert time_to_target(records, 0.8)[2]["seconds"] == 8.0  # without the chain: its own clock
+    (cells,) = [row for row in target_table({"time_to_target": list(rows.values())})[1] if row[0] == "student"]
+    assert cells[4] == "108" and cells[-1] == "teacher's training"
 
 
 def test_training_subsets_are_nested_and_seeded():

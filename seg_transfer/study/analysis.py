@@ -177,31 +177,60 @@ def first_reaching(curve: Sequence[dict[str, float]], target: float) -> dict[str
     return next((point for point in curve if point["val_dice"] >= target), None)
 
 
-def time_to_target(records: Sequence[RunRecord], target: float) -> list[dict[str, Any]]:
-    """Per arm and size: how many seeds reached the target validation Dice, and their mean seconds and epochs."""
+def earlier_runs(record: RunRecord, by_key: Mapping[tuple[str, int, int], RunRecord],
+                 needs: Mapping[str, Sequence[str]]) -> list[RunRecord]:
+    """Every finished run ``record`` needed before it could train (its teacher, the run it continues, theirs in
+    turn; same size and seed), each once."""
+    found: dict[str, RunRecord] = {}
+    todo = list(needs.get(record.arm, ()))
+    while todo:
+        arm = todo.pop()
+        run = by_key.get((arm, record.size, record.seed))
+        if arm not in found and run is not None:
+            found[arm] = run
+            todo += needs.get(arm, ())
+    return list(found.values())
+
+
+def time_to_target(records: Sequence[RunRecord], target: float,
+                   needs: Mapping[str, Sequence[str]] | None = None) -> list[dict[str, Any]]:
+    """Per arm and size: how many seeds reached the target validation Dice, their mean seconds and own epochs.
+
+    ``needs`` maps an arm to the arms whose run of the same size and seed it needs first (``weights_from``,
+    ``pseudo_labels_from``): a run's seconds to target then include those runs' whole training time, so an arm
+    that continues a finished network is not timed as if it had started from nothing."""
+    needs = needs or {}
+    by_key = {(r.arm, r.size, r.seed): r for r in records}
     rows = []
     for arm, size, runs in groups(records):
-        reached = [point for r in runs if (point := first_reaching(r.curve, target)) is not None]
+        reached = [(point, sum(e.seconds for e in earlier_runs(r, by_key, needs))) for r in runs
+                   if (point := first_reaching(r.curve, target)) is not None]
         rows.append({"arm": arm, "size": size, "target": target, "reached": len(reached), "runs": len(runs),
-                     "seconds": float(np.mean([p["elapsed"] for p in reached])) if reached else None,
-                     "epochs": float(np.mean([p["epoch"] for p in reached])) if reached else None})
+                     "seconds": float(np.mean([p["elapsed"] + before for p, before in reached])) if reached else None,
+                     "epochs": float(np.mean([p["epoch"] for p, _ in reached])) if reached else None,
+                     "includes": list(dict.fromkeys(e.arm for r in runs for e in earlier_runs(r, by_key, needs)))})
     return rows
 
 
 def analyse(records: Sequence[RunRecord], study: StudyConfig, peers: Sequence[dict[str, Any]] = ()) -> dict[str, Any]:
-    """Everything the report shows, as JSON-ready data; ``peers`` (nnU-Net rows) count in the host speed check."""
+    """Everything the report shows, as JSON-ready data; ``peers`` (nnU-Net rows) count in the host speed check.
+    A run's ``seconds_with_earlier`` adds the training seconds of the runs it needed first (:func:`earlier_runs`)."""
+    needs = study.prerequisite_arms()
+    by_key = {(r.arm, r.size, r.seed): r for r in records}
     return {
         "learning_curves": learning_curves(records),
         "comparisons": paired_comparisons(records, study.comparisons(), study.alpha,
                                           scratch_arms={arm.name for arm in study.arms if arm.scratch_control}),
-        "time_to_target": time_to_target(records, study.target_dice),
+        "time_to_target": time_to_target(records, study.target_dice, needs),
         "environment_differences": environment_differences([r.environment for r in records]),
         "runs_without_environment": sum(r.environment is None for r in records),
         "host_speed": host_speed_spread([r.environment for r in records] + [peer.get("environment") for peer in peers]),
         "peers": [{**peer, "label": peer_label(peer), "name": peer_name(peer), "schedule": peer_schedule(peer)} for peer in peers],
         "peer_comparisons": peer_comparisons(records, peers, study.alpha),
         "runs": [{"arm": r.arm, "size": r.size, "seed": r.seed, "run_dir": str(r.run_dir), "best_val_dice": r.best_val_dice,
-                  "epochs": r.epochs, "steps": r.steps, "seconds": r.seconds, "test_dice_mean": run_mean(r),
+                  "epochs": r.epochs, "steps": r.steps, "seconds": r.seconds,
+                  "seconds_with_earlier": r.seconds + sum(e.seconds for e in earlier_runs(r, by_key, needs)),
+                  "test_dice_mean": run_mean(r),
                   "collapsed": r.collapsed, "collapse_warnings": r.collapse_warnings, "stopped": r.stopped,
                   "environment": r.environment, "curve": r.curve} for r in records],
     }

@@ -149,6 +149,12 @@ class StudyConfig(_Strict):
                       if (arm.name, other) not in pairs and (other, arm.name) not in pairs]
         return pairs
 
+    def prerequisite_arms(self) -> dict[str, list[str]]:
+        """Arm -> the earlier arms whose run of the same size and seed it needs first (its teacher, the run it
+        continues); arms that need none are left out."""
+        return {arm.name: needs for arm in self.arms
+                if (needs := list(dict.fromkeys(a for a in (arm.pseudo_labels_from, arm.weights_from) if a)))}
+
 
 def load_study_config(path: str | Path) -> StudyConfig:
     """Load and validate a study YAML; ``base_config`` is resolved against the study file's folder.

@@ -82,8 +82,10 @@ def comparison_table(results: dict[str, Any]) -> tuple[list[str], list[list[str]
 
 
 def target_table(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    header = ["arm", "training cases", "target val Dice", "runs reaching it", "mean seconds", "mean epochs"]
-    rows = [[r["arm"], str(r["size"]), fmt(r["target"], 2), f"{r['reached']}/{r['runs']}", fmt(r["seconds"], 0), fmt(r["epochs"], 1)]
+    header = ["arm", "training cases", "target val Dice", "runs reaching it", "mean seconds", "mean epochs (own)",
+              "seconds include"]
+    rows = [[r["arm"], str(r["size"]), fmt(r["target"], 2), f"{r['reached']}/{r['runs']}", fmt(r["seconds"], 0), fmt(r["epochs"], 1),
+             " + ".join(f"{arm}'s training" for arm in r.get("includes", [])) or "-"]
             for r in results["time_to_target"]]
     return header, rows
 
@@ -277,8 +279,14 @@ def log_tick_label(value: float, _position: Any = None) -> str:
     return f"{value:g}" if leading in (1.0, 2.0, 5.0) else ""
 
 
+def run_minutes(run: dict[str, Any]) -> float:
+    """A run's training minutes with those of the runs it needed first (its own alone in older results.json)."""
+    return run.get("seconds_with_earlier", run["seconds"]) / 60
+
+
 def plot_dice_vs_time(results: dict[str, Any], path: Path) -> Path:
-    """One point per run (test Dice against its training minutes), peers as crosses."""
+    """One point per run (test Dice against its training minutes, those of the runs it needed first included),
+    peers as crosses."""
     runs = results["runs"]
     arms = list(dict.fromkeys(r["arm"] for r in runs))
     colors = _arm_colors(arms)
@@ -286,7 +294,7 @@ def plot_dice_vs_time(results: dict[str, Any], path: Path) -> Path:
     markers = dict(zip(sizes, "osD^v<>ph*"))
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for run in runs:
-        ax.scatter(run["seconds"] / 60, run["test_dice_mean"], color=colors[run["arm"]], marker=markers.get(run["size"], "o"), s=22)
+        ax.scatter(run_minutes(run), run["test_dice_mean"], color=colors[run["arm"]], marker=markers.get(run["size"], "o"), s=22)
     for peer in results.get("peers", []):
         ax.scatter(peer["train_seconds"] / 60, peer["test_dice_mean"], color="black", marker="x", s=40)
     for text, point in peer_labels(results.get("peers", [])):
@@ -295,7 +303,7 @@ def plot_dice_vs_time(results: dict[str, Any], path: Path) -> Path:
     handles += [plt.Line2D([], [], color="black", marker="x", linestyle="", label=name)
                 for name in dict.fromkeys(p["name"] for p in results.get("peers", []))]
     handles += [plt.Line2D([], [], color="gray", marker=markers[s], linestyle="", label=f"{s} cases") for s in sizes]
-    minutes = [r["seconds"] / 60 for r in runs] + [r["train_seconds"] / 60 for r in results.get("peers", [])]
+    minutes = [run_minutes(r) for r in runs] + [r["train_seconds"] / 60 for r in results.get("peers", [])]
     if minutes and max(minutes) > 5 * max(min(minutes), 1e-9):  # log axis only where the range is wide
         ax.set_xscale("log")
         ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(log_tick_label))
