@@ -154,6 +154,20 @@ def test_the_five_case_self_training_study_differs_from_its_control_by_the_pseud
         assert plain == control.config and student.config.data.pseudo_labelled.share == 0.5
 
 
+def test_the_five_case_self_training_follow_up_adds_seeds_and_reuses_the_first_runs(monkeypatch, tmp_path):
+    """configs/self_training_3d_hippocampus_n5_more_seeds.yaml: the same three arms on seeds 3-7; in the first study's
+    folder its seeds 3-5 resolve to exactly that study's configs (reused), seeds 6 and 7 are new subsets."""
+    monkeypatch.chdir(tmp_path)
+    study, specs, first, earlier = plan_beside("self_training_3d_hippocampus_n5_more_seeds.yaml",
+                                               "self_training_3d_hippocampus_n5.yaml", tmp_path / "study", tmp_path / "study")
+    assert study.seeds == [3, 4, 5, 6, 7] and study.arms == first.arms and study.split == first.split
+    assert {(spec.arm, spec.seed) for spec in specs} - set(earlier) == {
+        (arm, seed) for arm in ("imagenet_3d", "restarted_3d", "self_trained_from_teacher_3d") for seed in (6, 7)}
+    assert all(spec.config == earlier[(spec.arm, spec.seed)] for spec in specs if spec.seed < 6)
+    new_subsets = {spec.seed: tuple(spec.splits["train"]) for spec in specs if spec.seed >= 6}
+    assert len(set(new_subsets.values())) == 2 and all(len(train) == 5 for train in new_subsets.values())
+
+
 def test_the_scale_budget_study_gives_both_arms_about_the_same_wall_clock_not_the_same_steps(monkeypatch, tmp_path):
     """configs/budget_scale_hippocampus_n10.yaml compares at equal wall clock on purpose: a 0.5 mm step costs
     about 3x a 1 mm step, so the 0.5 mm arm takes 600 steps against 1875, with the same staged schedule."""
