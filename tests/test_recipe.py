@@ -372,6 +372,7 @@ def test_empty_and_unsafe_checkpoints_are_one_line_errors(phantom_root, tmp_path
 @pytest.mark.parametrize("argv, message", [
     (["quickstart", "--epochs-scale", "nan"], "--epochs-scale must be a positive number, got nan"),
     (["quickstart", "--epochs-scale", "-5"], "--epochs-scale must be a positive number, got -5.0"),
+    (["quickstart", "--dims", "2d"], "--dims must be one of 2.5d, 3d, got '2d'"),
     (["compare", "--config", "x.yaml", "--output", "o", "--max-runs", "-1"], "--max-runs"),
 ])
 def test_meaningless_numbers_are_refused(tmp_path, monkeypatch, capsys, argv, message):
