@@ -19,10 +19,15 @@ from seg_transfer.training.trainer import RunResult
 EMBEDDED_CONFIGS = {"2.5d": "quickstart.yaml", "3d": "quickstart_3d.yaml"}
 
 
-def default_config(dims: str = "2.5d") -> dict:
-    """The embedded quickstart config of route ``dims`` as plain data (ConfigError naming the routes otherwise)."""
+def check_dims(dims: str) -> None:
+    """ConfigError naming the routes unless ``dims`` has an embedded quickstart config."""
     if dims not in EMBEDDED_CONFIGS:
         raise ConfigError(f"--dims must be one of {', '.join(EMBEDDED_CONFIGS)}, got {dims!r}")
+
+
+def default_config(dims: str = "2.5d") -> dict:
+    """The embedded quickstart config of route ``dims`` as plain data (:func:`check_dims` first)."""
+    check_dims(dims)
     return yaml.safe_load(resources.files("seg_transfer.resources").joinpath(EMBEDDED_CONFIGS[dims]).read_text())
 
 
@@ -49,8 +54,8 @@ def run_quickstart(output: Path, epochs_scale: float = 1.0, dims: str = "2.5d") 
     report. The routes' runs have their own folders, so one output folder holds both."""
     output = Path(output)
     data_root = output / "phantoms"
-    check_epochs_scale(epochs_scale)  # before any phantom is written
-    default_config(dims)  # an unknown route is refused before any phantom is written
+    check_epochs_scale(epochs_scale)  # both before any phantom is written
+    check_dims(dims)
     if not (data_root / "dataset.json").is_file():
         make_phantom_dataset(data_root)
     pretrained, scratch = quickstart_configs(data_root, epochs_scale, dims)

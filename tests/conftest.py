@@ -62,3 +62,8 @@ def tiny_config(root: Path, **overrides) -> dict:
             node = node[part]
         node[last] = value
     return raw
+
+
+def optimiser_steps(config) -> int:
+    """Steps a run config takes: every stage's epochs x slices per epoch / batch."""
+    return sum(stage.epochs for stage in config.training.stages) * config.data.slices_per_epoch // config.training.batch_size

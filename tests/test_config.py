@@ -8,7 +8,7 @@ import yaml
 from pydantic import ValidationError
 
 from seg_transfer.config import ConfigError, ModelConfig, config_from_dict, load_config
-from tests.conftest import tiny_config
+from tests.conftest import optimiser_steps, tiny_config
 
 
 def _write(tmp_path, raw):
@@ -80,9 +80,6 @@ def test_the_3d_quickstart_is_the_3d_default_recipe_at_240_steps_and_its_control
     stages, patch size derived) for 240 steps; its scratch control differs in the encoder weights and one `all` stage
     of as many steps, and the two routes' runs have their own folders."""
     from seg_transfer.quickstart import quickstart_configs
-
-    def optimiser_steps(config) -> int:
-        return sum(stage.epochs for stage in config.training.stages) * config.data.slices_per_epoch // config.training.batch_size
 
     pretrained, scratch = quickstart_configs(tmp_path, dims="3d")
     raw = yaml.safe_load((Path(__file__).parent.parent / "configs" / "hippocampus_3d_effnet_lite0.yaml").read_text())

@@ -8,6 +8,7 @@ import pytest
 from seg_transfer.config import load_config
 from seg_transfer.study.arms import arm_config, check_equal_budgets
 from seg_transfer.study.config import load_study_config
+from tests.conftest import optimiser_steps
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 HIPPOCAMPUS = CONFIGS.parent.parent / "shared" / "data" / "Task04_Hippocampus"
@@ -39,10 +40,6 @@ def without_missing_weights(arm):
         return arm
     kept = {key: value for key, value in arm.set.items() if key != "model.decoder_from_weights"}
     return arm.model_copy(update={"set": {**kept, "model.encoder_weights": "none"}})
-
-def optimiser_steps(config) -> int:
-    """Steps a run config takes: every stage's epochs x slices per epoch / batch."""
-    return sum(stage.epochs for stage in config.training.stages) * config.data.slices_per_epoch // config.training.batch_size
 
 
 pytestmark = [pytest.mark.hippocampus,

@@ -177,7 +177,14 @@ def first_reaching(curve: Sequence[dict[str, float]], target: float) -> dict[str
     return next((point for point in curve if point["val_dice"] >= target), None)
 
 
-def earlier_runs(record: RunRecord, by_key: Mapping[tuple[str, int, int], RunRecord],
+RunKey = tuple[str, int, int]  # (arm, size, seed)
+
+
+def run_key(record: RunRecord) -> RunKey:
+    return record.arm, record.size, record.seed
+
+
+def earlier_runs(record: RunRecord, by_key: Mapping[RunKey, RunRecord],
                  needs: Mapping[str, Sequence[str]]) -> list[RunRecord]:
     """Every finished run ``record`` needed before it could train (its teacher, the run it continues, theirs in
     turn; same size and seed), each once."""
@@ -192,6 +199,12 @@ def earlier_runs(record: RunRecord, by_key: Mapping[tuple[str, int, int], RunRec
     return list(found.values())
 
 
+def earlier_by_run(records: Sequence[RunRecord], needs: Mapping[str, Sequence[str]]) -> dict[RunKey, list[RunRecord]]:
+    """:func:`earlier_runs` of every run, keyed by :func:`run_key`."""
+    by_key = {run_key(r): r for r in records}
+    return {key: earlier_runs(r, by_key, needs) for key, r in by_key.items()}
+
+
 def time_to_target(records: Sequence[RunRecord], target: float,
                    needs: Mapping[str, Sequence[str]] | None = None) -> list[dict[str, Any]]:
     """Per arm and size: how many seeds reached the target validation Dice, their mean seconds and own epochs.
@@ -199,16 +212,15 @@ def time_to_target(records: Sequence[RunRecord], target: float,
     ``needs`` maps an arm to the arms whose run of the same size and seed it needs first (``weights_from``,
     ``pseudo_labels_from``): a run's seconds to target then include those runs' whole training time, so an arm
     that continues a finished network is not timed as if it had started from nothing."""
-    needs = needs or {}
-    by_key = {(r.arm, r.size, r.seed): r for r in records}
+    earlier = earlier_by_run(records, needs or {})
     rows = []
     for arm, size, runs in groups(records):
-        reached = [(point, sum(e.seconds for e in earlier_runs(r, by_key, needs))) for r in runs
+        reached = [(point, sum(e.seconds for e in earlier[run_key(r)])) for r in runs
                    if (point := first_reaching(r.curve, target)) is not None]
         rows.append({"arm": arm, "size": size, "target": target, "reached": len(reached), "runs": len(runs),
                      "seconds": float(np.mean([p["elapsed"] + before for p, before in reached])) if reached else None,
                      "epochs": float(np.mean([p["epoch"] for p, _ in reached])) if reached else None,
-                     "includes": list(dict.fromkeys(e.arm for r in runs for e in earlier_runs(r, by_key, needs)))})
+                     "includes": list(dict.fromkeys(e.arm for r in runs for e in earlier[run_key(r)]))})
     return rows
 
 
@@ -216,7 +228,7 @@ def analyse(records: Sequence[RunRecord], study: StudyConfig, peers: Sequence[di
     """Everything the report shows, as JSON-ready data; ``peers`` (nnU-Net rows) count in the host speed check.
     A run's ``seconds_with_earlier`` adds the training seconds of the runs it needed first (:func:`earlier_runs`)."""
     needs = study.prerequisite_arms()
-    by_key = {(r.arm, r.size, r.seed): r for r in records}
+    earlier = earlier_by_run(records, needs)
     return {
         "learning_curves": learning_curves(records),
         "comparisons": paired_comparisons(records, study.comparisons(), study.alpha,
@@ -229,7 +241,7 @@ def analyse(records: Sequence[RunRecord], study: StudyConfig, peers: Sequence[di
         "peer_comparisons": peer_comparisons(records, peers, study.alpha),
         "runs": [{"arm": r.arm, "size": r.size, "seed": r.seed, "run_dir": str(r.run_dir), "best_val_dice": r.best_val_dice,
                   "epochs": r.epochs, "steps": r.steps, "seconds": r.seconds,
-                  "seconds_with_earlier": r.seconds + sum(e.seconds for e in earlier_runs(r, by_key, needs)),
+                  "seconds_with_earlier": r.seconds + sum(e.seconds for e in earlier[run_key(r)]),
                   "test_dice_mean": run_mean(r),
                   "collapsed": r.collapsed, "collapse_warnings": r.collapse_warnings, "stopped": r.stopped,
                   "environment": r.environment, "curve": r.curve} for r in records],
