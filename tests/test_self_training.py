@@ -88,8 +88,8 @@ def test_pseudo_labels_need_scans_outside_an_msd_root(root, tmp_path):
                                                                          "labels_dir": str(labels)}}).data, tmp_path)
 
 
-def write_study(folder: Path, root: Path, arms: list[dict]) -> Path:
-    base = tiny_config(root, **{"data.slices_per_epoch": 16})
+def write_study(folder: Path, root: Path, arms: list[dict], **changes) -> Path:
+    base = tiny_config(root, **{"data.slices_per_epoch": 16, **changes})
     base["training"]["stages"] = [{"name": "all", "train": "all", "epochs": 2, "lr": 3e-3}]
     (folder / "base.yaml").write_text(yaml.safe_dump(base))
     study = {"name": "self_training", "base_config": "base.yaml", "arms": arms, "control": arms[0]["name"],
@@ -102,6 +102,9 @@ def write_study(folder: Path, root: Path, arms: list[dict]) -> Path:
 def test_a_teacher_must_be_an_earlier_arm(root, tmp_path):
     path = write_study(tmp_path, root, [{"name": "student", "pseudo_labels_from": "teacher"}, {"name": "teacher"}])
     with pytest.raises(ConfigError, match="'pseudo_labels_from': 'teacher' is not an arm listed before it"):
+        load_study_config(path)
+    path = write_study(tmp_path, root, [{"name": "teacher"}, {"name": "student", "pseudo_labels_tta": True}])
+    with pytest.raises(ConfigError, match="arm 'student': 'pseudo_labels_tta' needs 'pseudo_labels_from'"):
         load_study_config(path)
 
 
@@ -230,7 +233,10 @@ def test_a_share_cannot_be_combined_with_the_feature_cache(root, tmp_path):
 def test_a_study_arm_trains_on_the_scans_its_teacher_run_labelled(root, tmp_path, one_thread):
     path = write_study(tmp_path, root, [{"name": "teacher"}, {"name": "student", "pseudo_labels_from": "teacher"},
                                         {"name": "student_half", "pseudo_labels_from": "teacher",
-                                         "set": {"data.pseudo_labelled.share": 0.5}}])
+                                         "set": {"data.pseudo_labelled.share": 0.5}},
+                                        {"name": "student_tta", "pseudo_labels_from": "teacher",
+                                         "pseudo_labels_tta": True}],
+                       **{"data.augment.flip_axes": [0]})  # test-time augmentation flips axis 0
     out = tmp_path / "study"
     assert main(["compare", "--config", str(path), "--output", str(out), "--device", "cpu"]) == 0
     teacher, student = out / "runs" / "teacher" / "n002_seed0", out / "runs" / "student" / "n002_seed0"
@@ -256,6 +262,20 @@ def test_a_study_arm_trains_on_the_scans_its_teacher_run_labelled(root, tmp_path
 
     weights = [Checkpoint.load(run / "checkpoints" / "last.pt").model for run in (half, student)]
     assert any(not torch.equal(weights[0][key], weights[1][key]) for key in weights[0])
+    # the teacher labelled the scans once more with test-time augmentation, into their own folder: what
+    # `seg-transfer predict` writes by default, while the plain labels are what it writes with --no-tta
+    with_tta = out / "runs" / "student_tta" / "n002_seed0"
+    saved = yaml.safe_load((with_tta / "config.yaml").read_text())
+    assert Path(saved["data"]["pseudo_labelled"]["labels_dir"]) == teacher / "unlabelled_predictions_tta"
+    for flag, folder in (([], "unlabelled_predictions_tta"), (["--no-tta"], "unlabelled_predictions")):
+        again = tmp_path / f"predict{len(flag)}"
+        assert main(["predict", "-m", str(teacher), "-i", str(root / "imagesTs"), "-o", str(again), "--device", "cpu",
+                     *flag]) == 0
+        for label in (teacher / folder).glob("*.nii.gz"):
+            assert np.array_equal(nib.load(label).get_fdata(), nib.load(again / label.name).get_fdata())
+    plain, flipped = ([np.asarray(nib.load(p).dataobj) for p in sorted((teacher / folder).glob("*.nii.gz"))]
+                      for folder in ("unlabelled_predictions", "unlabelled_predictions_tta"))
+    assert any(not np.array_equal(a, b) for a, b in zip(plain, flipped))  # the flips changed some voxels
 
 
 def test_a_student_is_handed_out_only_once_its_teacher_is_evaluated(root, tmp_path):

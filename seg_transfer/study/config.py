@@ -35,7 +35,9 @@ class ArmConfig(_Strict):
     its own scratch network). ``also_against``: further arms it is compared with in the report, beside its
     control (e.g. the default at another input scale, where the control is the scratch network of its own scale).
     ``pseudo_labels_from``: self-training; an earlier arm whose run of the same size and seed, once finished,
-    labels the dataset's unlabelled scans (``data.pseudo_labelled``), and this arm trains on them too.
+    labels the dataset's unlabelled scans (``data.pseudo_labelled``), and this arm trains on them too;
+    ``pseudo_labels_tta``: that teacher labels them with ``predict``'s test-time augmentation (the flips it was
+    trained with) instead of one plain pass (their own folder in the teacher run, so both kinds can be compared).
     ``weights_from``: an earlier arm whose run of the same size and seed, once finished, is this arm's starting
     network: encoder, decoder and heads (``model.encoder_weights`` = that run, ``decoder_from_weights`` and
     ``head_from_weights``), e.g. a self-training student that continues from its teacher.
@@ -47,10 +49,14 @@ class ArmConfig(_Strict):
     control: str | None = None
     also_against: list[str] = Field(default_factory=list)
     pseudo_labels_from: str | None = None
+    pseudo_labels_tta: bool = False
     weights_from: str | None = None
 
     @model_validator(mode="after")
     def _weights_or_scratch(self) -> ArmConfig:
+        if self.pseudo_labels_tta and self.pseudo_labels_from is None:
+            raise ValueError(f"arm {self.name!r}: 'pseudo_labels_tta' needs 'pseudo_labels_from' (the teacher arm "
+                             "whose run labels the unlabelled scans)")
         if self.weights_from is not None and self.scratch_control:
             raise ValueError(f"arm {self.name!r}: 'weights_from' and 'scratch_control' contradict each other (a "
                              "scratch control starts from random weights)")

@@ -36,6 +36,7 @@ class RunSpec:
     splits: dict[str, list[str]]
     teacher_dir: Path | None = None  # self-training: the run (same size and seed) that labels the unlabelled scans
     start_dir: Path | None = None  # ``weights_from``: the run (same size and seed) whose network this one starts from
+    teacher_tta: bool = False  # the teacher labels the unlabelled scans with test-time augmentation
 
     @property
     def key(self) -> str:
@@ -47,8 +48,9 @@ class RunSpec:
         return tuple(dict.fromkeys(d for d in (self.teacher_dir, self.start_dir) if d is not None))
 
 
-#: where a teacher run writes its label maps of the unlabelled scans (``seg-transfer predict`` output)
-PSEUDO_LABELS_DIR = "unlabelled_predictions"
+#: where a teacher run writes its label maps of the unlabelled scans (``seg-transfer predict`` output): one plain
+#: pass, or with test-time augmentation (``ArmConfig.pseudo_labels_tta``)
+PSEUDO_LABELS_DIRS = {False: "unlabelled_predictions", True: "unlabelled_predictions_tta"}
 
 
 def study_cases(study: StudyConfig, config: RunConfig) -> StudyCases:
@@ -90,14 +92,15 @@ def plan_runs(study: StudyConfig, output: Path) -> tuple[StudyCases, list[RunSpe
             splits = {"train": train, "val": list(cases.val), "test": list(cases.test)}
             run_dirs = {arm.name: Path(output) / "runs" / arm.name / f"n{size:03d}_seed{seed}" for arm in study.arms}
             teachers = {arm.name: run_dirs[arm.pseudo_labels_from] for arm in study.arms if arm.pseudo_labels_from}
+            labels = {arm.name: teachers[arm.name] / PSEUDO_LABELS_DIRS[arm.pseudo_labels_tta] for arm in study.arms
+                      if arm.name in teachers}
             starts = {arm.name: run_dirs[arm.weights_from] for arm in study.arms if arm.weights_from}
             configs = {arm.name: arm_config(study, arm, seed, f"{arm.name}_n{size}_seed{seed}",
-                                            teachers[arm.name] / PSEUDO_LABELS_DIR if arm.name in teachers else None,
-                                            starts.get(arm.name))
+                                            labels.get(arm.name), starts.get(arm.name))
                        for arm in study.arms}
             if not study.allow_unequal_budgets:
                 check_equal_budgets(configs)
             for arm in study.arms:
                 specs.append(RunSpec(arm.name, size, seed, configs[arm.name], run_dirs[arm.name], splits,
-                                     teachers.get(arm.name), starts.get(arm.name)))
+                                     teachers.get(arm.name), starts.get(arm.name), arm.pseudo_labels_tta))
     return cases, specs

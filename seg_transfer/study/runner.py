@@ -185,10 +185,12 @@ def write_test_inputs(cases: StudyCases, output: Path) -> tuple[Path, Path, Path
     return images, labels_dir, labels_file
 
 
-def predict_with_run(run_dir: Path, images: Path, out: Path, batch_size: int, device: str, what: str) -> Path:
+def predict_with_run(run_dir: Path, images: Path, out: Path, batch_size: int, device: str, what: str,
+                     tta: bool = False) -> Path:
     """Label maps of the images listed in ``images`` from the run's best checkpoint into ``out`` (cases already
-    there are kept: a killed study continues); StudyError naming a ``what`` that failed."""
-    options = PredictOptions(batch_size=batch_size, progress=False)
+    there are kept: a killed study continues), plain or with test-time augmentation (``tta``); StudyError naming a
+    ``what`` that failed."""
+    options = PredictOptions(batch_size=batch_size, tta=tta, progress=False)
     report = run_predict(PredictRequest((str(run_dir),), str(images), out, device=device, options=options, resume=True))
     if report.failed:
         first = report.failed[0]
@@ -203,8 +205,10 @@ def label_unlabelled_scans(spec: RunSpec, batch_size: int, device: str) -> Path:
     scans = pseudo_labelled_scans(spec.config.data)
     listing = spec.teacher_dir / "unlabelled_images.txt"
     write_atomic(listing, "".join(f"{case.image}\n" for case in scans))
-    log.info("%s: its teacher %s labels %d unlabelled scans", spec.key, spec.teacher_dir, len(scans))
-    return predict_with_run(spec.teacher_dir, listing, Path(pseudo.labels_dir), batch_size, device, "unlabelled scan")
+    log.info("%s: its teacher %s labels %d unlabelled scans%s", spec.key, spec.teacher_dir, len(scans),
+             " with test-time augmentation" if spec.teacher_tta else "")
+    return predict_with_run(spec.teacher_dir, listing, Path(pseudo.labels_dir), batch_size, device, "unlabelled scan",
+                            tta=spec.teacher_tta)
 
 
 def read_test_dice(evaluation_json: Path) -> dict[str, dict[str, float]]:
