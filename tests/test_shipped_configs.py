@@ -165,6 +165,28 @@ def test_the_five_case_self_training_follow_up_adds_seeds_and_reuses_the_first_r
     assert len(set(new_subsets.values())) == 2 and all(len(train) == 5 for train in new_subsets.values())
 
 
+def test_the_tta_label_study_reuses_the_five_case_runs_and_changes_only_the_teachers_labels(monkeypatch, tmp_path):
+    """configs/self_training_tta_teacher_3d_hippocampus_n5.yaml: in the five-case study's folder its three arms resolve
+    to exactly that study's configs (reused); the new student differs from the plain-label student in the folder its
+    teacher's labels come from (the TTA one) and its name, nothing else."""
+    monkeypatch.chdir(tmp_path)
+    study, specs, first, earlier = plan_beside("self_training_tta_teacher_3d_hippocampus_n5.yaml",
+                                               "self_training_3d_hippocampus_n5_more_seeds.yaml", tmp_path / "study",
+                                               tmp_path / "study")
+    assert study.arms[:3] == first.arms and study.seeds == first.seeds and study.split == first.split
+    new = [spec for spec in specs if (spec.arm, spec.seed) not in earlier]
+    assert {(spec.arm, spec.seed) for spec in new} == {("self_trained_tta_labels_3d", seed) for seed in first.seeds}
+    assert all(spec.config == earlier[(spec.arm, spec.seed)] for spec in specs if spec not in new)
+    for spec in new:
+        plain = earlier[("self_trained_from_teacher_3d", spec.seed)]
+        teacher = tmp_path / "study" / "runs" / "imagenet_3d" / f"n005_seed{spec.seed}"
+        assert spec.teacher_tta and spec.teacher_dir == spec.start_dir == teacher
+        assert spec.config.data.pseudo_labelled.labels_dir == teacher / "unlabelled_predictions_tta"
+        same = spec.config.model_copy(update={"name": plain.name, "data": spec.config.data.model_copy(update={
+            "pseudo_labelled": plain.data.pseudo_labelled})})
+        assert same == plain
+
+
 def test_the_scale_budget_study_gives_both_arms_about_the_same_wall_clock_not_the_same_steps(monkeypatch, tmp_path):
     """configs/budget_scale_hippocampus_n10.yaml compares at equal wall clock on purpose: a 0.5 mm step costs
     about 3x a 1 mm step, so the 0.5 mm arm takes 600 steps against 1875, with the same staged schedule."""
