@@ -10,7 +10,10 @@ For every run of the given arms (``STUDY/runs/ARM/nNNN_seedS``), its best checkp
 own **validation** cases (``splits.json``: what a user may choose an option on) and the study's **test**
 cases (``STUDY/test_cases``), through the library functions ``seg-transfer predict`` / ``evaluate`` call.
 Prints mean Dice per case (classes averaged, then cases) for each seed and the change each option makes;
-the decision belongs to the validation columns, the test columns show whether it held.
+the decision belongs to the validation columns, the test columns show whether it held. ``test chosen``: the
+option's test Dice where it raised the run's validation Dice, else the plain test Dice: a choice per checkpoint
+on its own validation cases, as the end of training makes it for ``predict``'s default TTA (which scores the
+validation cases in the network's resampled space, these columns in the input grid).
 """
 from __future__ import annotations
 
@@ -79,7 +82,13 @@ def table_header(options: list[str]) -> str:
         cells.append(f"{subset} plain")
         for option in options:
             cells += [f"{subset} {OPTION_NAMES[option]}", f"{subset} change"]
+    cells += [f"test {OPTION_NAMES[option]} chosen" for option in options]
     return f"| {' | '.join(cells)} |\n|{'---|' * len(cells)}"
+
+
+def chosen_on_validation(scores: dict[tuple[str, str], float], option: str) -> float:
+    """The test Dice with ``option`` where it raised the validation Dice, else the plain test Dice."""
+    return scores["test", option] if scores["val", option] > scores["val", "plain"] else scores["test", "plain"]
 
 
 def main() -> None:
@@ -107,12 +116,17 @@ def main() -> None:
                     change = s[subset, option] - s[subset, "plain"]
                     changes.setdefault((subset, option), []).append(change)
                     cells += [f"{s[subset, option]:.3f}", f"{change:+.3f}"]
+            for option in options:
+                chosen = chosen_on_validation(s, option)
+                changes.setdefault(("chosen", option), []).append(chosen - s["test", "plain"])
+                cells.append(f"{chosen:.3f}")
             print(f"| {' | '.join(cells)} |", flush=True)
         cells = [arm, "mean change"]
         for subset in ("val", "test"):
             cells.append("")
             for option in options:
                 cells += ["", f"{np.mean(changes[subset, option]):+.3f}"]
+        cells += [f"{np.mean(changes['chosen', option]):+.3f}" for option in options]
         print(f"| {' | '.join(cells)} |", flush=True)
 
 

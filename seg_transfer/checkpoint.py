@@ -31,7 +31,9 @@ class Checkpoint:
 
     ``config`` is the dumped :class:`~seg_transfer.config.RunConfig`; ``labels`` maps label values to
     class names; ``preprocessing`` is :meth:`Preprocessing.as_dict`; ``model`` the bare network's
-    state dict. The optimiser/scheduler/RNG/scaler states exist only in ``last.pt``.
+    state dict. The optimiser/scheduler/RNG/scaler states exist only in ``last.pt``. ``inference``: what the end
+    of training measured on the validation cases for ``predict``'s defaults (``{"tta": bool, "val_dice": ...,
+    "val_dice_tta": ..., "passes": n}``; empty in checkpoints written before, or without trained flips).
     """
 
     config: dict[str, Any]
@@ -42,6 +44,7 @@ class Checkpoint:
     progress: dict[str, Any]
     route: str = "2.5d"
     route_settings: dict[str, Any] = field(default_factory=dict)  # fixed at training time (3D: patch_size)
+    inference: dict[str, Any] = field(default_factory=dict)  # best.pt: choices validated at the end of training (tta)
     optimizer: dict[str, Any] | None = None
     scheduler: dict[str, Any] | None = None
     rng: dict[str, Any] | None = None

@@ -175,7 +175,7 @@ def predict(
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
     batch_size: Annotated[int, typer.Option("--batch-size", help="Slices (2.5D) or sliding windows (3D) per forward pass, capped by voxels.")] = 32,
     amp: Annotated[bool, typer.Option("--amp", help="CUDA autocast (bfloat16 where supported, else float16, as training); ignored on CPU.")] = False,
-    tta: Annotated[bool, typer.Option("--tta/--no-tta", help="Average the probabilities over the flips the network was trained with (data.augment.flip_axes, every combination; 2 passes for the shipped configs). On by default: +0.004 to +0.015 test Dice in the TTA table of docs/results.md; --no-tta predicts in half the time.")] = True,
+    tta: Annotated[bool | None, typer.Option("--tta/--no-tta", help="Average the probabilities over the flips the network was trained with (data.augment.flip_axes, every combination; 2 passes for the shipped configs). Default: as chosen on the run's validation cases at the end of training (TTA where it scored higher; TTA for checkpoints without that record). --tta / --no-tta force it; --no-tta predicts in half the time.")] = None,
     roi_size: Annotated[int, typer.Option("--roi-size", help="2.5D: slices with a side larger than this use sliding windows of this size (3D: windows are the training patch).")] = 512,
     overlap: Annotated[float | None, typer.Option("--overlap", help="Sliding-window overlap (Gaussian blending); default 0.25 in 2.5D, 0.5 in 3D.")] = None,
     postprocess: Annotated[str, typer.Option("--postprocess", help="none, or largest-component (per class).")] = "none",

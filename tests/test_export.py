@@ -268,8 +268,11 @@ def test_3d_sliding_window_through_onnxruntime_matches_predict(run_3d, exported_
     window, sliding = contract["input"]["window"], contract["input"]["sliding_window"]
     session = onnxruntime.InferenceSession(str(exported_3d.model_path), providers=["CPUExecutionProvider"])
 
-    flips = contract["output"]["test_time_flips"]
-    assert flips[0] == [] and len(flips) > 1, "the tiny 3D run is trained with flips: predict averages them by default"
+    flips, validated = contract["output"]["test_time_flips"], contract["output"]["validated_tta"]
+    trained = contract["output"]["trained_flips"]
+    assert trained[0] == [] and len(trained) > 1, "the tiny 3D run is trained with flips"
+    assert validated["tta"] == (validated["val_dice_tta"] > validated["val_dice"])
+    assert flips == (trained if validated["tta"] else [[]]), "predict's default: the flips where they helped validation"
 
     def probabilities(batch: torch.Tensor) -> torch.Tensor:  # every window batch flipped, run, flipped back, averaged
         total = 0

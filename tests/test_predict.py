@@ -450,6 +450,28 @@ def test_cli_predicts_with_the_trained_flips_by_default_and_not_with_no_tta(chec
         np.testing.assert_array_equal(np.asarray(nib.load(tmp_path / name / "phantom_000.nii.gz").dataobj), expected)
 
 
+@pytest.mark.parametrize("helped", [True, False])
+def test_cli_default_follows_the_tta_choice_validated_at_the_end_of_training(checkpoint, plain, tmp_path, helped, caplog):
+    """A checkpoint whose validation cases scored lower with TTA is predicted plainly by default (and with TTA
+    where they scored higher); --tta and --no-tta override the record."""
+    stored = Checkpoint.load(checkpoint)
+    stored.config["data"]["augment"]["flip_axes"] = [0]
+    stored.inference = {"tta": helped, "val_dice": 0.80, "val_dice_tta": 0.81 if helped else 0.79, "passes": 2}
+    run = stored.save(tmp_path / "run" / "checkpoints" / "best.pt")
+    flips = {}
+    for name, extra in (("default", ()), ("forced", ("--no-tta",) if helped else ("--tta",))):
+        with caplog.at_level(logging.INFO, logger="seg_transfer.inference.batch"):
+            assert _predict(plain[2], tmp_path / name, run, *extra) == 0
+        flips[name] = json.loads((tmp_path / name / "summary.json").read_text())["models"][0]["tta_flips"]
+    assert flips == ({"default": [[], [2]], "forced": [[]]} if helped else {"default": [[]], "forced": [[], [2]]})
+    said = [r.getMessage() for r in caplog.records if "test-time augmentation" in r.getMessage()]
+    assert said == [f"{run}: test-time augmentation {'on' if helped else 'off'} (validation Dice 0.800 plain, "
+                    f"{0.81 if helped else 0.79:.3f} with it, at the end of training)"]  # the default run only
+    loaded, case = load_model(str(run), torch.device("cpu")), discover_cases(plain[2])[0]
+    expected = predict_case(loaded, case, PredictOptions(tta=helped, progress=False)).labels
+    np.testing.assert_array_equal(np.asarray(nib.load(tmp_path / "default" / "phantom_000.nii.gz").dataobj), expected)
+
+
 def test_trained_mirrorings_are_every_combination_of_the_trained_flip_axes():
     three_d = DataConfig.model_validate({"root": ".", "augment": {"enabled": True, "flip_axes": [2, 0]}})
     assert trained_mirrorings(three_d) == ((), (2,), (4,), (2, 4))

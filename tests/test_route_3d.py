@@ -99,7 +99,7 @@ def test_a_2p5d_and_a_3d_model_ensemble_on_the_input_grid(run_3d, phantom_root, 
     members = [predict_case(load_model(str(run), torch.device("cpu")), case, options) for run in (run_2p5d, run_3d)]
     out = tmp_path / "out"
     assert main(["predict", "-m", str(run_2p5d), "-m", str(run_3d), "-i", str(source), "-o", str(out), "--device", "cpu",
-                 "--save-probabilities"]) == 0
+                 "--save-probabilities", "--tta"]) == 0
     mean = (members[0].probabilities + members[1].probabilities) / 2
     written = nib.load(out / "phantom_000_probabilities.nii.gz")
     assert written.shape == (*nib.load(source).shape, 3)

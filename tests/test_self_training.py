@@ -263,14 +263,14 @@ def test_a_study_arm_trains_on_the_scans_its_teacher_run_labelled(root, tmp_path
     weights = [Checkpoint.load(run / "checkpoints" / "last.pt").model for run in (half, student)]
     assert any(not torch.equal(weights[0][key], weights[1][key]) for key in weights[0])
     # the teacher labelled the scans once more with test-time augmentation, into their own folder: what
-    # `seg-transfer predict` writes by default, while the plain labels are what it writes with --no-tta
+    # `seg-transfer predict --tta` writes, while the plain labels are what it writes with --no-tta
     with_tta = out / "runs" / "student_tta" / "n002_seed0"
     saved = yaml.safe_load((with_tta / "config.yaml").read_text())
     assert Path(saved["data"]["pseudo_labelled"]["labels_dir"]) == teacher / "unlabelled_predictions_tta"
-    for flag, folder in (([], "unlabelled_predictions_tta"), (["--no-tta"], "unlabelled_predictions")):
-        again = tmp_path / f"predict{len(flag)}"
+    for flag, folder in (("--tta", "unlabelled_predictions_tta"), ("--no-tta", "unlabelled_predictions")):
+        again = tmp_path / f"predict{flag}"
         assert main(["predict", "-m", str(teacher), "-i", str(root / "imagesTs"), "-o", str(again), "--device", "cpu",
-                     *flag]) == 0
+                     flag]) == 0
         for label in (teacher / folder).glob("*.nii.gz"):
             assert np.array_equal(nib.load(label).get_fdata(), nib.load(again / label.name).get_fdata())
     plain, flipped = ([np.asarray(nib.load(p).dataobj) for p in sorted((teacher / folder).glob("*.nii.gz"))]

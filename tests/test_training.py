@@ -43,6 +43,38 @@ def test_run_folder_holds_everything_inference_needs(staged_run):
     assert 0.0 <= result.best_dice <= 1.0 and set(result.best_per_class) == {"anterior", "posterior"}
 
 
+def test_the_end_of_training_records_whether_tta_helped_on_the_validation_cases(phantom_root, tmp_path, staged_run):
+    """Trained with left-right flips, the best checkpoint is scored on the validation cases once more with them
+    (2 passes): the record in best.pt (and summary.json) holds both Dice values and the choice ``predict`` follows;
+    they are the values the validation inferer gives that checkpoint. Without flips nothing is recorded."""
+    from seg_transfer.data.pipeline import prepare_data, volume_dataset
+    from seg_transfer.routes.base import InferenceOptions
+    from seg_transfer.routes.network import load_network
+    from seg_transfer.training.trainer import validation_scores
+
+    config = config_from_dict(tiny_config(phantom_root, **{"data.augment.flip_axes": [0]}))
+    result = train(config, tmp_path / "run")
+    best = Checkpoint.load(tmp_path / "run")
+    record = best.inference
+    assert record["passes"] == 2 and record["val_dice"] == pytest.approx(result.best_dice, abs=1e-7)
+    assert record["tta"] == (record["val_dice_tta"] > record["val_dice"])
+    loaded = load_network(tmp_path / "run")
+    data = prepare_data(config.data, tmp_path / "run")
+    volumes = volume_dataset(data.subset("val"), loaded.prep, config.data)
+    inferers = {tta: loaded.inferer(InferenceOptions(batch_size=16, roi_size=None, max_batch_pixels=None, tta=tta))
+                for tta in (False, True)}
+    scores = {tta: np.mean(validation_scores(loaded.model, volumes, inferer, 3, torch.device("cpu"), progress=False))
+              for tta, inferer in inferers.items()}
+    assert (scores[False], scores[True]) == pytest.approx((record["val_dice"], record["val_dice_tta"]), abs=1e-6)
+    assert scores[True] != pytest.approx(scores[False], abs=1e-6)  # the flips changed the prediction
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())["validated_tta"]
+    assert summary["tta"] == record["tta"] and summary["val_dice_tta"] == pytest.approx(record["val_dice_tta"], abs=1e-3)
+    assert not Checkpoint.load(tmp_path / "run" / "checkpoints" / "last.pt").inference  # only best.pt is predicted
+    run_dir, _ = staged_run  # trained without flips
+    assert Checkpoint.load(run_dir).inference == {}
+    assert json.loads((run_dir / "summary.json").read_text())["validated_tta"] is None
+
+
 def test_stage_transitions_are_recorded_in_order(staged_run):
     run_dir, _ = staged_run
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -126,19 +126,30 @@ def plan_cases(request: PredictRequest) -> list[InputCase]:
     return cases
 
 
+def log_tta_choice(checkpoint: str, validated: dict) -> None:
+    """Say which test-time augmentation a model gets by default, and why (its validated record)."""
+    if validated:
+        log.info("%s: test-time augmentation %s (validation Dice %.3f plain, %.3f with it, at the end of training)",
+                 checkpoint, "on" if validated["tta"] else "off", validated["val_dice"], validated["val_dice_tta"])
+
+
 def run_predict(request: PredictRequest) -> PredictReport:
     """Predict every case of this shard into ``request.out_dir`` and write the summary."""
     check_request(request)
     cases = plan_cases(request)
     models = load_models(request.checkpoints, resolve_device(request.device))
+    if request.options.tta is None:
+        for checkpoint, loaded in zip(request.checkpoints, models):
+            log_tta_choice(checkpoint, loaded.network.validated)
     names = list(models[0].labels.values())
     stem = summary_stem(request.num_parts, request.part_id)
     earlier = previous_results(request.out_dir / f"{stem}.json") if request.resume else {}
     if request.resume:
         for stale in sweep_temp_files(request.out_dir):
             log.info("removed %s (left by an interrupted write)", stale)
-    extra = {"models": [{"checkpoint": str(checkpoint),
-                         "tta_flips": [list(dims) for dims in tta_flips(loaded.network.spec.data, request.options)]}
+    extra = {"models": [{"checkpoint": str(checkpoint), "tta_flips": [
+                             list(dims) for dims in tta_flips(loaded.network.spec.data,
+                                                              loaded.network.inference_options(request.options))]}
                         for checkpoint, loaded in zip(request.checkpoints, models)],
              "format": request.fmt, "device": str(models[0].device),
              "labels": {str(k): v for k, v in models[0].labels.items()}, "part": [request.part_id, request.num_parts]}

@@ -29,7 +29,8 @@ class InferenceOptions:
 
     batch_size: int = 32
     amp: bool = False
-    tta: bool = False  # average over the flips the network was trained with (:func:`trained_mirrorings`)
+    tta: bool | None = False  # average over the flips the network was trained with (:func:`trained_mirrorings`);
+    # None: as validated at the end of training (:meth:`seg_transfer.routes.network.LoadedNetwork.inference_options`)
     roi_size: int | None = 512
     overlap: float | None = None
     progress: bool = False
@@ -61,7 +62,11 @@ def trained_mirrorings(data: DataConfig, first_dim: int = 2) -> tuple[tuple[int,
 
 
 def tta_flips(data: DataConfig, options: InferenceOptions) -> tuple[tuple[int, ...], ...]:
-    """The flips an inferer averages: :func:`trained_mirrorings` when ``options.tta``, else only ``()``."""
+    """The flips an inferer averages: :func:`trained_mirrorings` when ``options.tta``, else only ``()``
+    (``tta=None`` must be resolved first: :meth:`~seg_transfer.routes.network.LoadedNetwork.inference_options`)."""
+    if options.tta is None:
+        raise ValueError("InferenceOptions.tta=None (the checkpoint's validated choice) must be resolved by the "
+                         "loaded network before an inferer is built")
     if not options.tta:
         return ((),)
     flips = trained_mirrorings(data)

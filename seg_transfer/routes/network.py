@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -30,10 +30,20 @@ class LoadedNetwork:
     spec: NetworkSpec
     device: torch.device
     path: Path
+    validated: dict = field(default_factory=dict)  # the checkpoint's ``inference`` record (end of training)
+
+    def inference_options(self, options: InferenceOptions) -> InferenceOptions:
+        """``options`` with ``tta=None`` resolved: test-time augmentation where it scored higher on the validation
+        cases at the end of training (``Checkpoint.inference``), and for checkpoints written before that choice was
+        recorded; ``tta`` given as True/False is kept."""
+        if options.tta is not None:
+            return options
+        return replace(options, tta=bool(self.validated.get("tta", True)))
 
     def inferer(self, options: InferenceOptions) -> Inferer:
-        """The route's inferer (the same one training validation uses)."""
-        return self.route.inferer(self.spec, options, self.model)
+        """The route's inferer (the same one training validation uses), ``options`` resolved
+        (:meth:`inference_options`)."""
+        return self.route.inferer(self.spec, self.inference_options(options), self.model)
 
     @property
     def in_channels(self) -> int:
@@ -76,7 +86,7 @@ def load_network(checkpoint: str | Path | Checkpoint, device: torch.device | str
     lay_out_weights(model.to(device), memory_format_for(channels_last, route.spatial_dims + 2)).eval()
     spec = network_spec(config, len(labels), checkpoint.route_settings)
     return LoadedNetwork(model, config, Preprocessing.from_dict(checkpoint.preprocessing), labels, route, spec,
-                         device, source)
+                         device, source, dict(checkpoint.inference))
 
 
 def load_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str | Path) -> None:

@@ -4,7 +4,9 @@ A run walks through ``config.training.stages`` in order. Each stage sets what tr
 builds a fresh optimiser and schedule, and runs epochs until its epoch, step or time budget or its
 early stopping ends it. After every epoch the whole validation volumes are predicted slice-wise and
 scored with 3D Dice; the best mean Dice is kept as ``checkpoints/best.pt``, and ``checkpoints/last.pt``
-holds everything ``--resume`` needs to continue to the same result.
+holds everything ``--resume`` needs to continue to the same result. After the last epoch the best checkpoint
+is scored on the validation cases once more with test-time augmentation (the flips it was trained with), and
+whether that helped is stored in ``best.pt`` for ``predict``'s default.
 
 Launched by ``torchrun`` or ``srun`` with several processes, the run is data-parallel
 (:mod:`seg_transfer.training.distributed`): each rank trains on a disjoint shard of every epoch's
@@ -49,7 +51,7 @@ from seg_transfer.models.freezing import (
 )
 from seg_transfer.models.weights import WeightsProvenance
 from seg_transfer.routes import get_route
-from seg_transfer.routes.base import InferenceOptions, Inferer, Route
+from seg_transfer.routes.base import InferenceOptions, Inferer, Route, trained_mirrorings
 from seg_transfer.routes.network import load_weights, network_spec
 from seg_transfer.routes.precision import lay_out_weights, run_device
 from seg_transfer.training import distributed, speed
@@ -204,7 +206,7 @@ def _train(config: RunConfig, run_dir: Path, context: DistributedContext, resume
     finally:
         if session.metrics is not None:
             session.metrics.close()
-    return _finish(session, progress)
+    return _finish(session, progress, _choose_tta(session, progress))
 
 
 def _prepare_run_dir(run_dir: Path, last_path: Path, resume: bool, create: bool = True) -> Checkpoint | None:
@@ -263,8 +265,7 @@ def _open_session(config: RunConfig, run_dir: Path, skip_bad_cases: bool, contex
     train_set, train_loader = route.training_samples(train_volumes, config.data, training.batch_size, route_settings, model,
                                                      rank=context.rank, world_size=context.world_size,
                                                      pin_memory=settings.pin_memory, labelled=labelled)
-    inferer = route.inferer(network_spec(config, len(labels), route_settings),
-                            InferenceOptions(batch_size=training.val_batch_size, roi_size=None, max_batch_pixels=None), model)
+    inferer = validation_inferer(config, len(labels), route, route_settings, model)
     loss = build_loss(config.training.loss, config.model.supervised_outputs, device)
     metrics = MetricsLog(run_dir) if context.is_main else None
     return _Session(config, run_dir, data, prep, model, provenance, stages, device, loss, train_set, train_loader,
@@ -520,6 +521,14 @@ def _early_stop(stage: StageConfig, progress: Progress, val_dice: float | None) 
 # --------------------------------------------------------------------------- validation
 
 
+def validation_inferer(config: RunConfig, classes: int, route: Route, route_settings: dict, model: nn.Module,
+                       tta: bool = False) -> Inferer:
+    """The route's inferer on whole validation volumes (the one ``predict`` builds from the checkpoint);
+    ``tta``: averaged over the flips the network was trained with."""
+    options = InferenceOptions(batch_size=config.training.val_batch_size, roi_size=None, max_batch_pixels=None, tta=tta)
+    return route.inferer(network_spec(config, classes, route_settings), options, model)
+
+
 def validation_scores(model: nn.Module, volumes, inferer: Inferer, num_classes: int, device: torch.device,
                       progress: bool = True) -> list[list[float]]:
     """3D Dice per foreground class of each validation volume (whole volumes, the route's inferer), in order."""
@@ -545,17 +554,48 @@ def mean_over_ranks(scores: list[list[float]], num_foreground: int, context: Dis
     return [value / reduced[-1] for value in reduced[:-1]]
 
 
-def _validate_and_keep_best(session: _Session, progress: Progress) -> dict[str, float]:
+def _validation_per_class(session: _Session, inferer: Inferer) -> list[float]:
+    """Per-class mean validation Dice of the network as it is now, over every rank's validation volumes."""
     labels = session.data.labels
     with speed.autocast(session.speed, session.device):
-        scores = validation_scores(session.model, session.val_volumes, session.inferer, len(labels), session.device,
+        scores = validation_scores(session.model, session.val_volumes, inferer, len(labels), session.device,
                                    progress=session.dist.is_main)
-    per_class = mean_over_ranks(scores, len(labels) - 1, session.dist)
+    return mean_over_ranks(scores, len(labels) - 1, session.dist)
+
+
+def _validate_and_keep_best(session: _Session, progress: Progress) -> dict[str, float]:
+    labels = session.data.labels
+    per_class = _validation_per_class(session, session.inferer)
     mean = float(np.mean(per_class))
     record = {"val_dice": mean, **{f"val_dice_{name}": v for name, v in zip(list(labels.values())[1:], per_class)}}
     if mean > progress.best_dice:
         progress.best_dice, progress.best_epoch, progress.best_per_class = mean, progress.epoch, per_class
         _save(session, progress, None, None, "best")
+    return record
+
+
+def _choose_tta(session: _Session, progress: Progress) -> dict[str, Any] | None:
+    """After the last epoch: the best checkpoint scored once more on the validation cases, averaged over the flips
+    it was trained with; ``tta`` is whether that scored higher than its plain validation Dice. Stored in ``best.pt``
+    (``Checkpoint.inference``), where ``predict`` follows it unless told ``--tta``/``--no-tta``. None (nothing
+    stored) when training used no flips or kept no checkpoint. Leaves the best weights in ``session.model``."""
+    flips = trained_mirrorings(session.config.data)
+    if len(flips) < 2 or progress.best_epoch < 0:
+        return None
+    distributed.barrier(session.dist)  # rank 0 wrote best.pt; every rank reads it
+    path = session.run_dir / "checkpoints" / "best.pt"
+    best = Checkpoint.load(path)
+    load_weights(session.model, best.model, path)
+    inferer = validation_inferer(session.config, len(session.data.labels), session.route, session.route_settings,
+                                 session.model, tta=True)
+    with_tta = float(np.mean(_validation_per_class(session, inferer)))
+    record = {"tta": with_tta > progress.best_dice, "val_dice": progress.best_dice, "val_dice_tta": with_tta,
+              "passes": len(flips)}
+    if session.dist.is_main:
+        log.info("test-time augmentation (%d passes) on the validation cases: val Dice %.3f -> %.3f; predict %s it "
+                 "by default", len(flips), progress.best_dice, with_tta, "uses" if record["tta"] else "leaves out")
+        best.inference = record
+        best.save(path)
     return record
 
 
@@ -595,7 +635,7 @@ def _environment(session: _Session, progress: Progress) -> dict:
     return environment
 
 
-def _finish(session: _Session, progress: Progress) -> RunResult:
+def _finish(session: _Session, progress: Progress, validated_tta: dict[str, Any] | None) -> RunResult:
     names = list(session.data.labels.values())[1:]
     result = RunResult(
         run_dir=session.run_dir,
@@ -616,7 +656,7 @@ def _finish(session: _Session, progress: Progress) -> RunResult:
                "arch": session.config.model.arch, "encoder": session.config.model.encoder,
                "training_cases": len(session.data.splits["train"]),
                "pseudo_labelled_cases": len(session.data.pseudo_labelled),
-               "pseudo_labelled_share": session.config.data.pseudo_labelled_share}
+               "pseudo_labelled_share": session.config.data.pseudo_labelled_share, "validated_tta": validated_tta}
     if session.dist.is_main:
         write_atomic(session.run_dir / "summary.json", json.dumps(json_safe(rounded(summary)), indent=2) + "\n")
     distributed.barrier(session.dist)  # every rank returns once rank 0's files are complete
