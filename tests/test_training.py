@@ -70,6 +70,12 @@ def test_the_end_of_training_records_whether_tta_helped_on_the_validation_cases(
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())["validated_tta"]
     assert summary["tta"] == record["tta"] and summary["val_dice_tta"] == pytest.approx(record["val_dice_tta"], abs=1e-3)
     assert not Checkpoint.load(tmp_path / "run" / "checkpoints" / "last.pt").inference  # only best.pt is predicted
+    # a checkpoint written before the record existed gets it by resuming its finished run: nothing retrains
+    best.inference = {}
+    best.save(tmp_path / "run" / "checkpoints" / "best.pt")
+    again = train(config, tmp_path / "run", resume=True)
+    assert (again.steps, again.best_dice) == (result.steps, result.best_dice)
+    assert Checkpoint.load(tmp_path / "run").inference == pytest.approx(record)
     run_dir, _ = staged_run  # trained without flips
     assert Checkpoint.load(run_dir).inference == {}
     assert json.loads((run_dir / "summary.json").read_text())["validated_tta"] is None

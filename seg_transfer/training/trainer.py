@@ -592,8 +592,8 @@ def _choose_tta(session: _Session, progress: Progress) -> dict[str, Any] | None:
     record = {"tta": with_tta > progress.best_dice, "val_dice": progress.best_dice, "val_dice_tta": with_tta,
               "passes": len(flips)}
     if session.dist.is_main:
-        log.info("test-time augmentation (%d passes) on the validation cases: val Dice %.3f -> %.3f; predict %s it "
-                 "by default", len(flips), progress.best_dice, with_tta, "uses" if record["tta"] else "leaves out")
+        log.info("test-time augmentation (%d passes) on the validation cases: val Dice %.3f -> %.3f; predict %s by "
+                 "default", len(flips), progress.best_dice, with_tta, "uses it" if record["tta"] else "leaves it out")
         best.inference = record
         best.save(path)
     return record
