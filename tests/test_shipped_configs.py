@@ -165,6 +165,28 @@ def test_the_five_case_self_training_follow_up_adds_seeds_and_reuses_the_first_r
     assert len(set(new_subsets.values())) == 2 and all(len(train) == 5 for train in new_subsets.values())
 
 
+def test_the_three_case_self_training_study_is_the_five_case_design_on_nested_three_case_subsets(monkeypatch, tmp_path):
+    """configs/self_training_3d_hippocampus_n3.yaml: the five-case study's arms and split; each seed's 3 training cases
+    are the first 3 of its 5 (subsets are nested per seed), and the student differs from its control only in its
+    pseudo-labels."""
+    monkeypatch.chdir(tmp_path)
+    from seg_transfer.study.plan import plan_runs
+
+    study, first = (load_study_config(CONFIGS / name) for name in ("self_training_3d_hippocampus_n3.yaml",
+                                                                   "self_training_3d_hippocampus_n5.yaml"))
+    assert study.arms == first.arms and study.split == first.split and study.seeds == first.seeds
+    specs, five = plan_runs(study, tmp_path / "n3")[1], plan_runs(first, tmp_path / "n5")[1]
+    for spec in specs:
+        larger = next(s for s in five if (s.arm, s.seed) == (spec.arm, spec.seed))
+        assert len(spec.splits["train"]) == 3 and set(spec.splits["train"]) < set(larger.splits["train"])
+        assert spec.splits["val"] == larger.splits["val"] and spec.splits["test"] == larger.splits["test"]
+    by_run = {(spec.arm, spec.seed): spec for spec in specs}
+    control, student = by_run[("restarted_3d", 3)], by_run[("self_trained_from_teacher_3d", 3)]
+    plain = student.config.model_copy(update={"name": control.config.name, "data": student.config.data.model_copy(
+        update={"pseudo_labelled": None})})
+    assert plain == control.config and optimiser_steps(student.config) == 960
+
+
 def test_the_tta_label_study_reuses_the_five_case_runs_and_changes_only_the_teachers_labels(monkeypatch, tmp_path):
     """configs/self_training_tta_teacher_3d_hippocampus_n5.yaml: in the five-case study's folder its three arms resolve
     to exactly that study's configs (reused); the new student differs from the plain-label student in the folder its
