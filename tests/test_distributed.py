@@ -247,10 +247,12 @@ def decoder_run(phantom_root, tmp_path_factory):
     """A decoder-only run, launched as users do: torchrun -m seg_transfer train (2 ranks, gloo).
 
     Foreground-weighted sampling makes the decoder predict some of both classes within 2 epochs, so
-    the validation Dice it reports is not trivially zero.
+    the validation Dice it reports is not trivially zero. Trained with flips along in-plane axis 1, so the end of training
+    also validates test-time augmentation across the ranks.
     """
     work = tmp_path_factory.mktemp("ddp_decoder")
-    raw = tiny_config(phantom_root, **{"data.slices_per_epoch": 48, "data.foreground_fraction": 0.7})
+    raw = tiny_config(phantom_root, **{"data.slices_per_epoch": 48, "data.foreground_fraction": 0.7,
+                                       "data.augment.flip_axes": [1]})
     raw["training"]["stages"] = DECODER_STAGE
     (work / "run.yaml").write_text(yaml.safe_dump(raw))
     result = torchrun("-m", "seg_transfer", "train", "--config", "run.yaml", "--output", "run", cwd=work, log_dir=work / "logs")
@@ -300,6 +302,12 @@ def test_sharded_validation_equals_validating_the_checkpoint_alone(decoder_run, 
     alone = np.mean(validation_scores(loaded.model, volumes, inferer, 3, torch.device("cpu")), axis=0).tolist()
     assert min(best.progress["best_per_class"]) > 0.0  # both classes partly found: a comparison that can fail
     assert alone == pytest.approx(best.progress["best_per_class"], abs=1e-9)
+    # the test-time augmentation check after the last epoch, sharded the same way, equals it alone
+    flipped = loaded.network.inferer(InferenceOptions(batch_size=16, roi_size=None, max_batch_pixels=None, tta=True))
+    with_tta = float(np.mean(validation_scores(loaded.model, volumes, flipped, 3, torch.device("cpu"))))
+    record = best.inference
+    assert (record["val_dice"], record["val_dice_tta"]) == pytest.approx((float(np.mean(alone)), with_tta), abs=1e-9)
+    assert record["tta"] == (with_tta > record["val_dice"]) and with_tta != pytest.approx(np.mean(alone), abs=1e-6)
 
 
 def test_ddp_checkpoint_predicts_with_the_inference_api(decoder_run, phantom_root):
