@@ -247,8 +247,8 @@ def decoder_run(phantom_root, tmp_path_factory):
     """A decoder-only run, launched as users do: torchrun -m seg_transfer train (2 ranks, gloo).
 
     Foreground-weighted sampling makes the decoder predict some of both classes within 2 epochs, so
-    the validation Dice it reports is not trivially zero. Trained with flips along in-plane axis 1, so the end of training
-    also validates test-time augmentation across the ranks.
+    the validation Dice it reports is not trivially zero. Trained with flips along in-plane axis 1, so the end
+    of training also validates test-time augmentation across the ranks.
     """
     work = tmp_path_factory.mktemp("ddp_decoder")
     raw = tiny_config(phantom_root, **{"data.slices_per_epoch": 48, "data.foreground_fraction": 0.7,
