@@ -40,7 +40,6 @@ from seg_transfer.inference.writers import (
     write_label_map,
     write_probabilities,
 )
-from seg_transfer.routes.base import tta_flips
 
 log = logging.getLogger(__name__)
 
@@ -147,9 +146,7 @@ def run_predict(request: PredictRequest) -> PredictReport:
     if request.resume:
         for stale in sweep_temp_files(request.out_dir):
             log.info("removed %s (left by an interrupted write)", stale)
-    extra = {"models": [{"checkpoint": str(checkpoint), "tta_flips": [
-                             list(dims) for dims in tta_flips(loaded.network.spec.data,
-                                                              loaded.network.inference_options(request.options))]}
+    extra = {"models": [{"checkpoint": str(checkpoint), "tta_flips": loaded.network.flips(request.options)}
                         for checkpoint, loaded in zip(request.checkpoints, models)],
              "format": request.fmt, "device": str(models[0].device),
              "labels": {str(k): v for k, v in models[0].labels.items()}, "part": [request.part_id, request.num_parts]}

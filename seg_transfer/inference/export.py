@@ -34,7 +34,7 @@ from torch import nn
 from seg_transfer import __version__
 from seg_transfer.atomic import write_atomic
 from seg_transfer.errors import UserError, one_line
-from seg_transfer.routes.base import InferenceOptions, trained_mirrorings, tta_flips
+from seg_transfer.routes.base import InferenceOptions, trained_mirrorings
 from seg_transfer.routes.network import LoadedNetwork, load_network
 
 log = logging.getLogger(__name__)
@@ -210,8 +210,7 @@ def build_contract(
             "shape": ["batch", classes, *spatial],
             "classes": classes,
             "activation": "none: logits; softmax over axis 1 gives probabilities, argmax the label",
-            "test_time_flips": [list(dims) for dims in
-                                tta_flips(network.config.data, network.inference_options(InferenceOptions(tta=None)))],
+            "test_time_flips": network.flips(InferenceOptions(tta=None)),
             "trained_flips": [list(dims) for dims in trained_mirrorings(network.config.data)],
             "test_time_augmentation": ("seg-transfer predict's default: each network input (a batch of 2.5D slabs, or "
                                        "a batch of 3D sliding windows before blending) flipped along each entry of "

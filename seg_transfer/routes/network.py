@@ -12,7 +12,7 @@ from seg_transfer.checkpoint import Checkpoint, CheckpointError, resolve_checkpo
 from seg_transfer.config import RunConfig
 from seg_transfer.data.transforms import Preprocessing
 from seg_transfer.routes import get_route
-from seg_transfer.routes.base import InferenceOptions, Inferer, NetworkSpec, Route
+from seg_transfer.routes.base import InferenceOptions, Inferer, NetworkSpec, Route, tta_flips
 from seg_transfer.routes.precision import lay_out_weights, memory_format_for
 
 log = logging.getLogger(__name__)
@@ -39,6 +39,10 @@ class LoadedNetwork:
         if options.tta is not None:
             return options
         return replace(options, tta=bool(self.validated.get("tta", True)))
+
+    def flips(self, options: InferenceOptions) -> list[list[int]]:
+        """The input flips the inferer of ``options`` averages (``[[]]``: as is), ``options`` resolved."""
+        return [list(dims) for dims in tta_flips(self.spec.data, self.inference_options(options))]
 
     def inferer(self, options: InferenceOptions) -> Inferer:
         """The route's inferer (the same one training validation uses), ``options`` resolved
