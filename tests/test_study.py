@@ -144,6 +144,24 @@ def test_every_arm_is_paired_with_every_peer_schedule_on_the_seeds_both_have():
     assert cells[:4] == ["imagenet vs nnU-Net v2 3d_fullres 5 ep", "10", "3 x 12", "0.2 / 41.0"] and cells[-1] == AHEAD
 
 
+def test_a_continued_arm_is_timed_against_the_peer_with_the_runs_it_needed_first():
+    """A student (continues its teacher, learns from its labels) is compared with nnU-Net at its own minutes plus
+    its teacher's, as the time to target counts them; the teacher alone at its own; the table names what is added."""
+    base = [0.7, 0.8, 0.75]
+    records = [replace(record(arm, 5, seed, [b + shift for b in base]), seconds=seconds) for seed in (3, 4)
+               for arm, shift, seconds in (("teacher", 0.0, 600.0 + seed), ("student", 0.01, 540.0))]
+    peers = [{"peer": "nnU-Net v2", "configuration": "3d_fullres", "size": 5, "seed": seed, "epochs": 2,
+              "train_seconds": 1200.0, "test_dice": {f"case{i:02d}": {"a": b, "b": b} for i, b in enumerate(base)}}
+             for seed in (3, 4)]
+    rows = {r["arm"]: r for r in peer_comparisons(records, peers, alpha=0.01, needs={"student": ["teacher"]})}
+    assert rows["student"]["arm_seconds"] == pytest.approx(540.0 + 603.5) and rows["student"]["arm_seconds_include"] == ["teacher"]
+    assert rows["teacher"]["arm_seconds"] == pytest.approx(603.5) and rows["teacher"]["arm_seconds_include"] == []
+    assert peer_comparisons(records, peers, alpha=0.01)[1]["arm_seconds"] == pytest.approx(540.0)  # no needs: own seconds
+    cells = {r[0]: r[3] for r in peer_comparison_table({"peer_comparisons": list(rows.values())})[1]}
+    assert cells == {"teacher vs nnU-Net v2 3d_fullres 2 ep": "10.1 / 20.0",
+                     "student vs nnU-Net v2 3d_fullres 2 ep": "19.1 with teacher / 20.0"}
+
+
 def test_an_arm_is_also_compared_with_the_arms_it_names_beside_its_control(tmp_path, study_root):
     """``also_against``: imagenet_x3 against its own scratch network (its control) and against the default
     (the decision a scale ablation needs); each pair gets its own row, in the arms' order, without repeats."""

@@ -155,20 +155,25 @@ def peer_records(peers: Sequence[Mapping[str, Any]]) -> list[RunRecord]:
 
 
 def peer_comparisons(records: Sequence[RunRecord], peers: Sequence[Mapping[str, Any]], alpha: float,
-                     confidence: float = 0.95) -> list[dict[str, Any]]:
+                     confidence: float = 0.95, needs: Mapping[str, Sequence[str]] | None = None) -> list[dict[str, Any]]:
     """Every arm against every peer schedule at each size, paired on the seeds both have (same training subsets)
     and the shared test cases, with the same two-level bootstrap and t-test as :func:`paired_comparisons`; the
-    verdict says ahead of / behind the peer, and each row carries both sides' mean training seconds on those seeds."""
+    verdict says ahead of / behind the peer, and each row carries both sides' mean training seconds on those seeds.
+    An arm's seconds include the runs it needed first (``needs``, as in :func:`time_to_target`: a student is timed
+    with its teacher), named in ``arm_seconds_include``."""
     theirs = peer_records(peers)
     both = [*records, *theirs]
+    earlier = earlier_by_run(records, needs or {})
     pairs = [(arm, label) for arm in arms_and_sizes(records)[0] for label in dict.fromkeys(r.arm for r in theirs)]
     rows = paired_comparisons(both, pairs, alpha, confidence)
     for row in rows:
         row["verdict"] = {POSITIVE: AHEAD, NEGATIVE: BEHIND}.get(row["verdict"], row["verdict"])
         row["negative_transfer"] = False
-        for side, arm in (("arm_seconds", row["arm"]), ("peer_seconds", row["control"])):
-            runs = [r for r in select(both, arm, row["size"]) if r.seed in row["seeds"]]
-            row[side] = float(np.mean([r.seconds for r in runs]))
+        ours = [r for r in select(records, row["arm"], row["size"]) if r.seed in row["seeds"]]
+        peer_runs = [r for r in select(theirs, row["control"], row["size"]) if r.seed in row["seeds"]]
+        row["arm_seconds"] = float(np.mean([r.seconds + sum(e.seconds for e in earlier[run_key(r)]) for r in ours]))
+        row["arm_seconds_include"] = list(dict.fromkeys(e.arm for r in ours for e in earlier[run_key(r)]))
+        row["peer_seconds"] = float(np.mean([r.seconds for r in peer_runs]))
     return rows
 
 
@@ -238,7 +243,7 @@ def analyse(records: Sequence[RunRecord], study: StudyConfig, peers: Sequence[di
         "runs_without_environment": sum(r.environment is None for r in records),
         "host_speed": host_speed_spread([r.environment for r in records] + [peer.get("environment") for peer in peers]),
         "peers": [{**peer, "label": peer_label(peer), "name": peer_name(peer), "schedule": peer_schedule(peer)} for peer in peers],
-        "peer_comparisons": peer_comparisons(records, peers, study.alpha),
+        "peer_comparisons": peer_comparisons(records, peers, study.alpha, needs=needs),
         "runs": [{"arm": r.arm, "size": r.size, "seed": r.seed, "run_dir": str(r.run_dir), "best_val_dice": r.best_val_dice,
                   "epochs": r.epochs, "steps": r.steps, "seconds": r.seconds,
                   "seconds_with_earlier": r.seconds + sum(e.seconds for e in earlier[run_key(r)]),

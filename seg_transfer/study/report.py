@@ -99,12 +99,18 @@ def peer_table(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
+def arm_minutes(row: dict[str, Any]) -> str:
+    """An arm's training minutes against a peer, naming the earlier runs they include (``12.3 with teacher``)."""
+    included = row.get("arm_seconds_include") or []
+    return fmt(row["arm_seconds"] / 60, 1) + (f" with {' + '.join(included)}" if included else "")
+
+
 def peer_comparison_table(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     """Each arm against each peer schedule, paired on the same subsets and test cases, with both sides' minutes."""
     header = ["arm vs peer", "training cases", "seeds x test cases", "train min (arm / peer)", "mean difference", "per seed",
               "95% CI (seeds, cases)", "p (t, seeds + cases)", "verdict"]
     rows = [[f"{r['arm']} vs {r['control']}", str(r["size"]), f"{r['n_seeds']} x {r['n']}",
-             f"{fmt(r['arm_seconds'] / 60, 1)} / {fmt(r['peer_seconds'] / 60, 1)}", f"{r['mean_difference']:+.3f}",
+             f"{arm_minutes(r)} / {fmt(r['peer_seconds'] / 60, 1)}", f"{r['mean_difference']:+.3f}",
              seed_values(r["seed_differences"], r["seeds"], signed=True), f"[{fmt(r['ci_low'])}, {fmt(r['ci_high'])}]",
              fmt_p(r["p_value"]), r["verdict"]] for r in results.get("peer_comparisons", [])]
     return header, rows
