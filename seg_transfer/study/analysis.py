@@ -171,8 +171,8 @@ def peer_comparisons(records: Sequence[RunRecord], peers: Sequence[Mapping[str, 
         row["negative_transfer"] = False
         ours = [r for r in select(records, row["arm"], row["size"]) if r.seed in row["seeds"]]
         peer_runs = [r for r in select(theirs, row["control"], row["size"]) if r.seed in row["seeds"]]
-        row["arm_seconds"] = float(np.mean([r.seconds + sum(e.seconds for e in earlier[run_key(r)]) for r in ours]))
-        row["arm_seconds_include"] = list(dict.fromkeys(e.arm for r in ours for e in earlier[run_key(r)]))
+        row["arm_seconds"] = float(np.mean([r.seconds + seconds_before(r, earlier) for r in ours]))
+        row["arm_seconds_include"] = arms_before(ours, earlier)
         row["peer_seconds"] = float(np.mean([r.seconds for r in peer_runs]))
     return rows
 
@@ -210,6 +210,16 @@ def earlier_by_run(records: Sequence[RunRecord], needs: Mapping[str, Sequence[st
     return {key: earlier_runs(r, by_key, needs) for key, r in by_key.items()}
 
 
+def seconds_before(record: RunRecord, earlier: Mapping[RunKey, Sequence[RunRecord]]) -> float:
+    """Training seconds of the runs ``record`` needed first (``earlier``: :func:`earlier_by_run`)."""
+    return sum(e.seconds for e in earlier[run_key(record)])
+
+
+def arms_before(runs: Sequence[RunRecord], earlier: Mapping[RunKey, Sequence[RunRecord]]) -> list[str]:
+    """The arms whose runs ``runs`` needed first, each once, in order."""
+    return list(dict.fromkeys(e.arm for r in runs for e in earlier[run_key(r)]))
+
+
 def time_to_target(records: Sequence[RunRecord], target: float,
                    needs: Mapping[str, Sequence[str]] | None = None) -> list[dict[str, Any]]:
     """Per arm and size: how many seeds reached the target validation Dice, their mean seconds and own epochs.
@@ -220,12 +230,12 @@ def time_to_target(records: Sequence[RunRecord], target: float,
     earlier = earlier_by_run(records, needs or {})
     rows = []
     for arm, size, runs in groups(records):
-        reached = [(point, sum(e.seconds for e in earlier[run_key(r)])) for r in runs
+        reached = [(point, seconds_before(r, earlier)) for r in runs
                    if (point := first_reaching(r.curve, target)) is not None]
         rows.append({"arm": arm, "size": size, "target": target, "reached": len(reached), "runs": len(runs),
                      "seconds": float(np.mean([p["elapsed"] + before for p, before in reached])) if reached else None,
                      "epochs": float(np.mean([p["epoch"] for p, _ in reached])) if reached else None,
-                     "includes": list(dict.fromkeys(e.arm for r in runs for e in earlier[run_key(r)]))})
+                     "includes": arms_before(runs, earlier)})
     return rows
 
 
@@ -246,7 +256,7 @@ def analyse(records: Sequence[RunRecord], study: StudyConfig, peers: Sequence[di
         "peer_comparisons": peer_comparisons(records, peers, study.alpha, needs=needs),
         "runs": [{"arm": r.arm, "size": r.size, "seed": r.seed, "run_dir": str(r.run_dir), "best_val_dice": r.best_val_dice,
                   "epochs": r.epochs, "steps": r.steps, "seconds": r.seconds,
-                  "seconds_with_earlier": r.seconds + sum(e.seconds for e in earlier[run_key(r)]),
+                  "seconds_with_earlier": r.seconds + seconds_before(r, earlier),
                   "test_dice_mean": run_mean(r),
                   "collapsed": r.collapsed, "collapse_warnings": r.collapse_warnings, "stopped": r.stopped,
                   "environment": r.environment, "curve": r.curve} for r in records],
