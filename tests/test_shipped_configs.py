@@ -151,18 +151,22 @@ def test_the_five_case_self_training_study_differs_from_its_control_by_the_pseud
         assert plain == control.config and student.config.data.pseudo_labelled.share == 0.5
 
 
-def test_the_five_case_self_training_follow_up_adds_seeds_and_reuses_the_first_runs(monkeypatch, tmp_path):
-    """configs/self_training_3d_hippocampus_n5_more_seeds.yaml: the same three arms on seeds 3-7; in the first study's
-    folder its seeds 3-5 resolve to exactly that study's configs (reused), seeds 6 and 7 are new subsets."""
+@pytest.mark.parametrize("follow_up, first_study, size", [
+    ("self_training_3d_hippocampus_n5_more_seeds.yaml", "self_training_3d_hippocampus_n5.yaml", 5),
+    ("self_training_3d_hippocampus_n3_more_seeds.yaml", "self_training_3d_hippocampus_n3.yaml", 3)])
+def test_a_self_training_follow_up_adds_seeds_and_reuses_the_first_runs(monkeypatch, tmp_path, follow_up, first_study,
+                                                                        size):
+    """configs/self_training_3d_hippocampus_n{5,3}_more_seeds.yaml: the same three arms on seeds 3-7; in the first
+    study's folder its seeds 3-5 resolve to exactly that study's configs (reused), seeds 6 and 7 are new subsets."""
     monkeypatch.chdir(tmp_path)
-    study, specs, first, earlier = plan_beside("self_training_3d_hippocampus_n5_more_seeds.yaml",
-                                               "self_training_3d_hippocampus_n5.yaml", tmp_path / "study", tmp_path / "study")
+    study, specs, first, earlier = plan_beside(follow_up, first_study, tmp_path / "study", tmp_path / "study")
     assert study.seeds == [3, 4, 5, 6, 7] and study.arms == first.arms and study.split == first.split
+    assert study.train_sizes == first.train_sizes == [size]
     assert {(spec.arm, spec.seed) for spec in specs} - set(earlier) == {
         (arm, seed) for arm in ("imagenet_3d", "restarted_3d", "self_trained_from_teacher_3d") for seed in (6, 7)}
     assert all(spec.config == earlier[(spec.arm, spec.seed)] for spec in specs if spec.seed < 6)
     new_subsets = {spec.seed: tuple(spec.splits["train"]) for spec in specs if spec.seed >= 6}
-    assert len(set(new_subsets.values())) == 2 and all(len(train) == 5 for train in new_subsets.values())
+    assert len(set(new_subsets.values())) == 2 and all(len(train) == size for train in new_subsets.values())
 
 
 def test_the_three_case_self_training_study_is_the_five_case_design_on_nested_three_case_subsets(monkeypatch, tmp_path):
