@@ -31,7 +31,8 @@ class Checkpoint:
 
     ``config`` is the dumped :class:`~seg_transfer.config.RunConfig`; ``labels`` maps label values to
     class names; ``preprocessing`` is :meth:`Preprocessing.as_dict`; ``model`` the bare network's
-    state dict. The optimiser/scheduler/RNG/scaler states exist only in ``last.pt``. ``inference``: what the end
+    state dict (in ``best.pt`` of a run with ``training.ema``, the weight average it validated). The
+    optimiser/scheduler/RNG/scaler states and the average (``averaged_model``) exist only in ``last.pt``. ``inference``: what the end
     of training measured on the validation cases for ``predict``'s defaults (``{"tta": bool, "val_dice": ...,
     "val_dice_tta": ..., "passes": n}``; empty in checkpoints written before, or without trained flips).
     """
@@ -50,6 +51,7 @@ class Checkpoint:
     rng: dict[str, Any] | None = None
     rng_by_rank: list[dict[str, Any]] | None = None
     grad_scaler: dict[str, Any] | None = None
+    averaged_model: dict[str, torch.Tensor] | None = None  # last.pt with training.ema: the weight average, for --resume
 
     def save(self, path: str | Path) -> Path:
         """Write atomically: a temp file in the same folder, then ``os.replace``."""

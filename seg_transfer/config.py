@@ -269,6 +269,16 @@ class LossConfig(_Strict):
     batch_dice: bool = False  # Dice over the whole batch (nnU-Net style) instead of per slice
 
 
+class WeightAverageConfig(_Strict):
+    """An exponential moving average of the network's weights and BatchNorm statistics (timm's ``ModelEmaV3``),
+    updated after every optimiser step; validation, ``best.pt`` and so ``predict`` use the average, ``last.pt``
+    holds both. ``warmup``: the decay starts at 0 and rises as ``1 - (1 + step) ** -2/3`` toward ``decay`` (about
+    0.986 after 600 steps), so early averages do not hold the initial weights."""
+
+    decay: float = Field(0.99, gt=0, lt=1)
+    warmup: bool = True
+
+
 #: a speed switch: ``auto`` is on for CUDA and off on CPU
 Switch = Literal["auto", "on", "off"]
 
@@ -304,6 +314,8 @@ class TrainingConfig(_Strict):
     #: ``feature_cache_variants`` variants per slice (2.5D) or patches per case (3D); see :mod:`seg_transfer.training.feature_cache`
     feature_cache: Literal["off", "memory", "disk"] = "off"
     feature_cache_variants: int = Field(4, ge=1)
+    #: average the weights over the steps (see :class:`WeightAverageConfig`); None trains and keeps the plain weights
+    ema: WeightAverageConfig | None = None
 
     @field_validator("amp", "channels_last", "cudnn_benchmark", "pin_memory", "feature_cache", mode="before")
     @classmethod

@@ -55,6 +55,7 @@ from seg_transfer.routes.base import InferenceOptions, Inferer, Route, trained_m
 from seg_transfer.routes.network import load_weights, network_spec
 from seg_transfer.routes.precision import lay_out_weights, run_device
 from seg_transfer.training import distributed, speed
+from seg_transfer.training.averaging import evaluated_network, restore_average, start_average, update_average
 from seg_transfer.training.collapse import (
     collapse_check_due,
     collapsed_classes,
@@ -159,6 +160,7 @@ class _Session:
     inferer: Inferer | None = None  # validation's inferer: the one ``predict`` builds from the checkpoint
     feature_cache: DecoderStageCache | None = None  # training.feature_cache: decoder-only stages read cached features
     anchors: dict = field(default_factory=dict)  # pretrained encoder weights by name, for stages with pretrained_decay
+    average: Any = None  # training.ema: the weight average (timm ModelEmaV3) that validation and best.pt use
 
 
 def train(config: RunConfig, run_dir: Path | None = None, *, resume: bool = False, skip_bad_cases: bool = False) -> RunResult:
@@ -193,6 +195,7 @@ def _train(config: RunConfig, run_dir: Path, context: DistributedContext, resume
     if checkpoint is not None:
         progress = Progress(**checkpoint.progress)
         load_weights(session.model, checkpoint.model, last_path)
+        restore_average(session.average, checkpoint.averaged_model, session.model, str(last_path))
         restore_rng(rank_rng_state(checkpoint, context))
         if session.scaler is not None and checkpoint.grad_scaler is not None:
             session.scaler.load_state_dict(checkpoint.grad_scaler)
@@ -271,7 +274,8 @@ def _open_session(config: RunConfig, run_dir: Path, skip_bad_cases: bool, contex
     return _Session(config, run_dir, data, prep, model, provenance, stages, device, loss, train_set, train_loader,
                     val_volumes, metrics, context, settings, speed.grad_scaler(settings, device),
                     route=route, route_settings=route_settings, inferer=inferer,
-                    feature_cache=open_decoder_cache(config, model, in_channels, context.world_size), anchors=anchors)
+                    feature_cache=open_decoder_cache(config, model, in_channels, context.world_size), anchors=anchors,
+                    average=start_average(training.ema, model))
 
 
 def _anchors(config: RunConfig, model: nn.Module) -> dict:
@@ -481,6 +485,7 @@ def _train_epoch(session: _Session, optimizer, scheduler, progress: Progress, bu
         scheduler.step()
         total += loss
         steps += 1
+        update_average(session.average, session.model, progress.step + steps)
         bar.set_postfix(loss=f"{loss:.4f}")
         beat.tick(steps, loss)
     distributed.sync_buffers(session.model, session.dist)
@@ -554,18 +559,18 @@ def mean_over_ranks(scores: list[list[float]], num_foreground: int, context: Dis
     return [value / reduced[-1] for value in reduced[:-1]]
 
 
-def _validation_per_class(session: _Session, inferer: Inferer) -> list[float]:
-    """Per-class mean validation Dice of the network as it is now, over every rank's validation volumes."""
+def _validation_per_class(session: _Session, inferer: Inferer, network: nn.Module) -> list[float]:
+    """Per-class mean validation Dice of ``network`` as it is now, over every rank's validation volumes."""
     labels = session.data.labels
     with speed.autocast(session.speed, session.device):
-        scores = validation_scores(session.model, session.val_volumes, inferer, len(labels), session.device,
+        scores = validation_scores(network, session.val_volumes, inferer, len(labels), session.device,
                                    progress=session.dist.is_main)
     return mean_over_ranks(scores, len(labels) - 1, session.dist)
 
 
 def _validate_and_keep_best(session: _Session, progress: Progress) -> dict[str, float]:
     labels = session.data.labels
-    per_class = _validation_per_class(session, session.inferer)
+    per_class = _validation_per_class(session, session.inferer, evaluated_network(session.average, session.model))
     mean = float(np.mean(per_class))
     record = {"val_dice": mean, **{f"val_dice_{name}": v for name, v in zip(list(labels.values())[1:], per_class)}}
     if mean > progress.best_dice:
@@ -588,7 +593,7 @@ def _choose_tta(session: _Session, progress: Progress) -> dict[str, Any] | None:
     load_weights(session.model, best.model, path)
     inferer = validation_inferer(session.config, len(session.data.labels), session.route, session.route_settings,
                                  session.model, tta=True)
-    with_tta = float(np.mean(_validation_per_class(session, inferer)))
+    with_tta = float(np.mean(_validation_per_class(session, inferer, session.model)))
     record = {"tta": with_tta > progress.best_dice, "val_dice": progress.best_dice, "val_dice_tta": with_tta,
               "passes": len(flips)}
     if session.dist.is_main:
@@ -603,7 +608,10 @@ def _choose_tta(session: _Session, progress: Progress) -> dict[str, Any] | None:
 
 
 def _save(session: _Session, progress: Progress, optimizer, scheduler, which: str) -> None:
-    """Write ``checkpoints/<which>.pt`` (rank 0); ``last`` also gathers every rank's RNG state (collective)."""
+    """Write ``checkpoints/<which>.pt`` (rank 0); ``last`` also gathers every rank's RNG state (collective).
+
+    ``best`` holds the network validation scored (the weight average with ``training.ema``); ``last`` the
+    trained weights, and the average beside them."""
     rng_states = distributed.gather_objects(session.dist, rng_state()) if which == "last" else None
     if not session.dist.is_main:
         return
@@ -612,7 +620,7 @@ def _save(session: _Session, progress: Progress, optimizer, scheduler, which: st
         labels=dict(session.data.labels),
         preprocessing=session.prep.as_dict(),
         weights_provenance=session.provenance.as_dict(),
-        model=session.model.state_dict(),
+        model=(session.model if which == "last" else evaluated_network(session.average, session.model)).state_dict(),
         progress=asdict(progress),
         route=session.route.name,
         route_settings=session.route_settings,
@@ -623,6 +631,8 @@ def _save(session: _Session, progress: Progress, optimizer, scheduler, which: st
             checkpoint.rng_by_rank = rng_states
         if session.scaler is not None:
             checkpoint.grad_scaler = session.scaler.state_dict()
+        if session.average is not None:
+            checkpoint.averaged_model = session.average.module.state_dict()
     checkpoint.save(session.run_dir / "checkpoints" / f"{which}.pt")
 
 
