@@ -6,7 +6,8 @@ early stopping ends it. After every epoch the whole validation volumes are predi
 scored with 3D Dice; the best mean Dice is kept as ``checkpoints/best.pt``, and ``checkpoints/last.pt``
 holds everything ``--resume`` needs to continue to the same result. After the last epoch the best checkpoint
 is scored on the validation cases once more with test-time augmentation (the flips it was trained with), and
-whether that helped is stored in ``best.pt`` for ``predict``'s default.
+whether that helped is stored in ``best.pt`` for ``predict``'s default. With ``training.ema`` validation scores, and
+``best.pt`` keeps, the moving average of the weights (:mod:`seg_transfer.training.averaging`).
 
 Launched by ``torchrun`` or ``srun`` with several processes, the run is data-parallel
 (:mod:`seg_transfer.training.distributed`): each rank trains on a disjoint shard of every epoch's
